@@ -1,0 +1,171 @@
+"""Stage A tests: architecture and parity with the reference VQGAN, training, resume after SIGKILL, bad data, DDP."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import stage_a
+from data import write_toy_dataset
+from stage_a import PRESETS, StageA, StageAConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAST = ["--model", "tiny", "--device", "cpu", "--num_workers", "0", "--image_size", "64", "--batch_size", "4",
+        "--log_every", "1", "--sample_every", "2", "--num_holdout", "4", "--disc_start", "1"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_dataset(str(root), n=48, size=64, seed=0)
+    return str(root)
+
+
+def randomize(module, seed=0):
+    """Random values everywhere (zero-initialised gammas would make every block the identity and parity trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            if p.is_floating_point():
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5 if "running_var" in name
+                        else torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_paper_parameter_count():
+    assert sum(p.numel() for p in StageA(PRESETS["paper"]).parameters()) == 18_406_894
+
+
+@pytest.mark.parametrize("config", [
+    dict(),  # the released architecture
+    dict(embed_dim=96, levels=2, bottleneck_blocks=3, latent_channels=4, num_vq_embeddings=256, scale_factor=0.5),
+])
+def test_parity_with_reference(tmp_path, config):
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import PaellaVQModel
+    ref = PaellaVQModel(**config).eval()
+    randomize(ref)
+    ref.save_pretrained(tmp_path)
+    ours = StageA.from_pretrained(str(tmp_path))
+    x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = ref.encode(x).latents
+        torch.testing.assert_close(ours.encode(x), h / ref.config.scale_factor, atol=1e-5, rtol=1e-5)
+        latents = torch.randn(2, 4, 8, 12)
+        torch.testing.assert_close(ours.decode(latents), ref.decode(latents * ref.config.scale_factor).sample,
+                                   atol=1e-5, rtol=1e-5)
+        quantized = ref.decode(latents * ref.config.scale_factor, force_not_quantize=False).sample
+        torch.testing.assert_close(ours.decode(latents, quantize=True), quantized, atol=1e-5, rtol=1e-5)
+    # the official .pt layout: same weights, codebook under its old name
+    sd = {k.replace("vquantizer.embedding.", "vquantizer.codebook."): v for k, v in ref.state_dict().items()}
+    torch.save({"state_dict": sd}, tmp_path / "vqgan.pt")
+    ours_pt = StageA.from_pretrained(str(tmp_path / "vqgan.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours_pt.decode_raw(latents), ref.decode(latents).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_and_quantizer():
+    model = StageA(StageAConfig(c_hidden=32, bottleneck_blocks=1, codebook_size=64))
+    x = torch.rand(2, 3, 32, 48)
+    recon, vq_loss, idx = model(x)
+    assert recon.shape == x.shape and idx.shape == (2, 8, 12) and torch.isfinite(vq_loss)
+    z = model.encode(x)
+    assert z.shape == (2, 4, 8, 12)
+    # quantised latents lie on the codebook (after undoing the scale)
+    q = model.encode(x, quantize=True) * model.cfg.scale_factor
+    codes = model.vquantizer.embedding.weight
+    assert torch.cdist(q.permute(0, 2, 3, 1).reshape(-1, 4), codes).min(1).values.max() < 1e-4
+
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    model = StageA(StageAConfig(c_hidden=32, bottleneck_blocks=1, codebook_size=64))
+    x = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4), size=32, mode="bilinear")  # smooth images
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        recon, vq_loss, _ = model(x)
+        loss = torch.nn.functional.mse_loss(recon, x) + vq_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(torch.nn.functional.mse_loss(recon, x).item())
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+
+def test_train_writes_checkpoint_grid_and_resumes_exactly(toy, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(a), "--max_steps", "4", "--save_every", "4"] + FAST))
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "2", "--save_every", "2"] + FAST))
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "4", "--save_every", "4",
+                                    "--resume"] + FAST))
+    ck_a, ck_b = stage_a.load_checkpoint(str(a / "ckpt.pt"), "stage_a"), stage_a.load_checkpoint(str(b / "ckpt.pt"), "stage_a")
+    assert ck_a["step"] == ck_b["step"] == 4
+    for k in ck_a["model"]:  # an interrupted + resumed run equals an uninterrupted one
+        torch.testing.assert_close(ck_a["model"][k], ck_b["model"][k], msg=k)
+    assert (a / "samples_0000004.png").exists() and "held-out PSNR" in (a / "log.txt").read_text()
+    model = StageA(StageAConfig(**ck_a["model_config"]))
+    model.load_state_dict(ck_a["ema"])  # the checkpoint alone rebuilds the model
+    assert 0.01 < ck_a["model_config"]["scale_factor"] < 100
+
+
+def test_wrong_and_missing_checkpoint(tmp_path):
+    stage_a.save_checkpoint(str(tmp_path / "b.pt"), {"stage": "stage_b"})
+    with pytest.raises(ValueError, match="stage_b checkpoint.*stage_a checkpoint was expected"):
+        stage_a.load_checkpoint(str(tmp_path / "b.pt"), "stage_a")
+    with pytest.raises(FileNotFoundError, match="python stage_a.py"):
+        stage_a.load_checkpoint(str(tmp_path / "nope.pt"), "stage_a")
+
+
+def test_sigkill_then_resume(toy, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(HERE, "stage_a.py"), "--data", toy, "--out_dir", str(out),
+           "--save_every", "1", "--max_steps", "1000"] + FAST
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    ckpt = out / "ckpt.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a few checkpoints, then kill without warning, likely mid-save
+        if ckpt.exists() and stage_a.load_checkpoint(str(ckpt), "stage_a")["step"] >= 3:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = stage_a.load_checkpoint(str(ckpt), "stage_a")["step"]  # loads: the file is never half-written
+    assert step >= 3
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out), "--max_steps", str(step + 2),
+                                    "--save_every", "100", "--resume"] + FAST))
+    assert stage_a.load_checkpoint(str(ckpt), "stage_a")["step"] == step + 2
+    assert f"resumed from {ckpt} at step {step}" in (out / "log.txt").read_text()
+
+
+def test_bad_files_are_skipped_and_counted(toy, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "messy"
+    shutil.copytree(toy, data / "good")
+    (data / "empty.png").write_bytes(b"")
+    (data / "text.jpg").write_text("not an image")
+    raw = open(os.path.join(toy, "00000.png"), "rb").read()
+    (data / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    Image.new("L", (80, 64), 128).save(data / "gray.png")
+    Image.new("RGBA", (64, 80), (255, 0, 0, 128)).save(data / "rgba.png")
+    Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(data / "cmyk.jpg")
+    stage_a.train(stage_a.get_args(["--data", str(data), "--out_dir", str(tmp_path / "o"), "--max_steps", "2"] + FAST))
+    out = capsys.readouterr().out
+    assert "skipped" in out and ("3 unreadable" in out or "skipped 3" in out), out
+    assert (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_torchrun_two_processes_cpu(toy, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "stage_a.py"), "--data", toy, "--out_dir", str(out), "--max_steps", "2",
+           "--save_every", "2"] + FAST
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "world 2" in log and "step      2/2" in log
+    assert stage_a.load_checkpoint(str(out / "ckpt.pt"), "stage_a")["step"] == 2
