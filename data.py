@@ -271,7 +271,8 @@ if __name__ == "__main__":
     check = commands.add_parser("check", formatter_class=fmt, help="report what ImageFolder reads and skips")
     check.add_argument("dir", help="folder of images (searched recursively), optional same-name .txt captions")
     check.add_argument("--size", type=int, default=256, help="side images are resized and centre-cropped to")
-    check.add_argument("--decode", action="store_true", help="also decode every image (slow), to find truncated files")
+    check.add_argument("--decode", action="store_true",
+                       help="also decode every image (slow), to find truncated files")
     args = parser.parse_args()
     if args.command == "toy":
         n = write_toy_dataset(args.dir, args.n, args.size, args.seed)
