@@ -10,12 +10,71 @@ This file also owns the pieces shared with Stage C (stage_c.py imports them): th
 noise schedule, the P2-weighted loss and the DDPM sampler.
 """
 
+import json
 import math
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from stage_a import load_exact, load_weights_file
+
+# ---- config
+
+
+@dataclass
+class StageBConfig:
+    """DiffNeXt hyper-parameters (method §4.1); the defaults are the released v2 decoder (1,055,365,280 params)."""
+    c_in: int = 4  # Stage A latent channels
+    c_out: int = 4
+    c_r: int = 64  # sinusoidal timestep embedding size
+    patch_size: int = 2  # PixelUnshuffle at the input, PixelShuffle at the output
+    c_cond: int = 1024  # width of the mapped text tokens and of the injected semantic features
+    c_hidden: tuple = (320, 640, 1280, 1280)  # width per level
+    nhead: tuple = (-1, 10, 20, 20)  # attention heads per level (-1: no attention there)
+    blocks: tuple = (4, 4, 14, 4)  # repetitions of level_config per level, same on the down and up path
+    level_config: tuple = ("CT", "CTA", "CTA", "CTA")  # C = ResBlockStageB, T = TimestepBlock, A = AttnBlock
+    inject_effnet: tuple = (False, True, True, True)  # levels that get the semantic latent concatenated
+    effnet_embd: int = 16  # semantic latent channels
+    clip_embd: int = 1024  # CLIP text width (ViT-H-14)
+    kernel_size: int = 3  # depthwise conv kernel
+    dropout: float = 0.1  # MLP and attention dropout, every level
+    self_attn: bool = True  # attention keys/values = [image tokens ; text tokens]
+
+
+@dataclass
+class CompressorConfig:
+    """Semantic compressor (method §3.1): a stride-32 backbone, then 1x1 conv + BatchNorm to c_latent channels."""
+    backbone: str = "efficientnet_v2_s"  # torchvision EfficientNetV2-S features, or "tiny" (small conv net)
+    c_latent: int = 16
+    tiny_width: int = 32  # first width of the "tiny" backbone (doubling per stage, capped at 8x)
+
+
+PRESETS = {
+    # CPU quick start and tests: 128 px toy images -> 4x32x32 Stage A latents, 16x3x3 semantic latents
+    "tiny": StageBConfig(c_cond=64, c_hidden=(32, 64, 128), nhead=(-1, 2, 4), blocks=(1, 1, 2),
+                         level_config=("CT", "CTA", "CTA"), inject_effnet=(False, True, True), clip_embd=64,
+                         dropout=0.0),
+    # one-GPU reproduction at 256-512 px (40 M params; CLIP ViT-B-32 text, 512 wide)
+    "small": StageBConfig(c_cond=384, c_hidden=(128, 256, 384, 384), nhead=(-1, 4, 6, 6), blocks=(2, 2, 4, 2),
+                          clip_embd=512),
+    # the released warp-ai/wuerstchen `decoder` (WuerstchenDiffNeXt)
+    "paper": StageBConfig(),
+}
+COMPRESSOR_PRESETS = {
+    "tiny": CompressorConfig(backbone="tiny"),
+    "small": CompressorConfig(),
+    "paper": CompressorConfig(),
+}
+# open_clip text towers: (architecture, pretrained tag); "tiny" is a small random tower built here
+TEXT_ENCODER_PRESETS = {
+    "tiny": {"name": "tiny", "pretrained": None},
+    "small": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+    "paper": {"name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
+}
 
 # ---- model
 
@@ -114,6 +173,300 @@ def r_embedding(t, c_r=64, max_positions=10000):
     freqs = torch.exp(-math.log(max_positions) / (half - 1) * torch.arange(half, device=t.device).float())
     angles = (t * max_positions)[:, None] * freqs[None, :]  # (B, half)
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, c_r)
+
+
+class ResBlockStageB(nn.Module):
+    """DiffNeXt's ConvNeXt block ("C", method §4.2): depthwise conv -> LayerNorm2d -> concat the skip tensor ->
+    channels-last MLP (Linear, GELU, GRN, Dropout, Linear) -> residual. The skip joins *after* the conv."""
+
+    def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.norm = LayerNorm2d(c)
+        self.channelwise = nn.Sequential(nn.Linear(c + c_skip, 4 * c), nn.GELU(), GlobalResponseNorm(4 * c),
+                                         nn.Dropout(dropout), nn.Linear(4 * c, c))
+
+    def forward(self, x, skip=None):  # x: (B, C, H, W), skip: (B, C_skip, H, W) or None
+        h = self.norm(self.depthwise(x))
+        if skip is not None:
+            h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H, W)
+        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP runs on (B, H, W, C)
+
+
+class StageB(nn.Module):
+    """Stage B, the v2 "DiffNeXt" decoder (method §4): a U-Net of ResBlockStageB / TimestepBlock / AttnBlock
+    levels that predicts the noise in a noised Stage A latent, conditioned on the semantic latent e (resized
+    bicubically and concatenated at every level that takes it) and on CLIP text tokens (attention)."""
+
+    def __init__(self, cfg: StageBConfig):
+        super().__init__()
+        self.cfg = cfg
+        c_hidden, n_levels = cfg.c_hidden, len(cfg.c_hidden)
+        # conditioning: text tokens -> c_cond (+ LayerNorm); one 1x1 conv per injected level for e.
+        # effnet_mappers slots: i for down level i, n_levels + j for up_blocks[j] (j = 0 is the deepest level)
+        self.clip_mapper = nn.Linear(cfg.clip_embd, cfg.c_cond)
+        self.effnet_mappers = nn.ModuleList([nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if inject else None
+                                             for inject in cfg.inject_effnet + cfg.inject_effnet[::-1]])
+        self.seq_norm = nn.LayerNorm(cfg.c_cond, elementwise_affine=False, eps=1e-6)
+        self.embedding = nn.Sequential(nn.PixelUnshuffle(cfg.patch_size),
+                                       nn.Conv2d(cfg.c_in * cfg.patch_size**2, c_hidden[0], kernel_size=1),
+                                       LayerNorm2d(c_hidden[0]))
+
+        def block(kind, i, c_skip):
+            if kind == "C":
+                return ResBlockStageB(c_hidden[i], c_skip, cfg.kernel_size, cfg.dropout)
+            if kind == "T":
+                return TimestepBlock(c_hidden[i], cfg.c_r)
+            return AttnBlock(c_hidden[i], cfg.c_cond, cfg.nhead[i], cfg.self_attn, cfg.dropout)
+
+        # down path: level i = [downsampler (i > 0)] + blocks[i] x level_config[i]
+        self.down_blocks = nn.ModuleList()
+        for i in range(n_levels):
+            level = nn.ModuleList()
+            if i > 0:
+                level.append(nn.Sequential(LayerNorm2d(c_hidden[i - 1]),
+                                           nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)))
+            c_effnet = cfg.c_cond if cfg.inject_effnet[i] else 0
+            level.extend(block(kind, i, c_effnet) for _ in range(cfg.blocks[i]) for kind in cfg.level_config[i])
+            self.down_blocks.append(level)
+        # up path, deepest level first: blocks[i] x level_config[i] + [upsampler (i > 0)]. The first block of
+        # every level but the deepest also takes the down path's output of that level (the U-Net skip).
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(n_levels)):
+            level = nn.ModuleList()
+            for j in range(cfg.blocks[i]):
+                for k, kind in enumerate(cfg.level_config[i]):
+                    c_skip = c_hidden[i] if i < n_levels - 1 and j == k == 0 else 0
+                    level.append(block(kind, i, c_skip + (cfg.c_cond if cfg.inject_effnet[i] else 0)))
+            if i > 0:
+                level.append(nn.Sequential(LayerNorm2d(c_hidden[i]),
+                                           nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)))
+            self.up_blocks.append(level)
+        # output head: (a, b) at full latent resolution, 2 * c_out channels
+        self.clf = nn.Sequential(LayerNorm2d(c_hidden[0]),
+                                 nn.Conv2d(c_hidden[0], 2 * cfg.c_out * cfg.patch_size**2, kernel_size=1),
+                                 nn.PixelShuffle(cfg.patch_size))
+        self.init_weights()
+
+    def init_weights(self):
+        """dome272's initialisation, in its order (method §4.6)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):  # (ConvTranspose2d keeps PyTorch's default, as there)
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            if isinstance(m, Attention):  # dome272's nn.MultiheadAttention: xavier over the packed (3C, C) q/k/v
+                bound = math.sqrt(6 / (4 * m.to_q.in_features))
+                for proj in (m.to_q, m.to_k, m.to_v):
+                    nn.init.uniform_(proj.weight, -bound, bound)
+        for mapper in self.effnet_mappers:
+            if mapper is not None:
+                nn.init.normal_(mapper.weight, std=0.02)  # conditionings
+        nn.init.normal_(self.clip_mapper.weight, std=0.02)
+        nn.init.xavier_uniform_(self.embedding[1].weight, gain=0.02)  # input
+        nn.init.zeros_(self.clf[1].weight)  # output: a = 0, b' = 0.5 at init
+        for m in self.modules():
+            if isinstance(m, ResBlockStageB):
+                m.channelwise[-1].weight.data *= math.sqrt(1 / sum(self.cfg.blocks))
+            elif isinstance(m, TimestepBlock):
+                nn.init.zeros_(m.mapper.weight)
+
+    def _run_level(self, level, x, r_embed, clip, effnet, effnet_mapper, skip=None):
+        """One U-Net level. Every ResBlock gets [U-Net skip (first block only) ; mapped semantic latent]."""
+        effnet_c = None
+        for block in level:
+            if isinstance(block, ResBlockStageB):
+                if effnet_mapper is not None and effnet_c is None:  # once per level, at the level's resolution
+                    e = F.interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic", antialias=True,
+                                      align_corners=True)  # (B, 16, h, w) -> (B, 16, H, W)
+                    effnet_c = effnet_mapper(e.to(effnet.dtype))  # (B, c_cond, H, W)
+                extra = [z for z in (skip, effnet_c) if z is not None]
+                x = block(x, torch.cat(extra, dim=1) if extra else None)
+                skip = None
+            elif isinstance(block, TimestepBlock):
+                x = block(x, r_embed)
+            elif isinstance(block, AttnBlock):
+                x = block(x, clip)
+            else:  # down- or upsampler
+                x = block(x)
+        return x
+
+    def forward(self, x, t, effnet, clip_text, eps=1e-3):
+        """x: noised Stage A latent (B, 4, H, W), H and W multiples of 2^levels; t: (B,) in [0, 1];
+        effnet: semantic latent e (B, 16, h, w), any size; clip_text: (B, 77, clip_embd).
+        Returns the predicted noise (B, 4, H, W) = (x - a) / b' (method §4.5)."""
+        r_embed = r_embedding(t, self.cfg.c_r)  # (B, c_r)
+        clip = self.seq_norm(self.clip_mapper(clip_text))  # (B, 77, c_cond)
+        h = self.embedding(x)  # (B, 4, H, W) -> (B, c_hidden[0], H/2, W/2)
+        level_outputs = []
+        for i, level in enumerate(self.down_blocks):
+            h = self._run_level(level, h, r_embed, clip, effnet, self.effnet_mappers[i])
+            level_outputs.append(h)
+        n = len(self.down_blocks)
+        for j, level in enumerate(self.up_blocks):  # level n - 1 - j; no U-Net skip at the deepest (j = 0)
+            skip = level_outputs[n - 1 - j] if j > 0 else None
+            h = self._run_level(level, h, r_embed, clip, effnet, self.effnet_mappers[n + j], skip)
+        a, b = self.clf(h).float().chunk(2, dim=1)  # (B, 2 * c_out, H, W) -> 2 x (B, c_out, H, W)
+        b = b.sigmoid() * (1 - 2 * eps) + eps  # b' in (0.001, 0.999) plays sqrt(1 - abar)
+        return (x.float() - a) / b
+
+    @classmethod
+    def from_pretrained(cls, path, cfg=None):
+        """Load released weights (method §8.1-8.4): a diffusers `WuerstchenDiffNeXt.save_pretrained` folder
+        (config.json + safetensors/bin; warp-ai/wuerstchen subfolder `decoder`), or the official
+        `model_v2_stage_b.pt` (dome272 keys, the released config unless `cfg` says otherwise).
+        Its `effnet_state_dict` loads with SemanticCompressor.from_pretrained(path)."""
+        if os.path.isdir(path):
+            with open(os.path.join(path, "config.json")) as f:
+                hf = json.load(f)
+            fields = StageBConfig.__dataclass_fields__
+            cfg = StageBConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in fields})
+            sd = load_weights_file(path)
+        else:
+            cfg = cfg or StageBConfig()
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = dome272_to_diffusers(sd.get("state_dict", sd))
+        with torch.device("meta"):  # no memory, no init: the weights are assigned below
+            model = cls(cfg)
+        load_exact(model, sd, what=f"Stage B weights from {path}")
+        return model.eval()
+
+
+def dome272_to_diffusers(sd):
+    """Official key names -> ours/diffusers' (method §8.2): each packed nn.MultiheadAttention becomes
+    to_q/to_k/to_v (in_proj split in three row blocks, in that order) and to_out.0 (out_proj)."""
+    out = {}
+    for k, v in sd.items():
+        if ".attention.attn.in_proj_" in k:
+            prefix, kind = k.split(".attn.in_proj_")  # kind: 'weight' (3C, C) or 'bias' (3C,)
+            for name, part in zip(("to_q", "to_k", "to_v"), v.chunk(3, dim=0)):
+                out[f"{prefix}.{name}.{kind}"] = part
+        else:
+            out[k.replace(".attention.attn.out_proj.", ".attention.to_out.0.")] = v
+    return out
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class SemanticCompressor(nn.Module):
+    """The semantic compressor (paper §3, method §3): image in [0, 1] -> semantic latent e (B, 16, H/42.67, W/42.67).
+
+    A stride-32 backbone (EfficientNetV2-S features, 1280 channels; or a small conv net for 'tiny') on the image
+    resized to 3/4 of its side, then a 1x1 conv to 16 channels (no bias) and a BatchNorm. e is the raw BatchNorm
+    output, the space Stage B is conditioned on; Stage C models y = (e + shift) / scale. Keys match the official
+    EfficientNetEncoder (backbone.*, mapper.0, mapper.1). Constructing never downloads: see load_imagenet_weights.
+    """
+
+    def __init__(self, cfg: CompressorConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.backbone == "efficientnet_v2_s":
+            import torchvision
+            self.backbone = torchvision.models.efficientnet_v2_s(weights=None).features  # random until loaded
+            c_features = 1280
+        elif cfg.backbone == "tiny":  # 5 stride-2 conv-BN-SiLU stages: stride 32 like EfficientNet
+            widths = [min(cfg.tiny_width * 2**i, cfg.tiny_width * 8) for i in range(5)]
+            layers = []
+            for c_prev, c in zip([3] + widths[:-1], widths):
+                layers += [nn.Conv2d(c_prev, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.SiLU()]
+            self.backbone = nn.Sequential(*layers)
+            c_features = widths[-1]
+        else:
+            raise ValueError(f"unknown compressor backbone {cfg.backbone!r} (efficientnet_v2_s | tiny)")
+        self.mapper = nn.Sequential(nn.Conv2d(c_features, cfg.c_latent, kernel_size=1, bias=False),
+                                    nn.BatchNorm2d(cfg.c_latent))
+
+    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, 16, 3H/128, 3W/128)
+        H, W = images.shape[-2:]
+        x = F.interpolate(images, size=(3 * H // 4, 3 * W // 4), mode="bilinear", antialias=True,
+                          align_corners=False)  # 1024 px -> 768 px
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return self.mapper(self.backbone((x - mean) / std))  # stride 32: 768 px -> 24 x 24
+
+    def load_imagenet_weights(self):
+        """Fill the EfficientNetV2-S backbone with torchvision's ImageNet weights (downloaded once into the
+        torch hub cache). Returns False, changing nothing, when they cannot be had (no network)."""
+        from torchvision.models import EfficientNet_V2_S_Weights
+        try:
+            sd = EfficientNet_V2_S_Weights.DEFAULT.get_state_dict(progress=False)
+        except Exception:
+            return False
+        self.backbone.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()
+                                       if k.startswith("features.")})
+        return True
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """The `effnet_state_dict` of the official `model_v2_stage_b.pt` (EfficientNetV2-S), or a state-dict file."""
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        sd = sd.get("effnet_state_dict", sd)
+        with torch.device("meta"):
+            model = cls(CompressorConfig(c_latent=sd["mapper.0.weight"].shape[0]))
+        load_exact(model, sd, what=f"semantic compressor weights from {path}")
+        return model.eval()
+
+
+class TextEncoder(nn.Module):
+    """Frozen CLIP text tower (open_clip): prompts -> hidden states of the last layer after ln_final, all 77
+    positions, (B, 77, width) (method §4.4, §5.5). Only the text parts are kept in memory.
+
+    name: an open_clip architecture ('ViT-H-14' for Stage B, 'ViT-bigG-14' for Stage C) or 'tiny' (a small random
+    tower for tests and CPU runs); pretrained: an open_clip tag, a local weights file, or None (random weights,
+    which then must be saved with the checkpoint: see state_dict()).
+    """
+
+    TINY = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
+
+    def __init__(self, name="tiny", pretrained=None):
+        super().__init__()
+        import open_clip
+        self.spec = {"name": name, "pretrained": pretrained}
+        if name == "tiny":
+            tower = open_clip.transformer.TextTransformer(**self.TINY, output_dim=self.TINY["width"])
+            self.tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the standard CLIP BPE, shipped with open_clip
+        else:
+            weights = fetch_clip_weights(name, pretrained) if pretrained else None
+            tower = open_clip.create_model(name, pretrained=weights)
+            self.tokenizer = open_clip.get_tokenizer(name)
+        self.token_embedding, self.positional_embedding = tower.token_embedding, tower.positional_embedding
+        self.transformer, self.ln_final = tower.transformer, tower.ln_final
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)  # causal mask
+        self.width = self.ln_final.normalized_shape[0]
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """list of B strings -> (B, 77, width) float32."""
+        device = self.positional_embedding.device
+        tokens = self.tokenizer(prompts).to(device)  # (B, 77) ids, zero-padded
+        x = self.token_embedding(tokens) + self.positional_embedding  # (B, 77, width)
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        return self.ln_final(x).float()
+
+
+def fetch_clip_weights(name, pretrained):
+    """Local path of open_clip weights: `pretrained` itself if it is a file, else the Hugging Face cache
+    (one download attempt, no retry loop). Fails at once, naming the file to fetch, when it cannot be had."""
+    if os.path.isfile(pretrained):
+        return pretrained
+    import huggingface_hub
+    import open_clip
+    source = open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub")
+    if not source:
+        raise ValueError(f"open_clip has no Hugging Face weights {name!r} / {pretrained!r} "
+                         f"(known tags: {open_clip.list_pretrained_tags_by_model(name)})")
+    parts = source.strip("/").split("/")  # 'org/repo/' or 'org/repo/file'
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "open_clip_pytorch_model.bin"
+    try:
+        return huggingface_hub.hf_hub_download(repo, filename)
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot fetch the CLIP text encoder weights {name} / {pretrained} ({type(e).__name__}; offline?). "
+            f"Download https://huggingface.co/{repo}/resolve/main/{filename} (`huggingface-cli download {repo} "
+            f"{filename}` fills the Hugging Face cache, ~/.cache/huggingface/hub) on a machine with network, or "
+            f"pass the downloaded file's path as the text encoder's pretrained weights") from None
 
 
 # ---- diffusion / loss

@@ -113,3 +113,122 @@ def test_attn_block_and_loss():
                                          return_per_sample=True, c=torch.zeros(()))
     assert per_sample.shape == t.shape == (4,) and torch.isfinite(loss)
     torch.testing.assert_close(loss, per_sample.mean())
+
+
+# ---- models: parity with diffusers' WuerstchenDiffNeXt on random weights
+
+
+def _random_state_dict(shapes, seed):
+    """Random weights for `shapes` as views into one shared pool of N(0, 0.02^2) values at random offsets: a
+    1 B-parameter state dict in ~100 MB that saves (as .bin, storage shared) and loads in well under a second."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(max(s.numel() for s in shapes.values()) + 1_000_003, generator=g) * 0.02
+    offsets = torch.randint(0, 1_000_000, (len(shapes),), generator=g).tolist()
+    return {k: pool[o:o + s.numel()].view(s) for (k, s), o in zip(shapes.items(), offsets)}
+
+
+def _diffnext(monkeypatch, seed, shared=False, **kwargs):
+    """A diffusers WuerstchenDiffNeXt with random weights (built on 'meta': its own init is quadratic in depth)."""
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt
+    monkeypatch.setattr(WuerstchenDiffNeXt, "_init_weights", lambda self, m: None)
+    with torch.device("meta"):
+        ref = WuerstchenDiffNeXt(**kwargs)
+    sd = _random_state_dict({k: v.shape for k, v in ref.state_dict().items()}, seed)
+    ref.load_state_dict(sd if shared else {k: v.clone() for k, v in sd.items()}, assign=True)  # safetensors: no sharing
+    return ref.eval()
+
+
+def _inputs(cfg, latent_hw, effnet_hw, n_text=77, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, cfg.c_in, *latent_hw, generator=g), torch.rand(batch, generator=g),
+            torch.randn(batch, cfg.effnet_embd, *effnet_hw, generator=g),
+            torch.randn(batch, n_text, cfg.clip_embd, generator=g))
+
+
+SMALL_KW = dict(c_cond=48, c_hidden=[16, 32, 48], nhead=[-1, 2, 3], blocks=[1, 2, 1], level_config=["CT", "CTA", "CTA"],
+                inject_effnet=[False, True, True], clip_embd=40, kernel_size=5, dropout=0.1)
+
+
+@torch.no_grad()
+def test_stage_b_parity_small_config(monkeypatch, tmp_path):
+    ref = _diffnext(monkeypatch, 0, **SMALL_KW)
+    ref.save_pretrained(tmp_path)  # safetensors
+    ours = stage_b.StageB.from_pretrained(str(tmp_path))
+    assert not ours.training and ours.cfg.kernel_size == 5 and ours.cfg.c_hidden == (16, 32, 48)
+    for latent_hw, effnet_hw in [((16, 16), (3, 3)), ((16, 24), (2, 5))]:
+        x, t, effnet, clip = _inputs(ours.cfg, latent_hw, effnet_hw, batch=2)
+        torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_stage_b_parity_paper_config(monkeypatch, tmp_path):
+    ref = _diffnext(monkeypatch, 1, shared=True)  # the released config = diffusers' defaults
+    ref.save_pretrained(tmp_path, safe_serialization=False)  # .bin keeps the shared storage small
+    ours = stage_b.StageB.from_pretrained(str(tmp_path))
+    assert ours.cfg == stage_b.PRESETS["paper"]
+    assert sum(p.numel() for p in ours.parameters()) == 1_055_365_280
+    for latent_hw, effnet_hw in [((16, 16), (2, 2)), ((16, 32), (2, 3))]:
+        x, t, effnet, clip = _inputs(ours.cfg, latent_hw, effnet_hw)
+        torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5, rtol=1e-5)
+
+
+def _to_dome272(sd):
+    """diffusers keys -> the official model_v2_stage_b.pt layout (packed nn.MultiheadAttention)."""
+    out = {}
+    for k, v in sd.items():
+        if ".attention.to_q." in k:
+            prefix, kind = k.split(".to_q.")
+            qkv = [sd[f"{prefix}.to_{n}.{kind}"] for n in "qkv"]
+            out[f"{prefix}.attn.in_proj_{kind}"] = torch.cat(qkv)
+        elif ".attention.to_out.0." in k:
+            out[k.replace(".to_out.0.", ".attn.out_proj.")] = v
+        elif ".attention.to_k." not in k and ".attention.to_v." not in k:
+            out[k] = v
+    return out
+
+
+@torch.no_grad()
+def test_stage_b_and_compressor_load_official_pt(monkeypatch, tmp_path):
+    ref = _diffnext(monkeypatch, 2, **SMALL_KW)
+    compressor = stage_b.SemanticCompressor(stage_b.CompressorConfig())  # EfficientNetV2-S, random
+    compressor.mapper[1].running_mean.uniform_(-1, 1)  # make the BatchNorm statistics non-trivial
+    path = str(tmp_path / "model_v2_stage_b.pt")
+    torch.save({"state_dict": _to_dome272(ref.state_dict()), "effnet_state_dict": compressor.state_dict()}, path)
+    cfg = stage_b.StageBConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in SMALL_KW.items()})
+    ours = stage_b.StageB.from_pretrained(path, cfg)
+    x, t, effnet, clip = _inputs(cfg, (16, 8), (2, 1))
+    torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5, rtol=1e-5)
+    loaded = stage_b.SemanticCompressor.from_pretrained(path)
+    images = torch.rand(1, 3, 128, 128)
+    torch.testing.assert_close(loaded(images), compressor.eval()(images))
+    with pytest.raises(ValueError, match="do not match"):  # the wrong architecture is named clearly
+        stage_b.StageB.from_pretrained(path, stage_b.PRESETS["tiny"])
+
+
+def test_semantic_compressor_shapes():
+    tiny = stage_b.SemanticCompressor(stage_b.COMPRESSOR_PRESETS["tiny"])
+    assert tiny(torch.rand(2, 3, 128, 128)).shape == (2, 16, 3, 3)
+    assert tiny(torch.rand(1, 3, 256, 384)).shape == (1, 16, 6, 9)
+    effnet = stage_b.SemanticCompressor(stage_b.CompressorConfig()).eval()
+    n_backbone = sum(p.numel() for p in effnet.backbone.parameters())
+    assert n_backbone + sum(p.numel() for p in effnet.mapper.parameters()) == 20_198_000  # method §8.6 (with BN affine)
+    with torch.no_grad():
+        assert effnet(torch.rand(1, 3, 256, 256)).shape == (1, 16, 6, 6)  # 1024 px gives 24 x 24
+
+
+def test_text_encoder():
+    enc = stage_b.TextEncoder("tiny")
+    out = enc.encode(["a red circle on a blue background", ""])
+    assert out.shape == (2, 77, 64) and torch.isfinite(out).all()
+    assert not any(p.requires_grad for p in enc.parameters())
+    assert all(k.split(".")[0] in {"token_embedding", "positional_embedding", "transformer", "ln_final"}
+               for k in enc.state_dict())
+    torch.manual_seed(123)  # a random tower is reproduced from its state dict
+    other = stage_b.TextEncoder("tiny")
+    other.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(other.encode(["a red circle"]), enc.encode(["a red circle"]))
+
+
+def test_text_encoder_offline_fails_fast():
+    with pytest.raises(RuntimeError, match="huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        stage_b.TextEncoder(**stage_b.TEXT_ENCODER_PRESETS["paper"])
