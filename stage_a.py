@@ -325,7 +325,8 @@ class Logger:
 
     def log(self, msg):
         if self.path:
-            print(msg, flush=True)
+            from tqdm import tqdm
+            tqdm.write(msg)  # prints above an active progress bar instead of through it
             with open(self.path, "a") as f:
                 f.write(msg + "\n")
 
@@ -376,6 +377,12 @@ def fill_defaults(args, defaults):
 def get_lr(step, lr, warmup):
     """Linear warm-up to `lr`, then constant (method §6.5). A pure function of the step, so resume needs nothing else."""
     return lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def ema_decay_at(step, decay):
+    """EMA warm-up: an average over about `step` steps early on, `decay` later, so short runs get a useful EMA
+    (k-diffusion's EMAWarmup idea; the reference instead copied the weights for its first 5,000 updates)."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -581,7 +588,8 @@ def train(args):
     held_images, _ = holdout_batch(holdout, rt.device)
 
     # models, EMA and optimizers (weights stay fp32; autocast does the low-precision compute)
-    model = StageA(cfg).to(rt.device)
+    # channels-last: the LayerNorms and MLPs run over the channel axis, so this layout avoids permute copies
+    model = StageA(cfg).to(rt.device, memory_format=torch.channels_last)
     disc = Discriminator(cfg.c_in, cfg.disc_c_hidden, cfg.disc_depth).to(rt.device)
     ema = deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
@@ -651,7 +659,7 @@ def train(args):
         set_lr(opt_d, lr)
         use_gan = args.gan_weight > 0 and step >= args.disc_start  # the adversarial term starts after a warm-up
         for micro in range(args.grad_accum):
-            x = next(batches)[0].to(rt.device, non_blocking=True)
+            x = next(batches)[0].to(rt.device, non_blocking=True, memory_format=torch.channels_last)
             sync = micro == args.grad_accum - 1
             with no_sync(model, sync), rt.autocast():
                 recon, vq_loss, idx = model(x)
@@ -673,14 +681,10 @@ def train(args):
         grad_norm = optimizer_step(model, opt, scaler, args.grad_clip)
         if use_gan:
             optimizer_step(disc, opt_d, scaler_d, args.grad_clip)
-        update_ema(ema, raw_model, args.ema_decay if step >= args.warmup else 0.0)
+        update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
             pbar.update(1)
-        if step % args.restart_every == 0 and step < args.max_steps * 0.8:
-            with torch.no_grad():
-                restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x), counts, rt)
-            counts.zero_()
         if step % args.log_every == 0 or step == args.max_steps:
             metrics = {"loss": loss.item(), "rec": rec_loss.item(), "vq": vq_loss.item(),
                        "psnr": psnr(recon.detach().float(), x), "codes": (counts > 0).float().mean().item(),
@@ -689,6 +693,10 @@ def train(args):
                 metrics |= {"g": g_loss.item(), "d": d_loss.item()}
             logger.log(log_line(step, args.max_steps, metrics, lr, seen / (time.time() - t0)))
             t0, seen = time.time(), 0
+        if step % args.restart_every == 0 and step < args.max_steps * 0.8:
+            with torch.no_grad():
+                restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x), counts, rt)
+            counts.zero_()
         if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
             with torch.no_grad():  # held-out inputs (top) over their EMA reconstructions (bottom)
                 recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
