@@ -14,23 +14,27 @@ Run it (after Stages A and B, whose checkpoints it reads from out/stage_a and ou
     python stage_c.py --data ./imgs                      # one GPU, default 'small' preset
     torchrun --standalone --nproc_per_node=8 stage_c.py --data ./imgs --model paper --grad_checkpointing
 """
+import argparse
 import json
+import math
 import os
-from dataclasses import dataclass
+import textwrap
+import time
+from copy import deepcopy
+from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
-from stage_a import load_exact, load_weights_file
-from stage_b import (
-    AttnBlock,
-    GlobalResponseNorm,
-    LayerNorm2d,
-    TimestepBlock,
-    dome272_to_diffusers,
-    r_embedding,
-)
+from stage_a import (Logger, StageA, StageAConfig, add_common_args, ema_decay_at, fill_defaults, get_lr,
+                     holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
+                     no_sync, optimizer_step, rng_state, save_checkpoint, set_lr, set_rng_state, setup_runtime,
+                     split_holdout, update_ema)
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, AttnBlock, GlobalResponseNorm, LayerNorm2d, TextEncoder,
+                     TimestepBlock, ddpm_sample, diffusion_loss, dome272_to_diffusers, load_stage_b, r_embedding)
 
 # -----------------------------------------------------------------------------
 # config
@@ -55,6 +59,22 @@ PRESETS = {
     "small": StageCConfig(c=768, c_cond=512, depth=16, nhead=12),
     # the released warp-ai/wuerstchen-prior `prior` (WuerstchenPrior), CLIP ViT-bigG-14 text
     "paper": StageCConfig(),
+}
+# open_clip text towers (architecture, pretrained tag); c_cond follows the tower's width. "tiny" is random.
+TEXT_ENCODER_PRESETS = {
+    "tiny": {"name": "tiny", "pretrained": None},
+    "small": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+    "paper": {"name": "ViT-bigG-14", "pretrained": "laion2b_s39b_b160k"},  # v2 prior (method §5.5)
+}
+# training defaults that depend on the preset (flags left unset take these)
+TRAIN_DEFAULTS = {
+    "tiny": dict(image_size=128, batch_size=64, max_steps=600, lr=1e-3, warmup=50, cache=True, sample_steps=20),
+    "small": dict(image_size=256, batch_size=256, max_steps=200_000, lr=1e-4, warmup=5_000, cache=False,
+                  sample_steps=None),
+    # v1 Stage C script (method §6.5): AdamW 1e-4, 10k warm-up, global batch 1280, 1.5M updates budgeted; v2 was
+    # trained at 512 px (12 x 12) first, then at 1024 px and above
+    "paper": dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000, cache=False,
+                  sample_steps=None),
 }
 
 # -----------------------------------------------------------------------------
@@ -168,3 +188,306 @@ class StageC(nn.Module):
             model = cls(cfg)
         load_exact(model, sd, what=f"Stage C weights from {path}")
         return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# diffusion / loss (schedule, t sampling and the P2-weighted loss are Stage B's: stage_b.diffusion_loss)
+
+
+def to_stage_c_space(e, latent_space):
+    """Semantic compressor output e -> Stage C's latent y = (e + shift) / scale (method §3.3; 42 and 1 for paper)."""
+    return (e.float() + latent_space["shift"]) / latent_space["scale"]
+
+
+def to_stage_b_space(y, latent_space):
+    """Stage C latent y -> the e-space Stage B is conditioned on: e = y * scale - shift (the pipeline's 42 y - 1)."""
+    return y * latent_space["scale"] - latent_space["shift"]
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """--cache: the frozen models' outputs for a whole (small) dataset, computed once, so that a training step costs
+    only the prior. Items are (y (16, h, w), caption index); `text` holds one embedding per distinct caption plus
+    the empty caption last (`empty_index`), which caption dropout swaps in. Every rank computes the whole cache."""
+
+    def __init__(self, dataset, compressor, text_encoder, latent_space, device, batch_size=64, num_workers=2,
+                 verbose=True):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        latents, captions = [], []
+        for images, caps in tqdm(loader, desc="cache: semantic latents", disable=not verbose, leave=False):
+            latents.append(to_stage_c_space(compressor(images.to(device)), latent_space).cpu())
+            captions += caps
+        distinct = sorted(set(captions) - {""}) + [""]
+        index = {c: i for i, c in enumerate(distinct)}
+        self.latents = torch.cat(latents)  # (N, 16, h, w)
+        self.text_index = torch.tensor([index[c] for c in captions])  # (N,)
+        self.text = torch.cat([text_encoder.encode(distinct[i:i + batch_size])
+                               for i in range(0, len(distinct), batch_size)])  # (distinct + 1, 77, c_cond)
+        self.empty_index = len(distinct) - 1
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return self.latents[i], self.text_index[i]
+
+
+@torch.no_grad()
+def training_inputs(batch, drop, compressor, text_encoder, latent_space, cache=None):
+    """One loader batch -> (y (B, 16, h, w), clip_text (B, 77, c_cond)), both float32. Samples marked in `drop`
+    (bool (B,)) get the empty caption: the classifier-free-guidance dropout of method §6.4. With `cache`, the batch
+    is (y, caption index) from LatentCache; else (images, captions), run through the frozen models."""
+    if cache is not None:
+        y, text_index = batch
+        text_index = torch.where(drop, cache.empty_index, text_index)
+        return y.to(cache.text.device), cache.text[text_index.to(cache.text.device)]
+    images, captions = batch
+    device = next(compressor.parameters()).device
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    return to_stage_c_space(compressor(images.to(device)), latent_space), text_encoder.encode(captions).float()
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+@torch.no_grad()
+def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_STAGE_C_TIMESTEPS, guidance_scale=4.0,
+                   negative_prompt="", generator=None, progress=False):
+    """Prompts -> Stage C latents y (B, 16, h, w) (method §7.4, before its e = 42 y - 1): CLIP text, x ~ N(0, I),
+    DDPM on `timesteps` (an int = that many steps on the linear grid) with classifier-free guidance against the
+    negative prompt ("" = the unconditional embedding it was trained with). Defaults: the released settings."""
+    device = next(model.parameters()).device
+    cond = {"clip_text": text_encoder.encode(prompts)}  # (B, 77, c_cond)
+    uncond = {"clip_text": text_encoder.encode([negative_prompt] * len(prompts))}
+    noise = torch.randn((len(prompts), model.cfg.c_in, *latent_hw), generator=generator, device=device)
+    return ddpm_sample(model, noise, timesteps, cond, uncond, guidance_scale, generator, progress)
+
+
+@torch.no_grad()
+def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, steps=12, guidance_scale=0.0,
+                   generator=None, progress=False):
+    """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1] (method §7.5): e = y * scale - shift, Stage B
+    samples a Stage A latent of side int(10.67 h) conditioned on e and its own text encoder's CLIP text (CFG only
+    when guidance_scale > 1, against zero e and the empty caption), then Stage A decodes it unquantised."""
+    e = to_stage_b_space(y, latent_space)
+    side = (int(y.shape[-2] * 10.67), int(y.shape[-1] * 10.67))  # 24 -> 256 for 1024 px, 3 -> 32 for 128 px
+    noise = torch.randn((len(y), stage_b.cfg.c_in, *side), generator=generator, device=y.device)
+    cond = {"effnet": e, "clip_text": text_encoder_b.encode(prompts)}
+    uncond = {"effnet": torch.zeros_like(e), "clip_text": text_encoder_b.encode([""] * len(y))} \
+        if guidance_scale > 1 else None
+    latents = ddpm_sample(stage_b, noise, steps, cond, uncond, guidance_scale, generator, progress)
+    return stage_a.decode(latents).float().clamp(0, 1)
+
+
+def save_captioned_grid(images, captions, path, ncol=6):
+    """Save (N, 3, H, W) images in [0, 1] as a PNG grid with each caption written under its image."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    H, W = images.shape[-2:]
+    per_line = max(8, int(W / (font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)))  # characters per line
+    lines = [textwrap.wrap(c, per_line) or [""] for c in captions]
+    line_h, pad = font.getbbox("Ag")[3] + 2, 4
+    band = line_h * max(len(l) for l in lines) + pad  # text height under every image
+    nrow = math.ceil(len(images) / ncol)
+    grid = Image.new("RGB", (ncol * (W + pad) + pad, nrow * (H + band + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    pixels = images.float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+    for i, (img, text) in enumerate(zip(pixels, lines)):
+        x0, y0 = pad + (i % ncol) * (W + pad), pad + (i // ncol) * (H + band + pad)
+        grid.paste(Image.fromarray(img), (x0, y0))
+        for j, line in enumerate(text):
+            draw.text((x0 + 1, y0 + H + 2 + j * line_h), line, fill="black", font=font)
+    grid.save(path)
+
+
+def toy_prompt_following(images, targets):
+    """Prompt following on toy data: the shares of images whose colour and shape, as data.classify_toy_image reads
+    them, are the prompt's. targets: [(colour, shape)] per image. Returns (colour accuracy, shape accuracy)."""
+    from data import classify_toy_image
+    found = [classify_toy_image(img) for img in images]
+    colour = sum(f[0] == c for f, (c, _) in zip(found, targets)) / len(targets)
+    shape = sum(f[1] == s for f, (_, s) in zip(found, targets)) / len(targets)
+    return colour, shape
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(args):
+    fill_defaults(args, TRAIN_DEFAULTS[args.model])
+    rt = setup_runtime(args.device, args.dtype, args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    logger = Logger(args.out_dir, rt.master)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, "stage_c") if args.resume else None
+    if ckpt and ckpt["train_config"]["model"] != args.model:
+        raise ValueError(f"{ckpt_path} was trained with --model {ckpt['train_config']['model']}, not {args.model}")
+
+    # frozen parts (method §1.1): Stage B's semantic compressor (EMA, eval) gives the target, a CLIP text tower the
+    # condition. A random tower ('tiny') is built from the seed on every rank and saved with our checkpoint.
+    preview_parts = ("stage_b", "text_encoder") if rt.master else ()  # Stage B's decoder and text: previews only
+    parts_b = load_stage_b(args.stage_b, rt.device, parts=("compressor",) + preview_parts)
+    compressor, latent_space = parts_b["compressor"], parts_b["latent_space"]
+    stage_a = None
+    if rt.master:  # previews decode through Stage B and Stage A (EMA weights, frozen)
+        a_ckpt = load_checkpoint(args.stage_a, "stage_a")
+        stage_a = StageA(StageAConfig(**a_ckpt["model_config"]))
+        stage_a.load_state_dict(a_ckpt["ema"])
+        stage_a = stage_a.to(rt.device).eval().requires_grad_(False)
+    text_spec = ckpt["text_encoder"] if ckpt else {
+        "name": args.text_encoder or TEXT_ENCODER_PRESETS[args.model]["name"],
+        "pretrained": None if args.text_pretrained == "none" else
+        args.text_pretrained or TEXT_ENCODER_PRESETS[args.model]["pretrained"]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        text_encoder = TextEncoder.from_spec(text_spec).to(rt.device)
+    cfg = StageCConfig(**ckpt["model_config"]) if ckpt else replace(PRESETS[args.model], c_cond=text_encoder.width)
+    logger.log(f"stage C | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
+               f"world {rt.world_size} | config {asdict(cfg)} | text {text_spec['name']} / {text_spec['pretrained']} "
+               f"| latent space y = (e + {latent_space['shift']}) / {latent_space['scale']} from {args.stage_b}")
+
+    # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data: every colour x shape)
+    from data import COLORS, SHAPES, ImageFolder, toy_caption, toy_prompts
+    dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
+    trainset, holdout = split_holdout(dataset, args.num_holdout)
+    held_images, held_captions = holdout_batch(holdout, rt.device)
+    all_toy = {toy_caption(c, s, b) for c in COLORS for s in SHAPES for b in COLORS}
+    toy_targets = [(c, s) for _, c, s in toy_prompts()] if set(held_captions) <= all_toy else None
+    prompts = [p for p, _, _ in toy_prompts()] if toy_targets else held_captions
+    with torch.no_grad(), rt.autocast():
+        latent_hw = tuple(compressor(held_images[:1]).shape[-2:])  # (h, w) = side / 42.67
+    cache = None
+    if args.cache:
+        t0 = time.time()
+        with rt.autocast():
+            cache = LatentCache(trainset, compressor, text_encoder, latent_space, rt.device,
+                                num_workers=args.num_workers, verbose=rt.master)
+        cache.text = cache.text.to(rt.device)
+        logger.log(f"cache: {len(cache)} semantic latents {tuple(cache.latents.shape[1:])} (std "
+                   f"{cache.latents.std():.3f}, ~1 expected), {len(cache.text)} distinct captions (with the empty "
+                   f"one), {time.time() - t0:.1f} s")
+
+    # model, EMA, optimizer (AdamW with the default betas of the reference Stage C script, method §6.5)
+    model = StageC(cfg).to(rt.device)
+    model.grad_checkpointing = args.grad_checkpointing
+    ema = deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = rt.make_scaler()
+    logger.log(f"parameters: Stage C {sum(p.numel() for p in model.parameters()):,} | text encoder (frozen) "
+               f"{sum(p.numel() for p in text_encoder.parameters()):,} | semantic compressor (frozen) "
+               f"{sum(p.numel() for p in compressor.parameters()):,}")
+    step = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        logger.log(f"resumed from {ckpt_path} at step {step}")
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    @torch.no_grad()
+    def preview():
+        """Fixed prompts and noise -> EMA Stage C (CFG) -> Stage B -> Stage A; the grid and, on toy data, accuracy."""
+        g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
+        timesteps = args.sample_steps or DEFAULT_STAGE_C_TIMESTEPS
+        with rt.autocast():
+            y = sample_stage_c(ema, text_encoder, prompts, latent_hw, timesteps, args.guidance, generator=g)
+            images = decode_stage_c(y, prompts, parts_b["stage_b"], parts_b["text_encoder"], latent_space, stage_a,
+                                    args.decoder_steps, generator=g)
+        path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
+        save_captioned_grid(images, prompts, path)
+        metrics = {"y_std": y.float().std().item()}  # ~1 when the prior's samples match the data's spread
+        if toy_targets:
+            metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(images, toy_targets)
+        logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+    def save(metrics):
+        save_checkpoint(ckpt_path, {
+            "stage": "stage_c", "step": step, "model_config": asdict(cfg), "model": raw_model.state_dict(),
+            "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "train_config": vars(args), "text_encoder": text_encoder.checkpoint_entry(),
+            "latent_space": latent_space, "rng": rng_state(), "metrics": metrics,
+            "deps": {"stage_b": os.path.abspath(args.stage_b), "stage_a": os.path.abspath(args.stage_a),
+                     "data": os.path.abspath(args.data)}})
+
+    # the cache is indexed in memory: no loader workers needed
+    batches = infinite_batches(cache if cache else trainset, args.batch_size, rt, 0 if cache else args.num_workers,
+                               args.seed, step, args.grad_accum)
+    if ckpt:  # after building the loader, which draws its base seed from this RNG in every run
+        set_rng_state(ckpt["rng"])
+    pbar = tqdm(total=args.max_steps, initial=step, desc="stage C", dynamic_ncols=True) if rt.master else None
+    metrics = {}
+    t0, seen = time.time(), 0
+    model.train()
+    while step < args.max_steps:
+        lr = get_lr(step, args.lr, args.warmup)
+        set_lr(opt, lr)
+        for micro in range(args.grad_accum):
+            batch = next(batches)
+            # CFG dropout per sample (the v1 script drops the whole batch's captions at once with p = 0.05; per sample
+            # has the same rate and gives every batch a mix, which matters for small batches)
+            drop = torch.rand(len(batch[0])) < args.p_drop_text
+            with rt.autocast():
+                y, clip_text = training_inputs(batch, drop, compressor, text_encoder, latent_space, cache)
+            with no_sync(model, micro == args.grad_accum - 1), rt.autocast():
+                loss = diffusion_loss(model, y, clip_text=clip_text)  # P2-weighted eps MSE, t with the 1.08 stretch
+            # gradients of a mean over micro-batches: divide each micro-batch loss by their count
+            scaler.scale(loss / args.grad_accum).backward()
+            seen += len(y) * rt.world_size
+        grad_norm = optimizer_step(model, opt, scaler, args.grad_clip)
+        update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
+        step += 1
+        if pbar:
+            pbar.update(1)
+        if step % args.log_every == 0 or step == args.max_steps:
+            logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
+                                seen / (time.time() - t0)))
+            t0, seen = time.time(), 0
+        if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
+            metrics = preview()
+        if rt.master and (step % args.save_every == 0 or step == args.max_steps):
+            save(metrics)
+    if pbar:
+        pbar.close()
+    if rt.master:
+        logger.log(f"done: {' | '.join(f'{k} {v:.3f}' for k, v in metrics.items())} | checkpoint {ckpt_path}")
+    if rt.ddp:
+        dist.destroy_process_group()
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train Stage C of Würstchen (the text-conditional prior) on a folder "
+                                     "of captioned images, on top of trained Stages A and B.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser, "stage_c")
+    g = parser.add_argument_group("stage C")
+    g.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="Stage A checkpoint (decodes the previews)")
+    g.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint: its frozen semantic "
+                   "compressor gives the training target, its decoder the previews")
+    g.add_argument("--text_encoder", default=None, help="open_clip text architecture (default: per preset: tiny, "
+                   "ViT-B-32, ViT-bigG-14)")
+    g.add_argument("--text_pretrained", default=None, help="open_clip pretrained tag or weights file, 'none' for "
+                   "random weights (default: per preset)")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="precompute the frozen text "
+                   "embeddings and semantic latents of the whole dataset once (small datasets; default: on for tiny)")
+    g.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample (CFG)")
+    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of the previews")
+    g.add_argument("--sample_steps", type=int, default=None, help="Stage C DDPM steps of the previews (default: 20 for "
+                   "tiny, else the released 29-step grid DEFAULT_STAGE_C_TIMESTEPS)")
+    g.add_argument("--decoder_steps", type=int, default=12, help="Stage B DDPM steps of the previews")
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass "
+                   "(activation checkpointing): much less memory for the paper size, ~30%% more compute")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(get_args())
