@@ -10,17 +10,24 @@ This file also owns the pieces shared with Stage C (stage_c.py imports them): th
 noise schedule, the P2-weighted loss and the DDPM sampler.
 """
 
+import argparse
 import json
 import math
 import os
-from dataclasses import dataclass
+import time
+from copy import deepcopy
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stage_a import load_exact, load_weights_file
+from stage_a import (Logger, StageA, StageAConfig, add_common_args, ema_decay_at, fill_defaults, get_lr,
+                     holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
+                     no_sync, optimizer_step, psnr, rng_state, save_checkpoint, save_image_grid, set_lr,
+                     set_rng_state, setup_runtime, split_holdout, update_ema)
 
 # ---- config
 
@@ -377,7 +384,7 @@ class SemanticCompressor(nn.Module):
         self.mapper = nn.Sequential(nn.Conv2d(c_features, cfg.c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(cfg.c_latent))
 
-    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, 16, 3H/128, 3W/128)
+    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, 16, ceil(3H/128), ceil(3W/128))
         H, W = images.shape[-2:]
         x = F.interpolate(images, size=(3 * H // 4, 3 * W // 4), mode="bilinear", antialias=True,
                           align_corners=False)  # 1024 px -> 768 px
@@ -435,6 +442,18 @@ class TextEncoder(nn.Module):
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)  # causal mask
         self.width = self.ln_final.normalized_shape[0]
         self.eval().requires_grad_(False)
+
+    @classmethod
+    def from_spec(cls, spec):
+        """Rebuild from a checkpoint's 'text_encoder' entry (random towers carry their weights in it)."""
+        encoder = cls(spec["name"], spec["pretrained"])
+        if "state_dict" in spec:
+            encoder.load_state_dict(spec["state_dict"])
+        return encoder
+
+    def checkpoint_entry(self):
+        """What a checkpoint stores: the spec, plus the weights when they are random (not re-creatable)."""
+        return self.spec | ({"state_dict": self.state_dict()} if self.spec["pretrained"] is None else {})
 
     @torch.no_grad()
     def encode(self, prompts):
@@ -572,3 +591,247 @@ def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, 
             eps = torch.lerp(eps_uncond, eps_cond, guidance_scale)
         x = ddpm_step(x, eps, t, t_prev, generator)
     return x
+
+
+# ---- training
+
+# training defaults that depend on the preset (flags left unset take these)
+TRAIN_DEFAULTS = {
+    "tiny": dict(image_size=128, batch_size=16, max_steps=1000, lr=1e-3, warmup=100),
+    "small": dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000),
+    "paper": dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000),  # v1 recipe §6.5
+}
+# Stage C's latent space y = (e + shift) / scale (method §3.3): fixed for the released models, measured otherwise
+FIXED_LATENT_SPACE = {"paper": {"scale": 42.0, "shift": 1.0}}
+
+
+class CompressorAndStageB(nn.Module):
+    """The semantic compressor and Stage B trained jointly as one module (dome272's `Wrapper`, method §3.4), so a
+    single DDP wrapper, optimizer and EMA cover both. forward returns the P2-weighted diffusion loss."""
+
+    def __init__(self, compressor, stage_b, p_zero_effnet, p_noise_effnet, latent_space=None):
+        super().__init__()
+        self.compressor, self.stage_b = compressor, stage_b
+        self.p_zero, self.p_noise, self.latent_space = p_zero_effnet, p_noise_effnet, latent_space
+
+    def perturb(self, e):
+        """Conditioning dropout on the semantic latent e (method §3.4, §6.4), drawn per sample (v1 drew once per
+        batch; per sample, as Stable Cascade does, gives every batch a mix): zeroed with p_zero (the
+        unconditional input of CFG), else with p_noise noised by the Stage C diffusion at t ~ U(0, 0.5) in Stage C's
+        space y = (e + shift) / scale, so that Stage B tolerates imperfect Stage C samples. Without fixed constants
+        the space is standardised with the batch's own statistics (what the end-of-training measurement gives)."""
+        B = e.shape[0]
+        space = self.latent_space or {"scale": e.detach().std().item(), "shift": -e.detach().mean().item()}
+        y = (e + space["shift"]) / space["scale"]
+        y_noised = add_noise(y, 0.5 * torch.rand(B, device=e.device), torch.randn_like(y))
+        noised = (torch.rand(B, device=e.device) < self.p_noise).view(B, 1, 1, 1)
+        kept = (torch.rand(B, device=e.device) >= self.p_zero).view(B, 1, 1, 1)
+        e = torch.where(noised, y_noised * space["scale"] - space["shift"], e)
+        return e * kept
+
+    def forward(self, images, latents, clip_text):
+        effnet = self.perturb(self.compressor(images))  # (B, 16, h, w)
+        return diffusion_loss(self.stage_b, latents, effnet=effnet, clip_text=clip_text)
+
+
+@torch.no_grad()
+def measure_latent_space(compressor, images):
+    """Constants of Stage C's space y = (e + shift) / scale: y gets zero mean and unit std over `images`."""
+    e = compressor(images).float()
+    return {"scale": round(e.std().item(), 4), "shift": round(-e.mean().item(), 4)}
+
+
+def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encoder")):
+    """Rebuild from a Stage B checkpoint alone what later stages need: the EMA Stage B and semantic compressor (eval,
+    frozen), the text encoder, and the latent-space constants. Returns a dict with `parts`, 'latent_space', 'ckpt'."""
+    ckpt = load_checkpoint(path, "stage_b")
+    out = {"latent_space": ckpt["latent_space"], "ckpt": ckpt}
+    if "stage_b" in parts:
+        with torch.device("meta"):
+            out["stage_b"] = StageB(StageBConfig(**ckpt["model_config"]))
+        load_exact(out["stage_b"], ckpt["ema"], what=f"Stage B EMA weights of {path}")
+    if "compressor" in parts:
+        out["compressor"] = SemanticCompressor(CompressorConfig(**ckpt["compressor_config"]))
+        out["compressor"].load_state_dict(ckpt["compressor_ema"])
+    if "text_encoder" in parts:
+        out["text_encoder"] = TextEncoder.from_spec(ckpt["text_encoder"])
+    for k in parts:
+        out[k] = out[k].to(device).eval().requires_grad_(False)
+    return out
+
+
+def train(args):
+    fill_defaults(args, TRAIN_DEFAULTS[args.model])
+    rt = setup_runtime(args.device, args.dtype, args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    logger = Logger(args.out_dir, rt.master)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, "stage_b") if args.resume else None
+    if ckpt and ckpt["train_config"]["model"] != args.model:
+        raise ValueError(f"{ckpt_path} was trained with --model {ckpt['train_config']['model']}, not {args.model}")
+    cfg = StageBConfig(**ckpt["model_config"]) if ckpt else PRESETS[args.model]
+    ccfg = CompressorConfig(**ckpt["compressor_config"]) if ckpt else COMPRESSOR_PRESETS[args.model]
+    text_spec = ckpt["text_encoder"] if ckpt else {
+        "name": args.text_encoder or TEXT_ENCODER_PRESETS[args.model]["name"],
+        "pretrained": None if args.text_pretrained == "none" else
+        args.text_pretrained or TEXT_ENCODER_PRESETS[args.model]["pretrained"]}
+    logger.log(f"stage B | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
+               f"world {rt.world_size} | config {asdict(cfg)} | compressor {asdict(ccfg)} | "
+               f"text {text_spec['name']} / {text_spec['pretrained']}")
+
+    # frozen Stage A (EMA weights), rebuilt from its checkpoint alone: images -> latents / scale_factor
+    a_ckpt = load_checkpoint(args.stage_a, "stage_a")
+    stage_a = StageA(StageAConfig(**a_ckpt["model_config"]))
+    stage_a.load_state_dict(a_ckpt["ema"])
+    stage_a = stage_a.to(rt.device).eval().requires_grad_(False)
+    if stage_a.cfg.c_latent != cfg.c_in:
+        raise ValueError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, Stage B expects {cfg.c_in}")
+    # frozen text encoder; a random tower is built from the same seed on every rank
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        text_encoder = TextEncoder.from_spec(text_spec).to(rt.device)
+
+    # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
+    from data import ImageFolder
+    dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
+    trainset, holdout = split_holdout(dataset, args.num_holdout)
+    held_images, held_captions = holdout_batch(holdout, rt.device)
+    with torch.no_grad():
+        held_latents = stage_a.encode(held_images)  # (N, 4, S/4, S/4)
+    multiple = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
+    if held_latents.shape[-1] % multiple:
+        raise ValueError(f"--image_size {args.image_size} gives {held_latents.shape[-1]} px latents; Stage B "
+                         f"needs a multiple of {multiple} (image size a multiple of {4 * multiple})")
+
+    # models, EMA and optimizer: compressor + Stage B together (weights stay fp32; autocast does the rest)
+    compressor = SemanticCompressor(ccfg)
+    if ccfg.backbone == "efficientnet_v2_s" and not ckpt and not args.no_imagenet and rt.master:
+        if not compressor.load_imagenet_weights():  # rank 0 decides; DDP broadcasts its weights
+            logger.log("semantic compressor: ImageNet EfficientNetV2-S weights unobtainable (offline?): random init")
+    model = CompressorAndStageB(compressor, StageB(cfg), args.p_zero_effnet, args.p_noise_effnet,
+                                FIXED_LATENT_SPACE.get(args.model)).to(rt.device)
+    ema = deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    scaler = rt.make_scaler()
+    logger.log(f"parameters: Stage B {sum(p.numel() for p in model.stage_b.parameters()):,} | semantic compressor "
+               f"{sum(p.numel() for p in compressor.parameters()):,} | text encoder (frozen) "
+               f"{sum(p.numel() for p in text_encoder.parameters()):,}")
+    step = ckpt["step"] if ckpt else 0
+    # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
+    # so it comes before the RNG state is restored
+    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum)
+    if ckpt:
+        model.stage_b.load_state_dict(ckpt["model"])
+        model.compressor.load_state_dict(ckpt["compressor"])
+        ema.stage_b.load_state_dict(ckpt["ema"])
+        ema.compressor.load_state_dict(ckpt["compressor_ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        logger.log(f"resumed from {ckpt_path} at step {step}")
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the compressor's BatchNorms see the global batch
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    @torch.no_grad()
+    def reconstruct(images, captions):
+        """The path a user cares about: image -> semantic compressor -> Stage B sampling -> Stage A decode (EMA)."""
+        g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
+        noise = torch.randn(held_latents[:len(images)].shape, generator=g, device=rt.device)
+        cond = {"effnet": ema.compressor(images), "clip_text": text_encoder.encode(captions)}
+        with rt.autocast():
+            latents = ddpm_sample(ema.stage_b, noise, args.sample_steps, cond, generator=g)
+            return stage_a.decode(latents).float().clamp(0, 1)
+
+    def save(metrics):
+        space = FIXED_LATENT_SPACE.get(args.model) or measure_latent_space(ema.compressor, held_images)
+        save_checkpoint(ckpt_path, {
+            "stage": "stage_b", "step": step, "model_config": asdict(cfg), "model": raw_model.stage_b.state_dict(),
+            "ema": ema.stage_b.state_dict(), "compressor_config": asdict(ccfg),
+            "compressor": raw_model.compressor.state_dict(), "compressor_ema": ema.compressor.state_dict(),
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": vars(args),
+            "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), "rng": rng_state(),
+            "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)},
+            "metrics": metrics})
+        return space
+
+    with torch.no_grad():
+        stage_a_psnr = psnr(stage_a.decode(held_latents).float(), held_images)  # the ceiling for Stage B
+    pbar = tqdm(total=args.max_steps, initial=step, desc="stage B", dynamic_ncols=True) if rt.master else None
+    metrics, space = {}, None
+    t0, seen = time.time(), 0
+    model.train()
+    while step < args.max_steps:
+        lr = get_lr(step, args.lr, args.warmup)
+        set_lr(opt, lr)
+        for micro in range(args.grad_accum):
+            images, captions = next(batches)
+            images = images.to(rt.device, non_blocking=True)
+            drop = torch.rand(len(captions)) < args.p_drop_text  # CFG dropout: empty caption, per sample
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            with torch.no_grad(), rt.autocast():
+                latents = stage_a.encode(images).float()  # (B, 4, S/4, S/4), unquantised, / scale_factor
+                clip_text = text_encoder.encode(captions)  # (B, 77, width)
+            with no_sync(model, micro == args.grad_accum - 1), rt.autocast():
+                loss = model(images, latents, clip_text)
+            # gradients of a mean over micro-batches: divide each micro-batch loss by their count
+            scaler.scale(loss / args.grad_accum).backward()
+            seen += len(images) * rt.world_size
+        grad_norm = optimizer_step(model, opt, scaler, args.grad_clip)
+        update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
+        step += 1
+        if pbar:
+            pbar.update(1)
+        if step % args.log_every == 0 or step == args.max_steps:
+            logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
+                                seen / (time.time() - t0)))
+            t0, seen = time.time(), 0
+        if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
+            recon = reconstruct(held_images, held_captions)
+            path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
+            save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)  # inputs (top), reconstructions
+            metrics = {"holdout_psnr": psnr(recon, held_images), "stage_a_psnr": stage_a_psnr}
+            logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
+                       f"(image -> compressor -> Stage B, {args.sample_steps} steps -> Stage A; "
+                       f"Stage A alone {stage_a_psnr:.2f} dB)")
+        if rt.master and (step % args.save_every == 0 or step == args.max_steps):
+            space = save(metrics)
+    if pbar:
+        pbar.close()
+    if rt.master:
+        logger.log(f"done: held-out reconstruction PSNR {metrics.get('holdout_psnr', float('nan')):.2f} dB | "
+                   f"latent space {space} | checkpoint {ckpt_path}")
+    if rt.ddp:
+        dist.destroy_process_group()
+
+
+# ---- CLI
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train Stage B of Würstchen (semantic compressor + DiffNeXt decoder) "
+                                     "on a folder of images, on top of a trained Stage A.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser, "stage_b")
+    g = parser.add_argument_group("stage B")
+    g.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="frozen Stage A checkpoint whose latents Stage B learns")
+    g.add_argument("--text_encoder", default=None, help="open_clip text architecture (default: per preset: tiny, "
+                   "ViT-B-32, ViT-H-14)")
+    g.add_argument("--text_pretrained", default=None, help="open_clip pretrained tag or weights file, 'none' for random "
+                   "weights (default: per preset)")
+    g.add_argument("--no_imagenet", action="store_true", help="start the EfficientNetV2-S backbone from random weights "
+                   "instead of ImageNet")
+    g.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample (CFG)")
+    g.add_argument("--p_zero_effnet", type=float, default=0.05, help="probability of a zeroed semantic latent, per sample")
+    g.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a Stage-C-noised semantic latent "
+                   "(t ~ U(0, 0.5)), per sample")
+    g.add_argument("--sample_steps", type=int, default=12, help="DDPM steps of the preview reconstructions")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(get_args())

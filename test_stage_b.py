@@ -1,6 +1,7 @@
 """Tests for stage_b.py: shared blocks, schedule, sampler parity with diffusers, model parity, training."""
 
 import os
+from dataclasses import asdict
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests
 
@@ -232,3 +233,96 @@ def test_text_encoder():
 def test_text_encoder_offline_fails_fast():
     with pytest.raises(RuntimeError, match="huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
         stage_b.TextEncoder(**stage_b.TEXT_ENCODER_PRESETS["paper"])
+
+
+# ---- training
+
+
+def _tiny_inputs(batch=2, seed=0):
+    return _inputs(stage_b.PRESETS["tiny"], (32, 32), (3, 3), batch=batch, seed=seed)
+
+
+def test_shapes_finite_loss_and_gradients():
+    model = stage_b.CompressorAndStageB(stage_b.SemanticCompressor(stage_b.COMPRESSOR_PRESETS["tiny"]),
+                                        stage_b.StageB(stage_b.PRESETS["tiny"]), p_zero_effnet=0.5, p_noise_effnet=0.5)
+    latents, _, _, clip = _tiny_inputs(batch=4)
+    images = torch.rand(4, 3, 128, 128)
+    assert model.compressor(images).shape == (4, 16, 3, 3)
+    x, t, effnet, _ = _tiny_inputs(batch=4)
+    assert model.stage_b(x, t, effnet, clip).shape == x.shape
+    torch.nn.init.normal_(model.stage_b.clf[1].weight, std=0.02)  # zero at init: nothing upstream gets gradients
+    loss = model(images, latents, clip)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.compressor.mapper[0].weight.grad.abs().sum() > 0  # trained jointly: gradients reach the compressor
+
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    model = stage_b.StageB(stage_b.PRESETS["tiny"])
+    x0, _, effnet, clip = _inputs(model.cfg, (16, 16), (3, 3), n_text=8, batch=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):  # the same t and noise every step: a fixed regression target
+        loss = diffusion_loss(model, x0, generator=torch.Generator().manual_seed(0), effnet=effnet, clip_text=clip)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses[::5]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A 48-image 64 px toy folder and a tiny (random) Stage A checkpoint for it."""
+    from stage_a import PRESETS as A_PRESETS, StageA, save_checkpoint
+    from data import write_toy_dataset
+    root = tmp_path_factory.mktemp("toy_b")
+    write_toy_dataset(str(root / "toy"), n=48, size=64, seed=0)
+    torch.manual_seed(0)
+    a = StageA(A_PRESETS["tiny"])
+    a_path = str(root / "stage_a.pt")
+    save_checkpoint(a_path, {"stage": "stage_a", "step": 0, "model_config": asdict(a.cfg), "model": a.state_dict(),
+                             "ema": a.state_dict()})
+    return str(root / "toy"), a_path
+
+
+def _args(toy_run, out_dir, steps, *extra):
+    data, a_path = toy_run
+    return stage_b.get_args(["--data", data, "--stage_a", a_path, "--out_dir", str(out_dir), "--model", "tiny",
+                             "--device", "cpu", "--num_workers", "0", "--image_size", "64", "--batch_size", "4",
+                             "--num_holdout", "4", "--log_every", "1", "--sample_every", "2", "--sample_steps", "3",
+                             "--max_steps", str(steps), "--save_every", str(steps), *extra])
+
+
+def test_train_checkpoint_and_exact_resume(toy_run, tmp_path):
+    stage_b.train(_args(toy_run, tmp_path / "a", 3))
+    stage_b.train(_args(toy_run, tmp_path / "b", 2))
+    stage_b.train(_args(toy_run, tmp_path / "b", 3, "--resume"))
+    ck_a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)  # primitives and tensors only
+    ck_b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert ck_a["stage"] == "stage_b" and ck_a["step"] == ck_b["step"] == 3
+    for part in ("model", "compressor", "ema"):  # an interrupted + resumed run equals an uninterrupted one
+        for k in ck_a[part]:
+            torch.testing.assert_close(ck_a[part][k], ck_b[part][k], msg=f"{part} {k}")
+    assert ck_a["deps"]["stage_a"] == os.path.abspath(toy_run[1])
+    assert ck_a["latent_space"]["scale"] > 0 and "state_dict" in ck_a["text_encoder"]
+    assert (tmp_path / "a" / "samples_0000002.png").exists() and "held-out PSNR" in (tmp_path / "a" / "log.txt").read_text()
+    # the checkpoint alone rebuilds Stage B, the compressor and the (random) text encoder
+    built = stage_b.load_stage_b(str(tmp_path / "a" / "ckpt.pt"))
+    e = built["compressor"](torch.rand(2, 3, 64, 64))
+    clip = built["text_encoder"].encode(["a red circle on a blue background", ""])
+    assert e.shape == (2, 16, 2, 2) and built["stage_b"](torch.randn(2, 4, 16, 16), torch.rand(2), e, clip).shape == (2, 4, 16, 16)
+
+
+def test_wrong_checkpoints_name_both_stages(toy_run, tmp_path):
+    data, a_path = toy_run
+    with pytest.raises(ValueError, match="stage_a checkpoint, but a stage_b checkpoint was expected"):
+        stage_b.load_stage_b(a_path)
+    stage_b.save_checkpoint(str(tmp_path / "b.pt"), {"stage": "stage_b"})
+    with pytest.raises(ValueError, match="stage_b checkpoint, but a stage_a checkpoint was expected"):
+        stage_b.train(_args((data, str(tmp_path / "b.pt")), tmp_path / "out", 1))
+    with pytest.raises(FileNotFoundError, match="python stage_a.py"):
+        stage_b.train(_args((data, str(tmp_path / "missing.pt")), tmp_path / "out", 1))
