@@ -211,6 +211,14 @@ class StageA(nn.Module):
         return model.eval()
 
 
+def load_stage_a(path, device="cpu"):
+    """Stage A rebuilt from our checkpoint alone (its config + EMA weights), frozen, in eval mode."""
+    ckpt = load_checkpoint(path, "stage_a")
+    model = StageA(StageAConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval().requires_grad_(False)
+
+
 class Discriminator(nn.Module):
     """Patch discriminator of the reference `vqgan.py` (§2.5): spectral-norm stride-2 convs, InstanceNorm,
     LeakyReLU(0.2), a 1x1 conv to one logit per patch. The reference ends in a Sigmoid; we return logits and
