@@ -41,6 +41,14 @@ def test_paper_parameter_count():
     assert sum(p.numel() for p in StageA(PRESETS["paper"]).parameters()) == 18_406_894
 
 
+def assert_parity(ours, ref):
+    """fp32 parity up to rounding: 1e-5 relative, plus 1e-5 of the output's largest magnitude. These random weights
+    give outputs up to ~400, where one float32 ulp is 3e-5 and the reference itself is 4e-4 off a float64 run, so a
+    plain atol=1e-5 would demand bit-identical arithmetic (ruling out channels_last memory or MixBlock's fused
+    modulations, which bench.py measures as speed-ups)."""
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("config", [
     dict(),  # the released architecture
     dict(embed_dim=96, levels=2, bottleneck_blocks=3, latent_channels=4, num_vq_embeddings=256, scale_factor=0.5),
@@ -54,18 +62,17 @@ def test_parity_with_reference(tmp_path, config):
     x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         h = ref.encode(x).latents
-        torch.testing.assert_close(ours.encode(x), h / ref.config.scale_factor, atol=1e-5, rtol=1e-5)
+        assert_parity(ours.encode(x), h / ref.config.scale_factor)
         latents = torch.randn(2, 4, 8, 12)
-        torch.testing.assert_close(ours.decode(latents), ref.decode(latents * ref.config.scale_factor).sample,
-                                   atol=1e-5, rtol=1e-5)
+        assert_parity(ours.decode(latents), ref.decode(latents * ref.config.scale_factor).sample)
         quantized = ref.decode(latents * ref.config.scale_factor, force_not_quantize=False).sample
-        torch.testing.assert_close(ours.decode(latents, quantize=True), quantized, atol=1e-5, rtol=1e-5)
+        assert_parity(ours.decode(latents, quantize=True), quantized)
     # the official .pt layout: same weights, codebook under its old name
     sd = {k.replace("vquantizer.embedding.", "vquantizer.codebook."): v for k, v in ref.state_dict().items()}
     torch.save({"state_dict": sd}, tmp_path / "vqgan.pt")
     ours_pt = StageA.from_pretrained(str(tmp_path / "vqgan.pt"))
     with torch.no_grad():
-        torch.testing.assert_close(ours_pt.decode_raw(latents), ref.decode(latents).sample, atol=1e-5, rtol=1e-5)
+        assert_parity(ours_pt.decode_raw(latents), ref.decode(latents).sample)
 
 
 def test_shapes_and_quantizer():
