@@ -84,13 +84,19 @@ class MixBlock(nn.Module):
         self.channelwise = nn.Sequential(nn.Linear(c, c_mlp), nn.GELU(), nn.Linear(c_mlp, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 
-    def forward(self, x):  # x: (B, C, H, W)
-        g = self.gammas
-        h = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels, back to (B, C, H, W)
-        x = x + self.depthwise(h * (1 + g[0]) + g[1]) * g[2]
-        h = self.norm2(x.permute(0, 2, 3, 1))  # (B, H, W, C): the MLP runs channels-last
-        x = x + self.channelwise(h * (1 + g[3]) + g[4]).permute(0, 3, 1, 2) * g[5]
-        return x
+    def forward(self, x):  # x: (B, C, H, W), fastest in channels_last memory (StageA converts its inputs)
+        # Speed, same maths as the docstring: (1 + g0, g1) and (1 + g3, g4) enter the LayerNorms as their affine
+        # weight and bias, and g2 / g5 scale the weights of the conv / last Linear instead of their outputs, so
+        # the modulations cost no extra pass over the activations; in channels_last memory the permutes are views.
+        g, C = self.gammas, x.shape[1]
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (C,), (1 + g[0]).expand(C), g[1].expand(C), self.norm1.eps)
+        pad, conv = self.depthwise
+        h = F.conv2d(pad(h.permute(0, 3, 1, 2)), conv.weight * g[2], conv.bias * g[2], groups=C)  # (B, C, H, W)
+        x = x + h
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (C,), (1 + g[3]).expand(C), g[4].expand(C), self.norm2.eps)
+        fc1, act, fc2 = self.channelwise  # the MLP runs on (B, H, W, C)
+        h = F.linear(act(fc1(h)), fc2.weight * g[5], fc2.bias * g[5])
+        return x + h.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
 
 class VectorQuantizer(nn.Module):
@@ -159,10 +165,12 @@ class StageA(nn.Module):
 
     def encode_raw(self, x):
         """(B, 3, H, W) in [0, 1] -> the BatchNorm output (B, 4, H/4, W/4), before quantisation and scaling."""
+        x = x.contiguous(memory_format=torch.channels_last)  # speed: MixBlock's permutes become free views
         return self.down_blocks(self.in_block(x))
 
     def decode_raw(self, h):
         """(B, 4, H/4, W/4) raw latent -> (B, 3, H, W); no output activation (callers clamp to [0, 1])."""
+        h = h.contiguous(memory_format=torch.channels_last)  # speed: MixBlock's permutes become free views
         return self.out_block(self.up_blocks(h))
 
     def encode(self, x, quantize=False):
