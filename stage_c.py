@@ -249,6 +249,17 @@ def training_inputs(batch, drop, compressor, text_encoder, latent_space, cache=N
 # sampling
 
 
+def load_stage_c(path, device="cpu"):
+    """Rebuild from a Stage C checkpoint alone what sampling needs: the EMA prior and its text encoder (eval, frozen)
+    and the latent-space constants of the Stage B it was trained on. Returns a dict with those and 'ckpt'."""
+    ckpt = load_checkpoint(path, "stage_c")
+    with torch.device("meta"):
+        model = StageC(StageCConfig(**ckpt["model_config"]))
+    load_exact(model, ckpt["ema"], what=f"Stage C EMA weights of {path}")
+    return {"stage_c": model.to(device).eval().requires_grad_(False), "latent_space": ckpt["latent_space"],
+            "text_encoder": TextEncoder.from_spec(ckpt["text_encoder"]).to(device), "ckpt": ckpt}
+
+
 @torch.no_grad()
 def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_STAGE_C_TIMESTEPS, guidance_scale=4.0,
                    negative_prompt="", generator=None, progress=False):
@@ -344,6 +355,7 @@ def train(args):
     logger.log(f"stage C | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
                f"world {rt.world_size} | config {asdict(cfg)} | text {text_spec['name']} / {text_spec['pretrained']} "
                f"| latent space y = (e + {latent_space['shift']}) / {latent_space['scale']} from {args.stage_b}")
+    logger.log(f"training config: {vars(args)}")
 
     # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data: every colour x shape)
     from data import COLORS, SHAPES, ImageFolder, toy_caption, toy_prompts

@@ -13,11 +13,11 @@ import torch
 import stage_a
 import stage_b
 from data import ImageFolder, write_toy_dataset
-from stage_a import save_checkpoint
+from stage_a import load_checkpoint, save_checkpoint
 from stage_b import (COMPRESSOR_PRESETS, SemanticCompressor, StageB, TextEncoder, diffusion_loss, dome272_to_diffusers,
                      measure_latent_space)
-from stage_c import (PRESETS, LatentCache, StageC, StageCConfig, get_args, load_checkpoint, sample_stage_c,
-                     training_inputs, train)
+from stage_c import (PRESETS, LatentCache, StageC, StageCConfig, get_args, load_stage_c,
+                     sample_stage_c, training_inputs, train)
 
 # ---- parity with diffusers (random weights, eval, fp32)
 
@@ -221,10 +221,9 @@ def test_train_checkpoint_preview_and_exact_resume(env, tmp_path):
     assert ckpt["step"] == resumed["step"] == 4 and ckpt["deps"]["stage_b"] == str(env / "b.pt")
     for k in ckpt["model"]:
         torch.testing.assert_close(ckpt["model"][k], resumed["model"][k], rtol=0, atol=0)
-    model = StageC(StageCConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["ema"])
-    text_encoder = TextEncoder.from_spec(ckpt["text_encoder"])  # a random tower travels with its weights
-    y = sample_stage_c(model.eval(), text_encoder, ["a red circle on a blue background"], (3, 3), 2,
+    parts = load_stage_c(str(tmp_path / "straight" / "ckpt.pt"))  # a random text tower travels with its weights
+    assert parts["latent_space"] == stage_b.load_stage_b(str(env / "b.pt"), parts=())["latent_space"]
+    y = sample_stage_c(parts["stage_c"], parts["text_encoder"], ["a red circle on a blue background"], (3, 3), 2,
                        generator=torch.Generator().manual_seed(0))
     assert y.shape == (1, 16, 3, 3) and torch.isfinite(y).all()
 
