@@ -24,6 +24,7 @@ a difference of a few percent. diffusers is a bench/test dependency only (pip in
 """
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -462,6 +463,85 @@ def bench_flops():
 
 
 # -----------------------------------------------------------------------------
+# memory: the largest batch at which the paper-size Stage C trains within a GPU budget (e.g. a 24 GB card)
+
+
+def stage_c_train_step(model, opt, batch, device, dtype):
+    """One bf16-autocast training step of Stage C at 16x24x24 (what stage_c.py's train() does per micro-step)."""
+    x, t = torch.randn(batch, 16, 24, 24, device=device), torch.rand(batch, device=device)
+    clip = torch.randn(batch, 77, model.cfg.c_cond, device=device)
+    with torch.autocast(device.type, dtype=dtype):
+        loss = F.mse_loss(model(x, t, clip).float(), x)
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def measure_memory_cuda(args, budget):
+    """Largest power-of-two batch whose training step (AdamW, bf16 autocast) peaks under `budget` bytes, measured."""
+    device, rows = torch.device(args.device), []
+    for ckpt in (False, True):
+        model = StageC(STAGE_C_PRESETS["paper"]).to(device).train()
+        model.grad_checkpointing = ckpt
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        best, batch = None, 1
+        while batch <= 256:
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                stage_c_train_step(model, opt, batch, device, getattr(torch, args.dtype))
+                peak = torch.cuda.max_memory_allocated()
+            except torch.OutOfMemoryError:
+                peak = float("inf")
+            model.zero_grad(set_to_none=True)
+            if peak > budget:
+                break
+            best, batch = (batch, peak), batch * 2
+        rows.append((ckpt, best))
+        del model, opt
+        torch.cuda.empty_cache()
+    return rows
+
+
+def estimate_memory_cpu(budget):
+    """No GPU: bytes saved for the backward pass, measured on CPU under bf16 autocast at the paper width with 1 and
+    2 triples and batches 1 and 2, extrapolated to 32 triples; plus 18 bytes per parameter (fp32 weights, grads and
+    two AdamW moments, and autocast's bf16 weight copies). An estimate: allocator slack and temporaries come on top."""
+    import dataclasses
+
+    def saved(depth, batch, ckpt):
+        model = StageC(dataclasses.replace(STAGE_C_PRESETS["paper"], depth=depth)).train()
+        model.grad_checkpointing = ckpt
+        storages = {}
+
+        def pack(t):  # count every storage kept for backward once
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            stage_c_train_step(model, None, batch, torch.device("cpu"), torch.bfloat16)
+        return sum(storages.values())
+
+    with torch.device("meta"):
+        n = n_params(StageC(STAGE_C_PRESETS["paper"]))
+    state, depth = 18 * n, STAGE_C_PRESETS["paper"].depth
+
+    def extrapolate(ckpt):  # -> (batch-independent bytes, bytes per image, bytes per image of one triple)
+        s11, s12, s21, s22 = (saved(d, b, ckpt) for d in (1, 2) for b in (1, 2))  # s{depth}{batch}
+        triple = (s22 - s21) - (s12 - s11)
+        per_image = (s12 - s11) + (depth - 1) * triple  # the stem and all triples
+        return s11 + (depth - 1) * (s21 - s11) - per_image, per_image, triple  # fixed: bf16 weight copies
+
+    fixed, per_image, triple = extrapolate(False)
+    fixed_ckpt, per_image_ckpt, _ = extrapolate(True)
+    per_image_ckpt += triple  # one triple's full activations live while it is recomputed in the backward pass
+    rows = []
+    for ckpt, fixed_b, image_b in ((False, fixed, per_image), (True, fixed_ckpt, per_image_ckpt)):
+        batch = int((budget - state - fixed_b) // image_b)
+        rows.append((ckpt, (batch, state + fixed_b + batch * image_b) if batch > 0 else None))
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
@@ -528,7 +608,17 @@ def main(args):
     print("|" + "|".join("---" for _ in head.split("|")[1:-1]) + "|")
     for r in rows:
         print(fmt_row(*r, args))
-    print(f"\ncommand: python bench.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"\ncommand: python bench.py {shlex.join(sys.argv[1:])}".rstrip())
+    if "memory" in stages:
+        budget = args.mem_budget_gb * 2**30
+        cuda = args.device.startswith("cuda")
+        how = "measured" if cuda else "estimated on CPU (saved tensors, extrapolated)"
+        print(f"\nPaper Stage C (994 M params) training, AdamW, bf16 autocast, 16x24x24, within "
+              f"{args.mem_budget_gb:g} GB: {how}")
+        print("| activation checkpointing | largest batch | peak memory (GiB) |\n|---|---|---|")
+        for ckpt, best in (measure_memory_cuda(args, budget) if cuda else estimate_memory_cpu(budget)):
+            batch, peak = best if best else ("none fits", float("nan"))
+            print(f"| {'yes' if ckpt else 'no'} | {batch} | {peak / 2**30:.1f} |")
     if "flops" in stages:
         print("\nFLOPs per training image (forward + backward, batch 1), paper configs, counted on the meta device:")
         print("| model | params | TFLOP / image | vs Stage C |\n|---|---|---|---|")
@@ -541,7 +631,8 @@ def main(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stages", default="a,b,c,chain,flops", help="comma-separated subset of a,b,c,chain,flops")
+    p.add_argument("--stages", default="a,b,c,chain,flops,memory",
+                   help="comma-separated subset of a,b,c,chain,flops,memory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bfloat16 on a GPU, float32 on CPU")
@@ -556,6 +647,8 @@ def get_args(argv=None):
                    help="torch.compile the timed steps of ours, or of both (the fair comparison)")
     p.add_argument("--no_flops", dest="flops", action="store_false",
                    help="skip counting the FLOPs of each timed step (one extra step each)")
+    p.add_argument("--mem_budget_gb", type=float, default=24.0,
+                   help="GPU memory budget (GiB) of the `memory` stage, for allocated tensors (CUDA context on top)")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="the device's dense peak for --dtype, for the MFU column (H100 SXM bf16: 989)")
     # sizes (unset: CPU or GPU defaults, see DEFAULTS); model kwargs use diffusers' constructor names
