@@ -1,13 +1,22 @@
 """
-Stage B of Würstchen v2: the semantic compressor and the DiffNeXt latent diffusion decoder.
+Stage B of Würstchen v2: the semantic compressor and the DiffNeXt latent diffusion decoder (method.md §3, §4, §6, §7).
 
-Stage B learns to turn a tiny 16-channel "semantic" latent (EfficientNetV2 features of the image, 42.67x
-smaller than the image side: 16x24x24 for 1024 px) plus the CLIP text back into the 4-channel Stage A latent
-(4x256x256 for 1024 px), by noise-prediction diffusion (paper §3 / method.md §3, §4, §6, §7).
+    image (B, 3, S, S) in [0, 1] --SemanticCompressor--> e (B, 16, S/42.67, S/42.67)     (16 x 24 x 24 for 1024 px)
+    noise (B, 4, S/4, S/4) --StageB(x_t, t, e, CLIP text) x N DDPM steps--> Stage A latent --StageA.decode--> image
 
-This file also owns the pieces shared with Stage C (stage_c.py imports them): the network blocks
-(LayerNorm2d, GlobalResponseNorm, TimestepBlock, Attention, AttnBlock), the timestep embedding, the cosine
-noise schedule, the P2-weighted loss and the DDPM sampler.
+The compressor (EfficientNetV2-S features at 3/4 of the image side + 1x1 conv + BatchNorm) and Stage B (a U-Net
+that predicts the noise in a Stage A latent) train jointly on the frozen Stage A's latents; the text comes from a
+frozen CLIP text tower (open_clip). Stage C later learns to generate e from text, and Stage B turns it into pixels.
+
+This file also owns the pieces Stage C shares (stage_c.py imports them): the blocks (LayerNorm2d,
+GlobalResponseNorm, TimestepBlock, Attention, AttnBlock), the timestep embedding, the cosine noise schedule, the
+P2-weighted loss, the DDPM sampler, the text encoder and the semantic compressor.
+
+Run it (after stage_a.py):
+    python stage_b.py --data toy --model tiny            # CPU, a few minutes
+    python stage_b.py --data ./imgs                      # one GPU, 'small' preset (CLIP ViT-B-32 text weights)
+    torchrun --standalone --nproc_per_node=8 stage_b.py --data ./imgs --model paper
+Released weights: StageB.from_pretrained(diffusers folder or model_v2_stage_b.pt), SemanticCompressor.from_pretrained.
 """
 
 import argparse
@@ -55,9 +64,9 @@ class StageBConfig:
 @dataclass
 class CompressorConfig:
     """Semantic compressor (method §3.1): a stride-32 backbone, then 1x1 conv + BatchNorm to c_latent channels."""
-    backbone: str = "efficientnet_v2_s"  # torchvision EfficientNetV2-S features, or "tiny" (small conv net)
+    backbone: str = "efficientnet_v2_s"  # torchvision EfficientNetV2-S features, or "tiny" (a patch-embedding stem)
     c_latent: int = 16
-    tiny_width: int = 32  # first width of the "tiny" backbone (doubling per stage, capped at 8x)
+    tiny_width: int = 256  # feature width of the "tiny" backbone
 
 
 PRESETS = {
@@ -359,7 +368,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class SemanticCompressor(nn.Module):
     """The semantic compressor (paper §3, method §3): image in [0, 1] -> semantic latent e (B, 16, H/42.67, W/42.67).
 
-    A stride-32 backbone (EfficientNetV2-S features, 1280 channels; or a small conv net for 'tiny') on the image
+    A stride-32 backbone (EfficientNetV2-S features, 1280 channels; a patch-embedding stem for 'tiny') on the image
     resized to 3/4 of its side, then a 1x1 conv to 16 channels (no bias) and a BatchNorm. e is the raw BatchNorm
     output, the space Stage B is conditioned on; Stage C models y = (e + shift) / scale. Keys match the official
     EfficientNetEncoder (backbone.*, mapper.0, mapper.1). Constructing never downloads: see load_imagenet_weights.
@@ -372,19 +381,16 @@ class SemanticCompressor(nn.Module):
             import torchvision
             self.backbone = torchvision.models.efficientnet_v2_s(weights=None).features  # random until loaded
             c_features = 1280
-        elif cfg.backbone == "tiny":  # 5 stride-2 conv-BN-SiLU stages: stride 32 like EfficientNet
-            widths = [min(cfg.tiny_width * 2**i, cfg.tiny_width * 8) for i in range(5)]
-            layers = []
-            for c_prev, c in zip([3] + widths[:-1], widths):
-                layers += [nn.Conv2d(c_prev, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.SiLU()]
-            self.backbone = nn.Sequential(*layers)
-            c_features = widths[-1]
+        elif cfg.backbone == "tiny":  # a ViT-style stem, stride 32 like EfficientNet: 32x32 patches -> features
+            c_features = cfg.tiny_width
+            self.backbone = nn.Sequential(nn.Conv2d(3, c_features, kernel_size=32, stride=32), nn.GELU(),
+                                          nn.Conv2d(c_features, c_features, kernel_size=1), nn.GELU())
         else:
             raise ValueError(f"unknown compressor backbone {cfg.backbone!r} (efficientnet_v2_s | tiny)")
         self.mapper = nn.Sequential(nn.Conv2d(c_features, cfg.c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(cfg.c_latent))
 
-    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, 16, ceil(3H/128), ceil(3W/128))
+    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, 16, 3H/128, 3W/128) (H, W multiples of 128)
         H, W = images.shape[-2:]
         x = F.interpolate(images, size=(3 * H // 4, 3 * W // 4), mode="bilinear", antialias=True,
                           align_corners=False)  # 1024 px -> 768 px
@@ -597,9 +603,10 @@ def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, 
 
 # training defaults that depend on the preset (flags left unset take these)
 TRAIN_DEFAULTS = {
-    "tiny": dict(image_size=128, batch_size=16, max_steps=1000, lr=1e-3, warmup=100),
-    "small": dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000),
-    "paper": dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000),  # v1 recipe §6.5
+    "tiny": dict(image_size=128, batch_size=16, max_steps=1000, lr=5e-4, warmup=100, cache=True),
+    "small": dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000, cache=False),
+    "paper": dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000,  # v1 recipe §6.5
+                  cache=False),
 }
 # Stage C's latent space y = (e + shift) / scale (method §3.3): fixed for the released models, measured otherwise
 FIXED_LATENT_SPACE = {"paper": {"scale": 42.0, "shift": 1.0}}
@@ -621,7 +628,7 @@ class CompressorAndStageB(nn.Module):
         space y = (e + shift) / scale, so that Stage B tolerates imperfect Stage C samples. Without fixed constants
         the space is standardised with the batch's own statistics (what the end-of-training measurement gives)."""
         B = e.shape[0]
-        space = self.latent_space or {"scale": e.detach().std().item(), "shift": -e.detach().mean().item()}
+        space = self.latent_space or {"scale": e.detach().std(), "shift": -e.detach().mean()}
         y = (e + space["shift"]) / space["scale"]
         y_noised = add_noise(y, 0.5 * torch.rand(B, device=e.device), torch.randn_like(y))
         noised = (torch.rand(B, device=e.device) < self.p_noise).view(B, 1, 1, 1)
@@ -632,6 +639,27 @@ class CompressorAndStageB(nn.Module):
     def forward(self, images, latents, clip_text):
         effnet = self.perturb(self.compressor(images))  # (B, 16, h, w)
         return diffusion_loss(self.stage_b, latents, effnet=effnet, clip_text=clip_text)
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """--cache: the frozen Stage A latents of a whole (small) dataset, encoded once up front instead of at every
+    step (there is no random augmentation, so they never change). Items are (image, caption, latent): the images
+    are still read, since the compressor trains on them. Every rank encodes the whole dataset."""
+
+    def __init__(self, dataset, stage_a, rt, batch_size=64, num_workers=2, verbose=True):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        latents = []
+        for images, _ in tqdm(loader, desc="cache: Stage A latents", disable=not verbose, leave=False):
+            with torch.no_grad(), rt.autocast():
+                latents.append(stage_a.encode(images.to(rt.device)).float().cpu())
+        self.dataset, self.latents = dataset, torch.cat(latents)  # (N, 4, S/4, S/4)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, caption = self.dataset[i]
+        return image, caption, self.latents[i]
 
 
 @torch.no_grad()
@@ -716,6 +744,8 @@ def train(args):
     logger.log(f"parameters: Stage B {sum(p.numel() for p in model.stage_b.parameters()):,} | semantic compressor "
                f"{sum(p.numel() for p in compressor.parameters()):,} | text encoder (frozen) "
                f"{sum(p.numel() for p in text_encoder.parameters()):,}")
+    if args.cache:
+        trainset = LatentCache(trainset, stage_a, rt, num_workers=args.num_workers, verbose=rt.master)
     step = ckpt["step"] if ckpt else 0
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored
@@ -769,12 +799,13 @@ def train(args):
         lr = get_lr(step, args.lr, args.warmup)
         set_lr(opt, lr)
         for micro in range(args.grad_accum):
-            images, captions = next(batches)
+            images, captions, *cached = next(batches)  # cached: [Stage A latents] with --cache
             images = images.to(rt.device, non_blocking=True)
             drop = torch.rand(len(captions)) < args.p_drop_text  # CFG dropout: empty caption, per sample
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             with torch.no_grad(), rt.autocast():
-                latents = stage_a.encode(images).float()  # (B, 4, S/4, S/4), unquantised, / scale_factor
+                # (B, 4, S/4, S/4): unquantised Stage A latents / scale_factor
+                latents = cached[0].to(rt.device) if cached else stage_a.encode(images).float()
                 clip_text = text_encoder.encode(captions)  # (B, 77, width)
             with no_sync(model, micro == args.grad_accum - 1), rt.autocast():
                 loss = model(images, latents, clip_text)
@@ -830,6 +861,8 @@ def get_args(argv=None):
     g.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a Stage-C-noised semantic latent "
                    "(t ~ U(0, 0.5)), per sample")
     g.add_argument("--sample_steps", type=int, default=12, help="DDPM steps of the preview reconstructions")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="encode the whole dataset with "
+                   "Stage A once, up front (small datasets; default: per preset, on for tiny)")
     return parser.parse_args(argv)
 
 

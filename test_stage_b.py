@@ -314,7 +314,7 @@ def test_train_checkpoint_and_exact_resume(toy_run, tmp_path):
     built = stage_b.load_stage_b(str(tmp_path / "a" / "ckpt.pt"))
     e = built["compressor"](torch.rand(2, 3, 64, 64))
     clip = built["text_encoder"].encode(["a red circle on a blue background", ""])
-    assert e.shape == (2, 16, 2, 2) and built["stage_b"](torch.randn(2, 4, 16, 16), torch.rand(2), e, clip).shape == (2, 4, 16, 16)
+    assert e.shape == (2, 16, 1, 1) and built["stage_b"](torch.randn(2, 4, 16, 16), torch.rand(2), e, clip).shape == (2, 4, 16, 16)
 
 
 def test_wrong_checkpoints_name_both_stages(toy_run, tmp_path):
