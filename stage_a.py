@@ -60,7 +60,7 @@ PRESETS = {
 
 # training defaults that depend on the preset (flags left unset take these)
 TRAIN_DEFAULTS = {
-    "tiny": dict(image_size=128, batch_size=16, max_steps=1500, lr=1e-3, warmup=100, disc_start=800),
+    "tiny": dict(image_size=128, batch_size=8, max_steps=500, lr=2e-3, warmup=50, disc_start=300),
     "small": dict(image_size=256, batch_size=32, max_steps=100_000, lr=2e-4, warmup=1000, disc_start=20_000),
     "paper": dict(image_size=256, batch_size=64, max_steps=500_000, lr=1e-4, warmup=10_000, disc_start=100_000),
 }
