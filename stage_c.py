@@ -212,6 +212,7 @@ class LatentCache(torch.utils.data.Dataset):
     only the prior. Items are (y (16, h, w), caption index); `text` holds one embedding per distinct caption plus
     the empty caption last (`empty_index`), which caption dropout swaps in. Every rank computes the whole cache."""
 
+    @torch.no_grad()
     def __init__(self, dataset, compressor, text_encoder, latent_space, device, batch_size=64, num_workers=2,
                  verbose=True):
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
