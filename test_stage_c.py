@@ -16,8 +16,8 @@ from data import ImageFolder, write_toy_dataset
 from stage_a import load_checkpoint, save_checkpoint
 from stage_b import (COMPRESSOR_PRESETS, SemanticCompressor, StageB, TextEncoder, diffusion_loss, dome272_to_diffusers,
                      measure_latent_space)
-from stage_c import (PRESETS, LatentCache, StageC, StageCConfig, get_args, load_stage_c,
-                     sample_stage_c, training_inputs, train)
+from stage_c import (PRESETS, LatentCache, ResBlock, StageC, StageCConfig, get_args, load_stage_c, sample_stage_c,
+                     training_inputs, train)
 
 # ---- parity with diffusers (random weights, eval, fp32)
 
@@ -111,6 +111,20 @@ def test_parity_small_config(tmp_path, h, w):
     # sizes read off the weights (nhead = c / 64) when no config is given
     inferred = StageC.from_pretrained(str(tmp_path / "model_v3_stage_c.pt")).cfg
     assert (inferred.c, inferred.c_cond, inferred.c_r, inferred.depth, inferred.nhead) == (96, 40, 32, 3, 1)
+
+
+@torch.no_grad()
+def test_resblock_skip_matches_diffusers():
+    """The prior's ResBlock concatenates a skip before its grouped depthwise conv (weight (c, 2, 3, 3) for c_skip = c),
+    as diffusers' ResBlock does; the prior itself passes none."""
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import ResBlock as RefResBlock
+
+    ref = randomize(RefResBlock(8, c_skip=8)).eval()
+    ours = ResBlock(8, c_skip=8).eval()
+    ours.load_state_dict(ref.state_dict())
+    assert ours.depthwise.weight.shape == (8, 2, 3, 3)
+    x, skip = torch.randn(2, 8, 3, 4), torch.randn(2, 8, 3, 4)
+    torch.testing.assert_close(ours(x, skip), ref(x, skip))
 
 
 def test_init_and_shapes():
