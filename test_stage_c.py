@@ -19,6 +19,17 @@ from stage_b import (COMPRESSOR_PRESETS, SemanticCompressor, StageB, TextEncoder
 from stage_c import (PRESETS, LatentCache, ResBlock, StageC, StageCConfig, get_args, load_stage_c, sample_stage_c,
                      training_inputs, train)
 
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny (or run on 2x3 latents): one intra-op thread is as fast, and on a shared CPU it avoids
+    the per-op thread hand-offs that made this file ~5x slower with 2 threads while other jobs were running."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # ---- parity with diffusers (random weights, eval, fp32)
 
 
