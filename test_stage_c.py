@@ -20,7 +20,6 @@ from stage_c import (PRESETS, LatentCache, ResBlock, StageC, StageCConfig, get_a
                      training_inputs, train)
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """These models are tiny (or run on 2x3 latents): one intra-op thread is as fast, and on a shared CPU it avoids
@@ -29,6 +28,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
 
 # ---- parity with diffusers (random weights, eval, fp32)
 
