@@ -8,6 +8,15 @@ import torch
 
 import bench
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and steadier on a shared CPU (as in test_stage_c.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = {
     "a": dict(embed_dim=32, bottleneck_blocks=1, num_vq_embeddings=64),
     "b": dict(c_hidden=[16, 32], nhead=[-1, 2], blocks=[1, 1], level_config=["CT", "CTA"],
