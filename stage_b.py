@@ -33,10 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stage_a import (Logger, StageA, StageAConfig, add_common_args, ema_decay_at, fill_defaults, get_lr,
-                     holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
-                     no_sync, optimizer_step, psnr, rng_state, save_checkpoint, save_image_grid, set_lr,
-                     set_rng_state, setup_runtime, split_holdout, update_ema)
+from stage_a import (Logger, add_common_args, ema_decay_at, fill_defaults, get_lr, holdout_batch, infinite_batches,
+                     load_checkpoint, load_exact, load_stage_a, load_weights_file, log_line, no_sync, optimizer_step,
+                     psnr, rng_state, save_checkpoint, save_image_grid, set_lr, set_rng_state, setup_runtime,
+                     split_holdout, update_ema)
 
 # ---- config
 
@@ -603,7 +603,7 @@ def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, 
 
 # training defaults that depend on the preset (flags left unset take these)
 TRAIN_DEFAULTS = {
-    "tiny": dict(image_size=128, batch_size=16, max_steps=1000, lr=5e-4, warmup=100, cache=True),
+    "tiny": dict(image_size=128, batch_size=16, max_steps=1500, lr=5e-4, warmup=100, cache=True),
     "small": dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000, cache=False),
     "paper": dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000,  # v1 recipe §6.5
                   cache=False),
@@ -708,16 +708,16 @@ def train(args):
                f"text {text_spec['name']} / {text_spec['pretrained']}")
 
     # frozen Stage A (EMA weights), rebuilt from its checkpoint alone: images -> latents / scale_factor
-    a_ckpt = load_checkpoint(args.stage_a, "stage_a")
-    stage_a = StageA(StageAConfig(**a_ckpt["model_config"]))
-    stage_a.load_state_dict(a_ckpt["ema"])
-    stage_a = stage_a.to(rt.device).eval().requires_grad_(False)
+    stage_a = load_stage_a(args.stage_a, rt.device)
     if stage_a.cfg.c_latent != cfg.c_in:
         raise ValueError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, Stage B expects {cfg.c_in}")
     # frozen text encoder; a random tower is built from the same seed on every rank
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         text_encoder = TextEncoder.from_spec(text_spec).to(rt.device)
+    if text_encoder.width != cfg.clip_embd:
+        raise ValueError(f"text encoder {text_spec['name']} is {text_encoder.width} wide; the {args.model} Stage B "
+                         f"expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
     from data import ImageFolder
