@@ -13,19 +13,30 @@ image-to-image (noise the image's Stage C latent to a strength, denoise with the
     python sample.py --prompts_file prompts.txt --width 1024 --height 1536 --seed 3
     python sample.py --variation photo.png        |  python sample.py --init_image photo.png --prompt "..." --strength 0.6
     python sample.py --reconstruct photo.png      |  python sample.py --eval_toy   (prompt following on toy data)
+
+With --pretrained the same chain runs the released Würstchen v2 weights (warp-ai/wuerstchen-prior: prior + CLIP
+ViT-bigG text; warp-ai/wuerstchen: decoder + VQGAN + CLIP ViT-H text), with the released settings (method §7.6),
+from the Hugging Face cache or from a folder laid out as RELEASED_LAYOUT below. Each stage is loaded when it is
+needed and freed after, in bf16 on a GPU (1024 px fits in 24 GB) and in fp32 on the CPU (slow: see the README):
+    python sample.py --pretrained --prompt "an owl reading a newspaper, oil painting"
+    python sample.py --pretrained weights/ --prompt "..." --width 1536 --height 1024
 """
 import argparse
+import gc
+import glob
 import json
 import math
 import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from stage_a import load_stage_a, psnr
-from stage_b import DEFAULT_STAGE_C_TIMESTEPS, add_noise, ddpm_sample, load_stage_b
-from stage_c import (decode_stage_c, load_stage_c, sample_stage_c, save_captioned_grid, to_stage_b_space,
+from stage_a import StageA, load_stage_a, psnr
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, SemanticCompressor, StageB, TextEncoder, add_noise, ddpm_sample,
+                     fetch_clip_weights, load_stage_b, read_pad_token)
+from stage_c import (StageC, decode_stage_c, load_stage_c, sample_stage_c, save_captioned_grid, to_stage_b_space,
                      to_stage_c_space, toy_prompt_following)
 
 RESOLUTION_MULTIPLE = 42.67  # image side / Stage C latent side (3/4 resize x stride 32 of the compressor)
@@ -37,8 +48,9 @@ LATENT_DIM_SCALE = 10.67  # Stage A latent side / Stage C latent side (42.67 / S
 
 @dataclass
 class Pipeline:
-    """The three stages and their text encoders, frozen, from our checkpoints (or the released weights)."""
-    stage_a: torch.nn.Module
+    """The three stages and their text encoders, frozen: from our checkpoints (all resident), or the released weights
+    (`loaders`: one function per model, called when a stage needs the model; see `loaded`)."""
+    stage_a: torch.nn.Module = None
     stage_b: torch.nn.Module = None
     compressor: torch.nn.Module = None
     text_encoder_b: torch.nn.Module = None
@@ -47,13 +59,16 @@ class Pipeline:
     latent_space: dict = None  # y = (e + shift) / scale, from the Stage B checkpoint
     device: torch.device = torch.device("cpu")
     image_size: int = 1024  # default output side: Stage C's training size (1024 for the released weights)
+    dtype: torch.dtype = torch.float32  # compute dtype: autocast to it when it is not float32
+    loaders: dict = None  # name -> function returning that model on the device (released weights), else None
 
 
 def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt", stage_c="out/stage_c/ckpt.pt",
-                  device="cpu", stages="abc"):
-    """Build the stages named in `stages` from their checkpoints; a missing or wrong file names the file and stage."""
+                  device="cpu", stages="abc", dtype=torch.float32):
+    """Build the stages named in `stages` from their checkpoints; a missing or wrong file names the file and stage.
+    Weights stay float32; a bf16 / fp16 `dtype` runs them under autocast."""
     device = torch.device(device)
-    pipe = Pipeline(stage_a=load_stage_a(stage_a, device), device=device)
+    pipe = Pipeline(stage_a=load_stage_a(stage_a, device), device=device, dtype=dtype)
     if "b" in stages:
         parts = load_stage_b(stage_b, device, parts=("compressor", "stage_b", "text_encoder"))
         pipe.compressor, pipe.stage_b = parts["compressor"], parts["stage_b"]
@@ -66,6 +81,150 @@ def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt", 
             raise ValueError(f"{stage_c} was trained on a Stage B with latent space {parts['latent_space']}, but "
                              f"{stage_b} has {pipe.latent_space}: pass the Stage B checkpoint it was trained with")
     return pipe
+
+
+@contextmanager
+def loaded(pipe, *names):
+    """Run a block with the named models of `pipe` in memory, under autocast to pipe.dtype. Models from our
+    checkpoints are resident; released ones (pipe.loaders) are loaded here and freed after, so that only one stage
+    is in memory at a time (1024 px in bf16 then fits a 24 GB GPU: prior 2 GB + CLIP-bigG 1.4 GB, then
+    decoder 2.1 GB + CLIP-H 0.7 GB + VQGAN)."""
+    fresh = [n for n in names if getattr(pipe, n) is None and n in (pipe.loaders or {})]
+    missing = [n for n in names if getattr(pipe, n) is None and n not in fresh]
+    if missing:
+        raise ValueError(f"this pipeline has no {', '.join(missing)}" + (
+            " (the released weights hold the semantic compressor only in the official model_v2_stage_b.pt: put it in "
+            "the --pretrained folder)" if "compressor" in missing else ""))
+    for n in fresh:
+        setattr(pipe, n, pipe.loaders[n]())
+    try:
+        with nullcontext() if pipe.dtype == torch.float32 else torch.autocast(pipe.device.type, pipe.dtype):
+            yield
+    finally:
+        for n in fresh:
+            setattr(pipe, n, None)
+        if fresh:
+            gc.collect()
+            if pipe.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+# -----------------------------------------------------------------------------
+# the released weights (method §8.1)
+
+PRIOR_REPO, DECODER_REPO = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
+OFFICIAL_FILES = {"stage_c": "model_v3_stage_c.pt", "stage_b": "model_v2_stage_b.pt", "stage_a": "vqgan_f4_v1_500k.pt"}
+# the open_clip towers with the weights of the repositories' text_encoder/ folders (--open_clip), for Stages C and B
+OPEN_CLIP_TEXT = {"c": ("ViT-bigG-14", "laion2b_s39b_b160k"), "b": ("ViT-H-14", "laion2b_s32b_b79k")}
+RELEASED_LAYOUT = """\
+  {root}/wuerstchen-prior/   <- hf download warp-ai/wuerstchen-prior --local-dir {root}/wuerstchen-prior
+      model_index.json  prior/  text_encoder/  tokenizer/  scheduler/
+  {root}/wuerstchen/         <- hf download warp-ai/wuerstchen --local-dir {root}/wuerstchen
+      model_index.json  decoder/  vqgan/  text_encoder/  tokenizer/  scheduler/
+  Instead of prior/, decoder/ and vqgan/, the official files may lie in {root} itself (model_v2_stage_b.pt also
+  holds the semantic compressor that --variation and --init_image need):
+      model_v3_stage_c.pt  model_v2_stage_b.pt  vqgan_f4_v1_500k.pt   <- hf download dome272/wuerstchen
+                                                                          model_v3_stage_c.pt ... --local-dir {root}
+  With --open_clip the text towers are open_clip's ViT-bigG-14 laion2b_s39b_b160k and ViT-H-14 laion2b_s32b_b79k
+  (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
+  from the Hugging Face cache) instead of the text_encoder/ folders."""
+
+
+def find_released(root=None, text_folders=True):
+    """Paths of the released components in `root` (RELEASED_LAYOUT) or, when root is None, in the Hugging Face cache
+    (downloaded into it first when online). Anything missing -> FileNotFoundError saying what to download and where,
+    at once: offline, huggingface_hub's snapshot_download gives up after one failed request, without retries."""
+    if root is None:
+        try:
+            prior, decoder = hub_snapshot(PRIOR_REPO), hub_snapshot(DECODER_REPO)
+        except Exception as e:  # offline and not cached, or no such repository
+            raise FileNotFoundError(released_help(None, [f"{PRIOR_REPO} and {DECODER_REPO} ({type(e).__name__})"]))
+    else:
+        prior, decoder = (os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
+
+    def first(*paths):
+        return next((p for p in paths if p and os.path.exists(p)), None)
+
+    official = {k: root and os.path.join(root, name) for k, name in OFFICIAL_FILES.items()}
+    paths = {"stage_c": first(os.path.join(prior, "prior"), official["stage_c"]),
+             "stage_b": first(os.path.join(decoder, "decoder"), official["stage_b"]),
+             "stage_a": first(os.path.join(decoder, "vqgan"), official["stage_a"]),
+             "compressor": first(official["stage_b"])}
+    for k, repo in (("c", prior), ("b", decoder)):  # text_encoder_c, tokenizer_c, scheduler_c, index_c, ..._b
+        for part, name in (("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
+                           ("scheduler", "scheduler/scheduler_config.json"), ("index", "model_index.json")):
+            paths[f"{part}_{k}"] = first(os.path.join(repo, name))
+    needed = ["stage_c", "stage_b", "stage_a"] + (["text_encoder_c", "text_encoder_b"] if text_folders else [])
+    missing = [k for k in needed if paths[k] is None]
+    if missing:
+        raise FileNotFoundError(released_help(root, missing))
+    return paths
+
+
+def hub_snapshot(repo):
+    """The repository's folder in the Hugging Face cache, downloaded first when online: configs, tokenizer and
+    safetensors weights (pytorch .bin weights only for folders without safetensors; no fp16 copies)."""
+    from huggingface_hub import snapshot_download
+    folder = snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors"], ignore_patterns=["*fp16*"])
+    bare = [f"{d}/*.bin" for d in ("prior", "decoder", "vqgan", "text_encoder")
+            if os.path.isdir(os.path.join(folder, d)) and not glob.glob(os.path.join(folder, d, "*.safetensors"))]
+    return snapshot_download(repo, allow_patterns=bare) if bare else folder
+
+
+def released_help(root, missing):
+    where = root or "DIR"
+    return (f"the released Würstchen v2 weights were not found (missing: {', '.join(missing)}). On a machine with "
+            f"network, download the two repositories (about 3.1 B parameters in all) and pass their folder, "
+            f"`python sample.py --pretrained {where} --prompt ...`:\n{RELEASED_LAYOUT.format(root=where)}\n"
+            f"Or fill the Hugging Face cache (~/.cache/huggingface/hub) with `hf download {PRIOR_REPO}` and "
+            f"`hf download {DECODER_REPO}` and pass --pretrained without a folder.")
+
+
+def read_json(path, default=None):
+    if path is None or not os.path.exists(path):
+        return default or {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, decoder_cfg=None):
+    """A Pipeline over the released Würstchen v2 weights (method §8): found by find_released, checked against the
+    method's constants, and loaded lazily (Pipeline.loaders) in `dtype` (default bf16 on CUDA, fp32 elsewhere).
+    open_clip_text: the open_clip towers instead of the repositories' transformers text encoders (same weights).
+    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released size."""
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    paths = find_released(root, text_folders=not open_clip_text)
+    prior_index, decoder_index = read_json(paths["index_c"]), read_json(paths["index_b"])
+    # the constants the method (round_size, decode_stage_c, alpha_bar) hard-codes, as the repositories state them
+    checks = {"resolution_multiple": (prior_index.get("resolution_multiple", 42.67), RESOLUTION_MULTIPLE),
+              "latent_dim_scale": (decoder_index.get("latent_dim_scale", 10.67), LATENT_DIM_SCALE)}
+    for k in "cb":
+        sched = read_json(paths[f"scheduler_{k}"])
+        checks[f"scheduler {k} (s, scaler)"] = ((sched.get("s", 0.008), sched.get("scaler", 1.0)), (0.008, 1.0))
+    wrong = {k: found for k, (found, ours) in checks.items() if found != ours}
+    if wrong:
+        raise ValueError(f"these weights use other constants than Würstchen v2 and this code: {wrong}")
+    # the tokenizers' pad tokens (LAION's '!' when there is no tokenizer folder); open_clip weights found now, not later
+    pad_tokens = {k: read_pad_token(paths[f"tokenizer_{k}"]) if paths[f"tokenizer_{k}"] else "!" for k in "cb"}
+    weights = {k: fetch_clip_weights(*OPEN_CLIP_TEXT[k]) for k in "cb"} if open_clip_text else {}
+
+    def text_encoder(k):  # the repository's transformers CLIPTextModel, or the open_clip tower with its weights
+        if open_clip_text:
+            return TextEncoder(OPEN_CLIP_TEXT[k][0], weights[k], pad_tokens[k])
+        return TextEncoder("transformers", paths[f"text_encoder_{k}"], pad_tokens[k])
+
+    builders = {"text_encoder_c": lambda: text_encoder("c"),
+                "stage_c": lambda: StageC.from_pretrained(paths["stage_c"]),
+                "text_encoder_b": lambda: text_encoder("b"),
+                "stage_b": lambda: StageB.from_pretrained(paths["stage_b"], decoder_cfg),
+                "stage_a": lambda: StageA.from_pretrained(paths["stage_a"])}
+    if paths["compressor"]:
+        builders["compressor"] = lambda: SemanticCompressor.from_pretrained(paths["compressor"])
+    loaders = {k: (lambda build=build: build().to(device, dtype).eval().requires_grad_(False))
+               for k, build in builders.items()}
+    # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
+    latent_space = {"scale": prior_index.get("latent_mean", 42.0), "shift": prior_index.get("latent_std", 1.0)}
+    return Pipeline(latent_space=latent_space, device=device, image_size=1024, dtype=dtype, loaders=loaders)
 
 # -----------------------------------------------------------------------------
 # sizes
@@ -89,23 +248,31 @@ def round_size(width, height):
 @torch.no_grad()
 def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=1024, seed=0,
                   steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=12, guidance_b=0.0, progress=True):
-    """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released pipelines' (§7.6)."""
+    """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released pipelines' (§7.6); on the
+    released weights a seed gives the image of diffusers' prior then decoder pipeline with that generator."""
     _, _, latent_hw, _ = round_size(width, height)
     prompts = [p for p in prompts for _ in range(n)]  # n images per prompt, next to each other
     g = torch.Generator(pipe.device).manual_seed(seed)
-    y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c, guidance_c, negative_prompt,
-                       generator=g, progress=progress)
-    return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a, steps_b,
-                          guidance_b, generator=g, progress=progress)
+    with loaded(pipe, "text_encoder_c", "stage_c"):
+        y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c, guidance_c,
+                           negative_prompt, generator=g, progress=progress)
+    # DDPMWuerstchenScheduler draws noise at the last step too (and multiplies it by 0): draw it as well, so that
+    # Stage B gets the diffusers pipelines' noise from the same seed
+    torch.randn(y.shape, generator=g, device=pipe.device)
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
+                              steps_b, guidance_b, generator=g, progress=progress)
 
 
 @torch.no_grad()
 def image_variation(pipe, images, prompts=None, seed=0, steps_b=12, guidance_b=0.0, progress=True):
     """Images (B, 3, H, W) -> new images with the same semantics: semantic compressor -> Stage B -> Stage A."""
-    y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
+    with loaded(pipe, "compressor"):
+        y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
     g = torch.Generator(pipe.device).manual_seed(seed)
-    return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
-                          pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress)
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
+                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress)
 
 
 @torch.no_grad()
@@ -113,24 +280,28 @@ def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed
                    guidance_c=4.0, steps_b=12, guidance_b=0.0, progress=True):
     """Noise each image's Stage C latent to t = strength, then denoise it with the prompt (the rest of the
     Stage C grid below `strength`), then Stage B and A as usual. strength 1 = text-to-image, 0 = variation."""
-    y0 = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
+    with loaded(pipe, "compressor"):
+        y0 = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
     g = torch.Generator(pipe.device).manual_seed(seed)
     grid = torch.linspace(1, 0, steps_c + 1).tolist() if isinstance(steps_c, int) else list(steps_c)
     timesteps = [strength] + [t for t in grid if t < strength]  # start at the strength, continue on the grid
     t0 = torch.full((len(y0),), strength, device=pipe.device)
     y = add_noise(y0, t0, torch.randn(y0.shape, generator=g, device=pipe.device))
-    cond = {"clip_text": pipe.text_encoder_c.encode(prompts)}
-    uncond = {"clip_text": pipe.text_encoder_c.encode([negative_prompt] * len(prompts))}
-    y = ddpm_sample(pipe.stage_c, y, timesteps, cond, uncond, guidance_c, g, progress)
-    return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a, steps_b,
-                          guidance_b, generator=g, progress=progress)
+    with loaded(pipe, "text_encoder_c", "stage_c"):
+        cond = {"clip_text": pipe.text_encoder_c.encode(prompts)}
+        uncond = {"clip_text": pipe.text_encoder_c.encode([negative_prompt] * len(prompts))}
+        y = ddpm_sample(pipe.stage_c, y, timesteps, cond, uncond, guidance_c, g, progress)
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
+                              steps_b, guidance_b, generator=g, progress=progress)
 
 
 @torch.no_grad()
 def reconstruct(pipe, images):
     """Stage A alone: encode -> decode (unquantised, as v2 decodes), for checking a Stage A checkpoint."""
-    images = images.to(pipe.device)
-    return pipe.stage_a.decode(pipe.stage_a.encode(images)).float().clamp(0, 1)
+    with loaded(pipe, "stage_a"):
+        images = images.to(pipe.device)
+        return pipe.stage_a.decode(pipe.stage_a.encode(images)).float().clamp(0, 1)
 
 
 @torch.no_grad()
@@ -178,10 +349,20 @@ def save_outputs(images, captions, out_dir, name):
 
 def main(args):
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
     steps_c = args.steps_c if args.steps_c else DEFAULT_STAGE_C_TIMESTEPS
     t0 = time.time()
-    stages = "a" if args.reconstruct else "ab" if args.variation else "abc"
-    pipe = load_pipeline(args.stage_a, args.stage_b, args.stage_c, device, stages)
+    if args.pretrained is not None:  # "" = the Hugging Face cache
+        try:
+            pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
+        except FileNotFoundError as e:
+            raise SystemExit(f"--pretrained: {e}")
+        print(f"released Würstchen v2 weights ({'open_clip' if args.open_clip else 'transformers'} text encoders), "
+              f"{str(dtype).removeprefix('torch.')} on {device}, each stage loaded when needed")
+    else:
+        stages = "a" if args.reconstruct else "ab" if args.variation else "abc"
+        pipe = load_pipeline(args.stage_a, args.stage_b, args.stage_c, device, stages, dtype)
     width, height, _, note = round_size(args.width or pipe.image_size, args.height or pipe.image_size)
     if note:
         print(note)
@@ -223,7 +404,8 @@ def main(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints (text -> C -> B -> A).",
+    p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints or the released v2 weights "
+                                "(text -> C -> B -> A).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts_file", help="text file with one prompt per line")
@@ -247,7 +429,15 @@ def get_args(argv=None):
     p.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint")
     p.add_argument("--stage_c", default="out/stage_c/ckpt.pt", help="Stage C checkpoint")
     p.add_argument("--out_dir", default="out/samples", help="where the grid and the single images go")
+    p.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="use the released "
+                   "Würstchen v2 weights instead of our checkpoints: from DIR (warp-ai/wuerstchen-prior and "
+                   "warp-ai/wuerstchen in DIR/wuerstchen-prior and DIR/wuerstchen), or without DIR from the "
+                   "Hugging Face cache")
+    p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text towers (ViT-bigG-14 "
+                   "laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of the repositories' text_encoder/ folders")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype "
+                   "(auto: bfloat16 on CUDA, float32 elsewhere); --pretrained also stores the weights in it")
     return p.parse_args(argv)
 
 

@@ -23,7 +23,9 @@ import argparse
 import json
 import math
 import os
+import re
 import time
+import unicodedata
 from copy import deepcopy
 from dataclasses import asdict, dataclass
 
@@ -422,37 +424,52 @@ class SemanticCompressor(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Frozen CLIP text tower (open_clip): prompts -> hidden states of the last layer after ln_final, all 77
-    positions, (B, 77, width) (method §4.4, §5.5). Only the text parts are kept in memory.
+    """Frozen CLIP text tower: prompts -> hidden states of the last layer after ln_final, all 77 positions,
+    (B, 77, width) (method §4.4, §5.5), computed as the released pipelines compute them: CLIPTokenizerFast
+    (padding to 77, truncation) and CLIPTextModel with the tokenizer's attention mask, so that the padding
+    positions, which Stages B and C read, attend only to the prompt. Only the text parts are kept in memory.
 
-    name: an open_clip architecture ('ViT-H-14' for Stage B, 'ViT-bigG-14' for Stage C) or 'tiny' (a small random
-    tower for tests and CPU runs); pretrained: an open_clip tag, a local weights file, or None (random weights,
-    which then must be saved with the checkpoint: see state_dict()).
+    name: an open_clip architecture ('ViT-H-14' for Stage B, 'ViT-bigG-14' for Stage C), 'tiny' (a small random
+    tower for tests and CPU runs) or 'transformers' (the architecture of a transformers CLIPTextModel folder);
+    pretrained: an open_clip tag or weights file, the CLIPTextModel folder (such as the released text_encoder/),
+    or None (random weights, which then must be saved with the checkpoint: see checkpoint_entry());
+    pad_token: the tokenizer's pad token ('!' in the LAION towers' tokenizers; see read_pad_token).
     """
 
     TINY = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
 
-    def __init__(self, name="tiny", pretrained=None):
+    def __init__(self, name="tiny", pretrained=None, pad_token="!"):
         super().__init__()
         import open_clip
-        self.spec = {"name": name, "pretrained": pretrained}
+        self.spec = {"name": name, "pretrained": pretrained} | ({"pad_token": pad_token} if pad_token != "!" else {})
         if name == "tiny":
             tower = open_clip.transformer.TextTransformer(**self.TINY, output_dim=self.TINY["width"])
-            self.tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the standard CLIP BPE, shipped with open_clip
+        elif name == "transformers":
+            tower, sd = clip_text_from_transformers(pretrained)
         else:
             weights = fetch_clip_weights(name, pretrained) if pretrained else None
-            tower = open_clip.create_model(name, pretrained=weights)
-            self.tokenizer = open_clip.get_tokenizer(name)
+            tower = open_clip.create_model(name, pretrained=weights).eval()
         self.token_embedding, self.positional_embedding = tower.token_embedding, tower.positional_embedding
         self.transformer, self.ln_final = tower.transformer, tower.ln_final
-        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)  # causal mask
-        self.width = self.ln_final.normalized_shape[0]
+        if name == "transformers":
+            load_exact(self, sd, what=f"CLIP text weights from {pretrained}")
+        if self.token_embedding.num_embeddings != 49408 or len(self.positional_embedding) != 77:
+            raise ValueError(f"{name}: not a CLIP BPE text tower with 77 positions, which TextEncoder tokenises for")
+        self.width, self.heads = self.ln_final.normalized_shape[0], self.transformer.resblocks[0].attn.num_heads
+        # the CLIP byte-level BPE (vocabulary and merges shipped with open_clip); the special tokens by their
+        # Hugging Face names, the pad token one of them: CLIPTokenizerFast also matches it inside a prompt
+        self.bpe = open_clip.tokenizer.SimpleTokenizer()
+        self.special = {"<|startoftext|>": self.bpe.sot_token_id, "<|endoftext|>": self.bpe.eot_token_id}
+        self.special[pad_token] = self.special.get(pad_token, self.bpe.encoder.get(pad_token))
+        if self.special[pad_token] is None:
+            raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
+        self.pad_id = self.special[pad_token]
         self.eval().requires_grad_(False)
 
     @classmethod
     def from_spec(cls, spec):
         """Rebuild from a checkpoint's 'text_encoder' entry (random towers carry their weights in it)."""
-        encoder = cls(spec["name"], spec["pretrained"])
+        encoder = cls(spec["name"], spec["pretrained"], spec.get("pad_token", "!"))
         if "state_dict" in spec:
             encoder.load_state_dict(spec["state_dict"])
         return encoder
@@ -461,23 +478,108 @@ class TextEncoder(nn.Module):
         """What a checkpoint stores: the spec, plus the weights when they are random (not re-creatable)."""
         return self.spec | ({"state_dict": self.state_dict()} if self.spec["pretrained"] is None else {})
 
+    def tokenize(self, prompts):
+        """list of B strings -> ids (B, 77) and keep (B, 77) bool (True up to the end-of-text token): what
+        CLIPTokenizerFast(padding="max_length", max_length=77, truncation=True) returns as input_ids and
+        attention_mask. Its text normalisation is NFC + whitespace runs -> one space + lowercase (open_clip's own
+        tokenizer also fixes unicode with ftfy and unescapes HTML: other ids for some prompts)."""
+        split = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
+        ids = torch.full((len(prompts), 77), self.pad_id, dtype=torch.long)
+        keep = torch.zeros(len(prompts), 77, dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            tokens = []
+            for piece in split.split(prompt):  # special tokens (the pad token too) are matched in the raw text
+                if piece in self.special:
+                    tokens.append(self.special[piece])
+                    continue
+                text = re.sub(r"\s+", " ", unicodedata.normalize("NFC", piece)).lower()
+                for word in self.bpe.pat.findall(text):  # letters | one digit | punctuation runs | 's 't ...
+                    word = "".join(self.bpe.byte_encoder[b] for b in word.encode("utf-8"))
+                    tokens += [self.bpe.encoder[t] for t in self.bpe.bpe(word).split(" ")]
+            tokens = [self.bpe.sot_token_id] + tokens[:75] + [self.bpe.eot_token_id]  # truncation keeps the ends
+            ids[i, :len(tokens)], keep[i, :len(tokens)] = torch.tensor(tokens), True
+        return ids, keep
+
     @torch.no_grad()
     def encode(self, prompts):
         """list of B strings -> (B, 77, width) float32."""
-        device = self.positional_embedding.device
-        tokens = self.tokenizer(prompts).to(device)  # (B, 77) ids, zero-padded
-        x = self.token_embedding(tokens) + self.positional_embedding  # (B, 77, width)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        ids, keep = (t.to(self.positional_embedding.device) for t in self.tokenize(prompts))
+        B, L = ids.shape
+        x = self.token_embedding(ids) + self.positional_embedding  # (B, 77, width)
+        # additive attention mask: causal, and no query attends to the padding after the end-of-text token
+        causal = torch.full((L, L), float("-inf"), device=x.device).triu(1)  # (77, 77)
+        padding = torch.zeros(B, 1, 1, L, device=x.device).masked_fill(~keep[:, None, None, :], float("-inf"))
+        mask = (causal + padding).expand(B, self.heads, L, L).reshape(B * self.heads, L, L)  # one per (b, head)
+        x = self.transformer(x, attn_mask=mask)
         return self.ln_final(x).float()
+
+
+def clip_text_from_transformers(folder):
+    """A transformers CLIPTextModel folder (config.json + model.safetensors or pytorch_model.bin; the released
+    text_encoder/) -> (an open_clip text tower of its architecture on the meta device, its weights under open_clip's
+    names). Renames: embeddings -> token_embedding / positional_embedding; per layer q/k/v_proj -> one packed
+    attn.in_proj (rows q, k, v), out_proj, layer_norm1/2 -> ln_1/ln_2, mlp.fc1/fc2 -> mlp.c_fc/c_proj;
+    final_layer_norm -> ln_final. transformers itself is not needed (safetensors comes with open_clip)."""
+    import open_clip
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    act = hf.get("hidden_act", "quick_gelu")  # CLIPTextConfig's default; the LAION towers use "gelu"
+    acts = {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
+    if act not in acts:
+        raise ValueError(f"{folder}: activation {act!r} is not supported (only {list(acts)})")
+    width, eps = hf["hidden_size"], hf.get("layer_norm_eps", 1e-5)
+    with torch.device("meta"):  # no memory, no init: the weights are assigned when loaded
+        tower = open_clip.transformer.TextTransformer(
+            context_length=hf["max_position_embeddings"], vocab_size=hf["vocab_size"], width=width,
+            heads=hf["num_attention_heads"], layers=hf["num_hidden_layers"], mlp_ratio=hf["intermediate_size"] / width,
+            output_dim=None, act_layer=acts[act], norm_layer=lambda n: open_clip.transformer.LayerNorm(n, eps=eps))
+    theirs = {k.removeprefix("text_model."): v for k, v in load_weights_file(folder).items()}
+    sd = {"token_embedding.weight": theirs["embeddings.token_embedding.weight"],
+          "positional_embedding": theirs["embeddings.position_embedding.weight"],
+          "ln_final.weight": theirs["final_layer_norm.weight"], "ln_final.bias": theirs["final_layer_norm.bias"]}
+    for i in range(hf["num_hidden_layers"]):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            sd[f"{dst}attn.in_proj_{kind}"] = torch.cat([theirs[f"{src}self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            for name, ours in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                               ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                sd[f"{dst}{ours}.{kind}"] = theirs[f"{src}{name}.{kind}"]
+    return tower, sd
+
+
+def read_pad_token(folder):
+    """The pad token of a CLIP tokenizer folder (special_tokens_map.json / tokenizer_config.json; the released
+    ones: '!'), after checking that it is the CLIP BPE with 77 positions that TextEncoder tokenises with."""
+    import open_clip
+    spec = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            with open(os.path.join(folder, name)) as f:
+                spec |= json.load(f)
+    pad = spec.get("pad_token", "<|endoftext|>")  # CLIPTokenizer's default
+    pad = pad["content"] if isinstance(pad, dict) else pad
+    vocab = {}
+    if os.path.exists(os.path.join(folder, "vocab.json")):
+        with open(os.path.join(folder, "vocab.json")) as f:
+            vocab = json.load(f)
+    elif os.path.exists(os.path.join(folder, "tokenizer.json")):
+        with open(os.path.join(folder, "tokenizer.json")) as f:
+            vocab = json.load(f)["model"]["vocab"]
+    ours = open_clip.tokenizer.SimpleTokenizer().encoder
+    if (len(vocab) != 49408 or any(ours.get(t, i) != i for t, i in vocab.items() if not t.startswith("<|"))
+            or spec.get("model_max_length", 77) != 77):
+        raise ValueError(f"{folder} is not the CLIP BPE tokenizer with 77 positions that TextEncoder implements")
+    return pad
 
 
 def fetch_clip_weights(name, pretrained):
     """Local path of open_clip weights: `pretrained` itself if it is a file, else the Hugging Face cache
-    (one download attempt, no retry loop). Fails at once, naming the file to fetch, when it cannot be had."""
+    (downloaded into it first when online). Fails at once, naming the file to fetch, when it cannot be had."""
     if os.path.isfile(pretrained):
         return pretrained
     import huggingface_hub
     import open_clip
+    from huggingface_hub.errors import LocalEntryNotFoundError
     source = open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub")
     if not source:
         raise ValueError(f"open_clip has no Hugging Face weights {name!r} / {pretrained!r} "
@@ -485,6 +587,11 @@ def fetch_clip_weights(name, pretrained):
     parts = source.strip("/").split("/")  # 'org/repo/' or 'org/repo/file'
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "open_clip_pytorch_model.bin"
     try:
+        return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)  # cached: no request
+    except LocalEntryNotFoundError:
+        pass
+    try:  # one request first: without network hf_hub_download itself would retry for ~25 s
+        huggingface_hub.model_info(repo)
         return huggingface_hub.hf_hub_download(repo, filename)
     except Exception as e:
         raise RuntimeError(
