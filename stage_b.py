@@ -710,7 +710,7 @@ def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, 
 
 # training defaults that depend on the preset (flags left unset take these)
 TRAIN_DEFAULTS = {
-    "tiny": dict(image_size=128, batch_size=16, max_steps=1500, lr=5e-4, warmup=100, cache=True),
+    "tiny": dict(image_size=128, batch_size=16, max_steps=3000, lr=5e-4, warmup=100, cache=True),
     "small": dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000, cache=False),
     "paper": dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000,  # v1 recipe §6.5
                   cache=False),
