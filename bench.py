@@ -215,7 +215,9 @@ class StageBench:
         self.smp = {n: partial(self.sample, n) for n in ("ref", "ours")}
         if args.compile in ("ours", "both"):
             for n in (("ours",) if args.compile == "ours" else ("ref", "ours")):
-                self.fwd[n], self.smp[n] = torch.compile(self.fwd[n]), torch.compile(self.smp[n])
+                # static shapes: the blocks B and C share would otherwise be recompiled with dynamic shapes
+                # when the second stage runs, which inductor (torch 2.14) fails on for Stage B's resizes
+                self.fwd[n], self.smp[n] = (torch.compile(f, dynamic=False) for f in (self.fwd[n], self.smp[n]))
 
     # the two APIs, one call each: returns (output, extra loss)
     def forward(self, which, x):
@@ -415,9 +417,9 @@ def bench_chain(pairs, args, sync):
     ctx = (nullcontext() if args.dtype == "float32"
            else torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.dtype)))
     if args.compile != "none":  # the two diffusion models' forwards (Stage A decodes once per chain)
-        our_b, our_c = torch.compile(our_b), torch.compile(our_c)
+        our_b, our_c = torch.compile(our_b, dynamic=False), torch.compile(our_c, dynamic=False)
         if args.compile == "both":
-            ref_b, ref_c = torch.compile(ref_b), torch.compile(ref_c)
+            ref_b, ref_c = torch.compile(ref_b, dynamic=False), torch.compile(ref_c, dynamic=False)
     fns = {"ref": lambda: chain_reference((ref_a, ref_b, ref_c), inp, args),
            "ours": lambda: chain_ours((our_a, our_b, our_c), inp, args)}
     with ctx:
