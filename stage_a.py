@@ -400,6 +400,21 @@ def fill_defaults(args, defaults):
     return args
 
 
+def start_run(args, stage, train_defaults):
+    """The opening every stage's train() shares: the preset's training defaults, the runtime, the output folder and
+    its log, and with --resume the checkpoint to continue (of this stage and preset, else a clear error).
+    Returns (rt, logger, ckpt_path, ckpt or None)."""
+    fill_defaults(args, train_defaults[args.model])
+    rt = setup_runtime(args.device, args.dtype, args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    logger = Logger(args.out_dir, rt.master)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, stage) if args.resume else None
+    if ckpt and ckpt["train_config"]["model"] != args.model:
+        raise ValueError(f"{ckpt_path} was trained with --model {ckpt['train_config']['model']}, not {args.model}")
+    return rt, logger, ckpt_path, ckpt
+
+
 def get_lr(step, lr, warmup):
     """Linear warm-up to `lr`, then constant (method §6.5). A pure function of the step, so resume needs nothing else."""
     return lr * min(1.0, (step + 1) / max(1, warmup))
@@ -597,12 +612,7 @@ def measure_scale_factor(model, images):
 
 
 def train(args):
-    fill_defaults(args, TRAIN_DEFAULTS[args.model])
-    rt = setup_runtime(args.device, args.dtype, args.seed)
-    os.makedirs(args.out_dir, exist_ok=True)
-    logger = Logger(args.out_dir, rt.master)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, "stage_a") if args.resume else None
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_a", TRAIN_DEFAULTS)
     cfg = StageAConfig(**ckpt["model_config"]) if ckpt else PRESETS[args.model]
     logger.log(f"stage A | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
                f"world {rt.world_size} | config {asdict(cfg)}")

@@ -35,10 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stage_a import (Logger, add_common_args, ema_decay_at, fill_defaults, get_lr, holdout_batch, infinite_batches,
-                     load_checkpoint, load_exact, load_stage_a, load_weights_file, log_line, no_sync, optimizer_step,
-                     psnr, rng_state, save_checkpoint, save_image_grid, set_lr, set_rng_state, setup_runtime,
-                     split_holdout, update_ema)
+from stage_a import (add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches, load_checkpoint,
+                     load_exact, load_stage_a, load_weights_file, log_line, no_sync, optimizer_step, psnr, rng_state,
+                     save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout, start_run, update_ema)
 
 # ---- config
 
@@ -796,14 +795,7 @@ def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encod
 
 
 def train(args):
-    fill_defaults(args, TRAIN_DEFAULTS[args.model])
-    rt = setup_runtime(args.device, args.dtype, args.seed)
-    os.makedirs(args.out_dir, exist_ok=True)
-    logger = Logger(args.out_dir, rt.master)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, "stage_b") if args.resume else None
-    if ckpt and ckpt["train_config"]["model"] != args.model:
-        raise ValueError(f"{ckpt_path} was trained with --model {ckpt['train_config']['model']}, not {args.model}")
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", TRAIN_DEFAULTS)
     cfg = StageBConfig(**ckpt["model_config"]) if ckpt else PRESETS[args.model]
     ccfg = CompressorConfig(**ckpt["compressor_config"]) if ckpt else COMPRESSOR_PRESETS[args.model]
     text_spec = ckpt["text_encoder"] if ckpt else {

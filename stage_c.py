@@ -29,9 +29,9 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from stage_a import (Logger, add_common_args, ema_decay_at, fill_defaults, get_lr, holdout_batch, infinite_batches,
-                     load_checkpoint, load_exact, load_stage_a, load_weights_file, log_line, no_sync, optimizer_step,
-                     rng_state, save_checkpoint, set_lr, set_rng_state, setup_runtime, split_holdout, update_ema)
+from stage_a import (add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches, load_checkpoint,
+                     load_exact, load_stage_a, load_weights_file, log_line, no_sync, optimizer_step, rng_state,
+                     save_checkpoint, set_lr, set_rng_state, split_holdout, start_run, update_ema)
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, AttnBlock, GlobalResponseNorm, LayerNorm2d, TextEncoder,
                      TimestepBlock, ddpm_sample, diffusion_loss, dome272_to_diffusers, load_stage_b, r_embedding)
 
@@ -328,14 +328,7 @@ def toy_prompt_following(images, targets):
 
 
 def train(args):
-    fill_defaults(args, TRAIN_DEFAULTS[args.model])
-    rt = setup_runtime(args.device, args.dtype, args.seed)
-    os.makedirs(args.out_dir, exist_ok=True)
-    logger = Logger(args.out_dir, rt.master)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, "stage_c") if args.resume else None
-    if ckpt and ckpt["train_config"]["model"] != args.model:
-        raise ValueError(f"{ckpt_path} was trained with --model {ckpt['train_config']['model']}, not {args.model}")
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", TRAIN_DEFAULTS)
 
     # frozen parts (method §1.1): Stage B's semantic compressor (EMA, eval) gives the target, a CLIP text tower the
     # condition. A random tower ('tiny') is built from the seed on every rank and saved with our checkpoint.
