@@ -35,7 +35,7 @@ import torch
 
 from stage_a import StageA, load_stage_a, psnr
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, SemanticCompressor, StageB, TextEncoder, add_noise, ddpm_sample,
-                     fetch_clip_weights, load_stage_b, read_pad_token)
+                     fetch_clip_weights, load_stage_b, read_json, read_pad_token)
 from stage_c import (StageC, decode_stage_c, load_stage_c, sample_stage_c, save_captioned_grid, to_stage_b_space,
                      to_stage_c_space, toy_prompt_following)
 
@@ -177,13 +177,6 @@ def released_help(root, missing):
             f"`python sample.py --pretrained {where} --prompt ...`:\n{RELEASED_LAYOUT.format(root=where)}\n"
             f"Or fill the Hugging Face cache (~/.cache/huggingface/hub) with `hf download {PRIOR_REPO}` and "
             f"`hf download {DECODER_REPO}` and pass --pretrained without a folder.")
-
-
-def read_json(path, default=None):
-    if path is None or not os.path.exists(path):
-        return default or {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, decoder_cfg=None):

@@ -463,6 +463,7 @@ class TextEncoder(nn.Module):
         if self.special[pad_token] is None:
             raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
         self.pad_id = self.special[pad_token]
+        self.special_pattern = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")  # for tokenize()
         self.eval().requires_grad_(False)
 
     @classmethod
@@ -482,12 +483,11 @@ class TextEncoder(nn.Module):
         CLIPTokenizerFast(padding="max_length", max_length=77, truncation=True) returns as input_ids and
         attention_mask. Its text normalisation is NFC + whitespace runs -> one space + lowercase (open_clip's own
         tokenizer also fixes unicode with ftfy and unescapes HTML: other ids for some prompts)."""
-        split = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
         ids = torch.full((len(prompts), 77), self.pad_id, dtype=torch.long)
         keep = torch.zeros(len(prompts), 77, dtype=torch.bool)
         for i, prompt in enumerate(prompts):
             tokens = []
-            for piece in split.split(prompt):  # special tokens (the pad token too) are matched in the raw text
+            for piece in self.special_pattern.split(prompt):  # special tokens (the pad token too) are matched in the raw text
                 if piece in self.special:
                     tokens.append(self.special[piece])
                     continue
@@ -546,24 +546,24 @@ def clip_text_from_transformers(folder):
     return tower, sd
 
 
+def read_json(path):
+    """The JSON object in `path`, or {} when there is no such file (optional config files of released folders)."""
+    if path is None or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_pad_token(folder):
     """The pad token of a CLIP tokenizer folder (special_tokens_map.json / tokenizer_config.json; the released
     ones: '!'), after checking that it is the CLIP BPE with 77 positions that TextEncoder tokenises with."""
     import open_clip
-    spec = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if os.path.exists(os.path.join(folder, name)):
-            with open(os.path.join(folder, name)) as f:
-                spec |= json.load(f)
+    spec = read_json(os.path.join(folder, "special_tokens_map.json")) | read_json(
+        os.path.join(folder, "tokenizer_config.json"))
     pad = spec.get("pad_token", "<|endoftext|>")  # CLIPTokenizer's default
     pad = pad["content"] if isinstance(pad, dict) else pad
-    vocab = {}
-    if os.path.exists(os.path.join(folder, "vocab.json")):
-        with open(os.path.join(folder, "vocab.json")) as f:
-            vocab = json.load(f)
-    elif os.path.exists(os.path.join(folder, "tokenizer.json")):
-        with open(os.path.join(folder, "tokenizer.json")) as f:
-            vocab = json.load(f)["model"]["vocab"]
+    vocab = read_json(os.path.join(folder, "vocab.json")) or read_json(
+        os.path.join(folder, "tokenizer.json")).get("model", {}).get("vocab", {})
     ours = open_clip.tokenizer.SimpleTokenizer().encoder
     if (len(vocab) != 49408 or any(ours.get(t, i) != i for t, i in vocab.items() if not t.startswith("<|"))
             or spec.get("model_max_length", 77) != 77):
