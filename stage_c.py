@@ -32,7 +32,7 @@ from tqdm import tqdm
 from stage_a import (add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches, load_checkpoint,
                      load_exact, load_stage_a, load_weights_file, log_line, no_sync, optimizer_step, rng_state,
                      save_checkpoint, set_lr, set_rng_state, split_holdout, start_run, update_ema)
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, AttnBlock, GlobalResponseNorm, LayerNorm2d, TextEncoder,
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, AttnBlock, Dropout, GlobalResponseNorm, LayerNorm2d, TextEncoder,
                      TimestepBlock, ddpm_sample, diffusion_loss, dome272_to_diffusers, load_stage_b, r_embedding)
 
 # -----------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class ResBlock(nn.Module):
         self.depthwise = nn.Conv2d(c + c_skip, c, kernel_size, padding=kernel_size // 2, groups=c)
         self.norm = LayerNorm2d(c)
         self.channelwise = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), GlobalResponseNorm(4 * c),
-                                         nn.Dropout(dropout), nn.Linear(4 * c, c))
+                                         Dropout(dropout), nn.Linear(4 * c, c))
 
     def forward(self, x, skip=None):  # x: (B, C, H, W), skip: (B, C_skip, H, W) or None
         h = x if skip is None else torch.cat([x, skip], dim=1)  # (B, C + C_skip, H, W)
@@ -158,7 +158,8 @@ class StageC(nn.Module):
         Returns the predicted noise (B, c_in, h, w), float32."""
         r_embed = r_embedding(t, self.cfg.c_r)  # (B, c_r)
         cond = self.cond_mapper(clip_text)  # (B, 77, c)
-        h = self.projection(x)  # (B, c_in, h, w) -> (B, c, h, w)
+        # (B, c_in, h, w) -> (B, c, h, w), channels-last: the blocks' permutes to (B, h, w, c) become views
+        h = self.projection(x.contiguous(memory_format=torch.channels_last))
         for k in range(self.cfg.depth):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(self._triple, k, h, r_embed, cond, use_reentrant=False)

@@ -116,6 +116,40 @@ def test_attn_block_and_loss():
     torch.testing.assert_close(loss, per_sample.mean())
 
 
+def test_dropout_keep_mask_rate_and_scaling():
+    torch.manual_seed(0)
+    keep = stage_b.keep_mask((1000, 4000), 0.1)
+    assert keep.shape == (1000, 4000) and keep.dtype == torch.bool
+    # each of the four 15-bit lanes of a 64-bit draw keeps 90 % (5 sigma ~ 1.5e-3 per lane)
+    rates = keep.flatten().view(-1, 4).float().mean(dim=0)
+    torch.testing.assert_close(rates, torch.full((4,), 0.9), atol=1.5e-3, rtol=0)
+    assert abs(keep.float().mean().item() - 0.9) < 1e-3
+    x = torch.randn(300, 400, requires_grad=True)
+    y = stage_b.dropout(x, 0.25)
+    dropped = y == 0
+    assert abs(dropped.float().mean().item() - 0.25) < 0.01
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)  # kept entries scaled by 1 / (1 - p)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (~dropped).float() / 0.75)
+    assert stage_b.dropout(x, 0.25, training=False) is x and stage_b.dropout(x, 0.0) is x
+
+
+def test_attention_dropout_on_probabilities_is_unbiased():
+    """Train mode on the CPU takes the explicit path (dropout on the attention probabilities): each draw differs,
+    their mean is the eval-mode (SDPA) output, and p = 0 gives exactly the eval output."""
+    torch.manual_seed(0)
+    attn = stage_b.Attention(16, nhead=2, dropout=0.3)
+    x, kv = torch.randn(2, 6, 16), torch.randn(2, 9, 16)
+    with torch.no_grad():
+        expected = attn.eval()(x, kv)
+        attn.train()
+        draws = torch.stack([attn(x, kv) for _ in range(2000)])
+    assert (draws[0] - draws[1]).abs().max() > 1e-3
+    torch.testing.assert_close(draws.mean(0), expected, atol=0.03, rtol=0)
+    attn.dropout = 0.0
+    torch.testing.assert_close(attn(x, kv), expected)
+
+
 # ---- models: parity with diffusers' WuerstchenDiffNeXt on random weights
 
 
