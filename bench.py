@@ -23,6 +23,7 @@ CPU timings on a shared machine are noisy: the runs alternate and we report medi
 a difference of a few percent. diffusers is a bench/test dependency only (pip install -r requirements-test.txt).
 """
 import argparse
+import ctypes
 import os
 import shlex
 import statistics
@@ -135,6 +136,21 @@ def check_close(name, ours, ref, rtol, strict=True):
           f"{'ok' if ok else 'MISMATCH'}")
     if not ok and strict:
         raise AssertionError(f"{name}: ours and the reference disagree (max abs diff {err:.3e})")
+
+
+def keep_freed_memory():
+    """Stop glibc from handing freed blocks back to the OS (fixed mmap and trim thresholds, Linux only).
+
+    By default glibc returns large freed blocks to the OS under a threshold that moves with the allocation history, so
+    the next step's tensors of that size pay page faults again, or not: timings turn bimodal (the reference's Stage C
+    sampling step here took 160 or 210 ms, run to run). With the thresholds fixed, both implementations reuse their
+    memory and the bench compares arithmetic. Returns whether it took effect."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): nothing to fix
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def time_alternating(fns, warmup, repeats, sync, clock=time.perf_counter):
@@ -576,6 +592,7 @@ def fmt_row(stage, mode, t_ref, t_ours, flops, mem, args):
 
 def main(args):
     args = fill_defaults(args)
+    malloc = "fixed" if args.malloc == "fixed" and keep_freed_memory() else "default"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):  # TF32 for fp32 matmuls/convs outside autocast: the usual GPU setting
@@ -583,7 +600,7 @@ def main(args):
     stages = args.stages.split(",")
     print(f"bench: device {args.device}, dtype {args.dtype}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, warm-up {args.warmup}, repeats {args.repeats} (medians of {args.timer} time, "
-          f"alternating)")
+          f"alternating), {malloc} malloc thresholds")
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows, pairs = [], {}
     kwargs = {"a": args.a, "b": args.b, "c": args.c}
@@ -651,6 +668,9 @@ def get_args(argv=None):
                    help="wall clock, or this process's CPU time (robust on a busy machine with --threads 1)")
     p.add_argument("--compile", default="none", choices=["none", "ours", "both"],
                    help="torch.compile the timed steps of ours, or of both (the fair comparison)")
+    p.add_argument("--malloc", default="fixed", choices=["fixed", "default"],
+                   help="fixed: freed memory stays in the process (steady timings, see keep_freed_memory); default: "
+                   "glibc as it comes, where tensors the size of full attention matrices may pay page faults")
     p.add_argument("--no_flops", dest="flops", action="store_false",
                    help="skip counting the FLOPs of each timed step (one extra step each)")
     p.add_argument("--mem_budget_gb", type=float, default=24.0,

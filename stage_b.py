@@ -331,8 +331,11 @@ class StageB(nn.Module):
                                       align_corners=True)  # (B, 16, h, w) -> (B, 16, H, W)
                     e = e.to(effnet.dtype, memory_format=torch.channels_last)  # as the blocks' activations
                     effnet_c = effnet_mapper(e)  # (B, c_cond, H, W)
-                extra = [z for z in (skip, effnet_c) if z is not None]
-                x = block(x, torch.cat(extra, dim=1) if extra else None)
+                if skip is not None and effnet_c is not None:
+                    extra = torch.cat([skip, effnet_c], dim=1)  # (B, C_skip + c_cond, H, W)
+                else:
+                    extra = skip if skip is not None else effnet_c  # one of them or None: no copy
+                x = block(x, extra)
                 skip = None
             elif isinstance(block, TimestepBlock):
                 x = block(x, r_embed)
