@@ -116,6 +116,29 @@ def test_attn_block_and_loss():
     torch.testing.assert_close(loss, per_sample.mean())
 
 
+def test_grn_matches_reference_with_zero_channels():
+    """GRN (sum-of-squares norm) == diffusers' GlobalResponseNorm (torch.norm), values and gradients, including
+    channels of exact zeros (GELU produces them; a plain sqrt gave NaN gradients there and NaN training)."""
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import GlobalResponseNorm as RefGRN
+    torch.manual_seed(0)
+    ours = stage_b.GlobalResponseNorm(8)
+    ours.gamma.data.normal_(), ours.beta.data.normal_()
+    ref = RefGRN(8)
+    ref.load_state_dict(ours.state_dict())
+    x0 = torch.randn(2, 5, 5, 8)
+    x0[:, :, :, 1] = 0.0  # dead channel in every sample
+    x0[0, :, :, 2] = 0.0  # and one in one sample only
+    results = []
+    for m in (ours, ref):
+        x = x0.clone().requires_grad_()
+        y = m(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        results.append((y, x.grad, m.gamma.grad, m.beta.grad))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_keep_mask_rate_and_scaling():
     torch.manual_seed(0)
     keep = stage_b.keep_mask((1000, 4000), 0.1)
