@@ -17,6 +17,7 @@ FLOPs per training image of the paper models at their latent sizes (the paper's 
                                       # TFLOP/s, fraction of peak (--peak_tflops) and peak memory
     python bench.py --stages c --repeats 21            # one stage, more samples
     python bench.py --threads 1 --timer cpu            # CPU time of one thread: steady on a busy machine
+    python bench.py --malloc default                   # glibc's allocator as it comes (see keep_freed_memory)
     python bench.py --stages b --b "dict(blocks=[2, 2, 6, 2])" --b_latent 128   # sizes are flags
 
 CPU timings on a shared machine are noisy: the runs alternate and we report medians, but rerun before trusting
