@@ -38,9 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from stage_a import StageA
-from stage_b import DEFAULT_STAGE_C_TIMESTEPS, StageB, ddpm_sample
+from stage_b import DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, StageB, ddpm_sample
 from stage_c import PRESETS as STAGE_C_PRESETS
 from stage_c import StageC
+
+PAPER_C = STAGE_C_PRESETS["paper"]["model"]  # the released prior's config
 
 # -----------------------------------------------------------------------------
 # default sizes: the reference constructors' keyword arguments (diffusers names) and input shapes
@@ -369,7 +371,7 @@ def make_inputs(stage, args, kwargs, batch, device):
 # the whole sampling chain: text embeddings -> Stage C -> Stage B -> Stage A decode
 
 
-LATENT_SCALE, LATENT_SHIFT = 42.0, 1.0  # e = y * 42 - 1: the released prior's latent space (method §5.2)
+LATENT_SCALE, LATENT_SHIFT = RELEASED_LATENT_SPACE["scale"], RELEASED_LATENT_SPACE["shift"]  # e = 42 y - 1
 
 
 def chain_generators(device, seed):
@@ -423,7 +425,7 @@ def bench_chain(pairs, args, sync):
         m.eval()
     g = torch.Generator().manual_seed(args.seed + 2)
     n, h = args.chain_batch, args.b_effnet
-    latent = int(h * 10.67)  # the decoder pipeline's latent_dim_scale: 24x24 semantic -> 256x256 latent
+    latent = int(h * LATENT_DIM_SCALE)  # the decoder pipeline's latent_dim_scale: 24x24 semantic -> 256x256 latent
     latent -= latent % 2 ** len(ref_b.config.c_hidden)  # U-Net levels need a multiple of 2^levels
     inp = dict(noise_c=torch.randn(n, 16, h, h, generator=g),
                noise_b=torch.randn(n, 4, latent, latent, generator=g),
@@ -466,7 +468,7 @@ def bench_flops():
     from stage_b import StageBConfig
     rows = []
     with torch.device("meta"):
-        c_cfg, b_cfg = STAGE_C_PRESETS["paper"], STAGE_B_PRESETS["paper"]
+        c_cfg, b_cfg = PAPER_C, STAGE_B_PRESETS["paper"]["model"]
         stage_c, stage_b = StageC(c_cfg), StageB(b_cfg)
         t = torch.rand(1)
         rows.append(("Stage C (prior), 16x24x24 latent", n_params(stage_c),
@@ -503,7 +505,7 @@ def measure_memory_cuda(args, budget):
     """Largest power-of-two batch whose training step (AdamW, bf16 autocast) peaks under `budget` bytes, measured."""
     device, rows = torch.device(args.device), []
     for ckpt in (False, True):
-        model = StageC(STAGE_C_PRESETS["paper"]).to(device).train()
+        model = StageC(PAPER_C).to(device).train()
         model.grad_checkpointing = ckpt
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         best, batch = None, 1
@@ -531,7 +533,7 @@ def estimate_memory_cpu(budget):
     import dataclasses
 
     def saved(depth, batch, ckpt):
-        model = StageC(dataclasses.replace(STAGE_C_PRESETS["paper"], depth=depth)).train()
+        model = StageC(dataclasses.replace(PAPER_C, depth=depth)).train()
         model.grad_checkpointing = ckpt
         storages = {}
 
@@ -543,8 +545,8 @@ def estimate_memory_cpu(budget):
         return sum(storages.values())
 
     with torch.device("meta"):
-        n = n_params(StageC(STAGE_C_PRESETS["paper"]))
-    state, depth = 18 * n, STAGE_C_PRESETS["paper"].depth
+        n = n_params(StageC(PAPER_C))
+    state, depth = 18 * n, PAPER_C.depth
 
     def extrapolate(ckpt):  # -> (batch-independent bytes, bytes per image, bytes per image of one triple)
         s11, s12, s21, s22 = (saved(d, b, ckpt) for d in (1, 2) for b in (1, 2))  # s{depth}{batch}

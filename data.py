@@ -260,6 +260,15 @@ def classify_toy_image(image):
     return color, max(iou, key=iou.get)
 
 
+def toy_prompt_following(images, targets):
+    """Prompt following on toy data: the shares of images whose colour and shape, as classify_toy_image reads
+    them, are the prompt's. targets: [(colour, shape)] per image. Returns (colour accuracy, shape accuracy)."""
+    found = [classify_toy_image(img) for img in images]
+    colour = sum(f[0] == c for f, (c, _) in zip(found, targets)) / len(targets)
+    shape = sum(f[1] == s for f, (_, s) in zip(found, targets)) / len(targets)
+    return colour, shape
+
+
 # ---- command line
 
 if __name__ == "__main__":

@@ -33,14 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from stage_a import StageA, load_stage_a, psnr
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, SemanticCompressor, StageB, TextEncoder, add_noise, ddpm_sample,
-                     fetch_clip_weights, load_stage_b, read_json, read_pad_token)
-from stage_c import (StageC, decode_stage_c, load_stage_c, sample_stage_c, save_captioned_grid, to_stage_b_space,
-                     to_stage_c_space, toy_prompt_following)
-
-RESOLUTION_MULTIPLE = 42.67  # image side / Stage C latent side (3/4 resize x stride 32 of the compressor)
-LATENT_DIM_SCALE = 10.67  # Stage A latent side / Stage C latent side (42.67 / Stage A's f4)
+from common import default_dtype, pick_device, psnr, read_json, run_cli, save_captioned_grid
+from stage_a import StageA, load_stage_a
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, RESOLUTION_MULTIPLE,
+                     SemanticCompressor, StageB, TextEncoder, add_noise, ddpm_sample, fetch_clip_weights, load_stage_b,
+                     read_pad_token, timestep_grid)
+from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c, to_stage_b_space, to_stage_c_space
 
 # -----------------------------------------------------------------------------
 # loading
@@ -189,8 +187,8 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
     paths = find_released(root, text_folders=not open_clip_text)
     prior_index, decoder_index = read_json(paths["index_c"]), read_json(paths["index_b"])
     # the constants the method (round_size, decode_stage_c, alpha_bar) hard-codes, as the repositories state them
-    checks = {"resolution_multiple": (prior_index.get("resolution_multiple", 42.67), RESOLUTION_MULTIPLE),
-              "latent_dim_scale": (decoder_index.get("latent_dim_scale", 10.67), LATENT_DIM_SCALE)}
+    checks = {"resolution_multiple": (prior_index.get("resolution_multiple", RESOLUTION_MULTIPLE), RESOLUTION_MULTIPLE),
+              "latent_dim_scale": (decoder_index.get("latent_dim_scale", LATENT_DIM_SCALE), LATENT_DIM_SCALE)}
     for k in "cb":
         sched = read_json(paths[f"scheduler_{k}"])
         checks[f"scheduler {k} (s, scaler)"] = ((sched.get("s", 0.008), sched.get("scaler", 1.0)), (0.008, 1.0))
@@ -216,7 +214,8 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
     loaders = {k: (lambda build=build: build().to(device, dtype).eval().requires_grad_(False))
                for k, build in builders.items()}
     # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
-    latent_space = {"scale": prior_index.get("latent_mean", 42.0), "shift": prior_index.get("latent_std", 1.0)}
+    latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
+                    "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
     return Pipeline(latent_space=latent_space, device=device, image_size=1024, dtype=dtype, loaders=loaders)
 
 # -----------------------------------------------------------------------------
@@ -276,7 +275,7 @@ def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed
     with loaded(pipe, "compressor"):
         y0 = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
     g = torch.Generator(pipe.device).manual_seed(seed)
-    grid = torch.linspace(1, 0, steps_c + 1).tolist() if isinstance(steps_c, int) else list(steps_c)
+    grid = timestep_grid(steps_c) if isinstance(steps_c, int) else list(steps_c)
     timesteps = [strength] + [t for t in grid if t < strength]  # start at the strength, continue on the grid
     t0 = torch.full((len(y0),), strength, device=pipe.device)
     y = add_noise(y0, t0, torch.randn(y0.shape, generator=g, device=pipe.device))
@@ -301,7 +300,7 @@ def reconstruct(pipe, images):
 def toy_eval(pipe, n=4, seed=0, **kwargs):
     """Prompt following on the toy data: n images for every colour x shape prompt, read back with
     data.classify_toy_image. Returns {'colour': acc, 'shape': acc, 'both': acc, chance levels, n}."""
-    from data import COLORS, SHAPES, classify_toy_image, toy_prompts
+    from data import COLORS, SHAPES, classify_toy_image, toy_prompt_following, toy_prompts
     prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts()])
     images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
     targets = [t for t in targets for _ in range(n)]
@@ -341,9 +340,8 @@ def save_outputs(images, captions, out_dir, name):
 
 
 def main(args):
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
+    device = pick_device(args.device)
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     steps_c = args.steps_c if args.steps_c else DEFAULT_STAGE_C_TIMESTEPS
     t0 = time.time()
     if args.pretrained is not None:  # "" = the Hugging Face cache
@@ -435,4 +433,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_cli(main, get_args())

@@ -8,9 +8,7 @@ The encoder ends in a BatchNorm, so its latents are roughly unit-scale; a vector
 ("Stage A as a VAE"). `StageA.encode` returns the latent divided by `scale_factor` (what Stage B learns) and
 `StageA.decode` multiplies it back, so downstream code never sees the raw scale.
 
-This file also holds the training utilities every stage imports (runtime/DDP/precision setup, the LR function,
-EMA, atomic checkpoints, the data iterator, image grids, the log line): written once, here, because Stage A is
-the first file a reader opens (style.md rule 4).
+The training machinery every stage shares (runtime, checkpoints, EMA, data order, logging) is in common.py.
 
 Run it:
     python data.py toy toy                               # a captioned toy dataset, no download
@@ -19,18 +17,20 @@ Run it:
     torchrun --standalone --nproc_per_node=8 stage_a.py --data ./imgs --model paper
 """
 import argparse
-import json
-import math
 import os
 import time
-from contextlib import nullcontext
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
+                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr, read_json,
+                    rng_state, run_cli, save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout,
+                    start_run, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -49,21 +49,25 @@ class StageAConfig:
     disc_depth: int = 6  # patch discriminator depth (training only)
 
 
+# One table: per preset the model config and the training defaults that flags left unset take.
 PRESETS = {
     # CPU quick start and tests: 128 px toy images -> 4 x 32 x 32 latents in a few CPU minutes
-    "tiny": StageAConfig(c_hidden=64, bottleneck_blocks=2, codebook_size=1024, disc_c_hidden=64, disc_depth=3),
+    "tiny": dict(
+        model=StageAConfig(c_hidden=64, bottleneck_blocks=2, codebook_size=1024, disc_c_hidden=64, disc_depth=3),
+        train=dict(image_size=128, batch_size=8, max_steps=500, lr=2e-3, warmup=50, beta2=0.95, disc_start=300)),
     # one-GPU reproduction at 256 px
-    "small": StageAConfig(c_hidden=192, bottleneck_blocks=6, disc_c_hidden=256, disc_depth=4),
+    "small": dict(
+        model=StageAConfig(c_hidden=192, bottleneck_blocks=6, disc_c_hidden=256, disc_depth=4),
+        train=dict(image_size=256, batch_size=32, max_steps=100_000, lr=2e-4, warmup=1000, beta2=0.95,
+                   disc_start=20_000)),
     # the released architecture (warp-ai/wuerstchen `vqgan`): 18,406,894 parameters
-    "paper": StageAConfig(),
+    "paper": dict(
+        model=StageAConfig(),
+        train=dict(image_size=256, batch_size=64, max_steps=500_000, lr=1e-4, warmup=10_000, beta2=0.95,
+                   disc_start=100_000)),
 }
-
-# training defaults that depend on the preset (flags left unset take these)
-TRAIN_DEFAULTS = {
-    "tiny": dict(image_size=128, batch_size=8, max_steps=500, lr=2e-3, warmup=50, disc_start=300),
-    "small": dict(image_size=256, batch_size=32, max_steps=100_000, lr=2e-4, warmup=1000, disc_start=20_000),
-    "paper": dict(image_size=256, batch_size=64, max_steps=500_000, lr=1e-4, warmup=10_000, disc_start=100_000),
-}
+DISC_BETAS = (0.5, 0.9)  # AdamW betas of the discriminator, the usual GAN choice
+RESTART_UNTIL = 0.8  # dead codebook entries are restarted during the first 80 % of training, then the codebook settles
 
 # -----------------------------------------------------------------------------
 # model
@@ -207,8 +211,7 @@ class StageA(nn.Module):
         """Load released weights: a diffusers `PaellaVQModel` folder (warp-ai/wuerstchen, subfolder `vqgan`)
         or the official `vqgan_f4_v1_500k.pt` (dome272 key names; the codebook is `vquantizer.codebook`)."""
         if os.path.isdir(path):
-            with open(os.path.join(path, "config.json")) as f:
-                hf = json.load(f)
+            hf = read_json(os.path.join(path, "config.json"))
             assert hf.get("up_down_scale_factor", 2) == 2 and hf.get("in_channels", 3) == hf.get("out_channels", 3)
             cfg = StageAConfig(c_in=hf.get("in_channels", 3), c_hidden=hf.get("embed_dim", 384),
                                levels=hf.get("levels", 2), bottleneck_blocks=hf.get("bottleneck_blocks", 12),
@@ -258,6 +261,9 @@ class Discriminator(nn.Module):
         return self.main(x)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet models' input
+
+
 class PerceptualLoss(nn.Module):
     """MSE between VGG16 features of two images (a plain perceptual loss). Only built when the ImageNet VGG16
     weights are already on disk: training never downloads (see README to enable it)."""
@@ -268,8 +274,8 @@ class PerceptualLoss(nn.Module):
         vgg = torchvision.models.vgg16()
         vgg.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
         self.features = vgg.features[:23].eval().requires_grad_(False)  # up to relu4_3
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, x, y):
         return F.mse_loss(self.features((x - self.mean) / self.std), self.features((y - self.mean) / self.std))
@@ -279,297 +285,6 @@ def vgg16_weights_path():
     """Where torchvision caches the VGG16 ImageNet weights; None when they are not there."""
     path = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
     return path if os.path.exists(path) else None
-
-# -----------------------------------------------------------------------------
-# training utilities (imported by stage_b.py, stage_c.py and sample.py)
-
-
-@dataclass
-class Runtime:
-    """Where and how we run: device, DDP rank/world, autocast dtype."""
-    device: torch.device
-    ddp: bool = False
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    dtype: torch.dtype = torch.float32
-    device_type: str = field(init=False)
-
-    def __post_init__(self):
-        self.device_type = self.device.type
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def autocast(self):
-        """bf16/fp16 autocast on accelerators; plain fp32 (no autocast) otherwise. Weights always stay fp32."""
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def make_scaler(self):
-        # a real GradScaler only for fp16 (gradients underflow without it); a no-op for bf16 and fp32
-        return torch.amp.GradScaler(self.device_type, enabled=(self.dtype == torch.float16))
-
-
-def setup_runtime(device="auto", dtype="auto", seed=0):
-    """Pick the device and precision, and start DDP when launched by torchrun (RANK in the environment)."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-    device = torch.device(device)
-    if dtype == "auto":  # bf16 where the GPU supports it, else fp16 + GradScaler; fp32 on CPU/MPS
-        dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device.type == "cuda":  # TF32 matmuls: ~free speed on Ampere+, precision is ample for training
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(seed + rank)
-    return Runtime(device=device, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
-                   dtype=getattr(torch, dtype))
-
-
-def print0(*args, **kwargs):
-    """print on the master process only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-class Logger:
-    """Rank-0 log: stdout plus out_dir/log.txt."""
-
-    def __init__(self, out_dir, master=True):
-        self.path = os.path.join(out_dir, "log.txt") if master else None
-
-    def log(self, msg):
-        if self.path:
-            from tqdm import tqdm
-            tqdm.write(msg)  # prints above an active progress bar instead of through it
-            with open(self.path, "a") as f:
-                f.write(msg + "\n")
-
-
-def log_line(step, max_steps, metrics, lr, img_per_s):
-    """The one log format of all stages: `step   120/2000 | loss 0.1234 | ... | lr 1.00e-04 | 12.3 img/s`."""
-    parts = [f"step {step:>6}/{max_steps}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]
-    return " | ".join(parts + [f"lr {lr:.2e}", f"{img_per_s:.1f} img/s"])
-
-
-def add_common_args(parser, stage):
-    """The flags every training script shares, with the same names and meanings."""
-    g = parser.add_argument_group("common")
-    g.add_argument("--data", required=True, help="folder of images (searched recursively), optional same-stem .txt captions")
-    g.add_argument("--out_dir", default=f"out/{stage}", help="where ckpt.pt, log.txt and sample grids go")
-    g.add_argument("--model", default="small", choices=["tiny", "small", "paper"], help="model size preset")
-    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: per preset)")
-    g.add_argument("--batch_size", type=int, default=None, help="global batch size, split over ranks and --grad_accum (default: per preset)")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--image_size", type=int, default=None, help="training resolution (default: per preset)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
-    g.add_argument("--warmup", type=int, default=None, help="linear LR warm-up steps (default: per preset)")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimizer step")
-    g.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype; auto = bf16 on GPUs that support it, else fp16 (+GradScaler); fp32 on CPU")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--log_every", type=int, default=25, help="steps between log lines")
-    g.add_argument("--sample_every", type=int, default=500, help="steps between preview grids")
-    g.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
-    g.add_argument("--num_workers", type=int, default=2, help="data loader worker processes")
-    g.add_argument("--num_holdout", type=int, default=16, help="images held out of training for previews and metrics")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU, slow first step)")
-    return parser
-
-
-def fill_defaults(args, defaults):
-    """Flags left at None take the preset's training defaults."""
-    for k, v in defaults.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    return args
-
-
-def start_run(args, stage, train_defaults):
-    """The opening every stage's train() shares: the preset's training defaults, the runtime, the output folder and
-    its log, and with --resume the checkpoint to continue (of this stage and preset, else a clear error).
-    Returns (rt, logger, ckpt_path, ckpt or None)."""
-    fill_defaults(args, train_defaults[args.model])
-    rt = setup_runtime(args.device, args.dtype, args.seed)
-    os.makedirs(args.out_dir, exist_ok=True)
-    logger = Logger(args.out_dir, rt.master)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, stage) if args.resume else None
-    if ckpt and ckpt["train_config"]["model"] != args.model:
-        raise ValueError(f"{ckpt_path} was trained with --model {ckpt['train_config']['model']}, not {args.model}")
-    return rt, logger, ckpt_path, ckpt
-
-
-def get_lr(step, lr, warmup):
-    """Linear warm-up to `lr`, then constant (method §6.5). A pure function of the step, so resume needs nothing else."""
-    return lr * min(1.0, (step + 1) / max(1, warmup))
-
-
-def ema_decay_at(step, decay):
-    """EMA warm-up: an average over about `step` steps early on, `decay` later, so short runs get a useful EMA
-    (k-diffusion's EMAWarmup idea; the reference instead copied the weights for its first 5,000 updates)."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BatchNorm statistics) are copied."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
-
-
-def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Unscale, clip, step, update the scaler, zero the grads. Returns the gradient norm before clipping."""
-    scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-def set_lr(optimizer, lr):
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-
-
-def unwrap(model):
-    """The raw module under DDP and torch.compile wrappers (what we save)."""
-    model = model.module if hasattr(model, "module") else model
-    return getattr(model, "_orig_mod", model)
-
-
-def save_checkpoint(path, ckpt):
-    """Write atomically: a kill at any moment leaves either the old or the new file, never a partial one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-HOW_TO_MAKE = {"stage_a": "python stage_a.py --data DIR", "stage_b": "python stage_b.py --data DIR",
-               "stage_c": "python stage_c.py --data DIR"}
-
-
-def load_checkpoint(path, stage):
-    """Load a checkpoint of `stage` ('stage_a' | 'stage_b' | 'stage_c') with weights_only=True, with clear errors."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no {stage} checkpoint at {path}: train one with `{HOW_TO_MAKE[stage]}` "
-                                f"(it writes out/{stage}/ckpt.pt) or pass its path")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    found = ckpt.get("stage", "unknown (not a checkpoint of this project)") if isinstance(ckpt, dict) else "unknown"
-    if found != stage:
-        raise ValueError(f"{path} is a {found} checkpoint, but a {stage} checkpoint was expected here")
-    return ckpt
-
-
-def load_weights_file(folder):
-    """The state dict of a diffusers `save_pretrained` folder (safetensors, which open_clip already installs, or .bin)."""
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
-        if os.path.exists(os.path.join(folder, name)):
-            from safetensors.torch import load_file
-            return load_file(os.path.join(folder, name))
-    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
-        if os.path.exists(os.path.join(folder, name)):
-            return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no weights file (diffusion_pytorch_model.safetensors or .bin) in {folder}")
-
-
-def load_exact(model, sd, what):
-    """Load a state dict that must match the model key for key and shape for shape (assign: works from 'meta')."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"{what} do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"wrong shapes {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in bad[:5]]}")
-    model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()},
-                          assign=True)
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """Endless index stream that is a pure function of (seed, position): epoch e is randperm(n, seed + e), and
-    each rank takes its slice of every global batch. Starting at `start` (= step * global batch) makes `--resume`
-    see exactly the batches an uninterrupted run would have seen."""
-
-    def __init__(self, n, global_batch, seed=0, start=0, rank=0, world_size=1):
-        self.n, self.gb, self.seed, self.start, self.rank, self.ws = n, global_batch, seed, start, rank, world_size
-
-    def __iter__(self):
-        pos, local = self.start, self.gb // self.ws
-        while True:
-            epoch, offset = divmod(pos, self.n)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            batch = [perm[(offset + i) % self.n] for i in range(self.gb)]  # wraps into the epoch's start if short
-            yield from batch[self.rank * local:(self.rank + 1) * local]
-            pos += self.gb
-
-
-def infinite_batches(dataset, batch_size, rt, num_workers=2, seed=0, start_step=0, grad_accum=1):
-    """Yields micro-batches forever. `batch_size` is global: each rank gets batch_size / (world * grad_accum)."""
-    micro = batch_size // (rt.world_size * grad_accum)
-    assert micro * rt.world_size * grad_accum == batch_size, \
-        f"--batch_size {batch_size} must divide by world size {rt.world_size} x --grad_accum {grad_accum}"
-    sampler = StepSampler(len(dataset), micro * rt.world_size, seed, start_step * batch_size, rt.rank, rt.world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=num_workers,
-                                         pin_memory=rt.device_type == "cuda", persistent_workers=num_workers > 0)
-    return iter(loader)
-
-
-def split_holdout(dataset, n):
-    """Deterministic split: every k-th image (k = len / n) is held out for previews and metrics."""
-    n = max(1, min(n, len(dataset) // 10))
-    k = len(dataset) // n
-    held = list(range(0, n * k, k))
-    rest = sorted(set(range(len(dataset))) - set(held))
-    return torch.utils.data.Subset(dataset, rest), torch.utils.data.Subset(dataset, held)
-
-
-def holdout_batch(holdout, device):
-    """All held-out images (and captions) as one batch."""
-    images, captions = zip(*[holdout[i] for i in range(len(holdout))])
-    return torch.stack(images).to(device), list(captions)
-
-
-def psnr(x, y):
-    """Mean PSNR (dB) of images in [0, 1]."""
-    mse = ((x.clamp(0, 1) - y.clamp(0, 1)) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(1 / mse)).mean().item()
-
-
-def save_image_grid(images, path, nrow):
-    """Save (N, 3, H, W) images in [0, 1] as one PNG grid."""
-    import torchvision
-    torchvision.utils.save_image(images.float().clamp(0, 1), path, nrow=nrow, padding=2, pad_value=1.0)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"].numel():
-        torch.cuda.set_rng_state(state["cuda"])
 
 # -----------------------------------------------------------------------------
 # training
@@ -584,11 +299,6 @@ def discriminator_loss(disc, real, fake):
     """-log sigmoid(D(real)) - log(1 - sigmoid(D(fake))), one forward over both halves (fake is detached)."""
     logits_real, logits_fake = disc(torch.cat([real, fake.detach()])).chunk(2)
     return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
-
-
-def no_sync(module, sync):
-    """DDP: skip the gradient all-reduce on micro-steps that are not the last one of an optimizer step."""
-    return module.no_sync() if (not sync and hasattr(module, "no_sync")) else nullcontext()
 
 
 @torch.no_grad()
@@ -612,8 +322,9 @@ def measure_scale_factor(model, images):
 
 
 def train(args):
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_a", TRAIN_DEFAULTS)
-    cfg = StageAConfig(**ckpt["model_config"]) if ckpt else PRESETS[args.model]
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_a", PRESETS[args.model]["train"])
+    # a copy: the measured scale_factor is written into it, never into the preset table
+    cfg = StageAConfig(**ckpt["model_config"]) if ckpt else replace(PRESETS[args.model]["model"])
     logger.log(f"stage A | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
                f"world {rt.world_size} | config {asdict(cfg)}")
 
@@ -628,8 +339,8 @@ def train(args):
     model = StageA(cfg).to(rt.device, memory_format=torch.channels_last)
     disc = Discriminator(cfg.c_in, cfg.disc_c_hidden, cfg.disc_depth).to(rt.device)
     ema = deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=DISC_BETAS, weight_decay=args.weight_decay)
     scaler, scaler_d = rt.make_scaler(), rt.make_scaler()
     logger.log(f"parameters: Stage A {sum(p.numel() for p in model.parameters()):,} | "
                f"discriminator {sum(p.numel() for p in disc.parameters()):,}")
@@ -649,16 +360,12 @@ def train(args):
         opt_d.load_state_dict(ckpt["optimizer_disc"])
         scaler.load_state_dict(ckpt["scaler"])
         scaler_d.load_state_dict(ckpt["scaler_disc"])
-        set_rng_state(ckpt["rng"])
         step = ckpt["step"]
         logger.log(f"resumed from {ckpt_path} at step {step}")
     raw_model, raw_disc = model, disc
     if args.compile:
         model = torch.compile(model)
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-        disc = DDP(disc, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    model, disc = wrap_ddp(model, rt), wrap_ddp(disc, rt)
 
     def save():
         cfg_out = asdict(cfg) | {"scale_factor": measure_scale_factor(ema, held_images)}
@@ -675,9 +382,12 @@ def train(args):
         return psnr(ema.decode_raw(ema.encode_raw(held_images)), held_images)
 
     gen_params = list(raw_model.parameters())
+    # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
+    # so it comes before the RNG state is restored (the dead-code restarts draw from it after a resume)
     batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum)
     counts = torch.zeros(cfg.codebook_size, device=rt.device)  # code usage since the last dead-code restart
     if ckpt:
+        set_rng_state(ckpt["rng"])
         counts.copy_(ckpt["code_counts"])
     else:  # initialise the codebook on encoder outputs of a few images instead of the tiny uniform init
         x0 = torch.stack([trainset[i][0] for i in range(min(len(trainset), 64))]).to(rt.device)
@@ -714,9 +424,9 @@ def train(args):
                 scaler_d.scale(d_loss / args.grad_accum).backward()
             counts += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
             seen += len(x) * rt.world_size
-        grad_norm = optimizer_step(model, opt, scaler, args.grad_clip)
+        grad_norm = optimizer_step(opt, scaler, args.grad_clip)
         if use_gan:
-            optimizer_step(disc, opt_d, scaler_d, args.grad_clip)
+            optimizer_step(opt_d, scaler_d, args.grad_clip)
         update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
@@ -729,7 +439,7 @@ def train(args):
                 metrics |= {"g": g_loss.item(), "d": d_loss.item()}
             logger.log(log_line(step, args.max_steps, metrics, lr, seen / (time.time() - t0)))
             t0, seen = time.time(), 0
-        if step % args.restart_every == 0 and step < args.max_steps * 0.8:
+        if step % args.restart_every == 0 and step < args.max_steps * RESTART_UNTIL:
             with torch.no_grad():
                 restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x), counts, rt)
             counts.zero_()
@@ -753,7 +463,7 @@ def train(args):
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Train Stage A (the f4 VQGAN) of Würstchen on a folder of images.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_common_args(parser, "stage_a")
     g = parser.add_argument_group("stage A")
     g.add_argument("--disc_start", type=int, default=None, help="step at which the adversarial loss switches on (default: per preset)")
@@ -765,4 +475,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    train(get_args())
+    run_cli(train, get_args())

@@ -20,7 +20,6 @@ Released weights: StageB.from_pretrained(diffusers folder or model_v2_stage_b.pt
 """
 
 import argparse
-import json
 import math
 import os
 import re
@@ -35,9 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stage_a import (add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches, load_checkpoint,
-                     load_exact, load_stage_a, load_weights_file, log_line, no_sync, optimizer_step, psnr, rng_state,
-                     save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout, start_run, update_ema)
+from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
+                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr, read_json,
+                    rng_state, run_cli, save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout,
+                    start_run, update_ema, wrap_ddp)
+from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
 
@@ -70,27 +71,43 @@ class CompressorConfig:
     tiny_width: int = 256  # feature width of the "tiny" backbone
 
 
+# The sizes the method fixes (method §1.5, §7.7): the semantic compressor sees the image at 3/4 of its side with
+# stride 32, so a Stage C latent cell covers 42.67 px and 10.67 Stage A (f4) latent cells per side.
+RESOLUTION_MULTIPLE = 42.67  # image side / semantic (Stage C) latent side: 1024 px -> 24
+LATENT_DIM_SCALE = 10.67  # Stage A latent side / semantic latent side: 24 -> int(24 * 10.67) = 256
+RELEASED_LATENT_SPACE = {"scale": 42.0, "shift": 1.0}  # the released v2: Stage C models y = (e + 1) / 42 (§3.3)
+CONTEXT_LENGTH = 77  # CLIP text tokens (padded and truncated to this)
+
+# One table: per preset the DiffNeXt config, the semantic compressor, the text tower (open_clip architecture and
+# pretrained tag; "tiny" is a small random tower built here), Stage C's latent space (None: measured at the end of
+# training, so that y has unit variance) and the training defaults that flags left unset take.
 PRESETS = {
     # CPU quick start and tests: 128 px toy images -> 4x32x32 Stage A latents, 16x3x3 semantic latents
-    "tiny": StageBConfig(c_cond=64, c_hidden=(32, 64, 128), nhead=(-1, 2, 4), blocks=(1, 1, 2),
-                         level_config=("CT", "CTA", "CTA"), inject_effnet=(False, True, True), clip_embd=64,
-                         dropout=0.0),
+    "tiny": dict(
+        model=StageBConfig(c_cond=64, c_hidden=(32, 64, 128), nhead=(-1, 2, 4), blocks=(1, 1, 2),
+                           level_config=("CT", "CTA", "CTA"), inject_effnet=(False, True, True), clip_embd=64,
+                           dropout=0.0),
+        compressor=CompressorConfig(backbone="tiny"),
+        text_encoder={"name": "tiny", "pretrained": None},
+        latent_space=None,
+        train=dict(image_size=128, batch_size=16, max_steps=3000, lr=5e-4, warmup=100, beta2=0.95, cache=True)),
     # one-GPU reproduction at 256-512 px (40 M params; CLIP ViT-B-32 text, 512 wide)
-    "small": StageBConfig(c_cond=384, c_hidden=(128, 256, 384, 384), nhead=(-1, 4, 6, 6), blocks=(2, 2, 4, 2),
-                          clip_embd=512),
-    # the released warp-ai/wuerstchen `decoder` (WuerstchenDiffNeXt)
-    "paper": StageBConfig(),
-}
-COMPRESSOR_PRESETS = {
-    "tiny": CompressorConfig(backbone="tiny"),
-    "small": CompressorConfig(),
-    "paper": CompressorConfig(),
-}
-# open_clip text towers: (architecture, pretrained tag); "tiny" is a small random tower built here
-TEXT_ENCODER_PRESETS = {
-    "tiny": {"name": "tiny", "pretrained": None},
-    "small": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
-    "paper": {"name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
+    "small": dict(
+        model=StageBConfig(c_cond=384, c_hidden=(128, 256, 384, 384), nhead=(-1, 4, 6, 6), blocks=(2, 2, 4, 2),
+                           clip_embd=512),
+        compressor=CompressorConfig(),
+        text_encoder={"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+        latent_space=None,
+        train=dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000, beta2=0.95,
+                   cache=False)),
+    # the released warp-ai/wuerstchen `decoder` (WuerstchenDiffNeXt); the v1 Stage B recipe (method §6.5)
+    "paper": dict(
+        model=StageBConfig(),
+        compressor=CompressorConfig(),
+        text_encoder={"name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
+        latent_space=RELEASED_LATENT_SPACE,
+        train=dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000, beta2=0.95,
+                   cache=False)),
 }
 
 # ---- model
@@ -245,6 +262,25 @@ class ResBlockStageB(nn.Module):
         return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP runs on (B, H, W, C)
 
 
+class ResBlock(nn.Module):
+    """ConvNeXt block of the prior ("C" in method §4.2, dome272 `ResBlock`): [concat skip] -> depthwise conv
+    (groups = c, so a skip of width c gives every group 2 input channels) -> LayerNorm2d -> channels-last MLP
+    (Linear 4c, GELU, GRN, Dropout, Linear) -> residual. Unlike Stage B's block, the skip joins *before* the conv
+    (the prior itself passes none)."""
+
+    def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c + c_skip, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.norm = LayerNorm2d(c)
+        self.channelwise = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), GlobalResponseNorm(4 * c),
+                                         Dropout(dropout), nn.Linear(4 * c, c))
+
+    def forward(self, x, skip=None):  # x: (B, C, H, W), skip: (B, C_skip, H, W) or None
+        h = x if skip is None else torch.cat([x, skip], dim=1)  # (B, C + C_skip, H, W)
+        h = self.norm(self.depthwise(h))  # (B, C, H, W)
+        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP runs on (B, H, W, C)
+
+
 class StageB(nn.Module):
     """Stage B, the v2 "DiffNeXt" decoder (method §4): a U-Net of ResBlockStageB / TimestepBlock / AttnBlock
     levels that predicts the noise in a noised Stage A latent, conditioned on the semantic latent e (resized
@@ -347,7 +383,7 @@ class StageB(nn.Module):
                 x = block(x)
         return x
 
-    def forward(self, x, t, effnet, clip_text, eps=1e-3):
+    def forward(self, x, t, effnet, clip_text, b_min=1e-3):
         """x: noised Stage A latent (B, 4, H, W), H and W multiples of 2^levels; t: (B,) in [0, 1];
         effnet: semantic latent e (B, 16, h, w), any size; clip_text: (B, 77, clip_embd).
         Returns the predicted noise (B, 4, H, W) = (x - a) / b' (method §4.5)."""
@@ -365,7 +401,7 @@ class StageB(nn.Module):
             skip = level_outputs[n - 1 - j] if j > 0 else None
             h = self._run_level(level, h, r_embed, clip, effnet, self.effnet_mappers[n + j], skip)
         a, b = self.clf(h).float().chunk(2, dim=1)  # (B, 2 * c_out, H, W) -> 2 x (B, c_out, H, W)
-        b = b.sigmoid() * (1 - 2 * eps) + eps  # b' in (0.001, 0.999) plays sqrt(1 - abar)
+        b = b.sigmoid() * (1 - 2 * b_min) + b_min  # b' in (0.001, 0.999) plays sqrt(1 - abar)
         return (x.float() - a) / b
 
     @classmethod
@@ -375,8 +411,7 @@ class StageB(nn.Module):
         `model_v2_stage_b.pt` (dome272 keys, the released config unless `cfg` says otherwise).
         Its `effnet_state_dict` loads with SemanticCompressor.from_pretrained(path)."""
         if os.path.isdir(path):
-            with open(os.path.join(path, "config.json")) as f:
-                hf = json.load(f)
+            hf = read_json(os.path.join(path, "config.json"))
             fields = StageBConfig.__dataclass_fields__
             cfg = StageBConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in fields})
             sd = load_weights_file(path)
@@ -402,9 +437,6 @@ def dome272_to_diffusers(sd):
         else:
             out[k.replace(".attention.attn.out_proj.", ".attention.to_out.0.")] = v
     return out
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class SemanticCompressor(nn.Module):
@@ -476,7 +508,7 @@ class TextEncoder(nn.Module):
     pad_token: the tokenizer's pad token ('!' in the LAION towers' tokenizers; see read_pad_token).
     """
 
-    TINY = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
+    TINY = dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2)
 
     def __init__(self, name="tiny", pretrained=None, pad_token="!"):
         super().__init__()
@@ -493,7 +525,7 @@ class TextEncoder(nn.Module):
         self.transformer, self.ln_final = tower.transformer, tower.ln_final
         if name == "transformers":
             load_exact(self, sd, what=f"CLIP text weights from {pretrained}")
-        if self.token_embedding.num_embeddings != 49408 or len(self.positional_embedding) != 77:
+        if self.token_embedding.num_embeddings != 49408 or len(self.positional_embedding) != CONTEXT_LENGTH:
             raise ValueError(f"{name}: not a CLIP BPE text tower with 77 positions, which TextEncoder tokenises for")
         self.width, self.heads = self.ln_final.normalized_shape[0], self.transformer.resblocks[0].attn.num_heads
         # the CLIP byte-level BPE (vocabulary and merges shipped with open_clip); the special tokens by their
@@ -524,8 +556,8 @@ class TextEncoder(nn.Module):
         CLIPTokenizerFast(padding="max_length", max_length=77, truncation=True) returns as input_ids and
         attention_mask. Its text normalisation is NFC + whitespace runs -> one space + lowercase (open_clip's own
         tokenizer also fixes unicode with ftfy and unescapes HTML: other ids for some prompts)."""
-        ids = torch.full((len(prompts), 77), self.pad_id, dtype=torch.long)
-        keep = torch.zeros(len(prompts), 77, dtype=torch.bool)
+        ids = torch.full((len(prompts), CONTEXT_LENGTH), self.pad_id, dtype=torch.long)
+        keep = torch.zeros(len(prompts), CONTEXT_LENGTH, dtype=torch.bool)
         for i, prompt in enumerate(prompts):
             tokens = []
             for piece in self.special_pattern.split(prompt):  # special tokens (the pad token too) are matched in the raw text
@@ -536,7 +568,7 @@ class TextEncoder(nn.Module):
                 for word in self.bpe.pat.findall(text):  # letters | one digit | punctuation runs | 's 't ...
                     word = "".join(self.bpe.byte_encoder[b] for b in word.encode("utf-8"))
                     tokens += [self.bpe.encoder[t] for t in self.bpe.bpe(word).split(" ")]
-            tokens = [self.bpe.sot_token_id] + tokens[:75] + [self.bpe.eot_token_id]  # truncation keeps the ends
+            tokens = [self.bpe.sot_token_id] + tokens[:CONTEXT_LENGTH - 2] + [self.bpe.eot_token_id]  # keeps the ends
             ids[i, :len(tokens)], keep[i, :len(tokens)] = torch.tensor(tokens), True
         return ids, keep
 
@@ -561,8 +593,7 @@ def clip_text_from_transformers(folder):
     attn.in_proj (rows q, k, v), out_proj, layer_norm1/2 -> ln_1/ln_2, mlp.fc1/fc2 -> mlp.c_fc/c_proj;
     final_layer_norm -> ln_final. transformers itself is not needed (safetensors comes with open_clip)."""
     import open_clip
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
+    hf = read_json(os.path.join(folder, "config.json"))
     act = hf.get("hidden_act", "quick_gelu")  # CLIPTextConfig's default; the LAION towers use "gelu"
     acts = {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
     if act not in acts:
@@ -587,14 +618,6 @@ def clip_text_from_transformers(folder):
     return tower, sd
 
 
-def read_json(path):
-    """The JSON object in `path`, or {} when there is no such file (optional config files of released folders)."""
-    if path is None or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def read_pad_token(folder):
     """The pad token of a CLIP tokenizer folder (special_tokens_map.json / tokenizer_config.json; the released
     ones: '!'), after checking that it is the CLIP BPE with 77 positions that TextEncoder tokenises with."""
@@ -607,7 +630,7 @@ def read_pad_token(folder):
         os.path.join(folder, "tokenizer.json")).get("model", {}).get("vocab", {})
     ours = open_clip.tokenizer.SimpleTokenizer().encoder
     if (len(vocab) != 49408 or any(ours.get(t, i) != i for t, i in vocab.items() if not t.startswith("<|"))
-            or spec.get("model_max_length", 77) != 77):
+            or spec.get("model_max_length", CONTEXT_LENGTH) != CONTEXT_LENGTH):
         raise ValueError(f"{folder} is not the CLIP BPE tokenizer with 77 positions that TextEncoder implements")
     return pad
 
@@ -639,6 +662,25 @@ def fetch_clip_weights(name, pretrained):
             f"Download https://huggingface.co/{repo}/resolve/main/{filename} (`huggingface-cli download {repo} "
             f"{filename}` fills the Hugging Face cache, ~/.cache/huggingface/hub) on a machine with network, or "
             f"pass the downloaded file's path as the text encoder's pretrained weights") from None
+
+
+def add_text_encoder_args(group):
+    """The text-tower flags of the training scripts (Stages B and C)."""
+    group.add_argument("--text_encoder", default=None, help="open_clip text architecture, or 'tiny' (a small random "
+                       "tower) (default: per preset)")
+    group.add_argument("--text_pretrained", default=None, help="open_clip pretrained tag or weights file, 'none' for "
+                       "random weights (default: per preset)")
+
+
+def build_text_encoder(args, preset_spec, ckpt, device):
+    """The frozen text tower of a training run: the checkpoint's when resuming, else the flags' or the preset's.
+    A random tower is built from the seed, so every rank builds the same one (and the checkpoint saves it)."""
+    spec = ckpt["text_encoder"] if ckpt else {
+        "name": args.text_encoder or preset_spec["name"],
+        "pretrained": None if args.text_pretrained == "none" else args.text_pretrained or preset_spec["pretrained"]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return TextEncoder.from_spec(spec).to(device)
 
 
 # ---- diffusion / loss
@@ -731,15 +773,15 @@ def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, 
     """
     if isinstance(timesteps, int):
         timesteps = timestep_grid(timesteps)
-    cfg = guidance_scale > 1
-    if cfg:
+    guided = guidance_scale > 1
+    if guided:
         cond = {k: torch.cat([cond[k], uncond[k]]) for k in cond}  # (2B, ...): conditional first
     x = noise
     steps = list(zip(timesteps[:-1], timesteps[1:]))
     for t, t_prev in tqdm(steps, disable=not progress, desc="ddpm", leave=False):
-        t_batch = torch.full((x.shape[0] * (2 if cfg else 1),), t, device=x.device)  # (B,) or (2B,)
-        eps = model(torch.cat([x, x]) if cfg else x, t_batch, **cond)
-        if cfg:
+        t_batch = torch.full((x.shape[0] * (2 if guided else 1),), t, device=x.device)  # (B,) or (2B,)
+        eps = model(torch.cat([x, x]) if guided else x, t_batch, **cond)
+        if guided:
             eps_cond, eps_uncond = eps.chunk(2)
             eps = torch.lerp(eps_uncond, eps_cond, guidance_scale)
         x = ddpm_step(x, eps, t, t_prev, generator)
@@ -747,17 +789,6 @@ def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, 
 
 
 # ---- training
-
-# training defaults that depend on the preset (flags left unset take these)
-TRAIN_DEFAULTS = {
-    "tiny": dict(image_size=128, batch_size=16, max_steps=3000, lr=5e-4, warmup=100, cache=True),
-    "small": dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000, cache=False),
-    "paper": dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000,  # v1 recipe §6.5
-                  cache=False),
-}
-# Stage C's latent space y = (e + shift) / scale (method §3.3): fixed for the released models, measured otherwise
-FIXED_LATENT_SPACE = {"paper": {"scale": 42.0, "shift": 1.0}}
-
 
 class CompressorAndStageB(nn.Module):
     """The semantic compressor and Stage B trained jointly as one module (dome272's `Wrapper`, method §3.4), so a
@@ -836,27 +867,21 @@ def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encod
 
 
 def train(args):
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", TRAIN_DEFAULTS)
-    cfg = StageBConfig(**ckpt["model_config"]) if ckpt else PRESETS[args.model]
-    ccfg = CompressorConfig(**ckpt["compressor_config"]) if ckpt else COMPRESSOR_PRESETS[args.model]
-    text_spec = ckpt["text_encoder"] if ckpt else {
-        "name": args.text_encoder or TEXT_ENCODER_PRESETS[args.model]["name"],
-        "pretrained": None if args.text_pretrained == "none" else
-        args.text_pretrained or TEXT_ENCODER_PRESETS[args.model]["pretrained"]}
+    preset = PRESETS[args.model]
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", preset["train"])
+    cfg = StageBConfig(**ckpt["model_config"]) if ckpt else preset["model"]
+    ccfg = CompressorConfig(**ckpt["compressor_config"]) if ckpt else preset["compressor"]
+    text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)  # frozen
     logger.log(f"stage B | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
                f"world {rt.world_size} | config {asdict(cfg)} | compressor {asdict(ccfg)} | "
-               f"text {text_spec['name']} / {text_spec['pretrained']}")
+               f"text {text_encoder.spec['name']} / {text_encoder.spec['pretrained']}")
 
     # frozen Stage A (EMA weights), rebuilt from its checkpoint alone: images -> latents / scale_factor
     stage_a = load_stage_a(args.stage_a, rt.device)
     if stage_a.cfg.c_latent != cfg.c_in:
         raise ValueError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, Stage B expects {cfg.c_in}")
-    # frozen text encoder; a random tower is built from the same seed on every rank
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        text_encoder = TextEncoder.from_spec(text_spec).to(rt.device)
     if text_encoder.width != cfg.clip_embd:
-        raise ValueError(f"text encoder {text_spec['name']} is {text_encoder.width} wide; the {args.model} Stage B "
+        raise ValueError(f"text encoder {text_encoder.spec['name']} is {text_encoder.width} wide; the {args.model} Stage B "
                          f"expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
@@ -877,9 +902,9 @@ def train(args):
         if not compressor.load_imagenet_weights():  # rank 0 decides; DDP broadcasts its weights
             logger.log("semantic compressor: ImageNet EfficientNetV2-S weights unobtainable (offline?): random init")
     model = CompressorAndStageB(compressor, StageB(cfg), args.p_zero_effnet, args.p_noise_effnet,
-                                FIXED_LATENT_SPACE.get(args.model)).to(rt.device)
+                                preset["latent_space"]).to(rt.device)
     ema = deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
     scaler = rt.make_scaler()
     logger.log(f"parameters: Stage B {sum(p.numel() for p in model.stage_b.parameters()):,} | semantic compressor "
                f"{sum(p.numel() for p in compressor.parameters()):,} | text encoder (frozen) "
@@ -902,23 +927,21 @@ def train(args):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the compressor's BatchNorms see the global batch
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    if rt.ddp:  # the compressor's BatchNorms see the global batch
+        model = wrap_ddp(nn.SyncBatchNorm.convert_sync_batchnorm(model), rt)
 
     @torch.no_grad()
-    def reconstruct(images, captions):
+    def semantic_reconstruction(images, captions):
         """The path a user cares about: image -> semantic compressor -> Stage B sampling -> Stage A decode (EMA)."""
         g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
         noise = torch.randn(held_latents[:len(images)].shape, generator=g, device=rt.device)
         cond = {"effnet": ema.compressor(images), "clip_text": text_encoder.encode(captions)}
         with rt.autocast():
-            latents = ddpm_sample(ema.stage_b, noise, args.sample_steps, cond, generator=g)
+            latents = ddpm_sample(ema.stage_b, noise, args.steps_b, cond, generator=g)
             return stage_a.decode(latents).float().clamp(0, 1)
 
     def save(metrics):
-        space = FIXED_LATENT_SPACE.get(args.model) or measure_latent_space(ema.compressor, held_images)
+        space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)
         save_checkpoint(ckpt_path, {
             "stage": "stage_b", "step": step, "model_config": asdict(cfg), "model": raw_model.stage_b.state_dict(),
             "ema": ema.stage_b.state_dict(), "compressor_config": asdict(ccfg),
@@ -952,7 +975,7 @@ def train(args):
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
             seen += len(images) * rt.world_size
-        grad_norm = optimizer_step(model, opt, scaler, args.grad_clip)
+        grad_norm = optimizer_step(opt, scaler, args.grad_clip)
         update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
@@ -962,12 +985,12 @@ def train(args):
                                 seen / (time.time() - t0)))
             t0, seen = time.time(), 0
         if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
-            recon = reconstruct(held_images, held_captions)
+            recon = semantic_reconstruction(held_images, held_captions)
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
             save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)  # inputs (top), reconstructions
             metrics = {"holdout_psnr": psnr(recon, held_images), "stage_a_psnr": stage_a_psnr}
             logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
-                       f"(image -> compressor -> Stage B, {args.sample_steps} steps -> Stage A; "
+                       f"(image -> compressor -> Stage B, {args.steps_b} steps -> Stage A; "
                        f"Stage A alone {stage_a_psnr:.2f} dB)")
         if rt.master and (step % args.save_every == 0 or step == args.max_steps):
             space = save(metrics)
@@ -986,25 +1009,22 @@ def train(args):
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Train Stage B of Würstchen (semantic compressor + DiffNeXt decoder) "
                                      "on a folder of images, on top of a trained Stage A.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_common_args(parser, "stage_b")
     g = parser.add_argument_group("stage B")
     g.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="frozen Stage A checkpoint whose latents Stage B learns")
-    g.add_argument("--text_encoder", default=None, help="open_clip text architecture (default: per preset: tiny, "
-                   "ViT-B-32, ViT-H-14)")
-    g.add_argument("--text_pretrained", default=None, help="open_clip pretrained tag or weights file, 'none' for random "
-                   "weights (default: per preset)")
+    add_text_encoder_args(g)
     g.add_argument("--no_imagenet", action="store_true", help="start the EfficientNetV2-S backbone from random weights "
                    "instead of ImageNet")
     g.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample (CFG)")
     g.add_argument("--p_zero_effnet", type=float, default=0.05, help="probability of a zeroed semantic latent, per sample")
     g.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a Stage-C-noised semantic latent "
                    "(t ~ U(0, 0.5)), per sample")
-    g.add_argument("--sample_steps", type=int, default=12, help="DDPM steps of the preview reconstructions")
+    g.add_argument("--steps_b", type=int, default=12, help="Stage B DDPM steps of the preview reconstructions")
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="encode the whole dataset with "
                    "Stage A once, up front (small datasets; default: per preset, on for tiny)")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    train(get_args())
+    run_cli(train, get_args())

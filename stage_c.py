@@ -15,10 +15,7 @@ Run it (after Stages A and B, whose checkpoints it reads from out/stage_a and ou
     torchrun --standalone --nproc_per_node=8 stage_c.py --data ./imgs --model paper --grad_checkpointing
 """
 import argparse
-import json
-import math
 import os
-import textwrap
 import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
@@ -29,11 +26,14 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from stage_a import (add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches, load_checkpoint,
-                     load_exact, load_stage_a, load_weights_file, log_line, no_sync, optimizer_step, rng_state,
-                     save_checkpoint, set_lr, set_rng_state, split_holdout, start_run, update_ema)
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, AttnBlock, Dropout, GlobalResponseNorm, LayerNorm2d, TextEncoder,
-                     TimestepBlock, ddpm_sample, diffusion_loss, dome272_to_diffusers, load_stage_b, r_embedding)
+from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
+                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, read_json,
+                    rng_state, run_cli, save_captioned_grid, save_checkpoint, set_lr, set_rng_state, split_holdout,
+                    start_run, update_ema, wrap_ddp)
+from stage_a import load_stage_a
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, AttnBlock, ResBlock, TextEncoder, TimestepBlock,
+                     add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss, dome272_to_diffusers,
+                     LayerNorm2d, load_stage_b, r_embedding)
 
 # -----------------------------------------------------------------------------
 # config
@@ -51,56 +51,36 @@ class StageCConfig:
     dropout: float = 0.1  # MLP and attention-probability dropout
 
 
+# One table: per preset the prior's config, its text tower (open_clip architecture and pretrained tag; c_cond
+# follows the tower's width; "tiny" is a small random tower) and the training defaults that flags left unset take.
 PRESETS = {
     # CPU quick start and tests: 16 x 3 x 3 latents of 128 px toy images, text from the tiny random tower (64 wide).
-    # Narrow and shallow: the step count, not the width, decides how soon it follows prompts (see TRAIN_DEFAULTS)
-    "tiny": StageCConfig(c=64, c_cond=64, depth=2, nhead=4, dropout=0.0),
+    # Narrow and shallow: the step count, not the width, decides how soon it follows prompts. ~2.5 CPU minutes:
+    # attending to the few caption tokens among 77 takes ~1000 steps (colour), shape ~3000: many cheap steps, a high
+    # LR and AdamW beta2 0.95 (faster to adapt than the reference's 0.999 in such short runs)
+    "tiny": dict(
+        model=StageCConfig(c=64, c_cond=64, depth=2, nhead=4, dropout=0.0),
+        text_encoder={"name": "tiny", "pretrained": None},
+        train=dict(image_size=128, batch_size=64, max_steps=3000, lr=3e-3, warmup=50, beta2=0.95, cache=True,
+                   steps_c=20)),
     # one-GPU reproduction (126 M params): CLIP ViT-B-32 text (512 wide), as Stage B's small preset
-    "small": StageCConfig(c=768, c_cond=512, depth=16, nhead=12),
-    # the released warp-ai/wuerstchen-prior `prior` (WuerstchenPrior), CLIP ViT-bigG-14 text
-    "paper": StageCConfig(),
-}
-# open_clip text towers (architecture, pretrained tag); c_cond follows the tower's width. "tiny" is random.
-TEXT_ENCODER_PRESETS = {
-    "tiny": {"name": "tiny", "pretrained": None},
-    "small": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
-    "paper": {"name": "ViT-bigG-14", "pretrained": "laion2b_s39b_b160k"},  # v2 prior (method §5.5)
-}
-# training defaults that depend on the preset (flags left unset take these)
-TRAIN_DEFAULTS = {
-    # ~2.5 CPU minutes. Attending to the few caption tokens among 77 takes ~1000 steps (colour), shape ~3000: many cheap
-    # steps, a high LR and Adam beta2 0.95 (faster to adapt than the reference's 0.999 in such short runs)
-    "tiny": dict(image_size=128, batch_size=64, max_steps=3000, lr=3e-3, warmup=50, beta2=0.95, cache=True,
-                 sample_steps=20),
-    "small": dict(image_size=256, batch_size=256, max_steps=200_000, lr=1e-4, warmup=5_000, beta2=0.999, cache=False,
-                  sample_steps=None),
-    # v1 Stage C script (method §6.5): AdamW 1e-4 with default betas, 10k warm-up, global batch 1280, 1.5M updates
+    "small": dict(
+        model=StageCConfig(c=768, c_cond=512, depth=16, nhead=12),
+        text_encoder={"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+        train=dict(image_size=256, batch_size=256, max_steps=200_000, lr=1e-4, warmup=5_000, beta2=0.999,
+                   cache=False, steps_c=0)),
+    # the released warp-ai/wuerstchen-prior `prior` (WuerstchenPrior), CLIP ViT-bigG-14 text (method §5.5). The v1
+    # Stage C script (method §6.5): AdamW 1e-4 with default betas, 10k warm-up, global batch 1280, 1.5M updates
     # budgeted; v2 was trained at 512 px (12 x 12) first, then at 1024 px and above
-    "paper": dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000, beta2=0.999,
-                  cache=False, sample_steps=None),
+    "paper": dict(
+        model=StageCConfig(),
+        text_encoder={"name": "ViT-bigG-14", "pretrained": "laion2b_s39b_b160k"},
+        train=dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000, beta2=0.999,
+                   cache=False, steps_c=0)),
 }
 
 # -----------------------------------------------------------------------------
 # model
-
-
-class ResBlock(nn.Module):
-    """ConvNeXt block of the prior ("C" in method §4.2, dome272 `ResBlock`): [concat skip] -> depthwise conv
-    (groups = c, so a skip of width c gives every group 2 input channels) -> LayerNorm2d -> channels-last MLP
-    (Linear 4c, GELU, GRN, Dropout, Linear) -> residual. Unlike Stage B's block, the skip joins *before* the conv
-    (the prior itself passes none)."""
-
-    def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0):
-        super().__init__()
-        self.depthwise = nn.Conv2d(c + c_skip, c, kernel_size, padding=kernel_size // 2, groups=c)
-        self.norm = LayerNorm2d(c)
-        self.channelwise = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), GlobalResponseNorm(4 * c),
-                                         Dropout(dropout), nn.Linear(4 * c, c))
-
-    def forward(self, x, skip=None):  # x: (B, C, H, W), skip: (B, C_skip, H, W) or None
-        h = x if skip is None else torch.cat([x, skip], dim=1)  # (B, C + C_skip, H, W)
-        h = self.norm(self.depthwise(h))  # (B, C, H, W)
-        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP runs on (B, H, W, C)
 
 
 class StageC(nn.Module):
@@ -176,8 +156,7 @@ class StageC(nn.Module):
         `model_v3_stage_c.pt` (its `ema_state_dict`, as the converter uses; packed attention is split into q/k/v).
         For a .pt file the sizes are read off the weights, with 64-dim heads as in every release unless `cfg` says."""
         if os.path.isdir(path):
-            with open(os.path.join(path, "config.json")) as f:
-                hf = json.load(f)
+            hf = read_json(os.path.join(path, "config.json"))
             cfg = StageCConfig(**{k: v for k, v in hf.items() if k in StageCConfig.__dataclass_fields__})
             sd = load_weights_file(path)
         else:
@@ -282,10 +261,10 @@ def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_ST
 def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, steps=12, guidance_scale=0.0,
                    generator=None, progress=False):
     """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1] (method §7.5): e = y * scale - shift, Stage B
-    samples a Stage A latent of side int(10.67 h) conditioned on e and its own text encoder's CLIP text (CFG only
+    samples a Stage A latent of side int(10.67 h) (LATENT_DIM_SCALE) conditioned on e and its own text encoder's CLIP text (CFG only
     when guidance_scale > 1, against zero e and the empty caption), then Stage A decodes it unquantised."""
     e = to_stage_b_space(y, latent_space)
-    side = (int(y.shape[-2] * 10.67), int(y.shape[-1] * 10.67))  # 24 -> 256 for 1024 px, 3 -> 32 for 128 px
+    side = (int(y.shape[-2] * LATENT_DIM_SCALE), int(y.shape[-1] * LATENT_DIM_SCALE))  # 24 -> 256, 3 -> 32
     noise = torch.randn((len(y), stage_b.cfg.c_in, *side), generator=generator, device=y.device)
     cond = {"effnet": e, "clip_text": text_encoder_b.encode(prompts)}
     uncond = {"effnet": torch.zeros_like(e), "clip_text": text_encoder_b.encode([""] * len(y))} \
@@ -294,42 +273,13 @@ def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, s
     return stage_a.decode(latents).float().clamp(0, 1)
 
 
-def save_captioned_grid(images, captions, path, ncol=6):
-    """Save (N, 3, H, W) images in [0, 1] as a PNG grid with each caption written under its image."""
-    from PIL import Image, ImageDraw, ImageFont
-    font = ImageFont.load_default()
-    H, W = images.shape[-2:]
-    per_line = max(8, int(W / (font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)))  # characters per line
-    lines = [textwrap.wrap(c, per_line) or [""] for c in captions]
-    line_h, pad = font.getbbox("Ag")[3] + 2, 4
-    band = line_h * max(len(l) for l in lines) + pad  # text height under every image
-    nrow = math.ceil(len(images) / ncol)
-    grid = Image.new("RGB", (ncol * (W + pad) + pad, nrow * (H + band + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    pixels = images.float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
-    for i, (img, text) in enumerate(zip(pixels, lines)):
-        x0, y0 = pad + (i % ncol) * (W + pad), pad + (i // ncol) * (H + band + pad)
-        grid.paste(Image.fromarray(img), (x0, y0))
-        for j, line in enumerate(text):
-            draw.text((x0 + 1, y0 + H + 2 + j * line_h), line, fill="black", font=font)
-    grid.save(path)
-
-
-def toy_prompt_following(images, targets):
-    """Prompt following on toy data: the shares of images whose colour and shape, as data.classify_toy_image reads
-    them, are the prompt's. targets: [(colour, shape)] per image. Returns (colour accuracy, shape accuracy)."""
-    from data import classify_toy_image
-    found = [classify_toy_image(img) for img in images]
-    colour = sum(f[0] == c for f, (c, _) in zip(found, targets)) / len(targets)
-    shape = sum(f[1] == s for f, (_, s) in zip(found, targets)) / len(targets)
-    return colour, shape
-
 # -----------------------------------------------------------------------------
 # training
 
 
 def train(args):
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", TRAIN_DEFAULTS)
+    preset = PRESETS[args.model]
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", preset["train"])
 
     # frozen parts (method §1.1): Stage B's semantic compressor (EMA, eval) gives the target, a CLIP text tower the
     # condition. A random tower ('tiny') is built from the seed on every rank and saved with our checkpoint.
@@ -337,21 +287,16 @@ def train(args):
     parts_b = load_stage_b(args.stage_b, rt.device, parts=("compressor",) + preview_parts)
     compressor, latent_space = parts_b["compressor"], parts_b["latent_space"]
     stage_a = load_stage_a(args.stage_a, rt.device) if rt.master else None  # previews decode through B and A
-    text_spec = ckpt["text_encoder"] if ckpt else {
-        "name": args.text_encoder or TEXT_ENCODER_PRESETS[args.model]["name"],
-        "pretrained": None if args.text_pretrained == "none" else
-        args.text_pretrained or TEXT_ENCODER_PRESETS[args.model]["pretrained"]}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        text_encoder = TextEncoder.from_spec(text_spec).to(rt.device)
-    cfg = StageCConfig(**ckpt["model_config"]) if ckpt else replace(PRESETS[args.model], c_cond=text_encoder.width)
+    text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)
+    cfg = StageCConfig(**ckpt["model_config"]) if ckpt else replace(preset["model"], c_cond=text_encoder.width)
     logger.log(f"stage C | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
-               f"world {rt.world_size} | config {asdict(cfg)} | text {text_spec['name']} / {text_spec['pretrained']} "
+               f"world {rt.world_size} | config {asdict(cfg)} | "
+               f"text {text_encoder.spec['name']} / {text_encoder.spec['pretrained']} "
                f"| latent space y = (e + {latent_space['shift']}) / {latent_space['scale']} from {args.stage_b}")
     logger.log(f"training config: {vars(args)}")
 
     # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data: every colour x shape)
-    from data import COLORS, SHAPES, ImageFolder, toy_caption, toy_prompts
+    from data import COLORS, SHAPES, ImageFolder, toy_caption, toy_prompt_following, toy_prompts
     dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
     trainset, holdout = split_holdout(dataset, args.num_holdout)
     held_images, held_captions = holdout_batch(holdout, rt.device)
@@ -391,19 +336,17 @@ def train(args):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    model = wrap_ddp(model, rt)
 
     @torch.no_grad()
     def preview():
         """Fixed prompts and noise -> EMA Stage C (CFG) -> Stage B -> Stage A; the grid and, on toy data, accuracy."""
         g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
-        timesteps = args.sample_steps or DEFAULT_STAGE_C_TIMESTEPS
+        timesteps = args.steps_c or DEFAULT_STAGE_C_TIMESTEPS
         with rt.autocast():
-            y = sample_stage_c(ema, text_encoder, prompts, latent_hw, timesteps, args.guidance, generator=g)
+            y = sample_stage_c(ema, text_encoder, prompts, latent_hw, timesteps, args.guidance_c, generator=g)
             images = decode_stage_c(y, prompts, parts_b["stage_b"], parts_b["text_encoder"], latent_space, stage_a,
-                                    args.decoder_steps, generator=g)
+                                    args.steps_b, generator=g)
         path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
         save_captioned_grid(images, prompts, path)
         metrics = {"y_std": y.float().std().item()}  # ~1 when the prior's samples match the data's spread
@@ -445,7 +388,7 @@ def train(args):
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
             seen += len(y) * rt.world_size
-        grad_norm = optimizer_step(model, opt, scaler, args.grad_clip)
+        grad_norm = optimizer_step(opt, scaler, args.grad_clip)
         update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
@@ -472,29 +415,25 @@ def train(args):
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Train Stage C of Würstchen (the text-conditional prior) on a folder "
                                      "of captioned images, on top of trained Stages A and B.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_common_args(parser, "stage_c")
     g = parser.add_argument_group("stage C")
     g.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="Stage A checkpoint (decodes the previews)")
     g.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint: its frozen semantic "
                    "compressor gives the training target, its decoder the previews")
-    g.add_argument("--text_encoder", default=None, help="open_clip text architecture (default: per preset: tiny, "
-                   "ViT-B-32, ViT-bigG-14)")
-    g.add_argument("--text_pretrained", default=None, help="open_clip pretrained tag or weights file, 'none' for "
-                   "random weights (default: per preset)")
+    add_text_encoder_args(g)
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="precompute the frozen text "
                    "embeddings and semantic latents of the whole dataset once (small datasets; default: on for tiny)")
-    g.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: per preset: 0.95 for tiny, else "
-                   "the reference's 0.999)")
     g.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample (CFG)")
-    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of the previews")
-    g.add_argument("--sample_steps", type=int, default=None, help="Stage C DDPM steps of the previews (default: 20 for "
-                   "tiny, else the released 29-step grid DEFAULT_STAGE_C_TIMESTEPS)")
-    g.add_argument("--decoder_steps", type=int, default=12, help="Stage B DDPM steps of the previews")
+    g.add_argument("--guidance_c", type=float, default=4.0, help="Stage C classifier-free guidance scale of the "
+                   "previews")
+    g.add_argument("--steps_c", type=int, default=None, help="Stage C DDPM steps of the previews, 0 = the released "
+                   "29-step grid DEFAULT_STAGE_C_TIMESTEPS (default: per preset)")
+    g.add_argument("--steps_b", type=int, default=12, help="Stage B DDPM steps of the previews")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass "
                    "(activation checkpointing): much less memory for the paper size, ~30%% more compute")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    train(get_args())
+    run_cli(train, get_args())

@@ -51,7 +51,7 @@ def test_flop_count_fixes():
 
 
 def test_paper_stage_c_training_flops_per_image():
-    cfg = bench.STAGE_C_PRESETS["paper"]
+    cfg = bench.PAPER_C
     with torch.device("meta"):
         flops = bench.training_flops_per_image(bench.StageC(cfg), torch.randn(1, 16, 24, 24), torch.rand(1),
                                                torch.randn(1, 77, cfg.c_cond))

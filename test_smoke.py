@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sample
+from common import load_checkpoint
 import stage_a
 import stage_b
 import stage_c
@@ -25,9 +26,9 @@ def chain(tmp_path_factory):
     a, b, c = (str(out / s / "ckpt.pt") for s in ("stage_a", "stage_b", "stage_c"))
     stage_a.train(stage_a.get_args(["--data", data, "--out_dir", str(out / "stage_a")] + COMMON))
     stage_b.train(stage_b.get_args(["--data", data, "--out_dir", str(out / "stage_b"), "--stage_a", a,
-                                    "--sample_steps", "2"] + COMMON))
+                                    "--steps_b", "2"] + COMMON))
     stage_c.train(stage_c.get_args(["--data", data, "--out_dir", str(out / "stage_c"), "--stage_a", a,
-                                    "--stage_b", b, "--sample_steps", "2", "--decoder_steps", "2"] + COMMON))
+                                    "--stage_b", b, "--steps_c", "2", "--steps_b", "2"] + COMMON))
     pipe = sample.load_pipeline(a, b, c, "cpu")
     return dict(root=root, data=data, a=a, b=b, c=c, pipe=pipe)
 
@@ -39,7 +40,7 @@ def test_each_stage_left_a_checkpoint_and_a_grid(chain):
     for stage in ("stage_a", "stage_b", "stage_c"):
         folder = chain["root"] / "out" / stage
         assert (folder / "samples_0000002.png").exists() and (folder / "log.txt").exists()
-        assert stage_a.load_checkpoint(str(folder / "ckpt.pt"), stage)["step"] == 2
+        assert load_checkpoint(str(folder / "ckpt.pt"), stage)["step"] == 2
 
 
 def test_text_to_image_size_seed_and_prompt(chain):

@@ -13,6 +13,7 @@ from PIL import Image
 
 import stage_a
 from data import write_toy_dataset
+from common import load_checkpoint, save_checkpoint
 from stage_a import PRESETS, StageA, StageAConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +39,7 @@ def randomize(module, seed=0):
 
 
 def test_paper_parameter_count():
-    assert sum(p.numel() for p in StageA(PRESETS["paper"]).parameters()) == 18_406_894
+    assert sum(p.numel() for p in StageA(PRESETS["paper"]["model"]).parameters()) == 18_406_894
 
 
 def assert_parity(ours, ref):
@@ -126,7 +127,7 @@ def test_train_writes_checkpoint_grid_and_resumes_exactly(toy, tmp_path):
     stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "2", "--save_every", "2"] + FAST))
     stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "4", "--save_every", "4",
                                     "--resume"] + FAST))
-    ck_a, ck_b = stage_a.load_checkpoint(str(a / "ckpt.pt"), "stage_a"), stage_a.load_checkpoint(str(b / "ckpt.pt"), "stage_a")
+    ck_a, ck_b = load_checkpoint(str(a / "ckpt.pt"), "stage_a"), load_checkpoint(str(b / "ckpt.pt"), "stage_a")
     assert ck_a["step"] == ck_b["step"] == 4
     for k in ck_a["model"]:  # an interrupted + resumed run equals an uninterrupted one
         torch.testing.assert_close(ck_a["model"][k], ck_b["model"][k], msg=k)
@@ -137,11 +138,11 @@ def test_train_writes_checkpoint_grid_and_resumes_exactly(toy, tmp_path):
 
 
 def test_wrong_and_missing_checkpoint(tmp_path):
-    stage_a.save_checkpoint(str(tmp_path / "b.pt"), {"stage": "stage_b"})
+    save_checkpoint(str(tmp_path / "b.pt"), {"stage": "stage_b"})
     with pytest.raises(ValueError, match="stage_b checkpoint.*stage_a checkpoint was expected"):
-        stage_a.load_checkpoint(str(tmp_path / "b.pt"), "stage_a")
+        load_checkpoint(str(tmp_path / "b.pt"), "stage_a")
     with pytest.raises(FileNotFoundError, match="python stage_a.py"):
-        stage_a.load_checkpoint(str(tmp_path / "nope.pt"), "stage_a")
+        load_checkpoint(str(tmp_path / "nope.pt"), "stage_a")
 
 
 def test_sigkill_then_resume(toy, tmp_path):
@@ -152,16 +153,16 @@ def test_sigkill_then_resume(toy, tmp_path):
     ckpt = out / "ckpt.pt"
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for a few checkpoints, then kill without warning, likely mid-save
-        if ckpt.exists() and stage_a.load_checkpoint(str(ckpt), "stage_a")["step"] >= 3:
+        if ckpt.exists() and load_checkpoint(str(ckpt), "stage_a")["step"] >= 3:
             break
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    step = stage_a.load_checkpoint(str(ckpt), "stage_a")["step"]  # loads: the file is never half-written
+    step = load_checkpoint(str(ckpt), "stage_a")["step"]  # loads: the file is never half-written
     assert step >= 3
     stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out), "--max_steps", str(step + 2),
                                     "--save_every", "100", "--resume"] + FAST))
-    assert stage_a.load_checkpoint(str(ckpt), "stage_a")["step"] == step + 2
+    assert load_checkpoint(str(ckpt), "stage_a")["step"] == step + 2
     assert f"resumed from {ckpt} at step {step}" in (out / "log.txt").read_text()
 
 
@@ -191,4 +192,4 @@ def test_torchrun_two_processes_cpu(toy, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "world 2" in log and "step      2/2" in log
-    assert stage_a.load_checkpoint(str(out / "ckpt.pt"), "stage_a")["step"] == 2
+    assert load_checkpoint(str(out / "ckpt.pt"), "stage_a")["step"] == 2

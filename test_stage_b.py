@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import stage_b
+from common import save_checkpoint
 from stage_b import (
     DEFAULT_STAGE_C_TIMESTEPS,
     AttnBlock,
@@ -223,7 +224,7 @@ def test_stage_b_parity_paper_config(monkeypatch, tmp_path):
     ref = _diffnext(monkeypatch, 1, shared=True)  # the released config = diffusers' defaults
     ref.save_pretrained(tmp_path, safe_serialization=False)  # .bin keeps the shared storage small
     ours = stage_b.StageB.from_pretrained(str(tmp_path))
-    assert ours.cfg == stage_b.PRESETS["paper"]
+    assert ours.cfg == stage_b.PRESETS["paper"]["model"]
     assert sum(p.numel() for p in ours.parameters()) == 1_055_365_280
     for latent_hw, effnet_hw in [((16, 16), (2, 2)), ((16, 32), (2, 3))]:
         x, t, effnet, clip = _inputs(ours.cfg, latent_hw, effnet_hw)
@@ -260,11 +261,11 @@ def test_stage_b_and_compressor_load_official_pt(monkeypatch, tmp_path):
     images = torch.rand(1, 3, 128, 128)
     torch.testing.assert_close(loaded(images), compressor.eval()(images))
     with pytest.raises(ValueError, match="do not match"):  # the wrong architecture is named clearly
-        stage_b.StageB.from_pretrained(path, stage_b.PRESETS["tiny"])
+        stage_b.StageB.from_pretrained(path, stage_b.PRESETS["tiny"]["model"])
 
 
 def test_semantic_compressor_shapes():
-    tiny = stage_b.SemanticCompressor(stage_b.COMPRESSOR_PRESETS["tiny"])
+    tiny = stage_b.SemanticCompressor(stage_b.PRESETS["tiny"]["compressor"])
     assert tiny(torch.rand(2, 3, 128, 128)).shape == (2, 16, 3, 3)
     assert tiny(torch.rand(1, 3, 256, 384)).shape == (1, 16, 6, 9)
     effnet = stage_b.SemanticCompressor(stage_b.CompressorConfig()).eval()
@@ -289,19 +290,19 @@ def test_text_encoder():
 
 def test_text_encoder_offline_fails_fast():
     with pytest.raises(RuntimeError, match="huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
-        stage_b.TextEncoder(**stage_b.TEXT_ENCODER_PRESETS["paper"])
+        stage_b.TextEncoder(**stage_b.PRESETS["paper"]["text_encoder"])
 
 
 # ---- training
 
 
 def _tiny_inputs(batch=2, seed=0):
-    return _inputs(stage_b.PRESETS["tiny"], (32, 32), (3, 3), batch=batch, seed=seed)
+    return _inputs(stage_b.PRESETS["tiny"]["model"], (32, 32), (3, 3), batch=batch, seed=seed)
 
 
 def test_shapes_finite_loss_and_gradients():
-    model = stage_b.CompressorAndStageB(stage_b.SemanticCompressor(stage_b.COMPRESSOR_PRESETS["tiny"]),
-                                        stage_b.StageB(stage_b.PRESETS["tiny"]), p_zero_effnet=0.5, p_noise_effnet=0.5)
+    model = stage_b.CompressorAndStageB(stage_b.SemanticCompressor(stage_b.PRESETS["tiny"]["compressor"]),
+                                        stage_b.StageB(stage_b.PRESETS["tiny"]["model"]), p_zero_effnet=0.5, p_noise_effnet=0.5)
     latents, _, _, clip = _tiny_inputs(batch=4)
     images = torch.rand(4, 3, 128, 128)
     assert model.compressor(images).shape == (4, 16, 3, 3)
@@ -318,7 +319,7 @@ def test_shapes_finite_loss_and_gradients():
 
 def test_overfit_one_batch():
     torch.manual_seed(0)
-    model = stage_b.StageB(stage_b.PRESETS["tiny"])
+    model = stage_b.StageB(stage_b.PRESETS["tiny"]["model"])
     x0, _, effnet, clip = _inputs(model.cfg, (16, 16), (3, 3), n_text=8, batch=2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -334,12 +335,12 @@ def test_overfit_one_batch():
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """A 48-image 64 px toy folder and a tiny (random) Stage A checkpoint for it."""
-    from stage_a import PRESETS as A_PRESETS, StageA, save_checkpoint
+    from stage_a import PRESETS as A_PRESETS, StageA
     from data import write_toy_dataset
     root = tmp_path_factory.mktemp("toy_b")
     write_toy_dataset(str(root / "toy"), n=48, size=64, seed=0)
     torch.manual_seed(0)
-    a = StageA(A_PRESETS["tiny"])
+    a = StageA(A_PRESETS["tiny"]["model"])
     a_path = str(root / "stage_a.pt")
     save_checkpoint(a_path, {"stage": "stage_a", "step": 0, "model_config": asdict(a.cfg), "model": a.state_dict(),
                              "ema": a.state_dict()})
@@ -350,7 +351,7 @@ def _args(toy_run, out_dir, steps, *extra):
     data, a_path = toy_run
     return stage_b.get_args(["--data", data, "--stage_a", a_path, "--out_dir", str(out_dir), "--model", "tiny",
                              "--device", "cpu", "--num_workers", "0", "--image_size", "64", "--batch_size", "4",
-                             "--num_holdout", "4", "--log_every", "1", "--sample_every", "2", "--sample_steps", "3",
+                             "--num_holdout", "4", "--log_every", "1", "--sample_every", "2", "--steps_b", "3",
                              "--max_steps", str(steps), "--save_every", str(steps), *extra])
 
 
@@ -378,7 +379,7 @@ def test_wrong_checkpoints_name_both_stages(toy_run, tmp_path):
     data, a_path = toy_run
     with pytest.raises(ValueError, match="stage_a checkpoint, but a stage_b checkpoint was expected"):
         stage_b.load_stage_b(a_path)
-    stage_b.save_checkpoint(str(tmp_path / "b.pt"), {"stage": "stage_b"})
+    save_checkpoint(str(tmp_path / "b.pt"), {"stage": "stage_b"})
     with pytest.raises(ValueError, match="stage_b checkpoint, but a stage_a checkpoint was expected"):
         stage_b.train(_args((data, str(tmp_path / "b.pt")), tmp_path / "out", 1))
     with pytest.raises(FileNotFoundError, match="python stage_a.py"):

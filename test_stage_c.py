@@ -13,10 +13,10 @@ import torch
 import stage_a
 import stage_b
 from data import ImageFolder, write_toy_dataset
-from stage_a import load_checkpoint, save_checkpoint
-from stage_b import (COMPRESSOR_PRESETS, SemanticCompressor, StageB, TextEncoder, diffusion_loss, dome272_to_diffusers,
+from common import load_checkpoint, save_checkpoint
+from stage_b import (ResBlock, SemanticCompressor, StageB, TextEncoder, diffusion_loss, dome272_to_diffusers,
                      measure_latent_space)
-from stage_c import (PRESETS, LatentCache, ResBlock, StageC, StageCConfig, get_args, load_stage_c, sample_stage_c,
+from stage_c import (PRESETS, LatentCache, StageC, StageCConfig, get_args, load_stage_c, sample_stage_c,
                      training_inputs, train)
 
 
@@ -79,7 +79,7 @@ def inputs(cfg, batch, h, w, n_text=77, seed=1):
 @torch.no_grad()
 def test_parity_paper_config(tmp_path):
     """The released v2 prior (993,636,896 params) through save_pretrained -> StageC.from_pretrained."""
-    cfg = PRESETS["paper"]
+    cfg = PRESETS["paper"]["model"]
     ref = reference_prior(cfg)
     assert sum(p.numel() for p in ref.parameters()) == 993_636_896
     x, t, clip = inputs(cfg, 1, 2, 3, n_text=8)  # any text length works; 8 tokens keep the CPU time down
@@ -140,7 +140,7 @@ def test_resblock_skip_matches_diffusers():
 
 def test_init_and_shapes():
     """At init the out conv is zero, so the prior predicts eps_hat = x_t; output keeps the latent's shape."""
-    model = StageC(PRESETS["tiny"])
+    model = StageC(PRESETS["tiny"]["model"])
     x, t, clip = inputs(model.cfg, 3, 3, 5)
     out = model(x, t, clip)
     assert out.shape == x.shape and out.dtype == torch.float32
@@ -150,7 +150,7 @@ def test_init_and_shapes():
 
 def test_grad_checkpointing_same_gradients():
     torch.manual_seed(0)
-    model = randomize(StageC(PRESETS["tiny"]))
+    model = randomize(StageC(PRESETS["tiny"]["model"]))
     x, t, clip = inputs(model.cfg, 2, 3, 3)
     grads = []
     for flag in (False, True):
@@ -171,10 +171,10 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage_c")
     write_toy_dataset(root / "toy", n=40, size=128)
     torch.manual_seed(0)
-    a = stage_a.StageA(stage_a.PRESETS["tiny"])
+    a = stage_a.StageA(stage_a.PRESETS["tiny"]["model"])
     save_checkpoint(str(root / "a.pt"), {"stage": "stage_a", "step": 0, "model_config": asdict(a.cfg),
                                          "model": a.state_dict(), "ema": a.state_dict()})
-    b, compressor = StageB(stage_b.PRESETS["tiny"]), SemanticCompressor(COMPRESSOR_PRESETS["tiny"]).eval()
+    b, compressor = StageB(stage_b.PRESETS["tiny"]["model"]), SemanticCompressor(stage_b.PRESETS["tiny"]["compressor"]).eval()
     images = torch.stack([ImageFolder(str(root / "toy"), 128, verbose=False)[i][0] for i in range(8)])
     save_checkpoint(str(root / "b.pt"), {
         "stage": "stage_b", "step": 0, "model_config": asdict(b.cfg), "model": b.state_dict(), "ema": b.state_dict(),
@@ -187,7 +187,7 @@ def env(tmp_path_factory):
 def args_for(env, out, *extra):
     return get_args(["--data", str(env / "toy"), "--model", "tiny", "--out_dir", str(out), "--stage_a",
                      str(env / "a.pt"), "--stage_b", str(env / "b.pt"), "--batch_size", "8", "--num_workers", "0",
-                     "--log_every", "1", "--sample_steps", "2", "--decoder_steps", "2", *extra])
+                     "--log_every", "1", "--steps_c", "2", "--steps_b", "2", *extra])
 
 
 def frozen_parts(env):
@@ -209,7 +209,7 @@ def test_cached_and_uncached_inputs_give_the_same_loss(env):
     y, clip_text = cached
     assert y.shape == (4, 16, 3, 3) and clip_text.shape == (4, 77, 64)
     torch.testing.assert_close(clip_text[1], text_encoder.encode([""])[0])
-    model = StageC(PRESETS["tiny"])
+    model = StageC(PRESETS["tiny"]["model"])
     losses = [diffusion_loss(model, y, torch.Generator().manual_seed(0), clip_text=c) for y, c in (uncached, cached)]
     assert torch.isfinite(losses[0])
     torch.testing.assert_close(losses[0], losses[1])
@@ -218,7 +218,7 @@ def test_cached_and_uncached_inputs_give_the_same_loss(env):
 def test_overfit_loss_falls():
     """A fixed batch with fixed t and noise: 40 Adam steps must cut the P2-weighted loss by more than half."""
     torch.manual_seed(0)
-    model = StageC(PRESETS["tiny"])
+    model = StageC(PRESETS["tiny"]["model"])
     y, clip_text = torch.randn(4, 16, 3, 3), torch.randn(4, 77, 64)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
