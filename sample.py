@@ -38,7 +38,7 @@ from stage_a import StageA, load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, RESOLUTION_MULTIPLE,
                      SemanticCompressor, StageB, TextEncoder, add_noise, ddpm_sample, fetch_clip_weights, load_stage_b,
                      read_pad_token, timestep_grid)
-from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c, to_stage_b_space, to_stage_c_space
+from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c, to_stage_c_space
 
 # -----------------------------------------------------------------------------
 # loading
