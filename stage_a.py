@@ -27,10 +27,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
-                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr, read_json,
-                    rng_state, run_cli, save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout,
-                    start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state, get_lr,
+                    holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line, no_sync,
+                    psnr, read_json, restore_rng, run_cli, save_checkpoint, save_image_grid, set_lr, start_run,
+                    update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -329,9 +329,8 @@ def train(args):
                f"world {rt.world_size} | config {asdict(cfg)}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the final PSNR
-    from data import ImageFolder
-    dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
-    trainset, holdout = split_holdout(dataset, args.num_holdout)
+    from data import first_images, open_data
+    trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, _ = holdout_batch(holdout, rt.device)
 
     # models, EMA and optimizers (weights stay fp32; autocast does the low-precision compute)
@@ -366,15 +365,16 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
     model, disc = wrap_ddp(model, rt), wrap_ddp(disc, rt)
+    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model, ema)
 
-    def save():
+    def save(run_state):
         cfg_out = asdict(cfg) | {"scale_factor": measure_scale_factor(ema, held_images)}
         ema.cfg.scale_factor = raw_model.cfg.scale_factor = cfg_out["scale_factor"]
         save_checkpoint(ckpt_path, {
             "stage": "stage_a", "step": step, "model_config": cfg_out, "model": raw_model.state_dict(),
             "ema": ema.state_dict(), "disc": raw_disc.state_dict(), "optimizer": opt.state_dict(),
             "optimizer_disc": opt_d.state_dict(), "scaler": scaler.state_dict(), "scaler_disc": scaler_d.state_dict(),
-            "train_config": vars(args), "deps": {"data": os.path.abspath(args.data)}, "rng": rng_state(),
+            "train_config": vars(args), "deps": {"data": os.path.abspath(args.data)}, **run_state,
             "code_counts": counts, "metrics": {"holdout_psnr": holdout_psnr()}})
 
     @torch.no_grad()
@@ -384,13 +384,14 @@ def train(args):
     gen_params = list(raw_model.parameters())
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored (the dead-code restarts draw from it after a resume)
-    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum)
+    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum,
+                               ckpt and ckpt.get("data"))
     counts = torch.zeros(cfg.codebook_size, device=rt.device)  # code usage since the last dead-code restart
     if ckpt:
-        set_rng_state(ckpt["rng"])
+        restore_rng(ckpt, rt)
         counts.copy_(ckpt["code_counts"])
     else:  # initialise the codebook on encoder outputs of a few images instead of the tiny uniform init
-        x0 = torch.stack([trainset[i][0] for i in range(min(len(trainset), 64))]).to(rt.device)
+        x0 = first_images(trainset, 64).to(rt.device)
         with torch.no_grad():
             restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x0), counts, rt)
     pbar = None
@@ -424,10 +425,10 @@ def train(args):
                 scaler_d.scale(d_loss / args.grad_accum).backward()
             counts += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
             seen += len(x) * rt.world_size
-        grad_norm = optimizer_step(opt, scaler, args.grad_clip)
-        if use_gan:
-            optimizer_step(opt_d, scaler_d, args.grad_clip)
-        update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
+        optimizers = [(opt, scaler)] + [(opt_d, scaler_d)] * use_gan  # both stepped, or (non-finite) neither
+        grad_norm = guard.step(step, loss + d_loss if use_gan else loss, optimizers, args.grad_clip)
+        if guard.ok:
+            update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
             pbar.update(1)
@@ -437,9 +438,9 @@ def train(args):
                        "grad_norm": grad_norm.item()}
             if use_gan:
                 metrics |= {"g": g_loss.item(), "d": d_loss.item()}
-            logger.log(log_line(step, args.max_steps, metrics, lr, seen / (time.time() - t0)))
+            logger.log(log_line(step, args.max_steps, metrics, lr, seen / (time.time() - t0), guard.skipped))
             t0, seen = time.time(), 0
-        if step % args.restart_every == 0 and step < args.max_steps * RESTART_UNTIL:
+        if step % args.restart_every == 0 and step < args.max_steps * RESTART_UNTIL and guard.ok:
             with torch.no_grad():
                 restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x), counts, rt)
             counts.zero_()
@@ -447,8 +448,10 @@ def train(args):
             with torch.no_grad():  # held-out inputs (top) over their EMA reconstructions (bottom)
                 recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
             save_image_grid(torch.cat([held_images[:8], recon_h]), os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
-        if rt.master and (step % args.save_every == 0 or step == args.max_steps):
-            save()
+        if step % args.save_every == 0 or step == args.max_steps:
+            run_state = gather_run_state(rt, batches)  # every rank: its RNG state and data-stream positions
+            if rt.master:
+                save(run_state)
     if pbar:
         pbar.close()
     if rt.master:

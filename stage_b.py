@@ -34,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
-                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr, read_json,
-                    rng_state, run_cli, save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout,
-                    start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state, get_lr,
+                    holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line, no_sync,
+                    psnr, read_json, restore_rng, run_cli, same_size_batches, save_checkpoint, save_image_grid, set_lr,
+                    sizes_of, start_run, update_ema, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
@@ -822,15 +822,17 @@ class CompressorAndStageB(nn.Module):
 class LatentCache(torch.utils.data.Dataset):
     """--cache: the frozen Stage A latents of a whole (small) dataset, encoded once up front instead of at every
     step (there is no random augmentation, so they never change). Items are (image, caption, latent): the images
-    are still read, since the compressor trains on them. Every rank encodes the whole dataset."""
+    are still read, since the compressor trains on them. Every rank encodes the whole dataset. With aspect-ratio
+    buckets the latents come in several shapes, one per bucket (`sizes`, as the dataset's)."""
 
     def __init__(self, dataset, stage_a, rt, batch_size=64, num_workers=2, verbose=True):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        latents = []
-        for images, _ in tqdm(loader, desc="cache: Stage A latents", disable=not verbose, leave=False):
+        self.dataset, self.sizes, self.latents = dataset, sizes_of(dataset), [None] * len(dataset)
+        for indices, (images, _) in tqdm(same_size_batches(dataset, batch_size, num_workers),
+                                         desc="cache: Stage A latents", disable=not verbose, leave=False):
             with torch.no_grad(), rt.autocast():
-                latents.append(stage_a.encode(images.to(rt.device)).float().cpu())
-        self.dataset, self.latents = dataset, torch.cat(latents)  # (N, 4, S/4, S/4)
+                latents = stage_a.encode(images.to(rt.device)).float().cpu()  # (B, 4, H/4, W/4)
+            for i, latent in zip(indices, latents):
+                self.latents[i] = latent
 
     def __len__(self):
         return len(self.dataset)
@@ -885,9 +887,8 @@ def train(args):
                          f"expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
-    from data import ImageFolder
-    dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
-    trainset, holdout = split_holdout(dataset, args.num_holdout)
+    from data import open_data
+    trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     with torch.no_grad():
         held_latents = stage_a.encode(held_images)  # (N, 4, S/4, S/4)
@@ -903,6 +904,7 @@ def train(args):
             logger.log("semantic compressor: ImageNet EfficientNetV2-S weights unobtainable (offline?): random init")
     model = CompressorAndStageB(compressor, StageB(cfg), args.p_zero_effnet, args.p_noise_effnet,
                                 preset["latent_space"]).to(rt.device)
+    model.stage_b.to(memory_format=torch.channels_last)  # as its activations: DDP's buckets match the gradients
     ema = deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
     scaler = rt.make_scaler()
@@ -914,7 +916,8 @@ def train(args):
     step = ckpt["step"] if ckpt else 0
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored
-    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum)
+    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum,
+                               ckpt and ckpt.get("data"))
     if ckpt:
         model.stage_b.load_state_dict(ckpt["model"])
         model.compressor.load_state_dict(ckpt["compressor"])
@@ -922,13 +925,13 @@ def train(args):
         ema.compressor.load_state_dict(ckpt["compressor_ema"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        restore_rng(ckpt, rt)
         logger.log(f"resumed from {ckpt_path} at step {step}")
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if rt.ddp:  # the compressor's BatchNorms see the global batch
-        model = wrap_ddp(nn.SyncBatchNorm.convert_sync_batchnorm(model), rt)
+    model = wrap_ddp(model, rt)  # under DDP, the compressor's BatchNorms see the global batch
+    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model, ema)
 
     @torch.no_grad()
     def semantic_reconstruction(images, captions):
@@ -940,14 +943,14 @@ def train(args):
             latents = ddpm_sample(ema.stage_b, noise, args.steps_b, cond, generator=g)
             return stage_a.decode(latents).float().clamp(0, 1)
 
-    def save(metrics):
+    def save(metrics, run_state):
         space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)
         save_checkpoint(ckpt_path, {
             "stage": "stage_b", "step": step, "model_config": asdict(cfg), "model": raw_model.stage_b.state_dict(),
             "ema": ema.stage_b.state_dict(), "compressor_config": asdict(ccfg),
             "compressor": raw_model.compressor.state_dict(), "compressor_ema": ema.compressor.state_dict(),
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": vars(args),
-            "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), "rng": rng_state(),
+            "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), **run_state,
             "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)},
             "metrics": metrics})
         return space
@@ -975,14 +978,15 @@ def train(args):
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
             seen += len(images) * rt.world_size
-        grad_norm = optimizer_step(opt, scaler, args.grad_clip)
-        update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
+        grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
+        if guard.ok:
+            update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
             pbar.update(1)
         if step % args.log_every == 0 or step == args.max_steps:
             logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
-                                seen / (time.time() - t0)))
+                                seen / (time.time() - t0), guard.skipped))
             t0, seen = time.time(), 0
         if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
             recon = semantic_reconstruction(held_images, held_captions)
@@ -992,8 +996,10 @@ def train(args):
             logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
                        f"(image -> compressor -> Stage B, {args.steps_b} steps -> Stage A; "
                        f"Stage A alone {stage_a_psnr:.2f} dB)")
-        if rt.master and (step % args.save_every == 0 or step == args.max_steps):
-            space = save(metrics)
+        if step % args.save_every == 0 or step == args.max_steps:
+            run_state = gather_run_state(rt, batches)  # every rank: its RNG state and data-stream positions
+            if rt.master:
+                space = save(metrics, run_state)
     if pbar:
         pbar.close()
     if rt.master:
