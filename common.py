@@ -88,16 +88,30 @@ def setup_runtime(device="auto", dtype="auto", seed=0):
     return Runtime(device=device, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, dtype=dtype)
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient of every rank's input is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduceSum.forward(ctx, grad)
+
+
 class AllRanksBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the global batch, every rank's images together (what
-    SyncBatchNorm does on GPUs, which refuses CPU tensors): mean and variance are summed over ranks with
-    autograd-aware all_reduce, so the gradient flows through the statistics as in SyncBatchNorm. Same parameters
+    SyncBatchNorm does on GPUs, which refuses CPU tensors): mean and variance are summed over ranks with a
+    differentiable all_reduce, so the gradient flows through the statistics as in SyncBatchNorm. Same parameters
     and buffers as nn.BatchNorm2d; eval mode is plain BatchNorm."""
 
     def forward(self, x):
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        all_reduce = AllReduceSum.apply
         xf = x.float()  # statistics in fp32, as BatchNorm under autocast
         count = torch.tensor([x.numel() / x.shape[1]], device=x.device)  # values per channel on this rank
         total = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]))  # (C + 1,): sums, then the global count
@@ -128,6 +142,17 @@ def wrap_ddp(model, rt):
                 m.__class__ = AllRanksBatchNorm  # same parameters and buffers: only forward differs
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+
+def channels_last_convs(model):
+    """Conv weights in channels-last memory, the layout of Stage B's and C's activations: their gradients then come out
+    in the weights' own layout and DDP all-reduces them in place (else it copies every gradient at every step, with
+    the warning "Grad strides do not match bucket view strides"). Other parameters keep theirs: a (1, 1, 1, C) GRN
+    gain made channels-last would mismatch the other way. The arithmetic, and so the numbers, are unchanged."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.to(memory_format=torch.channels_last)
+    return model
 
 
 def no_sync(module, sync):

@@ -34,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state, get_lr,
-                    holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line, no_sync,
-                    psnr, read_json, restore_rng, run_cli, same_size_batches, save_checkpoint, save_image_grid, set_lr,
-                    sizes_of, start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs, ema_decay_at, gather_run_state,
+                    get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
+                    no_sync, psnr, read_json, restore_rng, run_cli, same_size_batches, save_checkpoint, save_image_grid,
+                    set_lr, sizes_of, start_run, update_ema, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
@@ -904,7 +904,7 @@ def train(args):
             logger.log("semantic compressor: ImageNet EfficientNetV2-S weights unobtainable (offline?): random init")
     model = CompressorAndStageB(compressor, StageB(cfg), args.p_zero_effnet, args.p_noise_effnet,
                                 preset["latent_space"]).to(rt.device)
-    model.stage_b.to(memory_format=torch.channels_last)  # as its activations: DDP's buckets match the gradients
+    channels_last_convs(model.stage_b)  # as its activations: no gradient copies under DDP
     ema = deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
     scaler = rt.make_scaler()

@@ -26,14 +26,14 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state, get_lr,
-                    holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line, no_sync,
-                    read_json, restore_rng, run_cli, same_size_batches, save_captioned_grid, save_checkpoint, set_lr,
-                    sizes_of, start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs, ema_decay_at, gather_run_state,
+                    get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
+                    no_sync, read_json, restore_rng, run_cli, same_size_batches, save_captioned_grid, save_checkpoint,
+                    set_lr, sizes_of, start_run, update_ema, wrap_ddp)
 from stage_a import load_stage_a
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, AttnBlock, ResBlock, TextEncoder, TimestepBlock,
-                     add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss, dome272_to_diffusers,
-                     LayerNorm2d, load_stage_b, r_embedding)
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, AttnBlock, ResBlock, TextEncoder,
+                     TimestepBlock, add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss,
+                     dome272_to_diffusers, LayerNorm2d, load_stage_b, r_embedding)
 
 # -----------------------------------------------------------------------------
 # config
@@ -322,8 +322,7 @@ def train(args):
                    f"distinct captions (with the empty one), {time.time() - t0:.1f} s")
 
     # model, EMA, optimizer (AdamW, weight decay 0.01 and beta2 0.999 in the reference Stage C script, method §6.5)
-    # channels-last weights, as the activations: DDP's gradient buckets then match the gradients' strides
-    model = StageC(cfg).to(rt.device, memory_format=torch.channels_last)
+    model = channels_last_convs(StageC(cfg).to(rt.device))  # as the activations: no gradient copies under DDP
     model.grad_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
