@@ -448,7 +448,8 @@ def gather_run_state(rt, batches):
     if rt.ddp:
         dist.all_gather_object(everyone, mine)
     positions = {reader: pos for _, p in everyone for reader, pos in p.items()}
-    return {"rng": [r for r, _ in everyone], "data": batches.stream.state(positions) if batches.stream else None}
+    data = batches.stream.state(positions, batches.served) if batches.stream else None
+    return {"rng": [r for r, _ in everyone], "data": data}
 
 
 def restore_rng(ckpt, rt):
@@ -516,16 +517,17 @@ class StepSampler(torch.utils.data.Sampler):
 class Batches:
     """The iterator infinite_batches returns: next() gives the next micro-batch. A stream of tar shards also hands
     over each loader worker's position after each of its batches; the last one consumed per worker is kept in
-    `positions`, for the checkpoint (gather_run_state)."""
+    `positions`, and the batches taken in `served`, for the checkpoint (gather_run_state)."""
 
     def __init__(self, loader, stream=None):
-        self.it, self.stream, self.positions = iter(loader), stream, {}
+        self.it, self.stream, self.positions, self.served = iter(loader), stream, {}, 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
         batch = next(self.it)
+        self.served += 1
         if self.stream is None:
             return batch
         *batch, position = batch

@@ -291,7 +291,8 @@ def shard_list(source):
     with open(source, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
     folder = os.path.dirname(source)
-    return [s for line in lines for s in expand_braces(line if "://" in line else os.path.join(folder, line))]
+    return [s for line in lines
+            for s in expand_braces(line if "://" in line else os.path.normpath(os.path.join(folder, line)))]
 
 
 def open_url(url):
@@ -341,18 +342,22 @@ class ShardStream(torch.utils.data.IterableDataset):
     def start(self, seed, micro, rank, world, workers, state=None):
         """Set up this rank's readers before its loader starts them (infinite_batches calls this): `workers` per
         rank, world x workers in all, continuing from a checkpoint's `state` ("data") if there is one."""
-        self.seed, self.micro, self.first, self.readers = seed, micro, rank * workers, world * workers
+        self.seed, self.micro, self.workers, self.readers = seed, micro, workers, world * workers
+        self.first = rank * workers  # this rank's readers: first, first + 1, ..., first + workers - 1
         self.block = -(-self.buffer // micro) * micro  # a whole number of micro-batches
-        self.plan, self.cursors = {"readers": self.readers, "micro": micro, "base": 0, "status": {}}, {}
+        self.plan, self.cursors, self.turn = {"readers": self.readers, "micro": micro, "base": 0, "status": {}}, {}, 0
         if state and (state["plan"]["readers"], state["plan"]["micro"]) == (self.readers, micro):
-            self.plan, self.cursors = state["plan"], state["cursors"]
+            self.plan, self.cursors, self.turn = state["plan"], state["cursors"], state["turn"]
         elif state:
             self.plan = replan(state, self.readers, micro)
 
-    def state(self, positions):
-        """The checkpoint's "data": the plan and every reader's position. `positions`: those of the readers that gave
-        a batch (gathered from every rank); the others are still where they started."""
-        return {"plan": self.plan, "cursors": {j: positions.get(j, self.cursor(j)) for j in range(self.readers)}}
+    def state(self, positions, served):
+        """The checkpoint's "data": the plan, every reader's position, and which of a rank's readers is next (the
+        loader takes its workers' batches in turn, starting from its first worker). `positions`: those of the
+        readers that gave a batch (gathered from every rank), the others are still where they started; `served`:
+        batches each rank took since this stream started."""
+        return {"plan": self.plan, "cursors": {j: positions.get(j, self.cursor(j)) for j in range(self.readers)},
+                "turn": (self.turn + served) % self.workers}
 
     def cursor(self, j):
         """Where reader j starts: its checkpointed position, else its first unfinished slot of the plan."""
@@ -438,7 +443,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        j = self.first + (info.id if info else 0)
+        j = self.first + ((info.id if info else 0) + self.turn) % self.workers  # the loader's first worker: whose turn
         slot, offset, done = self.cursor(j)
         raw = self.raw(slot, offset)
         following = next(raw)
@@ -457,14 +462,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             bad = set()
             for b in range(done, len(batches)):
                 batch_size = size[batches[b][self.micro // 2]]
-                images, captions = zip(*[self.decode_at(block, order, k, batch_size, bad) for k in batches[b]])
+                items = [self.decode_at(block, order, k, batch_size, bad) for k in batches[b]]
+                if None in items:  # not one sample of the block could be decoded: on to the next block
+                    break
                 after = [*block[0][:2], b + 1] if b + 1 < len(batches) else [*following[:2], 0]
+                images, captions = zip(*items)
                 yield torch.stack(images), list(captions), torch.tensor([j, *after])
             done = 0
 
     def decode_at(self, block, order, k, size, bad):
         """The block's k-th sample in shuffled order at `size`; one that cannot be decoded is replaced by the next
-        readable one (so a batch keeps its size), as ImageFolder does."""
+        readable one (so a batch keeps its size), as ImageFolder does. None when no sample of the block can be."""
         for n in range(k, k + len(order)):
             i = order[n % len(order)]
             if i not in bad:
@@ -473,7 +481,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if item:
                     return item
                 bad.add(i)
-        raise RuntimeError(f"data: none of {len(order)} samples in a row could be decoded (shards {self.shards[0]} ...)")
 
     def nearest_bucket(self, members):
         """The bucket nearest a sample's aspect ratio, read from its image header (square if unreadable)."""
