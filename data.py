@@ -535,6 +535,8 @@ def open_data(args, verbose=True):
     --buckets, so held-out metrics compare across runs."""
     shards = shard_list(args.data)
     if shards is not None:
+        if getattr(args, "cache", False):
+            raise ValueError("--cache encodes a whole dataset up front: it needs a folder of images, not tar shards")
         stream = ShardStream(shards, args.image_size, args.buckets, args.shuffle_buffer, verbose)
         return stream, stream.holdout(max(1, args.num_holdout))
     dataset = ImageFolder(args.data, args.image_size, verbose, args.buckets, args.batch_size)

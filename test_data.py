@@ -450,3 +450,15 @@ def test_shard_stream_resumes_exactly_and_with_other_readers(clean_shards):
         cursor = one.positions[0]
     assert set(before + after) == {str(i) for i in range(32)}  # nothing missed
     assert len(before) + len(after) <= 32 + 4 * 4  # at most one block per old reader seen twice
+
+
+def test_shard_buckets(tmp_path):
+    """With buckets, a shard reader sorts each shuffle block by size before batching: one size per batch, every
+    image at the size of its own aspect ratio when the block's sizes come in whole batches."""
+    sides = [(80, 320), (160, 160), (320, 80)]
+    write_tar(tmp_path / "00000.tar", [(f"{i:03d}.{ext}", png_bytes("red", sides[i % 3]) if ext == "png" else b"x")
+                                       for i in range(12) for ext in ("png", "txt")])
+    stream = data.ShardStream(data.shard_list(str(tmp_path)), 256, buckets=4, shuffle_buffer=6, verbose=False)
+    stream.start(seed=0, micro=2, rank=0, world=1, workers=1)
+    sizes = [tuple(images.shape[-1:-3:-1]) for images, _, _ in islice(iter(stream), 12)]  # (width, height)
+    assert Counter(sizes) == {(128, 512): 4, (256, 256): 4, (512, 128): 4}
