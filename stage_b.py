@@ -125,7 +125,8 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GlobalResponseNorm(nn.Module):
-    """ConvNeXt-V2 Global Response Normalisation on channels-last input (method §4.2)."""
+    """ConvNeXt-V2 Global Response Normalisation on channels-last input (method §4.2). Textbook form:
+    g = torch.norm(x, dim=(1, 2)); n = g / (g.mean(-1) + 1e-6); out = gamma * (x * n) + beta + x."""
 
     def __init__(self, c):
         super().__init__()
@@ -133,9 +134,9 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
 
     def forward(self, x):  # x: (B, H, W, C)
-        # g: (B, 1, 1, C), the L2 norm over space per channel = torch.norm(x, dim=(1, 2)), which on the CPU reduces
-        # over these strided dims ~10x slower than a sum of squares. A channel of exact zeros (GELU gives them) has
-        # norm 0 and, as in torch.norm, gradient 0: sqrt's own gradient there would be inf * 0 = NaN
+        # g: (B, 1, 1, C), the L2 norm over space per channel, as a sum of squares: torch.norm reduces over these
+        # strided dims ~10x slower on the CPU. A channel of exact zeros (GELU gives them) has norm 0 and, as in
+        # torch.norm, gradient 0: sqrt's own gradient there would be inf * 0 = NaN
         ss = (x * x).sum(dim=(1, 2), keepdim=True)
         g = torch.where(ss > 0, ss, 1.0).sqrt() * (ss > 0)
         n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)  # divisive normalisation across channels

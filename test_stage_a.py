@@ -123,10 +123,15 @@ def test_overfit_one_batch():
 
 def test_train_writes_checkpoint_grid_and_resumes_exactly(toy, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(a), "--max_steps", "4", "--save_every", "4"] + FAST))
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "2", "--save_every", "2"] + FAST))
+    restart = ["--restart_every", "3"]  # a dead-code restart after the resume point draws from the restored RNG
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(a), "--max_steps", "4", "--save_every", "4"]
+                                   + restart + FAST))
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "2", "--save_every", "2"]
+                                   + restart + FAST))
     stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "4", "--save_every", "4",
-                                    "--resume"] + FAST))
+                                    "--resume"] + restart + FAST))
+    assert PRESETS["tiny"]["model"] == StageAConfig(c_hidden=64, bottleneck_blocks=2, codebook_size=1024,
+                                                    disc_c_hidden=64, disc_depth=3)  # runs never change a preset
     ck_a, ck_b = load_checkpoint(str(a / "ckpt.pt"), "stage_a"), load_checkpoint(str(b / "ckpt.pt"), "stage_a")
     assert ck_a["step"] == ck_b["step"] == 4
     for k in ck_a["model"]:  # an interrupted + resumed run equals an uninterrupted one
