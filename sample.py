@@ -107,6 +107,98 @@ def loaded(pipe, *names):
                 torch.cuda.empty_cache()
 
 # -----------------------------------------------------------------------------
+# sizes
+
+
+def round_size(width, height):
+    """The nearest size the stages produce exactly: the Stage C side n = ceil(side / 42.67) must be a multiple of 3,
+    so that Stage B's latent side int(10.67 n) divides through its down-sampling (128-pixel steps, method §7.7).
+    Returns (width, height, Stage C latent (h, w), a note when the size changed, else None)."""
+    def side(s):
+        n = max(3, 3 * round(math.ceil(s / RESOLUTION_MULTIPLE) / 3))
+        return int(n * LATENT_DIM_SCALE) * 4, n
+    (w, nw), (h, nh) = side(width), side(height)
+    note = None if (w, h) == (width, height) else f"size {width}x{height} rounded to {w}x{h} (128-pixel steps)"
+    return w, h, (nh, nw), note
+
+# -----------------------------------------------------------------------------
+# the chain
+
+
+@torch.no_grad()
+def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=1024, seed=0,
+                  steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=12, guidance_b=0.0, progress=True):
+    """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released pipelines' (§7.6); on the
+    released weights a seed gives the image of diffusers' prior then decoder pipeline with that generator."""
+    _, _, latent_hw, _ = round_size(width, height)
+    prompts = [p for p in prompts for _ in range(n)]  # n images per prompt, next to each other
+    g = torch.Generator(pipe.device).manual_seed(seed)
+    with loaded(pipe, "text_encoder_c", "stage_c"):
+        y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c, guidance_c,
+                           negative_prompt, generator=g, progress=progress)
+    # DDPMWuerstchenScheduler draws noise at the last step too (and multiplies it by 0): draw it as well, so that
+    # Stage B gets the diffusers pipelines' noise from the same seed
+    torch.randn(y.shape, generator=g, device=pipe.device)
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
+                              steps_b, guidance_b, generator=g, progress=progress)
+
+
+@torch.no_grad()
+def image_variation(pipe, images, prompts=None, seed=0, steps_b=12, guidance_b=0.0, progress=True):
+    """Images (B, 3, H, W) -> new images with the same semantics: semantic compressor -> Stage B -> Stage A."""
+    with loaded(pipe, "compressor"):
+        y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
+    g = torch.Generator(pipe.device).manual_seed(seed)
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
+                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress)
+
+
+@torch.no_grad()
+def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed=0, steps_c=DEFAULT_STAGE_C_TIMESTEPS,
+                   guidance_c=4.0, steps_b=12, guidance_b=0.0, progress=True):
+    """Noise each image's Stage C latent to t = strength, then denoise it with the prompt (the rest of the
+    Stage C grid below `strength`), then Stage B and A as usual. strength 1 = text-to-image, 0 = variation."""
+    with loaded(pipe, "compressor"):
+        y0 = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
+    g = torch.Generator(pipe.device).manual_seed(seed)
+    grid = timestep_grid(steps_c) if isinstance(steps_c, int) else list(steps_c)
+    timesteps = [strength] + [t for t in grid if t < strength]  # start at the strength, continue on the grid
+    t0 = torch.full((len(y0),), strength, device=pipe.device)
+    y = add_noise(y0, t0, torch.randn(y0.shape, generator=g, device=pipe.device))
+    with loaded(pipe, "text_encoder_c", "stage_c"):
+        cond = {"clip_text": pipe.text_encoder_c.encode(prompts)}
+        uncond = {"clip_text": pipe.text_encoder_c.encode([negative_prompt] * len(prompts))}
+        y = ddpm_sample(pipe.stage_c, y, timesteps, cond, uncond, guidance_c, g, progress)
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
+                              steps_b, guidance_b, generator=g, progress=progress)
+
+
+@torch.no_grad()
+def reconstruct(pipe, images):
+    """Stage A alone: encode -> decode (unquantised, as v2 decodes), for checking a Stage A checkpoint."""
+    with loaded(pipe, "stage_a"):
+        images = images.to(pipe.device)
+        return pipe.stage_a.decode(pipe.stage_a.encode(images)).float().clamp(0, 1)
+
+
+@torch.no_grad()
+def toy_eval(pipe, n=4, seed=0, **kwargs):
+    """Prompt following on the toy data: n images for every colour x shape prompt, read back with
+    data.classify_toy_image. Returns {'colour': acc, 'shape': acc, 'both': acc, chance levels, n}."""
+    from data import COLORS, SHAPES, classify_toy_image, toy_prompt_following, toy_prompts
+    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts()])
+    images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
+    targets = [t for t in targets for _ in range(n)]
+    colour, shape = toy_prompt_following(images, targets)
+    both = sum(classify_toy_image(img) == t for img, t in zip(images, targets)) / len(targets)
+    return images, [p for p in prompts for _ in range(n)], {
+        "colour": colour, "shape": shape, "both": both, "chance_colour": 1 / len(COLORS),
+        "chance_shape": 1 / len(SHAPES), "chance_both": 1 / (len(COLORS) * len(SHAPES)), "images": len(targets)}
+
+# -----------------------------------------------------------------------------
 # the released weights (method §8.1)
 
 PRIOR_REPO, DECODER_REPO = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
@@ -217,98 +309,6 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
     latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
                     "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
     return Pipeline(latent_space=latent_space, device=device, image_size=1024, dtype=dtype, loaders=loaders)
-
-# -----------------------------------------------------------------------------
-# sizes
-
-
-def round_size(width, height):
-    """The nearest size the stages produce exactly: the Stage C side n = ceil(side / 42.67) must be a multiple of 3,
-    so that Stage B's latent side int(10.67 n) divides through its down-sampling (128-pixel steps, method §7.7).
-    Returns (width, height, Stage C latent (h, w), a note when the size changed, else None)."""
-    def side(s):
-        n = max(3, 3 * round(math.ceil(s / RESOLUTION_MULTIPLE) / 3))
-        return int(n * LATENT_DIM_SCALE) * 4, n
-    (w, nw), (h, nh) = side(width), side(height)
-    note = None if (w, h) == (width, height) else f"size {width}x{height} rounded to {w}x{h} (128-pixel steps)"
-    return w, h, (nh, nw), note
-
-# -----------------------------------------------------------------------------
-# the chain
-
-
-@torch.no_grad()
-def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=1024, seed=0,
-                  steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=12, guidance_b=0.0, progress=True):
-    """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released pipelines' (§7.6); on the
-    released weights a seed gives the image of diffusers' prior then decoder pipeline with that generator."""
-    _, _, latent_hw, _ = round_size(width, height)
-    prompts = [p for p in prompts for _ in range(n)]  # n images per prompt, next to each other
-    g = torch.Generator(pipe.device).manual_seed(seed)
-    with loaded(pipe, "text_encoder_c", "stage_c"):
-        y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c, guidance_c,
-                           negative_prompt, generator=g, progress=progress)
-    # DDPMWuerstchenScheduler draws noise at the last step too (and multiplies it by 0): draw it as well, so that
-    # Stage B gets the diffusers pipelines' noise from the same seed
-    torch.randn(y.shape, generator=g, device=pipe.device)
-    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
-                              steps_b, guidance_b, generator=g, progress=progress)
-
-
-@torch.no_grad()
-def image_variation(pipe, images, prompts=None, seed=0, steps_b=12, guidance_b=0.0, progress=True):
-    """Images (B, 3, H, W) -> new images with the same semantics: semantic compressor -> Stage B -> Stage A."""
-    with loaded(pipe, "compressor"):
-        y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
-    g = torch.Generator(pipe.device).manual_seed(seed)
-    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
-                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress)
-
-
-@torch.no_grad()
-def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed=0, steps_c=DEFAULT_STAGE_C_TIMESTEPS,
-                   guidance_c=4.0, steps_b=12, guidance_b=0.0, progress=True):
-    """Noise each image's Stage C latent to t = strength, then denoise it with the prompt (the rest of the
-    Stage C grid below `strength`), then Stage B and A as usual. strength 1 = text-to-image, 0 = variation."""
-    with loaded(pipe, "compressor"):
-        y0 = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
-    g = torch.Generator(pipe.device).manual_seed(seed)
-    grid = timestep_grid(steps_c) if isinstance(steps_c, int) else list(steps_c)
-    timesteps = [strength] + [t for t in grid if t < strength]  # start at the strength, continue on the grid
-    t0 = torch.full((len(y0),), strength, device=pipe.device)
-    y = add_noise(y0, t0, torch.randn(y0.shape, generator=g, device=pipe.device))
-    with loaded(pipe, "text_encoder_c", "stage_c"):
-        cond = {"clip_text": pipe.text_encoder_c.encode(prompts)}
-        uncond = {"clip_text": pipe.text_encoder_c.encode([negative_prompt] * len(prompts))}
-        y = ddpm_sample(pipe.stage_c, y, timesteps, cond, uncond, guidance_c, g, progress)
-    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
-                              steps_b, guidance_b, generator=g, progress=progress)
-
-
-@torch.no_grad()
-def reconstruct(pipe, images):
-    """Stage A alone: encode -> decode (unquantised, as v2 decodes), for checking a Stage A checkpoint."""
-    with loaded(pipe, "stage_a"):
-        images = images.to(pipe.device)
-        return pipe.stage_a.decode(pipe.stage_a.encode(images)).float().clamp(0, 1)
-
-
-@torch.no_grad()
-def toy_eval(pipe, n=4, seed=0, **kwargs):
-    """Prompt following on the toy data: n images for every colour x shape prompt, read back with
-    data.classify_toy_image. Returns {'colour': acc, 'shape': acc, 'both': acc, chance levels, n}."""
-    from data import COLORS, SHAPES, classify_toy_image, toy_prompt_following, toy_prompts
-    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts()])
-    images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
-    targets = [t for t in targets for _ in range(n)]
-    colour, shape = toy_prompt_following(images, targets)
-    both = sum(classify_toy_image(img) == t for img, t in zip(images, targets)) / len(targets)
-    return images, [p for p in prompts for _ in range(n)], {
-        "colour": colour, "shape": shape, "both": both, "chance_colour": 1 / len(COLORS),
-        "chance_shape": 1 / len(SHAPES), "chance_both": 1 / (len(COLORS) * len(SHAPES)), "images": len(targets)}
 
 # -----------------------------------------------------------------------------
 # CLI
