@@ -261,6 +261,22 @@ def read_json(path):
         return json.load(f)
 
 
+def write_json(path, obj):
+    """Write `obj` as indented JSON, making the folder first (configs of exported folders)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save_weights_file(folder, sd, config, name="diffusion_pytorch_model.safetensors"):
+    """The inverse of load_weights_file: a `save_pretrained` folder with config.json and the weights as safetensors
+    (metadata format 'pt', which transformers requires)."""
+    from safetensors.torch import save_file
+    write_json(os.path.join(folder, "config.json"), config)
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, os.path.join(folder, name), {"format": "pt"})
+
+
 def load_weights_file(folder):
     """The state dict of a diffusers / transformers `save_pretrained` folder (safetensors, which open_clip already
     installs, or .bin)."""

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
                     load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr, read_json,
-                    rng_state, run_cli, save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout,
-                    start_run, update_ema, wrap_ddp)
+                    rng_state, run_cli, save_checkpoint, save_image_grid, save_weights_file, set_lr, set_rng_state,
+                    split_holdout, start_run, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -47,6 +47,12 @@ class StageAConfig:
     scale_factor: float = 0.3764  # latent std: encode() divides by it, decode() multiplies (measured when training)
     disc_c_hidden: int = 512  # patch discriminator width (training only)
     disc_depth: int = 6  # patch discriminator depth (training only)
+
+
+# StageAConfig field -> diffusers PaellaVQModel config key (both have the released values as defaults)
+DIFFUSERS_NAMES = {"c_in": "in_channels", "c_hidden": "embed_dim", "levels": "levels",
+                   "bottleneck_blocks": "bottleneck_blocks", "c_latent": "latent_channels",
+                   "codebook_size": "num_vq_embeddings", "scale_factor": "scale_factor"}
 
 
 # One table: per preset the model config and the training defaults that flags left unset take.
@@ -213,10 +219,7 @@ class StageA(nn.Module):
         if os.path.isdir(path):
             hf = read_json(os.path.join(path, "config.json"))
             assert hf.get("up_down_scale_factor", 2) == 2 and hf.get("in_channels", 3) == hf.get("out_channels", 3)
-            cfg = StageAConfig(c_in=hf.get("in_channels", 3), c_hidden=hf.get("embed_dim", 384),
-                               levels=hf.get("levels", 2), bottleneck_blocks=hf.get("bottleneck_blocks", 12),
-                               c_latent=hf.get("latent_channels", 4), codebook_size=hf.get("num_vq_embeddings", 8192),
-                               scale_factor=hf.get("scale_factor", 0.3764))
+            cfg = StageAConfig(**{ours: hf[theirs] for ours, theirs in DIFFUSERS_NAMES.items() if theirs in hf})
             sd = load_weights_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -230,6 +233,12 @@ class StageA(nn.Module):
             model = cls(cfg)
         load_exact(model, sd, what=f"Stage A weights from {path}")
         return model.eval()
+
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained: a diffusers `PaellaVQModel` folder with this model's scale_factor."""
+        config = {theirs: getattr(self.cfg, ours) for ours, theirs in DIFFUSERS_NAMES.items()}
+        save_weights_file(folder, self.state_dict(), {"_class_name": "PaellaVQModel", "out_channels": self.cfg.c_in,
+                                                      "up_down_scale_factor": 2} | config)
 
 
 def load_stage_a(path, device="cpu"):

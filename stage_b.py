@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
                     load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr, read_json,
-                    rng_state, run_cli, save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout,
-                    start_run, update_ema, wrap_ddp)
+                    rng_state, run_cli, save_checkpoint, save_image_grid, save_weights_file, set_lr, set_rng_state,
+                    split_holdout, start_run, update_ema, write_json, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
@@ -425,6 +425,20 @@ class StageB(nn.Module):
         load_exact(model, sd, what=f"Stage B weights from {path}")
         return model.eval()
 
+    def diffusers_config(self):
+        """The diffusers `WuerstchenDiffNeXt` config.json of this model: the same names, less `self_attn` (its
+        attention always attends over [image tokens ; text tokens]: a Stage B without is refused)."""
+        if not self.cfg.self_attn:
+            raise ValueError("diffusers' WuerstchenDiffNeXt cannot represent this Stage B: its attention blocks "
+                             "always attend over [image tokens ; text tokens] (self_attn=True), this one has "
+                             "self_attn=False")
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items() if k != "self_attn"}
+        return {"_class_name": "WuerstchenDiffNeXt"} | config
+
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained: a diffusers `WuerstchenDiffNeXt` folder."""
+        save_weights_file(folder, self.state_dict(), self.diffusers_config())
+
 
 def dome272_to_diffusers(sd):
     """Official key names -> ours/diffusers' (method §8.2): each packed nn.MultiheadAttention becomes
@@ -487,13 +501,24 @@ class SemanticCompressor(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """The `effnet_state_dict` of the official `model_v2_stage_b.pt` (EfficientNetV2-S), or a state-dict file."""
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        sd = sd.get("effnet_state_dict", sd)
+        """The `effnet_state_dict` of the official `model_v2_stage_b.pt` (EfficientNetV2-S) or a state-dict file,
+        or a folder written by save_pretrained (config.json + those keys in safetensors; any backbone)."""
+        if os.path.isdir(path):
+            cfg, sd = CompressorConfig(**read_json(os.path.join(path, "config.json"))), load_weights_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = sd.get("effnet_state_dict", sd)
+            cfg = CompressorConfig(c_latent=sd["mapper.0.weight"].shape[0])
         with torch.device("meta"):
-            model = cls(CompressorConfig(c_latent=sd["mapper.0.weight"].shape[0]))
+            model = cls(cfg)
         load_exact(model, sd, what=f"semantic compressor weights from {path}")
         return model.eval()
+
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained(folder): config.json (the CompressorConfig) and model.safetensors. For
+        EfficientNetV2-S its keys are those of the official `effnet_state_dict` (backbone.*, mapper.0, mapper.1),
+        which the EfficientNetEncoder of diffusers' prior fine-tuning scripts loads."""
+        save_weights_file(folder, self.state_dict(), asdict(self.cfg), name="model.safetensors")
 
 
 class TextEncoder(nn.Module):
@@ -536,7 +561,7 @@ class TextEncoder(nn.Module):
         self.special[pad_token] = self.special.get(pad_token, self.bpe.encoder.get(pad_token))
         if self.special[pad_token] is None:
             raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
-        self.pad_id = self.special[pad_token]
+        self.pad_token, self.pad_id = pad_token, self.special[pad_token]
         self.special_pattern = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")  # for tokenize()
         self.eval().requires_grad_(False)
 
@@ -547,6 +572,32 @@ class TextEncoder(nn.Module):
         if "state_dict" in spec:
             encoder.load_state_dict(spec["state_dict"])
         return encoder
+
+    def diffusers_config(self):
+        """The config.json of this tower as the diffusers pipelines' text encoder, a transformers CLIPTextModel.
+        Refused by name where CLIPTextModel cannot express it: another activation, mixed LayerNorm eps, weights it
+        has no place for (LayerScale, ...)."""
+        blocks, names = self.transformer.resblocks, {layer: name for name, layer in clip_activations().items()}
+        acts = {type(b.mlp.gelu) for b in blocks}
+        eps = {m.eps for m in self.modules() if isinstance(m, nn.LayerNorm)}
+        keys = set(CLIP_NAMES.values()) | {  # the open_clip weights clip_text_to_transformers maps
+            f"transformer.resblocks.{i}.{n}" for i in range(len(blocks)) for kind in ("weight", "bias")
+            for n in (f"attn.in_proj_{kind}", *(f"{layer}.{kind}" for layer in CLIP_LAYER_NAMES.values()))}
+        if len(acts) != 1 or not acts <= names.keys() or len(eps) != 1 or set(self.state_dict()) != keys:
+            raise ValueError(f"the text tower {self.spec['name']!r} is not one transformers' CLIPTextModel can express "
+                             f"(activations {sorted(a.__name__ for a in acts)}, LayerNorm eps {sorted(eps)}, weights "
+                             f"outside its layout: {sorted(set(self.state_dict()) ^ keys)[:5]})")
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408,
+                "max_position_embeddings": CONTEXT_LENGTH, "hidden_size": self.width, "num_attention_heads":
+                self.heads, "num_hidden_layers": len(blocks), "intermediate_size": blocks[0].mlp.c_fc.out_features,
+                "hidden_act": names[acts.pop()], "layer_norm_eps": eps.pop(), "bos_token_id": self.bpe.sot_token_id,
+                "eos_token_id": self.bpe.eot_token_id, "pad_token_id": self.pad_id}
+
+    def save_pretrained(self, folder, tokenizer_folder):
+        """The inverse of TextEncoder('transformers', folder, pad_token): a transformers CLIPTextModel folder
+        (clip_text_to_transformers) and a CLIP tokenizer folder with this encoder's pad token."""
+        save_weights_file(folder, clip_text_to_transformers(self), self.diffusers_config(), name="model.safetensors")
+        write_clip_tokenizer(tokenizer_folder, self.pad_token)
 
     def checkpoint_entry(self):
         """What a checkpoint stores: the spec, plus the weights when they are random (not re-creatable)."""
@@ -587,16 +638,28 @@ class TextEncoder(nn.Module):
         return self.ln_final(x).float()
 
 
+# transformers CLIPTextModel -> open_clip names: outside the layers, and in each layer (where q/k/v_proj are packed
+# into one attn.in_proj, rows q, k, v)
+CLIP_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
+              "embeddings.position_embedding.weight": "positional_embedding",
+              "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def clip_activations():
+    """transformers' hidden_act name -> the activation of an open_clip text tower, for those both have."""
+    import open_clip
+    return {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
+
+
 def clip_text_from_transformers(folder):
     """A transformers CLIPTextModel folder (config.json + model.safetensors or pytorch_model.bin; the released
     text_encoder/) -> (an open_clip text tower of its architecture on the meta device, its weights under open_clip's
-    names). Renames: embeddings -> token_embedding / positional_embedding; per layer q/k/v_proj -> one packed
-    attn.in_proj (rows q, k, v), out_proj, layer_norm1/2 -> ln_1/ln_2, mlp.fc1/fc2 -> mlp.c_fc/c_proj;
-    final_layer_norm -> ln_final. transformers itself is not needed (safetensors comes with open_clip)."""
+    names: CLIP_NAMES, CLIP_LAYER_NAMES). transformers itself is not needed (safetensors comes with open_clip)."""
     import open_clip
     hf = read_json(os.path.join(folder, "config.json"))
-    act = hf.get("hidden_act", "quick_gelu")  # CLIPTextConfig's default; the LAION towers use "gelu"
-    acts = {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
+    act, acts = hf.get("hidden_act", "quick_gelu"), clip_activations()  # CLIPTextConfig's default; LAION: "gelu"
     if act not in acts:
         raise ValueError(f"{folder}: activation {act!r} is not supported (only {list(acts)})")
     width, eps = hf["hidden_size"], hf.get("layer_norm_eps", 1e-5)
@@ -606,17 +669,45 @@ def clip_text_from_transformers(folder):
             heads=hf["num_attention_heads"], layers=hf["num_hidden_layers"], mlp_ratio=hf["intermediate_size"] / width,
             output_dim=None, act_layer=acts[act], norm_layer=lambda n: open_clip.transformer.LayerNorm(n, eps=eps))
     theirs = {k.removeprefix("text_model."): v for k, v in load_weights_file(folder).items()}
-    sd = {"token_embedding.weight": theirs["embeddings.token_embedding.weight"],
-          "positional_embedding": theirs["embeddings.position_embedding.weight"],
-          "ln_final.weight": theirs["final_layer_norm.weight"], "ln_final.bias": theirs["final_layer_norm.bias"]}
+    sd = {ours: theirs[name] for name, ours in CLIP_NAMES.items()}
     for i in range(hf["num_hidden_layers"]):
         src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             sd[f"{dst}attn.in_proj_{kind}"] = torch.cat([theirs[f"{src}self_attn.{n}_proj.{kind}"] for n in "qkv"])
-            for name, ours in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                               ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                sd[f"{dst}{ours}.{kind}"] = theirs[f"{src}{name}.{kind}"]
+            sd |= {f"{dst}{ours}.{kind}": theirs[f"{src}{name}.{kind}"] for name, ours in CLIP_LAYER_NAMES.items()}
     return tower, sd
+
+
+def clip_text_to_transformers(encoder):
+    """The inverse of clip_text_from_transformers: a TextEncoder's open_clip weights (any CLIP text tower, the random
+    'tiny' one too) -> the state dict of a transformers CLIPTextModel (TextEncoder.diffusers_config: its config)."""
+    sd = encoder.state_dict()
+    theirs = {name: sd[ours] for name, ours in CLIP_NAMES.items()}
+    for i in range(len(encoder.transformer.resblocks)):
+        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            for n, w in zip("qkv", sd[f"{src}attn.in_proj_{kind}"].chunk(3)):  # (3 width, ...) -> 3 x (width, ...)
+                theirs[f"{dst}self_attn.{n}_proj.{kind}"] = w.clone()  # own storage: safetensors refuses shared views
+            theirs |= {f"{dst}{name}.{kind}": sd[f"{src}{ours}.{kind}"] for name, ours in CLIP_LAYER_NAMES.items()}
+    return {f"text_model.{k}": v for k, v in theirs.items()}
+
+
+def write_clip_tokenizer(folder, pad_token):
+    """A CLIP tokenizer folder, as the released tokenizer/ folders hold it, from open_clip's bundled CLIP BPE:
+    vocab.json and merges.txt (CLIP builds both from bpe_simple_vocab_16e6.txt.gz), the special tokens under their
+    Hugging Face names, and `pad_token`. transformers' CLIPTokenizer(Fast) reads it and gives TextEncoder's ids."""
+    import open_clip
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    write_json(os.path.join(folder, "vocab.json"), {names.get(k, k): v for k, v in bpe.encoder.items()})
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad_token}
+    write_json(os.path.join(folder, "special_tokens_map.json"), special)
+    write_json(os.path.join(folder, "tokenizer_config.json"), special | {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH, "do_lower_case": True,
+        "errors": "replace"})
 
 
 def read_pad_token(folder):
