@@ -73,7 +73,7 @@ def test_variation_image_to_image_reconstruction(chain):
     assert var.shape == x.shape and torch.isfinite(var).all()
     i2i = sample.image_to_image(pipe, x, ["a red circle on a blue background"] * 2, strength=0.5, **FAST)
     assert i2i.shape == x.shape and torch.isfinite(i2i).all()
-    rec = sample.reconstruct(pipe, x)
+    rec = sample.stage_a_reconstruction(pipe, x)
     assert rec.shape == x.shape and 0 <= rec.min() and rec.max() <= 1
 
 
@@ -86,6 +86,17 @@ def test_cli_writes_grid_and_images(chain, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "size 130x128 rounded to 128x128" in printed
     assert (out / "samples.png").exists() and (out / "samples_001.png").exists()
+
+
+def test_variation_and_reconstruction_default_to_the_training_size(chain, tmp_path):
+    """Without --width / --height the size is the training size of the checkpoints loaded (128 px here): Stage B's for
+    --variation, Stage A's for --reconstruct, which load no Stage C (they took its default, 1024 px, before)."""
+    from PIL import Image
+    image = os.path.join(chain["data"], "00000.png")
+    for flag, name in (("--variation", "samples_000.png"), ("--reconstruct", "reconstruct_000.png")):
+        sample.main(sample.get_args([flag, image, "--stage_a", chain["a"], "--stage_b", chain["b"], "--steps_b", "2",
+                                     "--device", "cpu", "--out_dir", str(tmp_path / flag)]))
+        assert Image.open(tmp_path / flag / name).size == (128, 128)
 
 
 def test_wrong_and_missing_checkpoints_are_refused(chain, tmp_path):
