@@ -378,8 +378,8 @@ def train(args):
             "code_counts": counts, "metrics": {"holdout_psnr": holdout_psnr()}})
 
     @torch.no_grad()
-    def holdout_psnr():
-        return psnr(ema.decode_raw(ema.encode_raw(held_images)), held_images)
+    def holdout_psnr(m=ema):  # unquantised decode, as Würstchen v2 decodes
+        return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
 
     gen_params = list(raw_model.parameters())
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
@@ -457,8 +457,10 @@ def train(args):
     if pbar:
         pbar.close()
     if rt.master:
-        logger.log(f"done: held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB | "
-                   f"scale_factor {raw_model.cfg.scale_factor} | checkpoint {ckpt_path}")
+        raw_model.eval()
+        logger.log(f"done: held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB (raw weights "
+                   f"{holdout_psnr(raw_model):.2f} dB) | scale_factor {raw_model.cfg.scale_factor} | "
+                   f"checkpoint {ckpt_path}")
     if rt.ddp:
         dist.destroy_process_group()
 
