@@ -295,11 +295,12 @@ def write_json(path, obj):
 
 
 def save_weights_file(folder, sd, config, name="diffusion_pytorch_model.safetensors"):
-    """The inverse of load_weights_file: a `save_pretrained` folder with config.json and the weights as safetensors
-    (metadata format 'pt', which transformers requires)."""
+    """The inverse of load_weights_file: a `save_pretrained` folder with config.json and the weights
+    as safetensors (metadata format 'pt', which transformers requires)."""
     from safetensors.torch import save_file
     write_json(os.path.join(folder, "config.json"), config)
-    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, os.path.join(folder, name), {"format": "pt"})
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    save_file(sd, os.path.join(folder, name), metadata={"format": "pt"})
 
 
 def load_weights_file(folder):

@@ -23,8 +23,8 @@ see the README):
     python sample.py --pretrained --prompt "an owl reading a newspaper, oil painting"
     python sample.py --pretrained weights/ --prompt "..." --width 1536 --height 1024
 
---export writes our checkpoints in that layout, for diffusers' Würstchen pipelines; --pretrained reads
-it back:
+--export writes our checkpoints in that layout, for diffusers' Würstchen pipelines; --pretrained
+reads it back:
     python sample.py --export exported/    |  python sample.py --pretrained exported/ --prompt "..."
 """
 import argparse
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (HelpFormatter, default_dtype, load_checkpoint, pick_device, psnr, read_json, run_cli,
-                    save_captioned_grid, write_json)
+from common import (HelpFormatter, default_dtype, load_checkpoint, pick_device, psnr, read_json,
+                    run_cli, save_captioned_grid, write_json)
 from stage_a import StageA, load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, RESOLUTION_MULTIPLE,
                      SemanticCompressor, StageB, TextEncoder, add_noise, ddpm_sample, fetch_clip_weights, load_stage_b,
@@ -69,24 +69,26 @@ class Pipeline:
 
     @property
     def image_size(self):
-        """The default output side: the training size of the last stage held (C's, else B's, else A's)."""
+        """The default output side: the training size of the last stage held (C, else B, else A)."""
         return next(self.image_sizes[k] for k in "cba" if k in self.image_sizes)
 
 
 def sampling_dtype(device):
     """The compute dtype of `--dtype auto` and load_released: bf16 on GPUs that support it, else
-    float32. Never float16 unless asked: weights trained in bf16 (the released ones too) overflow in it."""
+    float32. Never float16 unless asked: weights trained in bf16 (the released ones too) overflow in
+    it."""
     dtype = default_dtype(device)
     return torch.float32 if dtype == torch.float16 else dtype
 
 
 def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt", stage_c="out/stage_c/ckpt.pt",
                   device="cpu", stages="abc", dtype=torch.float32):
-    """Build the stages named in `stages` from their checkpoints (EMA weights), with each one's training
-    image size; a missing or wrong file names the file and stage. Weights stay float32; a bf16 / fp16
-    `dtype` runs them under autocast."""
+    """Build the stages named in `stages` from their checkpoints (EMA weights), with each one's
+    training image size; a missing or wrong file names the file and stage. Weights stay float32; a
+    bf16 / fp16 `dtype` runs them under autocast."""
     device = torch.device(device)
-    pipe = Pipeline(stage_a=load_stage_a(stage_a, device), device=device, dtype=dtype, image_sizes={})
+    pipe = Pipeline(stage_a=load_stage_a(stage_a, device), device=device, dtype=dtype,
+                    image_sizes={})
     if "b" in stages:
         parts = load_stage_b(stage_b, device, parts=("compressor", "stage_b", "text_encoder"))
         pipe.compressor, pipe.stage_b = parts["compressor"], parts["stage_b"]
@@ -303,7 +305,8 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
     (Pipeline.loaders) in `dtype` (default: sampling_dtype). The latent space and the training image
     sizes come from the model_index.json files (released: 42 / 1, 1024 px). open_clip_text: the
     open_clip towers instead of the repositories' transformers text encoders (same weights).
-    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released size."""
+    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released
+    size."""
     device = torch.device(device)
     dtype = dtype or sampling_dtype(device)
     paths = find_released(root, text_folders=not open_clip_text)
@@ -349,21 +352,22 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
 
 
 def export(pipe, root):
-    """Write the models of `pipe` (our checkpoints' EMA weights, or a released or exported folder) as
-    the two folders of RELEASED_LAYOUT, weights in safetensors: what diffusers' Würstchen pipelines and
-    `--pretrained` read. Ours where they differ from the released values: the latent space in the
-    prior's model_index.json (latent_mean = scale, latent_std = shift: the pipeline's
-    e = y * latent_mean - latent_std), Stage A's scale_factor in vqgan/config.json, the training image
-    sizes as `_train_image_size` in both model_index.json (private keys: diffusers ignores them). The
-    semantic compressor goes to wuerstchen/semantic_compressor/, which no pipeline reads. What diffusers
-    cannot represent is refused by name before anything is written. Returns the two folders."""
+    """Write the models of `pipe` (our checkpoints' EMA weights, or a released or exported folder)
+    as the two folders of RELEASED_LAYOUT, weights in safetensors: what diffusers' Würstchen
+    pipelines and `--pretrained` read. Ours where they differ from the released values: the latent
+    space in the prior's model_index.json (latent_mean = scale, latent_std = shift, as the pipeline
+    computes e = y * latent_mean - latent_std), Stage A's scale_factor in vqgan/config.json, the
+    training image sizes as `_train_image_size` in both model_index.json (private keys, which
+    diffusers ignores). The semantic compressor goes to wuerstchen/semantic_compressor/, which no
+    pipeline reads. What diffusers cannot represent is refused by name before anything is written.
+    Returns the two folders."""
     if pipe.stage_b is not None and not isinstance(pipe.stage_b, StageB):
         raise ValueError(f"diffusers' WuerstchenDecoderPipeline runs only the DiffNeXt Stage B of "
-                         f"Würstchen v2; this Stage B is a {type(pipe.stage_b).__name__} (a token Stage B, "
-                         f"as Würstchen v1's Paella, has no diffusers pipeline)")
+                         f"Würstchen v2; this Stage B is a {type(pipe.stage_b).__name__} (a token "
+                         f"Stage B, as Würstchen v1's Paella, has no diffusers pipeline)")
     if pipe.stage_a is not None and pipe.stage_a.cfg.c_latent != 4:
-        raise ValueError(f"diffusers' WuerstchenDecoderPipeline samples 4-channel Stage A latents; this "
-                         f"Stage A has {pipe.stage_a.cfg.c_latent}")
+        raise ValueError(f"diffusers' WuerstchenDecoderPipeline samples 4-channel Stage A latents; "
+                         f"this Stage A has {pipe.stage_a.cfg.c_latent}")
     for model in (pipe.stage_b, pipe.text_encoder_b, pipe.text_encoder_c):
         if model is not None:  # resident (ours): refused now if diffusers cannot represent it
             model.diffusers_config()
@@ -373,9 +377,9 @@ def export(pipe, root):
                    latent_mean=pipe.latent_space["scale"], latent_std=pipe.latent_space["shift"],
                    resolution_multiple=RESOLUTION_MULTIPLE, _train_image_size=pipe.image_sizes["c"])
     with loaded(pipe, "stage_b", "stage_a", "text_encoder_b"):
-        write_repo(decoder, "WuerstchenDecoderPipeline", {"decoder": pipe.stage_b, "vqgan": pipe.stage_a},
-                   pipe.text_encoder_b, latent_dim_scale=LATENT_DIM_SCALE,
-                   _train_image_size=pipe.image_sizes["b"])
+        models = {"decoder": pipe.stage_b, "vqgan": pipe.stage_a}
+        write_repo(decoder, "WuerstchenDecoderPipeline", models, pipe.text_encoder_b,
+                   latent_dim_scale=LATENT_DIM_SCALE, _train_image_size=pipe.image_sizes["b"])
     if pipe.compressor is not None or "compressor" in (pipe.loaders or {}):
         with loaded(pipe, "compressor"):
             pipe.compressor.save_pretrained(os.path.join(decoder, "semantic_compressor"))
@@ -384,18 +388,19 @@ def export(pipe, root):
 
 def write_repo(folder, pipeline, models, text_encoder, **config):
     """One folder of RELEASED_LAYOUT: each model (name -> module) in its subfolder, the CLIP text
-    encoder and tokenizer, the scheduler, and model_index.json with the pipeline's `config`. The models'
-    library is 'wuerstchen', as in the released model_index.json files (the module
+    encoder and tokenizer, the scheduler, and model_index.json with the pipeline's `config`. The
+    models' library is 'wuerstchen', as in the released model_index.json files (the module
     diffusers.pipelines.wuerstchen, before diffusers 0.38 moved it)."""
     for name, model in models.items():
         model.save_pretrained(os.path.join(folder, name))
-    text_encoder.save_pretrained(os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"))
+    text_encoder.save_pretrained(*[os.path.join(folder, n) for n in ("text_encoder", "tokenizer")])
     write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER)
     index = {"_class_name": pipeline, "scheduler": ["diffusers", SCHEDULER["_class_name"]],
              "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizerFast"]}
-    index |= {name: ["wuerstchen", read_json(os.path.join(folder, name, "config.json"))["_class_name"]]
-              for name in models}
+    for name in models:
+        config_json = read_json(os.path.join(folder, name, "config.json"))
+        index[name] = ["wuerstchen", config_json["_class_name"]]
     write_json(os.path.join(folder, "model_index.json"), index | config)
 
 # -----------------------------------------------------------------------------
@@ -445,8 +450,8 @@ def open_pipeline(args, device, dtype, stages="abc"):
 def main(args):
     if args.export:  # a conversion of the weights as they are stored: on the CPU, in float32
         folders = export(open_pipeline(args, torch.device("cpu"), torch.float32), args.export)
-        print(f"wrote {' and '.join(folders)}: diffusers' Würstchen pipelines read them (README 'Use "
-              f"your model in diffusers'), and so does `python sample.py --pretrained {args.export}`")
+        print(f"wrote {' and '.join(folders)}: diffusers' Würstchen pipelines read them (README "
+              f"'Use your model in diffusers'), and so does `sample.py --pretrained {args.export}`")
         return
     device = pick_device(args.device)
     dtype = sampling_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -505,7 +510,7 @@ def get_args(argv=None):
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--width", type=int, default=None, help="image width, rounded to 128-pixel steps "
-                   "(default: the training size of the last stage used: Stage C's, else B's, else A's)")
+                   "(default: the training size of the last stage used: C's, else B's, else A's)")
     p.add_argument("--height", type=int, default=None, help="image height, rounded to 128-pixel steps "
                    "(default: as --width)")
     p.add_argument("--steps_c", type=int, default=0, help="Stage C steps (0 = the released 29-step grid)")
@@ -524,18 +529,19 @@ def get_args(argv=None):
     p.add_argument("--out_dir", default="out/samples", help="where the grid and the single images go")
     p.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="use the released "
                    "Würstchen v2 weights instead of our checkpoints: from DIR (warp-ai/wuerstchen-prior and "
-                   "warp-ai/wuerstchen in DIR/wuerstchen-prior and DIR/wuerstchen, or an --export of "
-                   "ours), or without DIR from the Hugging Face cache")
+                   "warp-ai/wuerstchen in DIR/wuerstchen-prior and DIR/wuerstchen, or an --export "
+                   "of ours), or without DIR from the Hugging Face cache")
     p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text towers (ViT-bigG-14 "
                    "laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of the repositories' text_encoder/ folders")
-    p.add_argument("--export", metavar="DIR", help="write the models (our checkpoints, or --pretrained's) "
-                   "in the released layout, DIR/wuerstchen-prior and DIR/wuerstchen, for diffusers' "
-                   "Würstchen pipelines and --pretrained DIR; nothing is sampled")
+    p.add_argument("--export", metavar="DIR", help="write the models (our checkpoints, or "
+                   "--pretrained's) in the released layout, DIR/wuerstchen-prior and "
+                   "DIR/wuerstchen, for diffusers' Würstchen pipelines and --pretrained DIR; "
+                   "nothing is sampled")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: bfloat16 on GPUs that support it, else float32; never "
-                   "float16, in which bf16-trained weights such as the released ones overflow); "
-                   "--pretrained also stores the weights in it")
+                   help="compute dtype (auto: bfloat16 on GPUs that support it, else float32; "
+                   "never float16, in which bf16-trained weights such as the released ones "
+                   "overflow); --pretrained also stores the weights in it")
     return p.parse_args(argv)
 
 

@@ -50,7 +50,7 @@ class StageAConfig:
     disc_depth: int = 6  # patch discriminator depth (training only)
 
 
-# StageAConfig field -> diffusers PaellaVQModel config key (both have the released values as defaults)
+# StageAConfig field -> diffusers PaellaVQModel config key (both default to the released values)
 DIFFUSERS_NAMES = {"c_in": "in_channels", "c_hidden": "embed_dim", "levels": "levels",
                    "bottleneck_blocks": "bottleneck_blocks", "c_latent": "latent_channels",
                    "codebook_size": "num_vq_embeddings", "scale_factor": "scale_factor"}
@@ -220,7 +220,8 @@ class StageA(nn.Module):
         if os.path.isdir(path):
             hf = read_json(os.path.join(path, "config.json"))
             assert hf.get("up_down_scale_factor", 2) == 2 and hf.get("in_channels", 3) == hf.get("out_channels", 3)
-            cfg = StageAConfig(**{ours: hf[theirs] for ours, theirs in DIFFUSERS_NAMES.items() if theirs in hf})
+            cfg = StageAConfig(**{ours: hf[theirs] for ours, theirs in DIFFUSERS_NAMES.items()
+                                  if theirs in hf})
             sd = load_weights_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -236,10 +237,11 @@ class StageA(nn.Module):
         return model.eval()
 
     def save_pretrained(self, folder):
-        """The inverse of from_pretrained: a diffusers `PaellaVQModel` folder with this model's scale_factor."""
+        """The inverse of from_pretrained: a diffusers `PaellaVQModel` folder, with this model's
+        scale_factor."""
         config = {theirs: getattr(self.cfg, ours) for ours, theirs in DIFFUSERS_NAMES.items()}
-        save_weights_file(folder, self.state_dict(), {"_class_name": "PaellaVQModel", "out_channels": self.cfg.c_in,
-                                                      "up_down_scale_factor": 2} | config)
+        config |= {"_class_name": "PaellaVQModel", "out_channels": self.cfg.c_in, "up_down_scale_factor": 2}
+        save_weights_file(folder, self.state_dict(), config)
 
 
 def load_stage_a(path, device="cpu"):

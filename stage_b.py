@@ -37,8 +37,8 @@ from tqdm import tqdm
 from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
                     load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr,
                     read_json, recompute_batchnorm, rng_state, run_cli, save_checkpoint, save_image_grid,
-                    save_weights_file, set_lr, set_rng_state, split_holdout, start_run, update_ema, write_json,
-                    wrap_ddp)
+                    save_weights_file, set_lr, set_rng_state, split_holdout, start_run, update_ema,
+                    write_json, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
@@ -427,13 +427,14 @@ class StageB(nn.Module):
         return model.eval()
 
     def diffusers_config(self):
-        """The diffusers `WuerstchenDiffNeXt` config.json of this model: the same names, less `self_attn` (its
-        attention always attends over [image tokens ; text tokens]: a Stage B without is refused)."""
+        """The config.json of this model as a diffusers `WuerstchenDiffNeXt`: the same names but
+        `self_attn`, which it does not have (it always attends over [image ; text tokens])."""
         if not self.cfg.self_attn:
-            raise ValueError("diffusers' WuerstchenDiffNeXt cannot represent this Stage B: its attention blocks "
-                             "always attend over [image tokens ; text tokens] (self_attn=True), this one has "
-                             "self_attn=False")
-        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items() if k != "self_attn"}
+            raise ValueError("diffusers' WuerstchenDiffNeXt cannot represent this Stage B: its "
+                             "attention always attends over [image tokens ; text tokens] "
+                             "(self_attn=True), this one has self_attn=False")
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()}
+        del config["self_attn"]
         return {"_class_name": "WuerstchenDiffNeXt"} | config
 
     def save_pretrained(self, folder):
@@ -505,10 +506,11 @@ class SemanticCompressor(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """The `effnet_state_dict` of the official `model_v2_stage_b.pt` (EfficientNetV2-S) or a state-dict file,
-        or a folder written by save_pretrained (config.json + those keys in safetensors; any backbone)."""
+        """The `effnet_state_dict` of the official `model_v2_stage_b.pt` (EfficientNetV2-S) or a
+        state-dict file, or a folder written by save_pretrained (any backbone)."""
         if os.path.isdir(path):
-            cfg, sd = CompressorConfig(**read_json(os.path.join(path, "config.json"))), load_weights_file(path)
+            cfg = CompressorConfig(**read_json(os.path.join(path, "config.json")))
+            sd = load_weights_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             sd = sd.get("effnet_state_dict", sd)
@@ -519,9 +521,9 @@ class SemanticCompressor(nn.Module):
         return model.eval()
 
     def save_pretrained(self, folder):
-        """The inverse of from_pretrained(folder): config.json (the CompressorConfig) and model.safetensors. For
-        EfficientNetV2-S its keys are those of the official `effnet_state_dict` (backbone.*, mapper.0, mapper.1),
-        which the EfficientNetEncoder of diffusers' prior fine-tuning scripts loads."""
+        """The inverse of from_pretrained(folder): config.json (the CompressorConfig) and
+        model.safetensors. For EfficientNetV2-S its keys are the official `effnet_state_dict`'s
+        (backbone.*, mapper.0, mapper.1), which diffusers' prior fine-tuning scripts load."""
         save_weights_file(folder, self.state_dict(), asdict(self.cfg), name="model.safetensors")
 
 
@@ -578,29 +580,37 @@ class TextEncoder(nn.Module):
         return encoder
 
     def diffusers_config(self):
-        """The config.json of this tower as the diffusers pipelines' text encoder, a transformers CLIPTextModel.
-        Refused by name where CLIPTextModel cannot express it: another activation, mixed LayerNorm eps, weights it
-        has no place for (LayerScale, ...)."""
-        blocks, names = self.transformer.resblocks, {layer: name for name, layer in clip_activations().items()}
+        """The config.json of this tower as the pipelines' text encoder, a transformers
+        CLIPTextModel. Refused by name where CLIPTextModel cannot express it: another activation,
+        mixed LayerNorm eps, weights it has no place for (LayerScale, ...)."""
+        blocks = self.transformer.resblocks
+        act_names = {layer: name for name, layer in clip_activations().items()}
         acts = {type(b.mlp.gelu) for b in blocks}
         eps = {m.eps for m in self.modules() if isinstance(m, nn.LayerNorm)}
-        keys = set(CLIP_NAMES.values()) | {  # the open_clip weights clip_text_to_transformers maps
-            f"transformer.resblocks.{i}.{n}" for i in range(len(blocks)) for kind in ("weight", "bias")
-            for n in (f"attn.in_proj_{kind}", *(f"{layer}.{kind}" for layer in CLIP_LAYER_NAMES.values()))}
-        if len(acts) != 1 or not acts <= names.keys() or len(eps) != 1 or set(self.state_dict()) != keys:
-            raise ValueError(f"the text tower {self.spec['name']!r} is not one transformers' CLIPTextModel can express "
-                             f"(activations {sorted(a.__name__ for a in acts)}, LayerNorm eps {sorted(eps)}, weights "
-                             f"outside its layout: {sorted(set(self.state_dict()) ^ keys)[:5]})")
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408,
-                "max_position_embeddings": CONTEXT_LENGTH, "hidden_size": self.width, "num_attention_heads":
-                self.heads, "num_hidden_layers": len(blocks), "intermediate_size": blocks[0].mlp.c_fc.out_features,
-                "hidden_act": names[acts.pop()], "layer_norm_eps": eps.pop(), "bos_token_id": self.bpe.sot_token_id,
-                "eos_token_id": self.bpe.eot_token_id, "pad_token_id": self.pad_id}
+        layer_keys = [f"attn.in_proj_{kind}" for kind in ("weight", "bias")] + [
+            f"{n}.{kind}" for n in CLIP_LAYER_NAMES.values() for kind in ("weight", "bias")]
+        keys = set(CLIP_NAMES.values()) | {  # the weights clip_text_to_transformers maps
+            f"transformer.resblocks.{i}.{k}" for i in range(len(blocks)) for k in layer_keys}
+        extra = sorted(set(self.state_dict()) ^ keys)
+        if len(acts) != 1 or not acts <= act_names.keys() or len(eps) != 1 or extra:
+            raise ValueError(f"the text tower {self.spec['name']!r} is not one transformers' "
+                             f"CLIPTextModel can express (activations "
+                             f"{sorted(a.__name__ for a in acts)}, LayerNorm eps {sorted(eps)}, "
+                             f"weights outside its layout: {extra[:5]})")
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                "vocab_size": 49408, "max_position_embeddings": CONTEXT_LENGTH,
+                "hidden_size": self.width, "num_attention_heads": self.heads,
+                "num_hidden_layers": len(blocks),
+                "intermediate_size": blocks[0].mlp.c_fc.out_features,
+                "hidden_act": act_names[acts.pop()], "layer_norm_eps": eps.pop(),
+                "bos_token_id": self.bpe.sot_token_id, "eos_token_id": self.bpe.eot_token_id,
+                "pad_token_id": self.pad_id}
 
     def save_pretrained(self, folder, tokenizer_folder):
-        """The inverse of TextEncoder('transformers', folder, pad_token): a transformers CLIPTextModel folder
-        (clip_text_to_transformers) and a CLIP tokenizer folder with this encoder's pad token."""
-        save_weights_file(folder, clip_text_to_transformers(self), self.diffusers_config(), name="model.safetensors")
+        """The inverse of TextEncoder('transformers', folder, pad_token): a transformers
+        CLIPTextModel folder and a CLIP tokenizer folder with this encoder's pad token."""
+        save_weights_file(folder, clip_text_to_transformers(self), self.diffusers_config(),
+                          name="model.safetensors")
         write_clip_tokenizer(tokenizer_folder, self.pad_token)
 
     def checkpoint_entry(self):
@@ -642,17 +652,18 @@ class TextEncoder(nn.Module):
         return self.ln_final(x).float()
 
 
-# transformers CLIPTextModel -> open_clip names: outside the layers, and in each layer (where q/k/v_proj are packed
-# into one attn.in_proj, rows q, k, v)
+# transformers CLIPTextModel -> open_clip names: outside the layers, and in each layer (whose
+# q/k/v_proj are packed into one attn.in_proj, rows q, k, v)
 CLIP_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
               "embeddings.position_embedding.weight": "positional_embedding",
-              "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
-CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+              "final_layer_norm.weight": "ln_final.weight",
+              "final_layer_norm.bias": "ln_final.bias"}
+CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
+                    "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
 def clip_activations():
-    """transformers' hidden_act name -> the activation of an open_clip text tower, for those both have."""
+    """transformers' hidden_act name -> the open_clip activation, for those both have."""
     import open_clip
     return {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
 
@@ -660,10 +671,11 @@ def clip_activations():
 def clip_text_from_transformers(folder):
     """A transformers CLIPTextModel folder (config.json + model.safetensors or pytorch_model.bin; the released
     text_encoder/) -> (an open_clip text tower of its architecture on the meta device, its weights under open_clip's
-    names: CLIP_NAMES, CLIP_LAYER_NAMES). transformers itself is not needed (safetensors comes with open_clip)."""
+    names: CLIP_NAMES, CLIP_LAYER_NAMES). transformers itself is not needed (safetensors comes with
+    open_clip)."""
     import open_clip
     hf = read_json(os.path.join(folder, "config.json"))
-    act, acts = hf.get("hidden_act", "quick_gelu"), clip_activations()  # CLIPTextConfig's default; LAION: "gelu"
+    act, acts = hf.get("hidden_act", "quick_gelu"), clip_activations()  # CLIPTextConfig's default
     if act not in acts:
         raise ValueError(f"{folder}: activation {act!r} is not supported (only {list(acts)})")
     width, eps = hf["hidden_size"], hf.get("layer_norm_eps", 1e-5)
@@ -678,40 +690,47 @@ def clip_text_from_transformers(folder):
         src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             sd[f"{dst}attn.in_proj_{kind}"] = torch.cat([theirs[f"{src}self_attn.{n}_proj.{kind}"] for n in "qkv"])
-            sd |= {f"{dst}{ours}.{kind}": theirs[f"{src}{name}.{kind}"] for name, ours in CLIP_LAYER_NAMES.items()}
+            sd |= {f"{dst}{ours}.{kind}": theirs[f"{src}{name}.{kind}"]
+                   for name, ours in CLIP_LAYER_NAMES.items()}
     return tower, sd
 
 
 def clip_text_to_transformers(encoder):
-    """The inverse of clip_text_from_transformers: a TextEncoder's open_clip weights (any CLIP text tower, the random
-    'tiny' one too) -> the state dict of a transformers CLIPTextModel (TextEncoder.diffusers_config: its config)."""
+    """The inverse of clip_text_from_transformers: a TextEncoder's open_clip weights (any CLIP text
+    tower, the random 'tiny' one too) -> a transformers CLIPTextModel state dict (its config:
+    TextEncoder.diffusers_config)."""
     sd = encoder.state_dict()
     theirs = {name: sd[ours] for name, ours in CLIP_NAMES.items()}
     for i in range(len(encoder.transformer.resblocks)):
         src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
         for kind in ("weight", "bias"):
-            for n, w in zip("qkv", sd[f"{src}attn.in_proj_{kind}"].chunk(3)):  # (3 width, ...) -> 3 x (width, ...)
-                theirs[f"{dst}self_attn.{n}_proj.{kind}"] = w.clone()  # own storage: safetensors refuses shared views
-            theirs |= {f"{dst}{name}.{kind}": sd[f"{src}{ours}.{kind}"] for name, ours in CLIP_LAYER_NAMES.items()}
+            q_k_v = sd[f"{src}attn.in_proj_{kind}"].chunk(3)  # (3 width, ...) -> 3 x (width, ...)
+            for n, w in zip("qkv", q_k_v):
+                theirs[f"{dst}self_attn.{n}_proj.{kind}"] = w.clone()  # safetensors: not shared
+            theirs |= {f"{dst}{name}.{kind}": sd[f"{src}{ours}.{kind}"]
+                       for name, ours in CLIP_LAYER_NAMES.items()}
     return {f"text_model.{k}": v for k, v in theirs.items()}
 
 
 def write_clip_tokenizer(folder, pad_token):
-    """A CLIP tokenizer folder, as the released tokenizer/ folders hold it, from open_clip's bundled CLIP BPE:
-    vocab.json and merges.txt (CLIP builds both from bpe_simple_vocab_16e6.txt.gz), the special tokens under their
-    Hugging Face names, and `pad_token`. transformers' CLIPTokenizer(Fast) reads it and gives TextEncoder's ids."""
+    """A CLIP tokenizer folder as the released tokenizer/ folders hold it, from open_clip's bundled
+    CLIP BPE: vocab.json and merges.txt (CLIP builds both from bpe_simple_vocab_16e6.txt.gz), the
+    special tokens under their Hugging Face names, `pad_token`. transformers' CLIPTokenizer(Fast)
+    reads it and gives TextEncoder's ids."""
     import open_clip
     bpe = open_clip.tokenizer.SimpleTokenizer()
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    write_json(os.path.join(folder, "vocab.json"), {names.get(k, k): v for k, v in bpe.encoder.items()})
+    vocab = {names.get(token, token): i for token, i in bpe.encoder.items()}
+    write_json(os.path.join(folder, "vocab.json"), vocab)
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)  # pairs, in merge order
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)))
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad_token}
+        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": pad_token}
     write_json(os.path.join(folder, "special_tokens_map.json"), special)
     write_json(os.path.join(folder, "tokenizer_config.json"), special | {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH, "do_lower_case": True,
-        "errors": "replace"})
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH,
+        "do_lower_case": True, "errors": "replace"})
 
 
 def read_pad_token(folder):

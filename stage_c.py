@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
                     load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, read_json,
-                    rng_state, run_cli, save_captioned_grid, save_checkpoint, save_weights_file, set_lr, set_rng_state,
-                    split_holdout, start_run, update_ema, wrap_ddp)
+                    rng_state, run_cli, save_captioned_grid, save_checkpoint, save_weights_file, set_lr,
+                    set_rng_state, split_holdout, start_run, update_ema, wrap_ddp)
 from stage_a import load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, AttnBlock, ResBlock, TextEncoder, TimestepBlock,
                      add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss, dome272_to_diffusers,
@@ -173,8 +173,9 @@ class StageC(nn.Module):
         return model.eval()
 
     def save_pretrained(self, folder):
-        """The inverse of from_pretrained: a diffusers `WuerstchenPrior` folder (the same configuration names)."""
-        save_weights_file(folder, self.state_dict(), {"_class_name": "WuerstchenPrior"} | asdict(self.cfg))
+        """The inverse of from_pretrained: a diffusers `WuerstchenPrior` folder (the same config names)."""
+        config = {"_class_name": "WuerstchenPrior"} | asdict(self.cfg)
+        save_weights_file(folder, self.state_dict(), config)
 
 
 # -----------------------------------------------------------------------------

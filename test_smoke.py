@@ -89,14 +89,16 @@ def test_cli_writes_grid_and_images(chain, tmp_path, capsys):
 
 
 def test_variation_and_reconstruction_default_to_the_training_size(chain, tmp_path):
-    """Without --width / --height the size is the training size of the checkpoints loaded (128 px here): Stage B's for
-    --variation, Stage A's for --reconstruct, which load no Stage C (they took its default, 1024 px, before)."""
+    """Without --width / --height the size is the training size of the checkpoints loaded (128 px):
+    Stage B's for --variation, Stage A's for --reconstruct, which load no Stage C (they took 1024 px
+    before)."""
     from PIL import Image
     image = os.path.join(chain["data"], "00000.png")
-    for flag, name in (("--variation", "samples_000.png"), ("--reconstruct", "reconstruct_000.png")):
-        sample.main(sample.get_args([flag, image, "--stage_a", chain["a"], "--stage_b", chain["b"], "--steps_b", "2",
-                                     "--device", "cpu", "--out_dir", str(tmp_path / flag)]))
-        assert Image.open(tmp_path / flag / name).size == (128, 128)
+    for flag, name in (("--variation", "samples_000"), ("--reconstruct", "reconstruct_000")):
+        out = str(tmp_path / flag)
+        sample.main(sample.get_args([flag, image, "--stage_a", chain["a"], "--stage_b", chain["b"],
+                                     "--steps_b", "2", "--device", "cpu", "--out_dir", out]))
+        assert Image.open(tmp_path / flag / f"{name}.png").size == (128, 128)
 
 
 def test_wrong_and_missing_checkpoints_are_refused(chain, tmp_path):
