@@ -75,8 +75,8 @@ class Pipeline:
 
 def sampling_dtype(device):
     """The compute dtype of `--dtype auto` and load_released: bf16 on GPUs that support it, else
-    float32. Never float16 unless asked: weights trained in bf16 (the released ones too) overflow in
-    it."""
+    float32. Never float16 unless asked: weights trained in bf16 (the released ones too) overflow
+    in it."""
     dtype = default_dtype(device)
     return torch.float32 if dtype == torch.float16 else dtype
 

@@ -240,7 +240,8 @@ class StageA(nn.Module):
         """The inverse of from_pretrained: a diffusers `PaellaVQModel` folder, with this model's
         scale_factor."""
         config = {theirs: getattr(self.cfg, ours) for ours, theirs in DIFFUSERS_NAMES.items()}
-        config |= {"_class_name": "PaellaVQModel", "out_channels": self.cfg.c_in, "up_down_scale_factor": 2}
+        config |= {"_class_name": "PaellaVQModel", "out_channels": self.cfg.c_in,
+                   "up_down_scale_factor": 2}
         save_weights_file(folder, self.state_dict(), config)
 
 

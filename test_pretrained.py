@@ -2,7 +2,8 @@
 pipeline folders of warp-ai/wuerstchen-prior and warp-ai/wuerstchen (prior / decoder / vqgan, transformers CLIP text
 models, CLIP tokenizers, scheduler, model_index.json) and the official dome272 .pt files. Our chain must give the
 image of diffusers' own pipelines from the same seed, our text encoder the hidden states of transformers'
-CLIPTextModel, and a missing download must fail at once with instructions."""
+CLIPTextModel, and a missing download must fail at once with instructions. And the other direction, sample.py
+--export: our checkpoints in that layout must give our image in diffusers' pipelines and in --pretrained."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests
