@@ -342,8 +342,8 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
     # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
     latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
                     "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
-    image_sizes = {k: index.get("_train_image_size", 1024) for k, index in (("c", prior_index),
-                                                                         ("b", decoder_index))}
+    image_sizes = {"c": prior_index.get("_train_image_size", 1024),  # released: 1024 px
+                   "b": decoder_index.get("_train_image_size", 1024)}
     return Pipeline(latent_space=latent_space, device=device, image_sizes=image_sizes, dtype=dtype,
                     loaders=loaders)
 
