@@ -6,8 +6,9 @@ Sample from Würstchen: text -> Stage C -> Stage B -> Stage A -> PNG (method.md 
 
 The three models are rebuilt from their checkpoints alone (configs + EMA weights), found where the training
 scripts write them. The same code also does image variation (image -> semantic compressor -> B -> A),
-image-to-image (noise the image's Stage C latent to a strength, denoise with the prompt) and reconstruction
-(image -> Stage A encode -> decode, to check a Stage A).
+image-to-image (noise the image's Stage C latent to a strength, denoise with the prompt) and Stage A
+reconstruction (image -> Stage A encode -> decode, to check a Stage A). The default size is the
+checkpoints' training size.
 
     python sample.py --prompt "a red circle on a blue background" --n 4
     python sample.py --prompts_file prompts.txt --width 1024 --height 1536 --seed 3
@@ -17,9 +18,14 @@ image-to-image (noise the image's Stage C latent to a strength, denoise with the
 With --pretrained the same chain runs the released Würstchen v2 weights (warp-ai/wuerstchen-prior: prior + CLIP
 ViT-bigG text; warp-ai/wuerstchen: decoder + VQGAN + CLIP ViT-H text), with the released settings (method §7.6),
 from the Hugging Face cache or from a folder laid out as RELEASED_LAYOUT below. Each stage is loaded when it is
-needed and freed after, in bf16 on a GPU (1024 px fits in 24 GB) and in fp32 on the CPU (slow: see the README):
+needed and freed after, in bf16 on a GPU that has it (1024 px fits in 24 GB), else in fp32 (the CPU: slow,
+see the README):
     python sample.py --pretrained --prompt "an owl reading a newspaper, oil painting"
     python sample.py --pretrained weights/ --prompt "..." --width 1536 --height 1024
+
+--export writes our checkpoints in that layout, for diffusers' Würstchen pipelines; --pretrained
+reads it back:
+    python sample.py --export exported/    |  python sample.py --pretrained exported/ --prompt "..."
 """
 import argparse
 import gc
@@ -33,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import default_dtype, pick_device, psnr, read_json, run_cli, save_captioned_grid
+from common import (HelpFormatter, default_dtype, load_checkpoint, pick_device, psnr, read_json,
+                    run_cli, save_captioned_grid, write_json)
 from stage_a import StageA, load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, RESOLUTION_MULTIPLE,
                      SemanticCompressor, StageB, TextEncoder, add_noise, ddpm_sample, fetch_clip_weights, load_stage_b,
@@ -56,28 +63,46 @@ class Pipeline:
     text_encoder_c: torch.nn.Module = None
     latent_space: dict = None  # y = (e + shift) / scale, from the Stage B checkpoint
     device: torch.device = torch.device("cpu")
-    image_size: int = 1024  # default output side: Stage C's training size (1024 for the released weights)
+    image_sizes: dict = None  # 'a' / 'b' / 'c' -> training image side of each stage held
     dtype: torch.dtype = torch.float32  # compute dtype: autocast to it when it is not float32
     loaders: dict = None  # name -> function returning that model on the device (released weights), else None
+
+    @property
+    def image_size(self):
+        """The default output side: the training size of the last stage held (C, else B, else A)."""
+        return next(self.image_sizes[k] for k in "cba" if k in self.image_sizes)
+
+
+def sampling_dtype(device):
+    """The compute dtype of `--dtype auto` and load_released: bf16 on GPUs that support it, else
+    float32. Never float16 unless asked: weights trained in bf16 (the released ones too) overflow
+    in it."""
+    dtype = default_dtype(device)
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt", stage_c="out/stage_c/ckpt.pt",
                   device="cpu", stages="abc", dtype=torch.float32):
-    """Build the stages named in `stages` from their checkpoints; a missing or wrong file names the file and stage.
-    Weights stay float32; a bf16 / fp16 `dtype` runs them under autocast."""
+    """Build the stages named in `stages` from their checkpoints (EMA weights), with each one's
+    training image size; a missing or wrong file names the file and stage. Weights stay float32; a
+    bf16 / fp16 `dtype` runs them under autocast."""
     device = torch.device(device)
-    pipe = Pipeline(stage_a=load_stage_a(stage_a, device), device=device, dtype=dtype)
+    pipe = Pipeline(stage_a=load_stage_a(stage_a, device), device=device, dtype=dtype,
+                    image_sizes={})
     if "b" in stages:
         parts = load_stage_b(stage_b, device, parts=("compressor", "stage_b", "text_encoder"))
         pipe.compressor, pipe.stage_b = parts["compressor"], parts["stage_b"]
         pipe.text_encoder_b, pipe.latent_space = parts["text_encoder"], parts["latent_space"]
+        pipe.image_sizes["b"] = parts["ckpt"]["train_config"]["image_size"]
     if "c" in stages:
         parts = load_stage_c(stage_c, device)
         pipe.stage_c, pipe.text_encoder_c = parts["stage_c"], parts["text_encoder"]
-        pipe.image_size = parts["ckpt"]["train_config"].get("image_size") or pipe.image_size
+        pipe.image_sizes["c"] = parts["ckpt"]["train_config"]["image_size"]
         if pipe.latent_space is not None and parts["latent_space"] != pipe.latent_space:
             raise ValueError(f"{stage_c} was trained on a Stage B with latent space {parts['latent_space']}, but "
                              f"{stage_b} has {pipe.latent_space}: pass the Stage B checkpoint it was trained with")
+    if not pipe.image_sizes:  # Stage A alone: its training size (its checkpoint read once more)
+        pipe.image_sizes["a"] = load_checkpoint(stage_a, "stage_a")["train_config"]["image_size"]
     return pipe
 
 
@@ -92,7 +117,8 @@ def loaded(pipe, *names):
     if missing:
         raise ValueError(f"this pipeline has no {', '.join(missing)}" + (
             " (the released weights hold the semantic compressor only in the official model_v2_stage_b.pt: put it in "
-            "the --pretrained folder)" if "compressor" in missing else ""))
+            "the --pretrained folder; an --export has it in wuerstchen/semantic_compressor/)"
+            if "compressor" in missing else ""))
     for n in fresh:
         setattr(pipe, n, pipe.loaders[n]())
     try:
@@ -105,118 +131,6 @@ def loaded(pipe, *names):
             gc.collect()
             if pipe.device.type == "cuda":
                 torch.cuda.empty_cache()
-
-# -----------------------------------------------------------------------------
-# the released weights (method §8.1)
-
-PRIOR_REPO, DECODER_REPO = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
-OFFICIAL_FILES = {"stage_c": "model_v3_stage_c.pt", "stage_b": "model_v2_stage_b.pt", "stage_a": "vqgan_f4_v1_500k.pt"}
-# the open_clip towers with the weights of the repositories' text_encoder/ folders (--open_clip), for Stages C and B
-OPEN_CLIP_TEXT = {"c": ("ViT-bigG-14", "laion2b_s39b_b160k"), "b": ("ViT-H-14", "laion2b_s32b_b79k")}
-RELEASED_LAYOUT = """\
-  {root}/wuerstchen-prior/   <- hf download warp-ai/wuerstchen-prior --local-dir {root}/wuerstchen-prior
-      model_index.json  prior/  text_encoder/  tokenizer/  scheduler/
-  {root}/wuerstchen/         <- hf download warp-ai/wuerstchen --local-dir {root}/wuerstchen
-      model_index.json  decoder/  vqgan/  text_encoder/  tokenizer/  scheduler/
-  Instead of prior/, decoder/ and vqgan/, the official files may lie in {root} itself (model_v2_stage_b.pt also
-  holds the semantic compressor that --variation and --init_image need):
-      model_v3_stage_c.pt  model_v2_stage_b.pt  vqgan_f4_v1_500k.pt   <- hf download dome272/wuerstchen
-                                                                          model_v3_stage_c.pt ... --local-dir {root}
-  With --open_clip the text towers are open_clip's ViT-bigG-14 laion2b_s39b_b160k and ViT-H-14 laion2b_s32b_b79k
-  (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
-  from the Hugging Face cache) instead of the text_encoder/ folders."""
-
-
-def find_released(root=None, text_folders=True):
-    """Paths of the released components in `root` (RELEASED_LAYOUT) or, when root is None, in the Hugging Face cache
-    (downloaded into it first when online). Anything missing -> FileNotFoundError saying what to download and where,
-    at once: offline, huggingface_hub's snapshot_download gives up after one failed request, without retries."""
-    if root is None:
-        try:
-            prior, decoder = hub_snapshot(PRIOR_REPO), hub_snapshot(DECODER_REPO)
-        except Exception as e:  # offline and not cached, or no such repository
-            raise FileNotFoundError(released_help(None, [f"{PRIOR_REPO} and {DECODER_REPO} ({type(e).__name__})"]))
-    else:
-        prior, decoder = (os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
-
-    def first(*paths):
-        return next((p for p in paths if p and os.path.exists(p)), None)
-
-    official = {k: root and os.path.join(root, name) for k, name in OFFICIAL_FILES.items()}
-    paths = {"stage_c": first(os.path.join(prior, "prior"), official["stage_c"]),
-             "stage_b": first(os.path.join(decoder, "decoder"), official["stage_b"]),
-             "stage_a": first(os.path.join(decoder, "vqgan"), official["stage_a"]),
-             "compressor": first(official["stage_b"])}
-    for k, repo in (("c", prior), ("b", decoder)):  # text_encoder_c, tokenizer_c, scheduler_c, index_c, ..._b
-        for part, name in (("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
-                           ("scheduler", "scheduler/scheduler_config.json"), ("index", "model_index.json")):
-            paths[f"{part}_{k}"] = first(os.path.join(repo, name))
-    needed = ["stage_c", "stage_b", "stage_a"] + (["text_encoder_c", "text_encoder_b"] if text_folders else [])
-    missing = [k for k in needed if paths[k] is None]
-    if missing:
-        raise FileNotFoundError(released_help(root, missing))
-    return paths
-
-
-def hub_snapshot(repo):
-    """The repository's folder in the Hugging Face cache, downloaded first when online: configs, tokenizer and
-    safetensors weights (pytorch .bin weights only for folders without safetensors; no fp16 copies)."""
-    from huggingface_hub import snapshot_download
-    folder = snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors"], ignore_patterns=["*fp16*"])
-    bare = [f"{d}/*.bin" for d in ("prior", "decoder", "vqgan", "text_encoder")
-            if os.path.isdir(os.path.join(folder, d)) and not glob.glob(os.path.join(folder, d, "*.safetensors"))]
-    return snapshot_download(repo, allow_patterns=bare) if bare else folder
-
-
-def released_help(root, missing):
-    where = root or "DIR"
-    return (f"the released Würstchen v2 weights were not found (missing: {', '.join(missing)}). On a machine with "
-            f"network, download the two repositories (about 3.1 B parameters in all) and pass their folder, "
-            f"`python sample.py --pretrained {where} --prompt ...`:\n{RELEASED_LAYOUT.format(root=where)}\n"
-            f"Or fill the Hugging Face cache (~/.cache/huggingface/hub) with `hf download {PRIOR_REPO}` and "
-            f"`hf download {DECODER_REPO}` and pass --pretrained without a folder.")
-
-
-def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, decoder_cfg=None):
-    """A Pipeline over the released Würstchen v2 weights (method §8): found by find_released, checked against the
-    method's constants, and loaded lazily (Pipeline.loaders) in `dtype` (default bf16 on CUDA, fp32 elsewhere).
-    open_clip_text: the open_clip towers instead of the repositories' transformers text encoders (same weights).
-    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released size."""
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    paths = find_released(root, text_folders=not open_clip_text)
-    prior_index, decoder_index = read_json(paths["index_c"]), read_json(paths["index_b"])
-    # the constants the method (round_size, decode_stage_c, alpha_bar) hard-codes, as the repositories state them
-    checks = {"resolution_multiple": (prior_index.get("resolution_multiple", RESOLUTION_MULTIPLE), RESOLUTION_MULTIPLE),
-              "latent_dim_scale": (decoder_index.get("latent_dim_scale", LATENT_DIM_SCALE), LATENT_DIM_SCALE)}
-    for k in "cb":
-        sched = read_json(paths[f"scheduler_{k}"])
-        checks[f"scheduler {k} (s, scaler)"] = ((sched.get("s", 0.008), sched.get("scaler", 1.0)), (0.008, 1.0))
-    wrong = {k: found for k, (found, ours) in checks.items() if found != ours}
-    if wrong:
-        raise ValueError(f"these weights use other constants than Würstchen v2 and this code: {wrong}")
-    # the tokenizers' pad tokens (LAION's '!' when there is no tokenizer folder); open_clip weights found now, not later
-    pad_tokens = {k: read_pad_token(paths[f"tokenizer_{k}"]) if paths[f"tokenizer_{k}"] else "!" for k in "cb"}
-    weights = {k: fetch_clip_weights(*OPEN_CLIP_TEXT[k]) for k in "cb"} if open_clip_text else {}
-
-    def text_encoder(k):  # the repository's transformers CLIPTextModel, or the open_clip tower with its weights
-        if open_clip_text:
-            return TextEncoder(OPEN_CLIP_TEXT[k][0], weights[k], pad_tokens[k])
-        return TextEncoder("transformers", paths[f"text_encoder_{k}"], pad_tokens[k])
-
-    builders = {"text_encoder_c": lambda: text_encoder("c"),
-                "stage_c": lambda: StageC.from_pretrained(paths["stage_c"]),
-                "text_encoder_b": lambda: text_encoder("b"),
-                "stage_b": lambda: StageB.from_pretrained(paths["stage_b"], decoder_cfg),
-                "stage_a": lambda: StageA.from_pretrained(paths["stage_a"])}
-    if paths["compressor"]:
-        builders["compressor"] = lambda: SemanticCompressor.from_pretrained(paths["compressor"])
-    loaders = {k: (lambda build=build: build().to(device, dtype).eval().requires_grad_(False))
-               for k, build in builders.items()}
-    # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
-    latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
-                    "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
-    return Pipeline(latent_space=latent_space, device=device, image_size=1024, dtype=dtype, loaders=loaders)
 
 # -----------------------------------------------------------------------------
 # sizes
@@ -289,7 +203,7 @@ def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed
 
 
 @torch.no_grad()
-def reconstruct(pipe, images):
+def stage_a_reconstruction(pipe, images):
     """Stage A alone: encode -> decode (unquantised, as v2 decodes), for checking a Stage A checkpoint."""
     with loaded(pipe, "stage_a"):
         images = images.to(pipe.device)
@@ -297,18 +211,197 @@ def reconstruct(pipe, images):
 
 
 @torch.no_grad()
-def toy_eval(pipe, n=4, seed=0, **kwargs):
-    """Prompt following on the toy data: n images for every colour x shape prompt, read back with
+def toy_eval(pipe, n=4, seed=0, look="bold", **kwargs):
+    """Prompt following on the toy data of `look`: n images for every colour x shape prompt, read back with
     data.classify_toy_image. Returns {'colour': acc, 'shape': acc, 'both': acc, chance levels, n}."""
-    from data import COLORS, SHAPES, classify_toy_image, toy_prompt_following, toy_prompts
-    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts()])
+    from data import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
+    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts(look)])
     images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
     targets = [t for t in targets for _ in range(n)]
-    colour, shape = toy_prompt_following(images, targets)
-    both = sum(classify_toy_image(img) == t for img, t in zip(images, targets)) / len(targets)
+    colour, shape = toy_prompt_following(images, targets, look)
+    both = sum(classify_toy_image(img, look) == t for img, t in zip(images, targets)) / len(targets)
+    n_colors, n_shapes = len(LOOKS[look]["colors"]), len(LOOKS[look]["shapes"])
     return images, [p for p in prompts for _ in range(n)], {
-        "colour": colour, "shape": shape, "both": both, "chance_colour": 1 / len(COLORS),
-        "chance_shape": 1 / len(SHAPES), "chance_both": 1 / (len(COLORS) * len(SHAPES)), "images": len(targets)}
+        "colour": colour, "shape": shape, "both": both, "chance_colour": 1 / n_colors,
+        "chance_shape": 1 / n_shapes, "chance_both": 1 / (n_colors * n_shapes), "images": len(targets)}
+
+# -----------------------------------------------------------------------------
+# the released weights (method §8.1)
+
+PRIOR_REPO, DECODER_REPO = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
+OFFICIAL_FILES = {"stage_c": "model_v3_stage_c.pt", "stage_b": "model_v2_stage_b.pt", "stage_a": "vqgan_f4_v1_500k.pt"}
+# the open_clip towers with the weights of the repositories' text_encoder/ folders (--open_clip), for Stages C and B
+OPEN_CLIP_TEXT = {"c": ("ViT-bigG-14", "laion2b_s39b_b160k"), "b": ("ViT-H-14", "laion2b_s32b_b79k")}
+# the schedule's constants (stage_b.alpha_bar) as scheduler_config.json states them
+SCHEDULER = {"_class_name": "DDPMWuerstchenScheduler", "s": 0.008, "scaler": 1.0}
+RELEASED_LAYOUT = """\
+  {root}/wuerstchen-prior/   <- hf download warp-ai/wuerstchen-prior --local-dir {root}/wuerstchen-prior
+      model_index.json  prior/  text_encoder/  tokenizer/  scheduler/
+  {root}/wuerstchen/         <- hf download warp-ai/wuerstchen --local-dir {root}/wuerstchen
+      model_index.json  decoder/  vqgan/  text_encoder/  tokenizer/  scheduler/
+      (and in an --export of ours: semantic_compressor/)
+  Instead of prior/, decoder/ and vqgan/, the official files may lie in {root} itself (model_v2_stage_b.pt also
+  holds the semantic compressor that --variation and --init_image need):
+      model_v3_stage_c.pt  model_v2_stage_b.pt  vqgan_f4_v1_500k.pt   <- hf download dome272/wuerstchen
+                                                                          model_v3_stage_c.pt ... --local-dir {root}
+  With --open_clip the text towers are open_clip's ViT-bigG-14 laion2b_s39b_b160k and ViT-H-14 laion2b_s32b_b79k
+  (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
+  from the Hugging Face cache) instead of the text_encoder/ folders."""
+
+
+def find_released(root=None, text_folders=True):
+    """Paths of the released components in `root` (RELEASED_LAYOUT) or, when root is None, in the Hugging Face cache
+    (downloaded into it first when online). Anything missing -> FileNotFoundError saying what to download and where,
+    at once: offline, huggingface_hub's snapshot_download gives up after one failed request, without retries."""
+    if root is None:
+        try:
+            prior, decoder = hub_snapshot(PRIOR_REPO), hub_snapshot(DECODER_REPO)
+        except Exception as e:  # offline and not cached, or no such repository
+            raise FileNotFoundError(released_help(None, [f"{PRIOR_REPO} and {DECODER_REPO} ({type(e).__name__})"]))
+    else:
+        prior, decoder = (os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
+
+    def first(*paths):
+        return next((p for p in paths if p and os.path.exists(p)), None)
+
+    official = {k: root and os.path.join(root, name) for k, name in OFFICIAL_FILES.items()}
+    paths = {"stage_c": first(os.path.join(prior, "prior"), official["stage_c"]),
+             "stage_b": first(os.path.join(decoder, "decoder"), official["stage_b"]),
+             "stage_a": first(os.path.join(decoder, "vqgan"), official["stage_a"]),
+             "compressor": first(os.path.join(decoder, "semantic_compressor"), official["stage_b"])}
+    for k, repo in (("c", prior), ("b", decoder)):  # text_encoder_c, tokenizer_c, scheduler_c, index_c, ..._b
+        for part, name in (("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
+                           ("scheduler", "scheduler/scheduler_config.json"), ("index", "model_index.json")):
+            paths[f"{part}_{k}"] = first(os.path.join(repo, name))
+    needed = ["stage_c", "stage_b", "stage_a"] + (["text_encoder_c", "text_encoder_b"] if text_folders else [])
+    missing = [k for k in needed if paths[k] is None]
+    if missing:
+        raise FileNotFoundError(released_help(root, missing))
+    return paths
+
+
+def hub_snapshot(repo):
+    """The repository's folder in the Hugging Face cache, downloaded first when online: configs, tokenizer and
+    safetensors weights (pytorch .bin weights only for folders without safetensors; no fp16 copies)."""
+    from huggingface_hub import snapshot_download
+    folder = snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors"], ignore_patterns=["*fp16*"])
+    bare = [f"{d}/*.bin" for d in ("prior", "decoder", "vqgan", "text_encoder")
+            if os.path.isdir(os.path.join(folder, d)) and not glob.glob(os.path.join(folder, d, "*.safetensors"))]
+    return snapshot_download(repo, allow_patterns=bare) if bare else folder
+
+
+def released_help(root, missing):
+    where = root or "DIR"
+    return (f"the released Würstchen v2 weights were not found (missing: {', '.join(missing)}). On a machine with "
+            f"network, download the two repositories (about 3.1 B parameters in all) and pass their folder, "
+            f"`python sample.py --pretrained {where} --prompt ...`:\n{RELEASED_LAYOUT.format(root=where)}\n"
+            f"Or fill the Hugging Face cache (~/.cache/huggingface/hub) with `hf download {PRIOR_REPO}` and "
+            f"`hf download {DECODER_REPO}` and pass --pretrained without a folder.")
+
+
+def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, decoder_cfg=None):
+    """A Pipeline over the released Würstchen v2 weights (method §8) or an export of ours (export):
+    found by find_released, checked against the method's constants, and loaded lazily
+    (Pipeline.loaders) in `dtype` (default: sampling_dtype). The latent space and the training image
+    sizes come from the model_index.json files (released: 42 / 1, 1024 px). open_clip_text: the
+    open_clip towers instead of the repositories' transformers text encoders (same weights).
+    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released
+    size."""
+    device = torch.device(device)
+    dtype = dtype or sampling_dtype(device)
+    paths = find_released(root, text_folders=not open_clip_text)
+    prior_index, decoder_index = read_json(paths["index_c"]), read_json(paths["index_b"])
+    # the constants the method (round_size, decode_stage_c, alpha_bar) hard-codes, as the repositories state them
+    checks = {"resolution_multiple": (prior_index.get("resolution_multiple", RESOLUTION_MULTIPLE), RESOLUTION_MULTIPLE),
+              "latent_dim_scale": (decoder_index.get("latent_dim_scale", LATENT_DIM_SCALE), LATENT_DIM_SCALE)}
+    for k in "cb":
+        sched = read_json(paths[f"scheduler_{k}"])
+        found = {key: sched.get(key, SCHEDULER[key]) for key in ("s", "scaler")}
+        checks[f"scheduler {k}"] = (found, {key: SCHEDULER[key] for key in found})
+    wrong = {k: found for k, (found, ours) in checks.items() if found != ours}
+    if wrong:
+        raise ValueError(f"these weights use other constants than Würstchen v2 and this code: {wrong}")
+    # the tokenizers' pad tokens (LAION's '!' when there is no tokenizer folder); open_clip weights found now, not later
+    pad_tokens = {k: read_pad_token(paths[f"tokenizer_{k}"]) if paths[f"tokenizer_{k}"] else "!" for k in "cb"}
+    weights = {k: fetch_clip_weights(*OPEN_CLIP_TEXT[k]) for k in "cb"} if open_clip_text else {}
+
+    def text_encoder(k):  # the repository's transformers CLIPTextModel, or the open_clip tower with its weights
+        if open_clip_text:
+            return TextEncoder(OPEN_CLIP_TEXT[k][0], weights[k], pad_tokens[k])
+        return TextEncoder("transformers", paths[f"text_encoder_{k}"], pad_tokens[k])
+
+    builders = {"text_encoder_c": lambda: text_encoder("c"),
+                "stage_c": lambda: StageC.from_pretrained(paths["stage_c"]),
+                "text_encoder_b": lambda: text_encoder("b"),
+                "stage_b": lambda: StageB.from_pretrained(paths["stage_b"], decoder_cfg),
+                "stage_a": lambda: StageA.from_pretrained(paths["stage_a"])}
+    if paths["compressor"]:
+        builders["compressor"] = lambda: SemanticCompressor.from_pretrained(paths["compressor"])
+    loaders = {k: (lambda build=build: build().to(device, dtype).eval().requires_grad_(False))
+               for k, build in builders.items()}
+    # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
+    latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
+                    "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
+    image_sizes = {"c": prior_index.get("_train_image_size", 1024),  # released: 1024 px
+                   "b": decoder_index.get("_train_image_size", 1024)}
+    return Pipeline(latent_space=latent_space, device=device, image_sizes=image_sizes, dtype=dtype,
+                    loaders=loaders)
+
+# -----------------------------------------------------------------------------
+# export: our models in the released layout, for diffusers' pipelines (and --pretrained)
+
+
+def export(pipe, root):
+    """Write the models of `pipe` (our checkpoints' EMA weights, or a released or exported folder)
+    as the two folders of RELEASED_LAYOUT, weights in safetensors: what diffusers' Würstchen
+    pipelines and `--pretrained` read. Ours where they differ from the released values: the latent
+    space in the prior's model_index.json (latent_mean = scale, latent_std = shift, as the pipeline
+    computes e = y * latent_mean - latent_std), Stage A's scale_factor in vqgan/config.json, the
+    training image sizes as `_train_image_size` in both model_index.json (private keys, which
+    diffusers ignores). The semantic compressor goes to wuerstchen/semantic_compressor/, which no
+    pipeline reads. What diffusers cannot represent is refused by name before anything is written.
+    Returns the two folders."""
+    if pipe.stage_b is not None and not isinstance(pipe.stage_b, StageB):
+        raise ValueError(f"diffusers' WuerstchenDecoderPipeline runs only the DiffNeXt Stage B of "
+                         f"Würstchen v2; this Stage B is a {type(pipe.stage_b).__name__} (a token "
+                         f"Stage B, as Würstchen v1's Paella, has no diffusers pipeline)")
+    if pipe.stage_a is not None and pipe.stage_a.cfg.c_latent != 4:
+        raise ValueError(f"diffusers' WuerstchenDecoderPipeline samples 4-channel Stage A latents; "
+                         f"this Stage A has {pipe.stage_a.cfg.c_latent}")
+    for model in (pipe.stage_b, pipe.text_encoder_b, pipe.text_encoder_c):
+        if model is not None:  # resident (ours): refused now if diffusers cannot represent it
+            model.diffusers_config()
+    prior, decoder = (os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
+    with loaded(pipe, "stage_c", "text_encoder_c"):
+        write_repo(prior, "WuerstchenPriorPipeline", {"prior": pipe.stage_c}, pipe.text_encoder_c,
+                   latent_mean=pipe.latent_space["scale"], latent_std=pipe.latent_space["shift"],
+                   resolution_multiple=RESOLUTION_MULTIPLE, _train_image_size=pipe.image_sizes["c"])
+    with loaded(pipe, "stage_b", "stage_a", "text_encoder_b"):
+        models = {"decoder": pipe.stage_b, "vqgan": pipe.stage_a}
+        write_repo(decoder, "WuerstchenDecoderPipeline", models, pipe.text_encoder_b,
+                   latent_dim_scale=LATENT_DIM_SCALE, _train_image_size=pipe.image_sizes["b"])
+    if pipe.compressor is not None or "compressor" in (pipe.loaders or {}):
+        with loaded(pipe, "compressor"):
+            pipe.compressor.save_pretrained(os.path.join(decoder, "semantic_compressor"))
+    return prior, decoder
+
+
+def write_repo(folder, pipeline, models, text_encoder, **config):
+    """One folder of RELEASED_LAYOUT: each model (name -> module) in its subfolder, the CLIP text
+    encoder and tokenizer, the scheduler, and model_index.json with the pipeline's `config`. The
+    models' library is 'wuerstchen', as in the released model_index.json files (the module
+    diffusers.pipelines.wuerstchen, before diffusers 0.38 moved it)."""
+    for name, model in models.items():
+        model.save_pretrained(os.path.join(folder, name))
+    text_encoder.save_pretrained(*[os.path.join(folder, n) for n in ("text_encoder", "tokenizer")])
+    write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER)
+    index = {"_class_name": pipeline, "scheduler": ["diffusers", SCHEDULER["_class_name"]],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizerFast"]}
+    for name in models:
+        config_json = read_json(os.path.join(folder, name, "config.json"))
+        index[name] = ["wuerstchen", config_json["_class_name"]]
+    write_json(os.path.join(folder, "model_index.json"), index | config)
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -339,33 +432,46 @@ def save_outputs(images, captions, out_dir, name):
     print(f"wrote {grid} and {len(images)} images {name}_000.png ... in {out_dir}")
 
 
+def open_pipeline(args, device, dtype, stages="abc"):
+    """Our checkpoints (--stage_a/b/c; only the `stages` needed), or with --pretrained the released
+    weights or an export of ours."""
+    if args.pretrained is None:
+        return load_pipeline(args.stage_a, args.stage_b, args.stage_c, device, stages, dtype)
+    try:  # --pretrained "" = the Hugging Face cache
+        pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--pretrained: {e}")
+    print(f"weights in the released layout from {args.pretrained or 'the Hugging Face cache'} "
+          f"({'open_clip' if args.open_clip else 'transformers'} text encoders), "
+          f"{str(dtype).removeprefix('torch.')} on {device}, each stage loaded when needed")
+    return pipe
+
+
 def main(args):
+    if args.export:  # a conversion of the weights as they are stored: on the CPU, in float32
+        folders = export(open_pipeline(args, torch.device("cpu"), torch.float32), args.export)
+        print(f"wrote {' and '.join(folders)}: diffusers' Würstchen pipelines read them (README "
+              f"'Use your model in diffusers'), and so does `sample.py --pretrained {args.export}`")
+        return
     device = pick_device(args.device)
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = sampling_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     steps_c = args.steps_c if args.steps_c else DEFAULT_STAGE_C_TIMESTEPS
     t0 = time.time()
-    if args.pretrained is not None:  # "" = the Hugging Face cache
-        try:
-            pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
-        except FileNotFoundError as e:
-            raise SystemExit(f"--pretrained: {e}")
-        print(f"released Würstchen v2 weights ({'open_clip' if args.open_clip else 'transformers'} text encoders), "
-              f"{str(dtype).removeprefix('torch.')} on {device}, each stage loaded when needed")
-    else:
-        stages = "a" if args.reconstruct else "ab" if args.variation else "abc"
-        pipe = load_pipeline(args.stage_a, args.stage_b, args.stage_c, device, stages, dtype)
+    stages = "a" if args.reconstruct else "ab" if args.variation else "abc"
+    pipe = open_pipeline(args, device, dtype, stages)
     width, height, _, note = round_size(args.width or pipe.image_size, args.height or pipe.image_size)
     if note:
         print(note)
     if args.reconstruct:
         x = read_images(args.reconstruct, width, height).to(device)
-        out = reconstruct(pipe, x)
+        out = stage_a_reconstruction(pipe, x)
         print(f"Stage A reconstruction PSNR {psnr(out, x):.2f} dB")
         save_outputs(torch.cat([x, out]), args.reconstruct + ["(reconstruction)"] * len(x), args.out_dir, "reconstruct")
         return
     common = dict(seed=args.seed, steps_b=args.steps_b, guidance_b=args.guidance_b)
     if args.eval_toy:
-        images, captions, acc = toy_eval(pipe, n=args.n, steps_c=steps_c, guidance_c=args.guidance_c,
+        images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy, steps_c=steps_c,
+                                         guidance_c=args.guidance_c,
                                          negative_prompt=args.negative_prompt, **common)
         print(json.dumps({k: round(v, 3) for k, v in acc.items()}))
         save_outputs(images, captions, args.out_dir, "eval_toy")
@@ -397,16 +503,16 @@ def main(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints or the released v2 weights "
                                 "(text -> C -> B -> A).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts_file", help="text file with one prompt per line")
     p.add_argument("--negative_prompt", default="", help="what Stage C guidance steers away from")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--width", type=int, default=None, help="image width, rounded to 128-pixel steps "
-                   "(default: Stage C's training size)")
+                   "(default: the training size of the last stage used: C's, else B's, else A's)")
     p.add_argument("--height", type=int, default=None, help="image height, rounded to 128-pixel steps "
-                   "(default: Stage C's training size)")
+                   "(default: as --width)")
     p.add_argument("--steps_c", type=int, default=0, help="Stage C steps (0 = the released 29-step grid)")
     p.add_argument("--guidance_c", type=float, default=4.0, help="Stage C classifier-free guidance scale")
     p.add_argument("--steps_b", type=int, default=12, help="Stage B steps")
@@ -415,20 +521,27 @@ def get_args(argv=None):
     p.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: noise level to start from (0..1)")
     p.add_argument("--reconstruct", nargs="+", help="image(s) to pass through Stage A only (encode -> decode)")
-    p.add_argument("--eval_toy", action="store_true", help="measure prompt following on the toy vocabulary")
+    p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light"], metavar="LOOK",
+                   help="measure prompt following on the toy vocabulary (of the look: bold, the default, or light)")
     p.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="Stage A checkpoint")
     p.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint")
     p.add_argument("--stage_c", default="out/stage_c/ckpt.pt", help="Stage C checkpoint")
     p.add_argument("--out_dir", default="out/samples", help="where the grid and the single images go")
     p.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="use the released "
                    "Würstchen v2 weights instead of our checkpoints: from DIR (warp-ai/wuerstchen-prior and "
-                   "warp-ai/wuerstchen in DIR/wuerstchen-prior and DIR/wuerstchen), or without DIR from the "
-                   "Hugging Face cache")
+                   "warp-ai/wuerstchen in DIR/wuerstchen-prior and DIR/wuerstchen, or an --export "
+                   "of ours), or without DIR from the Hugging Face cache")
     p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text towers (ViT-bigG-14 "
                    "laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of the repositories' text_encoder/ folders")
+    p.add_argument("--export", metavar="DIR", help="write the models (our checkpoints, or "
+                   "--pretrained's) in the released layout, DIR/wuerstchen-prior and "
+                   "DIR/wuerstchen, for diffusers' Würstchen pipelines and --pretrained DIR; "
+                   "nothing is sampled")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype "
-                   "(auto: bfloat16 on CUDA, float32 elsewhere); --pretrained also stores the weights in it")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: bfloat16 on GPUs that support it, else float32; "
+                   "never float16, in which bf16-trained weights such as the released ones "
+                   "overflow); --pretrained also stores the weights in it")
     return p.parse_args(argv)
 
 

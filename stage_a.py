@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state, get_lr,
                     holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line, no_sync,
-                    psnr, read_json, restore_rng, run_cli, save_checkpoint, save_image_grid, set_lr, start_run,
-                    update_ema, wrap_ddp)
+                    psnr, read_json, recompute_batchnorm, restore_rng, run_cli, save_checkpoint, save_image_grid,
+                    save_weights_file, set_lr, start_run, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -47,6 +47,12 @@ class StageAConfig:
     scale_factor: float = 0.3764  # latent std: encode() divides by it, decode() multiplies (measured when training)
     disc_c_hidden: int = 512  # patch discriminator width (training only)
     disc_depth: int = 6  # patch discriminator depth (training only)
+
+
+# StageAConfig field -> diffusers PaellaVQModel config key (both default to the released values)
+DIFFUSERS_NAMES = {"c_in": "in_channels", "c_hidden": "embed_dim", "levels": "levels",
+                   "bottleneck_blocks": "bottleneck_blocks", "c_latent": "latent_channels",
+                   "codebook_size": "num_vq_embeddings", "scale_factor": "scale_factor"}
 
 
 # One table: per preset the model config and the training defaults that flags left unset take.
@@ -213,10 +219,8 @@ class StageA(nn.Module):
         if os.path.isdir(path):
             hf = read_json(os.path.join(path, "config.json"))
             assert hf.get("up_down_scale_factor", 2) == 2 and hf.get("in_channels", 3) == hf.get("out_channels", 3)
-            cfg = StageAConfig(c_in=hf.get("in_channels", 3), c_hidden=hf.get("embed_dim", 384),
-                               levels=hf.get("levels", 2), bottleneck_blocks=hf.get("bottleneck_blocks", 12),
-                               c_latent=hf.get("latent_channels", 4), codebook_size=hf.get("num_vq_embeddings", 8192),
-                               scale_factor=hf.get("scale_factor", 0.3764))
+            cfg = StageAConfig(**{ours: hf[theirs] for ours, theirs in DIFFUSERS_NAMES.items()
+                                  if theirs in hf})
             sd = load_weights_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -230,6 +234,14 @@ class StageA(nn.Module):
             model = cls(cfg)
         load_exact(model, sd, what=f"Stage A weights from {path}")
         return model.eval()
+
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained: a diffusers `PaellaVQModel` folder, with this model's
+        scale_factor."""
+        config = {theirs: getattr(self.cfg, ours) for ours, theirs in DIFFUSERS_NAMES.items()}
+        config |= {"_class_name": "PaellaVQModel", "out_channels": self.cfg.c_in,
+                   "up_down_scale_factor": 2}
+        save_weights_file(folder, self.state_dict(), config)
 
 
 def load_stage_a(path, device="cpu"):
@@ -329,7 +341,7 @@ def train(args):
                f"world {rt.world_size} | config {asdict(cfg)}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the final PSNR
-    from data import first_images, open_data
+    from data import image_batches, open_data
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, _ = holdout_batch(holdout, rt.device)
 
@@ -365,7 +377,7 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
     model, disc = wrap_ddp(model, rt), wrap_ddp(disc, rt)
-    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model, ema)
+    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
     def save(run_state):
         cfg_out = asdict(cfg) | {"scale_factor": measure_scale_factor(ema, held_images)}
@@ -378,8 +390,8 @@ def train(args):
             "code_counts": counts, "metrics": {"holdout_psnr": holdout_psnr()}})
 
     @torch.no_grad()
-    def holdout_psnr():
-        return psnr(ema.decode_raw(ema.encode_raw(held_images)), held_images)
+    def holdout_psnr(m=ema):  # unquantised decode, as Würstchen v2 decodes
+        return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
 
     gen_params = list(raw_model.parameters())
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
@@ -391,7 +403,7 @@ def train(args):
         restore_rng(ckpt, rt)
         counts.copy_(ckpt["code_counts"])
     else:  # initialise the codebook on encoder outputs of a few images instead of the tiny uniform init
-        x0 = first_images(trainset, 64).to(rt.device)
+        x0 = next(image_batches(trainset, 64, spread=False)).to(rt.device)
         with torch.no_grad():
             restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x0), counts, rt)
     pbar = None
@@ -444,19 +456,26 @@ def train(args):
             with torch.no_grad():
                 restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x), counts, rt)
             counts.zero_()
-        if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
+        preview, checkpoint = (step % every == 0 or step == args.max_steps
+                               for every in (args.sample_every, args.save_every))
+        if rt.master and (preview or checkpoint):  # the EMA encoder's BatchNorm: the statistics of its own weights
+            with rt.autocast():
+                recompute_batchnorm(ema, ema.encode_raw, image_batches(trainset), device=rt.device)
+        if rt.master and preview:
             with torch.no_grad():  # held-out inputs (top) over their EMA reconstructions (bottom)
                 recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
             save_image_grid(torch.cat([held_images[:8], recon_h]), os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
-        if step % args.save_every == 0 or step == args.max_steps:
+        if checkpoint:
             run_state = gather_run_state(rt, batches)  # every rank: its RNG state and data-stream positions
             if rt.master:
                 save(run_state)
     if pbar:
         pbar.close()
     if rt.master:
-        logger.log(f"done: held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB | "
-                   f"scale_factor {raw_model.cfg.scale_factor} | checkpoint {ckpt_path}")
+        raw_model.eval()
+        logger.log(f"done: held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB (raw weights "
+                   f"{holdout_psnr(raw_model):.2f} dB) | scale_factor {raw_model.cfg.scale_factor} | "
+                   f"checkpoint {ckpt_path}")
     if rt.ddp:
         dist.destroy_process_group()
 

@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs, ema_decay_at, gather_run_state,
                     get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
-                    no_sync, psnr, read_json, restore_rng, run_cli, same_size_batches, save_checkpoint, save_image_grid,
-                    set_lr, sizes_of, start_run, update_ema, wrap_ddp)
+                    no_sync, psnr, read_json, recompute_batchnorm, restore_rng, run_cli, same_size_batches,
+                    save_checkpoint, save_image_grid, save_weights_file, set_lr, sizes_of, start_run, update_ema,
+                    write_json, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
@@ -125,7 +126,8 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GlobalResponseNorm(nn.Module):
-    """ConvNeXt-V2 Global Response Normalisation on channels-last input (method §4.2)."""
+    """ConvNeXt-V2 Global Response Normalisation on channels-last input (method §4.2). Textbook form:
+    g = torch.norm(x, dim=(1, 2)); n = g / (g.mean(-1) + 1e-6); out = gamma * (x * n) + beta + x."""
 
     def __init__(self, c):
         super().__init__()
@@ -133,9 +135,9 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
 
     def forward(self, x):  # x: (B, H, W, C)
-        # g: (B, 1, 1, C), the L2 norm over space per channel = torch.norm(x, dim=(1, 2)), which on the CPU reduces
-        # over these strided dims ~10x slower than a sum of squares. A channel of exact zeros (GELU gives them) has
-        # norm 0 and, as in torch.norm, gradient 0: sqrt's own gradient there would be inf * 0 = NaN
+        # g: (B, 1, 1, C), the L2 norm over space per channel, as a sum of squares: torch.norm reduces over these
+        # strided dims ~10x slower on the CPU. A channel of exact zeros (GELU gives them) has norm 0 and, as in
+        # torch.norm, gradient 0: sqrt's own gradient there would be inf * 0 = NaN
         ss = (x * x).sum(dim=(1, 2), keepdim=True)
         g = torch.where(ss > 0, ss, 1.0).sqrt() * (ss > 0)
         n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)  # divisive normalisation across channels
@@ -424,6 +426,21 @@ class StageB(nn.Module):
         load_exact(model, sd, what=f"Stage B weights from {path}")
         return model.eval()
 
+    def diffusers_config(self):
+        """The config.json of this model as a diffusers `WuerstchenDiffNeXt`: the same names but
+        `self_attn`, which it does not have (it always attends over [image ; text tokens])."""
+        if not self.cfg.self_attn:
+            raise ValueError("diffusers' WuerstchenDiffNeXt cannot represent this Stage B: its "
+                             "attention always attends over [image tokens ; text tokens] "
+                             "(self_attn=True), this one has self_attn=False")
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()}
+        del config["self_attn"]
+        return {"_class_name": "WuerstchenDiffNeXt"} | config
+
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained: a diffusers `WuerstchenDiffNeXt` folder."""
+        save_weights_file(folder, self.state_dict(), self.diffusers_config())
+
 
 def dome272_to_diffusers(sd):
     """Official key names -> ours/diffusers' (method §8.2): each packed nn.MultiheadAttention becomes
@@ -464,13 +481,16 @@ class SemanticCompressor(nn.Module):
         self.mapper = nn.Sequential(nn.Conv2d(c_features, cfg.c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(cfg.c_latent))
 
-    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, 16, 3H/128, 3W/128) (H, W multiples of 128)
+    def features(self, images):  # (B, 3, H, W) in [0, 1] -> backbone features (B, 1280, 3H/128, 3W/128)
         H, W = images.shape[-2:]
         x = F.interpolate(images, size=(3 * H // 4, 3 * W // 4), mode="bilinear", antialias=True,
                           align_corners=False)  # 1024 px -> 768 px
         mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return self.mapper(self.backbone((x - mean) / std))  # stride 32: 768 px -> 24 x 24
+        return self.backbone((x - mean) / std)  # stride 32: 768 px -> 24 x 24
+
+    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> e (B, 16, 3H/128, 3W/128) (H, W multiples of 128)
+        return self.mapper(self.features(images))
 
     def load_imagenet_weights(self):
         """Fill the EfficientNetV2-S backbone with torchvision's ImageNet weights (downloaded once into the
@@ -486,13 +506,25 @@ class SemanticCompressor(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """The `effnet_state_dict` of the official `model_v2_stage_b.pt` (EfficientNetV2-S), or a state-dict file."""
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        sd = sd.get("effnet_state_dict", sd)
+        """The `effnet_state_dict` of the official `model_v2_stage_b.pt` (EfficientNetV2-S) or a
+        state-dict file, or a folder written by save_pretrained (any backbone)."""
+        if os.path.isdir(path):
+            cfg = CompressorConfig(**read_json(os.path.join(path, "config.json")))
+            sd = load_weights_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = sd.get("effnet_state_dict", sd)
+            cfg = CompressorConfig(c_latent=sd["mapper.0.weight"].shape[0])
         with torch.device("meta"):
-            model = cls(CompressorConfig(c_latent=sd["mapper.0.weight"].shape[0]))
+            model = cls(cfg)
         load_exact(model, sd, what=f"semantic compressor weights from {path}")
         return model.eval()
+
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained(folder): config.json (the CompressorConfig) and
+        model.safetensors. For EfficientNetV2-S its keys are the official `effnet_state_dict`'s
+        (backbone.*, mapper.0, mapper.1), which diffusers' prior fine-tuning scripts load."""
+        save_weights_file(folder, self.state_dict(), asdict(self.cfg), name="model.safetensors")
 
 
 class TextEncoder(nn.Module):
@@ -535,7 +567,7 @@ class TextEncoder(nn.Module):
         self.special[pad_token] = self.special.get(pad_token, self.bpe.encoder.get(pad_token))
         if self.special[pad_token] is None:
             raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
-        self.pad_id = self.special[pad_token]
+        self.pad_token, self.pad_id = pad_token, self.special[pad_token]
         self.special_pattern = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")  # for tokenize()
         self.eval().requires_grad_(False)
 
@@ -546,6 +578,40 @@ class TextEncoder(nn.Module):
         if "state_dict" in spec:
             encoder.load_state_dict(spec["state_dict"])
         return encoder
+
+    def diffusers_config(self):
+        """The config.json of this tower as the pipelines' text encoder, a transformers
+        CLIPTextModel. Refused by name where CLIPTextModel cannot express it: another activation,
+        mixed LayerNorm eps, weights it has no place for (LayerScale, ...)."""
+        blocks = self.transformer.resblocks
+        act_names = {layer: name for name, layer in clip_activations().items()}
+        acts = {type(b.mlp.gelu) for b in blocks}
+        eps = {m.eps for m in self.modules() if isinstance(m, nn.LayerNorm)}
+        layer_keys = [f"attn.in_proj_{kind}" for kind in ("weight", "bias")] + [
+            f"{n}.{kind}" for n in CLIP_LAYER_NAMES.values() for kind in ("weight", "bias")]
+        keys = set(CLIP_NAMES.values()) | {  # the weights clip_text_to_transformers maps
+            f"transformer.resblocks.{i}.{k}" for i in range(len(blocks)) for k in layer_keys}
+        extra = sorted(set(self.state_dict()) ^ keys)
+        if len(acts) != 1 or not acts <= act_names.keys() or len(eps) != 1 or extra:
+            raise ValueError(f"the text tower {self.spec['name']!r} is not one transformers' "
+                             f"CLIPTextModel can express (activations "
+                             f"{sorted(a.__name__ for a in acts)}, LayerNorm eps {sorted(eps)}, "
+                             f"weights outside its layout: {extra[:5]})")
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                "vocab_size": 49408, "max_position_embeddings": CONTEXT_LENGTH,
+                "hidden_size": self.width, "num_attention_heads": self.heads,
+                "num_hidden_layers": len(blocks),
+                "intermediate_size": blocks[0].mlp.c_fc.out_features,
+                "hidden_act": act_names[acts.pop()], "layer_norm_eps": eps.pop(),
+                "bos_token_id": self.bpe.sot_token_id, "eos_token_id": self.bpe.eot_token_id,
+                "pad_token_id": self.pad_id}
+
+    def save_pretrained(self, folder, tokenizer_folder):
+        """The inverse of TextEncoder('transformers', folder, pad_token): a transformers
+        CLIPTextModel folder and a CLIP tokenizer folder with this encoder's pad token."""
+        save_weights_file(folder, clip_text_to_transformers(self), self.diffusers_config(),
+                          name="model.safetensors")
+        write_clip_tokenizer(tokenizer_folder, self.pad_token)
 
     def checkpoint_entry(self):
         """What a checkpoint stores: the spec, plus the weights when they are random (not re-creatable)."""
@@ -586,16 +652,30 @@ class TextEncoder(nn.Module):
         return self.ln_final(x).float()
 
 
+# transformers CLIPTextModel -> open_clip names: outside the layers, and in each layer (whose
+# q/k/v_proj are packed into one attn.in_proj, rows q, k, v)
+CLIP_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
+              "embeddings.position_embedding.weight": "positional_embedding",
+              "final_layer_norm.weight": "ln_final.weight",
+              "final_layer_norm.bias": "ln_final.bias"}
+CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
+                    "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def clip_activations():
+    """transformers' hidden_act name -> the open_clip activation, for those both have."""
+    import open_clip
+    return {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
+
+
 def clip_text_from_transformers(folder):
     """A transformers CLIPTextModel folder (config.json + model.safetensors or pytorch_model.bin; the released
     text_encoder/) -> (an open_clip text tower of its architecture on the meta device, its weights under open_clip's
-    names). Renames: embeddings -> token_embedding / positional_embedding; per layer q/k/v_proj -> one packed
-    attn.in_proj (rows q, k, v), out_proj, layer_norm1/2 -> ln_1/ln_2, mlp.fc1/fc2 -> mlp.c_fc/c_proj;
-    final_layer_norm -> ln_final. transformers itself is not needed (safetensors comes with open_clip)."""
+    names: CLIP_NAMES, CLIP_LAYER_NAMES). transformers itself is not needed (safetensors comes with
+    open_clip)."""
     import open_clip
     hf = read_json(os.path.join(folder, "config.json"))
-    act = hf.get("hidden_act", "quick_gelu")  # CLIPTextConfig's default; the LAION towers use "gelu"
-    acts = {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
+    act, acts = hf.get("hidden_act", "quick_gelu"), clip_activations()  # CLIPTextConfig's default
     if act not in acts:
         raise ValueError(f"{folder}: activation {act!r} is not supported (only {list(acts)})")
     width, eps = hf["hidden_size"], hf.get("layer_norm_eps", 1e-5)
@@ -605,17 +685,52 @@ def clip_text_from_transformers(folder):
             heads=hf["num_attention_heads"], layers=hf["num_hidden_layers"], mlp_ratio=hf["intermediate_size"] / width,
             output_dim=None, act_layer=acts[act], norm_layer=lambda n: open_clip.transformer.LayerNorm(n, eps=eps))
     theirs = {k.removeprefix("text_model."): v for k, v in load_weights_file(folder).items()}
-    sd = {"token_embedding.weight": theirs["embeddings.token_embedding.weight"],
-          "positional_embedding": theirs["embeddings.position_embedding.weight"],
-          "ln_final.weight": theirs["final_layer_norm.weight"], "ln_final.bias": theirs["final_layer_norm.bias"]}
+    sd = {ours: theirs[name] for name, ours in CLIP_NAMES.items()}
     for i in range(hf["num_hidden_layers"]):
         src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             sd[f"{dst}attn.in_proj_{kind}"] = torch.cat([theirs[f"{src}self_attn.{n}_proj.{kind}"] for n in "qkv"])
-            for name, ours in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                               ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                sd[f"{dst}{ours}.{kind}"] = theirs[f"{src}{name}.{kind}"]
+            sd |= {f"{dst}{ours}.{kind}": theirs[f"{src}{name}.{kind}"]
+                   for name, ours in CLIP_LAYER_NAMES.items()}
     return tower, sd
+
+
+def clip_text_to_transformers(encoder):
+    """The inverse of clip_text_from_transformers: a TextEncoder's open_clip weights (any CLIP text
+    tower, the random 'tiny' one too) -> a transformers CLIPTextModel state dict (its config:
+    TextEncoder.diffusers_config)."""
+    sd = encoder.state_dict()
+    theirs = {name: sd[ours] for name, ours in CLIP_NAMES.items()}
+    for i in range(len(encoder.transformer.resblocks)):
+        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            q_k_v = sd[f"{src}attn.in_proj_{kind}"].chunk(3)  # (3 width, ...) -> 3 x (width, ...)
+            for n, w in zip("qkv", q_k_v):
+                theirs[f"{dst}self_attn.{n}_proj.{kind}"] = w.clone()  # safetensors: not shared
+            theirs |= {f"{dst}{name}.{kind}": sd[f"{src}{ours}.{kind}"]
+                       for name, ours in CLIP_LAYER_NAMES.items()}
+    return {f"text_model.{k}": v for k, v in theirs.items()}
+
+
+def write_clip_tokenizer(folder, pad_token):
+    """A CLIP tokenizer folder as the released tokenizer/ folders hold it, from open_clip's bundled
+    CLIP BPE: vocab.json and merges.txt (CLIP builds both from bpe_simple_vocab_16e6.txt.gz), the
+    special tokens under their Hugging Face names, `pad_token`. transformers' CLIPTokenizer(Fast)
+    reads it and gives TextEncoder's ids."""
+    import open_clip
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {names.get(token, token): i for token, i in bpe.encoder.items()}
+    write_json(os.path.join(folder, "vocab.json"), vocab)
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)  # pairs, in merge order
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": pad_token}
+    write_json(os.path.join(folder, "special_tokens_map.json"), special)
+    write_json(os.path.join(folder, "tokenizer_config.json"), special | {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH,
+        "do_lower_case": True, "errors": "replace"})
 
 
 def read_pad_token(folder):
@@ -887,7 +1002,7 @@ def train(args):
                          f"expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
-    from data import open_data
+    from data import image_batches, open_data
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     with torch.no_grad():
@@ -931,7 +1046,7 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
     model = wrap_ddp(model, rt)  # under DDP, the compressor's BatchNorms see the global batch
-    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model, ema)
+    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
     @torch.no_grad()
     def semantic_reconstruction(images, captions):
@@ -988,7 +1103,12 @@ def train(args):
             logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
                                 seen / (time.time() - t0), guard.skipped))
             t0, seen = time.time(), 0
-        if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
+        preview, checkpoint = (step % every == 0 or step == args.max_steps
+                               for every in (args.sample_every, args.save_every))
+        if rt.master and (preview or checkpoint):  # the EMA compressor's BatchNorms: the statistics of its weights
+            with rt.autocast():
+                recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset), device=rt.device)
+        if rt.master and preview:
             recon = semantic_reconstruction(held_images, held_captions)
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
             save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)  # inputs (top), reconstructions
@@ -996,7 +1116,7 @@ def train(args):
             logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
                        f"(image -> compressor -> Stage B, {args.steps_b} steps -> Stage A; "
                        f"Stage A alone {stage_a_psnr:.2f} dB)")
-        if step % args.save_every == 0 or step == args.max_steps:
+        if checkpoint:
             run_state = gather_run_state(rt, batches)  # every rank: its RNG state and data-stream positions
             if rt.master:
                 space = save(metrics, run_state)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs, ema_decay_at, gather_run_state,
                     get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
                     no_sync, read_json, restore_rng, run_cli, same_size_batches, save_captioned_grid, save_checkpoint,
-                    set_lr, sizes_of, start_run, update_ema, wrap_ddp)
+                    save_weights_file, set_lr, sizes_of, start_run, update_ema, wrap_ddp)
 from stage_a import load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, AttnBlock, ResBlock, TextEncoder,
                      TimestepBlock, add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss,
@@ -172,6 +172,11 @@ class StageC(nn.Module):
         load_exact(model, sd, what=f"Stage C weights from {path}")
         return model.eval()
 
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained: a diffusers `WuerstchenPrior` folder (the same config names)."""
+        config = {"_class_name": "WuerstchenPrior"} | asdict(self.cfg)
+        save_weights_file(folder, self.state_dict(), config)
+
 
 # -----------------------------------------------------------------------------
 # diffusion / loss (schedule, t sampling and the P2-weighted loss are Stage B's: stage_b.diffusion_loss)
@@ -298,12 +303,12 @@ def train(args):
     logger.log(f"training config: {vars(args)}")
 
     # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data: every colour x shape)
-    from data import COLORS, SHAPES, open_data, toy_caption, toy_prompt_following, toy_prompts
+    from data import open_data, toy_look, toy_prompt_following, toy_prompts
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
-    all_toy = {toy_caption(c, s, b) for c in COLORS for s in SHAPES for b in COLORS}
-    toy_targets = [(c, s) for _, c, s in toy_prompts()] if set(held_captions) <= all_toy else None
-    prompts = [p for p, _, _ in toy_prompts()] if toy_targets else held_captions
+    look = toy_look(held_captions)  # a toy look's vocabulary, else None
+    toy_targets = [(c, s) for _, c, s in toy_prompts(look)] if look else None
+    prompts = [p for p, _, _ in toy_prompts(look)] if look else held_captions
     with torch.no_grad(), rt.autocast():
         latent_hw = tuple(compressor(held_images[:1]).shape[-2:])  # (h, w) = side / 42.67
     # --buckets: previews also at every other training size (w, h), whose latent is (h, w) / 42.67
@@ -342,7 +347,7 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
     model = wrap_ddp(model, rt)
-    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model, ema)
+    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
     @torch.no_grad()
     def preview():
@@ -363,7 +368,7 @@ def train(args):
             save_captioned_grid(draw(prompts[:6], hw)[1], prompts[:6], path.replace(".png", f"_{w}x{h}.png"))
         metrics = {"y_std": y.float().std().item()}  # ~1 when the prior's samples match the data's spread
         if toy_targets:
-            metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(images, toy_targets)
+            metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(images, toy_targets, look)
         logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         return metrics
 

@@ -82,7 +82,7 @@ def test_variation_image_to_image_reconstruction(chain):
     assert var.shape == x.shape and torch.isfinite(var).all()
     i2i = sample.image_to_image(pipe, x, ["a red circle on a blue background"] * 2, strength=0.5, **FAST)
     assert i2i.shape == x.shape and torch.isfinite(i2i).all()
-    rec = sample.reconstruct(pipe, x)
+    rec = sample.stage_a_reconstruction(pipe, x)
     assert rec.shape == x.shape and 0 <= rec.min() and rec.max() <= 1
 
 
@@ -97,6 +97,19 @@ def test_cli_writes_grid_and_images(chain, tmp_path, capsys):
     assert (out / "samples.png").exists() and (out / "samples_001.png").exists()
 
 
+def test_variation_and_reconstruction_default_to_the_training_size(chain, tmp_path):
+    """Without --width / --height the size is the training size of the checkpoints loaded (128 px):
+    Stage B's for --variation, Stage A's for --reconstruct, which load no Stage C (they took 1024 px
+    before)."""
+    from PIL import Image
+    image = os.path.join(chain["data"], "00000.png")
+    for flag, name in (("--variation", "samples_000"), ("--reconstruct", "reconstruct_000")):
+        out = str(tmp_path / flag)
+        sample.main(sample.get_args([flag, image, "--stage_a", chain["a"], "--stage_b", chain["b"],
+                                     "--steps_b", "2", "--device", "cpu", "--out_dir", out]))
+        assert Image.open(tmp_path / flag / f"{name}.png").size == (128, 128)
+
+
 def test_wrong_and_missing_checkpoints_are_refused(chain, tmp_path):
     with pytest.raises(ValueError, match="stage_a checkpoint, but a stage_b checkpoint was expected"):
         sample.load_pipeline(chain["a"], chain["a"], chain["c"], "cpu")
@@ -104,6 +117,40 @@ def test_wrong_and_missing_checkpoints_are_refused(chain, tmp_path):
         sample.load_pipeline(chain["a"], chain["b"], chain["b"], "cpu")
     with pytest.raises(FileNotFoundError, match="python stage_c.py --data DIR"):
         sample.load_pipeline(chain["a"], chain["b"], str(tmp_path / "missing.pt"), "cpu")
+
+
+@pytest.mark.parametrize("script", [stage_a, stage_b, stage_c])
+def test_help_names_preset_defaults(script, capsys):
+    with pytest.raises(SystemExit):
+        script.get_args(["-h"])
+    text = capsys.readouterr().out
+    assert "default: None" not in text and "(default: per preset)" in text
+
+
+def test_files_that_are_not_checkpoints_get_one_clear_line(chain, tmp_path):
+    import subprocess
+    import sys
+    from safetensors.torch import save_file
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    good = open(chain["c"], "rb").read()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
+    (tmp_path / "diffusers_folder").mkdir()
+    for name in ("random.pt", "truncated.pt", "weights.safetensors", "diffusers_folder"):
+        with pytest.raises(ValueError) as e:
+            load_checkpoint(str(tmp_path / name), "stage_c")
+        message = str(e.value)
+        assert name in message and "a stage_c checkpoint (written by `python stage_c.py" in message
+        assert "weights_only=False" not in message and "\n" not in message
+    # the scripts print that line alone (no traceback) and exit non-zero
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--stage_a", chain["a"], "--stage_b",
+                          chain["b"], "--stage_c", str(tmp_path / "random.pt"), "--prompt", "x", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120, cwd=here)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [f"sample.py: error: {tmp_path / 'random.pt'} cannot be read as a "
+                                               f"checkpoint (UnpicklingError); a stage_c checkpoint (written by "
+                                               f"`python stage_c.py --data DIR`) was expected"]
 
 
 # ---- every stage on top of the chain: multi-node, buckets, the non-finite guard
