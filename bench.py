@@ -571,8 +571,8 @@ def estimate_memory_cpu(budget):
 
 
 def photo_like(side, rng):
-    """A side x side RGB image with the spectrum of a photo (1/f noise), so that JPEG decoding costs what it costs on
-    photos: ~100 KB at 1024 px in quality 90."""
+    """A side x side RGB image with the spectrum of a photo (1/f noise), so that JPEG decoding costs
+    what it costs on photos: ~100 KB at 1024 px in quality 90."""
     f = np.fft.fftfreq(side)
     amplitude = 1 / np.maximum(np.hypot(*np.meshgrid(f, f)), 1 / side)  # (side, side)
     phase = np.exp(2j * np.pi * rng.random((3, side, side)))
@@ -582,9 +582,10 @@ def photo_like(side, rng):
 
 
 def bench_loader(args):
-    """Images per second that infinite_batches delivers (decode, resize, crop, collate; batches of 8) from a folder of
-    JPEGs and from the same JPEGs as tar shards of 100, with 0 (the training process itself), 1 and 2 loader workers,
-    for (source side, training side) in args.loader_sizes. Returns table rows."""
+    """Images per second that infinite_batches delivers (decode, resize, crop, collate; batches of
+    8) from a folder of JPEGs and from the same JPEGs as tar shards of 100, with 0 (the training
+    process itself), 1 and 2 loader workers, for (source side, training side) in args.loader_sizes.
+    Returns table rows."""
     import data
     from common import Runtime, infinite_batches
     rows, rng = [], np.random.default_rng(0)
@@ -593,14 +594,14 @@ def bench_loader(args):
             folder = os.path.join(tmp, f"jpg{source}")
             if not os.path.isdir(folder):
                 os.makedirs(folder)
-                photos = [photo_like(source, rng) for _ in range(10)]  # each written many times: FFTs are slow
+                photos = [photo_like(source, rng) for _ in range(10)]  # reused: FFTs are slow
                 for i in range(args.loader_images):
                     photos[i % 10].save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
                 data.write_shards(folder, folder + "_shards", per_shard=100)
             for kind, path in (("folder", folder), ("shards", folder + "_shards")):
                 for workers in (0, 1, 2):
-                    a = argparse.Namespace(data=path, image_size=side, buckets=0, batch_size=8, num_holdout=1,
-                                           shuffle_buffer=100)
+                    a = argparse.Namespace(data=path, image_size=side, buckets=0, batch_size=8,
+                                           num_holdout=1, shuffle_buffer=100)
                     trainset, _ = data.open_data(a, verbose=False)
                     batches = infinite_batches(trainset, 8, Runtime(torch.device("cpu")), workers)
                     for _ in range(2 + workers):  # warm-up: workers started, one batch each
@@ -647,7 +648,8 @@ def print_table(rows, args):
     head = "| stage | step                       |   ref (ms) |  ours (ms) | ref/ours |"
     if args.flops:
         rate = "TFLOP/s" if args.device.startswith("cuda") else "GFLOP/s"
-        head += f" GFLOP/step | ref {rate} | ours {rate} |" + (" ours MFU |" if args.device.startswith("cuda") else "")
+        head += f" GFLOP/step | ref {rate} | ours {rate} |"
+        head += " ours MFU |" if args.device.startswith("cuda") else ""
     if args.device.startswith("cuda"):
         head += " ref mem (GiB) | ours mem (GiB) |"
     print("\n" + head)
@@ -673,7 +675,8 @@ def main(args):
     batch = {"a": args.a_batch, "b": args.b_batch, "c": args.c_batch}
     needed = sorted({"a", "b", "c"} & set(stages) | ({"a", "b", "c"} if "chain" in stages else set()))
     if "loader" in stages:
-        print("\n| data | source side | training side | loader workers | images/s |\n|---|---|---|---|---|")
+        print("\n| data | source side | training side | loader workers | images/s |")
+        print("|---|---|---|---|---|")
         for kind, source, side, workers, rate in bench_loader(args):
             print(f"| {kind} | {source} | {side} | {workers} | {rate:.0f} |")
     with tempfile.TemporaryDirectory() as tmp:
@@ -716,8 +719,9 @@ def main(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stages", default=None, help="comma-separated subset of a,b,c,chain,flops,memory,loader "
-                   "(default: all but loader; memory, a CPU estimate taking a minute there, only on a GPU)")
+    p.add_argument("--stages", default=None, help="comma-separated subset of a,b,c,chain,flops,"
+                   "memory,loader (default: all but loader; memory, a CPU estimate taking a minute "
+                   "there, only on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bfloat16 on a GPU, float32 on CPU")
@@ -757,7 +761,8 @@ def get_args(argv=None):
     p.add_argument("--guidance", type=float, default=4.0, help="Stage C classifier-free guidance scale in the chain")
     p.add_argument("--loader_sizes", type=eval, default=[(256, 256), (1024, 256), (1024, 1024)],
                    help="loader stage: (source image side, training side) pairs")
-    p.add_argument("--loader_images", type=int, default=200, help="loader stage: JPEGs written per source side")
+    p.add_argument("--loader_images", type=int, default=200,
+                   help="loader stage: JPEGs written per source side")
     return p.parse_args(argv)
 
 

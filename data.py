@@ -1,21 +1,23 @@
 """
-Data for all three stages: a folder of images with optional captions, tar shards, plus a built-in toy set.
+Data for all three stages: a folder of images with optional captions, tar shards, and a built-in
+toy set.
 
-    open_data(args)            what --data names, as (trainset, held-out images): a folder (ImageFolder) or tar
-                               shards (ShardStream); the stages call this.
+    open_data(args)            what --data names, as (trainset, held-out images): a folder
+                               (ImageFolder) or tar shards (ShardStream); the stages call this.
     ImageFolder(root, size)    every image under `root` (recursive) as (image, caption): image is a
-                               float32 (3, size, size) tensor in [0, 1] (or one of a few aspect-ratio bucket
-                               sizes), caption from a same-name .txt file ("cat.jpg" -> "cat.txt") or a
-                               metadata.jsonl / metadata.csv row, "" if there is none (= unconditional).
-    ShardStream(shards, size)  tar shards in the WebDataset layout (img2dataset), streamed, never extracted:
-                               split over ranks and loader workers, shuffled, resumable.
+                               float32 (3, size, size) tensor in [0, 1] (or of an aspect-ratio
+                               bucket's size), caption from a same-name .txt file ("cat.jpg" ->
+                               "cat.txt") or a metadata.jsonl / metadata.csv row, "" if there is
+                               none (= unconditional).
+    ShardStream(shards, size)  tar shards in the WebDataset layout (img2dataset), streamed, never
+                               extracted: split over ranks and loader workers, shuffled, resumable.
     write_toy_dataset(root)    coloured shapes captioned "a red circle on a blue background": no
                                downloads, and small models learn it in minutes. Two looks (LOOKS):
                                "bold" (the quick start) and "light" (look="light").
     classify_toy_image(img)    reads (colour, shape) back off a toy image, to score prompt following.
 
     python data.py toy ./toy --n 2000        # write the toy set (--look light: the second look)
-    python data.py check ./imgs              # what ImageFolder (or ShardStream) can read, and what it skips
+    python data.py check ./imgs              # what ImageFolder (ShardStream) reads, what it skips
     python data.py shards ./imgs ./shards    # pack a folder into tar shards
 """
 import argparse
@@ -43,9 +45,10 @@ from common import sizes_of, split_holdout
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the Hugging Face imagefolder layout
-CAPTION_KEYS = ("caption", "text")  # a caption's field in a metadata row or a shard's .json, first found wins
-SIDE_MULTIPLE = 128  # every training side a multiple of this: 3 x 42.67 (stage_b.RESOLUTION_MULTIPLE), so the
-#                      Stage C latent side is a multiple of 3 and every stage's arithmetic is exact (method §7.7)
+CAPTION_KEYS = ("caption", "text")  # the caption of a metadata row or a shard's .json: first found
+# every training side a multiple of 128 = 3 x 42.67 (stage_b.RESOLUTION_MULTIPLE): the Stage C
+# latent side is then a multiple of 3 and every stage's arithmetic is exact (method §7.7)
+SIDE_MULTIPLE = 128
 
 
 def to_rgb(img):
@@ -64,8 +67,9 @@ def to_rgb(img):
 
 
 def load_image(source, size):
-    """Decode `source` (a path or a binary file object), resize it to cover `size` (an int for a square, or
-    (width, height)) keeping its aspect ratio (bicubic), centre-crop: (3, height, width) in [0, 1]."""
+    """Decode `source` (a path or a binary file object), resize it to cover `size` (an int for a
+    square, or (width, height)) keeping its aspect ratio (bicubic), centre-crop: (3, height, width)
+    in [0, 1]."""
     W, H = (size, size) if isinstance(size, int) else size
     with Image.open(source) as img:
         img.draft("RGB", (W, H))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale if still >= size
@@ -85,17 +89,18 @@ def load_image(source, size):
 
 
 def displayed_size(img):
-    """(width, height) of an opened image as it is shown (EXIF rotation applied), from its header alone."""
+    """(width, height) of an opened image as it is shown (EXIF rotation applied), from its header
+    alone."""
     exif = Image.Exif()
     if "exif" in img.info:
         exif.load(img.info["exif"])
     w, h = img.size
-    return (h, w) if exif.get(0x0112) in (5, 6, 7, 8) else (w, h)  # orientations that turn by 90 degrees
+    return (h, w) if exif.get(0x0112) in (5, 6, 7, 8) else (w, h)  # orientations turning by 90°
 
 
 def inspect_image(path):
-    """Cheap check without decoding pixels: (None, (width, height)) if `path` looks like an image, else
-    (a short reason, None)."""
+    """Cheap check without decoding pixels: (None, (width, height)) if `path` looks like an image,
+    else (a short reason, None)."""
     try:
         if os.path.getsize(path) == 0:
             return "zero bytes", None
@@ -116,27 +121,34 @@ def describe(error):
 
 
 def caption_of(record):
-    """The caption of a metadata row or a shard's .json: its first CAPTION_KEYS field, "" without one."""
+    """The caption of a metadata row or a shard's .json: its first CAPTION_KEYS field, "" without
+    one."""
     return next((str(record[k]).strip() for k in CAPTION_KEYS if record.get(k) is not None), "")
 
 
 def read_metadata(path):
-    """{image path: caption} of a metadata.jsonl or metadata.csv (Hugging Face imagefolder): one row per image, its
-    `file_name` relative to the metadata file's folder, its caption in `caption` or `text`."""
+    """{image path: caption} of a metadata.jsonl or metadata.csv (Hugging Face imagefolder): one row
+    per image, its `file_name` relative to the metadata file's folder, its caption in `caption` or
+    `text`."""
     folder = os.path.dirname(path)
     with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = csv.DictReader(f) if path.endswith(".csv") else [json.loads(line) for line in f if line.strip()]
-        return {os.path.normpath(os.path.join(folder, row["file_name"])): caption_of(row) for row in rows}
+        if path.endswith(".csv"):
+            rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in f if line.strip()]
+    return {os.path.normpath(os.path.join(folder, r["file_name"])): caption_of(r) for r in rows}
 
 
 def bucket_sizes(size, max_ratio=2.0):
-    """Aspect-ratio buckets for training at about size x size pixels: every (width, height) whose sides are multiples
-    of SIDE_MULTIPLE, whose area is the nearest such to size^2 for its width, and whose aspect ratio is at most
-    `max_ratio` either way. 1024, ratio 2: 768x1408, 896x1152, 1024x1024, 1152x896, 1408x768."""
+    """Aspect-ratio buckets for training at about size x size pixels: every (width, height) whose
+    sides are multiples of SIDE_MULTIPLE, whose area is the nearest such to size^2 for its width,
+    and whose aspect ratio is at most `max_ratio` either way. 1024, ratio 2: 768x1408, 896x1152,
+    1024x1024, 1152x896, 1408x768."""
     if size % SIDE_MULTIPLE:
-        raise ValueError(f"--buckets needs an --image_size that is a multiple of {SIDE_MULTIPLE}, not {size}")
+        raise ValueError(f"--buckets needs an --image_size that is a multiple of {SIDE_MULTIPLE}, "
+                         f"not {size}")
     sizes = set()
-    for w in range(SIDE_MULTIPLE, size + 1, SIDE_MULTIPLE):  # portrait and square; landscape mirrors them
+    for w in range(SIDE_MULTIPLE, size + 1, SIDE_MULTIPLE):  # portrait, square; mirrored: landscape
         h = SIDE_MULTIPLE * max(1, round(size * size / w / SIDE_MULTIPLE))
         if h / w <= max_ratio:
             sizes |= {(w, h), (h, w)}
@@ -153,8 +165,9 @@ def nearest_size(size, sizes):
 
 
 def assign_buckets(dims, sizes, min_count=1):
-    """Each image's bucket: the size of `sizes` nearest its aspect ratio (dims: (width, height) per image). A bucket
-    chosen by fewer than `min_count` images (fewer than a batch) hands them to its nearest bucket, smallest first."""
+    """Each image's bucket: the size of `sizes` nearest its aspect ratio (dims: (width, height) per
+    image). A bucket chosen by fewer than `min_count` images (fewer than a batch) hands them to its
+    nearest bucket, smallest first."""
     choice = [nearest_size(d, sizes) for d in dims]
     while True:
         counts = Counter(choice)
@@ -167,18 +180,19 @@ def assign_buckets(dims, sizes, min_count=1):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Every image under `root` (recursive, sorted) as (float (3, H, W) in [0, 1], caption). The caption is a
-    same-stem .txt file's, else the image's row of a metadata.jsonl / metadata.csv, else "". Images are square
-    centre crops of side `size`; with `buckets` (a largest aspect ratio) each keeps its aspect ratio at the
-    bucket_sizes(size, buckets) size nearest it (buckets of fewer than `min_per_bucket` images, a batch, are
-    merged into their neighbours). `sizes[i]` is item i's (width, height)."""
+    """Every image under `root` (recursive, sorted) as (float (3, H, W) in [0, 1], caption). The
+    caption is a same-stem .txt file's, else the image's row of a metadata.jsonl / metadata.csv,
+    else "". Images are square centre crops of side `size`; with `buckets` (a largest aspect ratio)
+    each keeps its aspect ratio at the bucket_sizes(size, buckets) size nearest it (buckets of fewer
+    than `min_per_bucket` images, a batch, are merged into their neighbours). `sizes[i]` is item i's
+    (width, height)."""
 
     def __init__(self, root, size, verbose=True, buckets=0.0, min_per_bucket=1):
         root = os.fspath(root)  # str or pathlib.Path
         self.root, self.size, self.verbose = root, size, verbose
         hint = (f"expected a folder of images ({' '.join(IMAGE_EXTENSIONS)}, searched recursively) with "
-                f"optional same-name .txt captions or a metadata.jsonl, or tar shards; for a quick try: "
-                f"python data.py toy {root}")
+                f"optional same-name .txt captions or a metadata.jsonl, or tar shards; for a quick "
+                f"try: python data.py toy {root}")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data: folder {root!r} does not exist: {hint}")
         candidates, texts, self.metadata = [], set(), {}
@@ -214,7 +228,8 @@ class ImageFolder(torch.utils.data.Dataset):
             print(self.report())
 
     def report(self):
-        """One line: how many images, how many captioned, at which sizes, and which files were skipped (5 named)."""
+        """One line: how many images, how many captioned, at which sizes, and which files were
+        skipped (5 named)."""
         captioned = sum(c is not None for c in self.captions)
         line = f"data: {len(self.paths)} images in {self.root}, {captioned} with .txt captions"
         from_metadata = sum(c is None and os.path.normpath(p) in self.metadata
@@ -222,7 +237,8 @@ class ImageFolder(torch.utils.data.Dataset):
         if from_metadata:
             line += f", {from_metadata} with metadata captions"
         if len(set(self.sizes)) > 1:
-            line += ", buckets " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(Counter(self.sizes).items()))
+            counts = sorted(Counter(self.sizes).items())
+            line += ", buckets " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts)
         if self.skipped:
             named = [f"{os.path.relpath(p, self.root)} ({why})" for p, why in self.skipped[:5]]
             more = ", ..." if len(self.skipped) > 5 else ""
@@ -240,8 +256,9 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        """(image, caption) of sample i. A file that fails to decode is counted and replaced by the next
-        readable sample of the same size, so a truncated download costs one duplicate instead of a crashed run."""
+        """(image, caption) of sample i. A file that fails to decode is counted and replaced by the
+        next readable sample of the same size, so a truncated download costs one duplicate instead
+        of a crashed run."""
         for j in range(i, i + len(self.paths)):
             j %= len(self.paths)
             if j in self.bad or self.sizes[j] != self.sizes[i]:
@@ -263,8 +280,8 @@ TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 
 
 def expand_braces(pattern):
-    """Bash-style braces: 'shards/{00000..00002}.tar' -> shards/00000.tar, 00001, 00002 (zero padding kept);
-    '{a,b}.tar' -> a.tar, b.tar. Several braces expand left to right."""
+    """Bash-style braces: 'shards/{00000..00002}.tar' -> shards/00000.tar, 00001, 00002 (zero
+    padding kept); '{a,b}.tar' -> a.tar, b.tar. Several braces expand left to right."""
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
         return [pattern]
@@ -274,17 +291,19 @@ def expand_braces(pattern):
         items = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
     else:
         items = body.split(",")
-    return [p for item in items for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+    return [p for item in items
+            for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
 
 
 def shard_list(source):
-    """The tar shards `--data` names, or None when it names no shards (a folder of images): a folder holding .tar
-    files (sorted), a brace pattern such as shards/{00000..00999}.tar, one .tar path or URL, or a text file listing
-    paths or URLs one a line (relative paths are relative to the list's folder; blank and # lines are skipped)."""
+    """The tar shards `--data` names, or None when it names no shards (a folder of images): a folder
+    holding .tar files (sorted), a brace pattern such as shards/{00000..00999}.tar, one .tar path or
+    URL, or a text file listing paths or URLs one a line (relative paths are relative to the list's
+    folder; blank and # lines are skipped)."""
     source = os.fspath(source)
     if os.path.isdir(source):
-        tars = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(TAR_EXTENSIONS))
-        return tars or None
+        tars = [os.path.join(source, f) for f in os.listdir(source) if f.endswith(TAR_EXTENSIONS)]
+        return sorted(tars) or None
     if "{" in source or "://" in source or source.endswith(TAR_EXTENSIONS):
         return expand_braces(source)
     if not os.path.isfile(source):
@@ -292,8 +311,8 @@ def shard_list(source):
     with open(source, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
     folder = os.path.dirname(source)
-    return [s for line in lines
-            for s in expand_braces(line if "://" in line else os.path.normpath(os.path.join(folder, line)))]
+    paths = [x if "://" in x else os.path.normpath(os.path.join(folder, x)) for x in lines]
+    return [s for path in paths for s in expand_braces(path)]
 
 
 def open_url(url):
@@ -309,59 +328,65 @@ def shard_caption(members):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Tar shards in the WebDataset layout (img2dataset's 00000.tar, 00001.tar, ...: per sample key an image, .jpg
-    .png .webp ..., and a caption, .txt or the `caption` / `text` of a .json) read as a stream by the standard
-    tarfile module, never extracted, local files and URLs alike. Yields whole micro-batches (images, captions,
-    position); the loader runs with batch_size=None.
+    """Tar shards in the WebDataset layout (img2dataset's 00000.tar, 00001.tar, ...: per sample key
+    an image, .jpg .png .webp ..., and a caption, .txt or the `caption` / `text` of a .json) read as
+    a stream by the standard tarfile module, never extracted, local files and URLs alike. Yields
+    whole micro-batches (images, captions, position); the loader runs with batch_size=None.
 
-    Order. The epochs' shards form one sequence of slots: slot k holds shard perm_e[k % S] of epoch e = k // S,
-    perm_e = randperm(S, seed + e). Of the R readers (every loader worker of every rank), reader j reads slots
-    j, j + R, j + 2R, ... in turn, cuts its samples into blocks of --shuffle_buffer (rounded up to whole
-    micro-batches; a block may run on into the reader's next shard), shuffles each block with a generator seeded by
-    the block's start, and yields it batch by batch. So every epoch reads every sample once, over all readers, and
-    the order is a function of (seed, R). With `buckets`, each block is sorted by the bucket nearest each image's
-    aspect ratio before it is cut into batches; a batch takes the size of its middle image (a batch that straddles
-    two buckets crops some of its images more) and the batches of a block are shuffled. Ranks read different shards,
-    so at one step two ranks may hold different sizes of about equal area.
+    Order. The epochs' shards form one sequence of slots: slot k holds shard perm_e[k % S] of epoch
+    e = k // S, perm_e = randperm(S, seed + e). Of the R readers (every loader worker of every
+    rank), reader j reads slots j, j + R, j + 2R, ... in turn, cuts its samples into blocks of
+    --shuffle_buffer (rounded up to whole micro-batches; a block may run on into the reader's next
+    shard), shuffles each block with a generator seeded by the block's start, and yields it batch by
+    batch. So every epoch reads every sample once, over all readers, and the order is a function of
+    (seed, R). With `buckets`, each block is sorted by the bucket nearest each image's aspect ratio
+    before it is cut into batches; a batch takes the size of its middle image (a batch that
+    straddles two buckets crops some of its images more) and the batches of a block are shuffled.
+    Ranks read different shards, so at one step two ranks may hold different sizes of about equal
+    area.
 
-    Resume. Every batch carries its reader's position after it: (slot, offset of the block's first sample in that
-    slot's shard, batches of the block already given). A checkpoint keeps every reader's: with the same number of
-    readers and micro-batch size each continues exactly. With another, the slots are dealt afresh from the
-    earliest unfinished one (`replan`): finished slots are skipped, the slot each old reader was in is read again
-    from its block's start, so no sample is missed and at most one block per old reader is seen twice."""
+    Resume. Every batch carries its reader's position after it: (slot, offset of the block's first
+    sample in that slot's shard, batches of the block already given). A checkpoint keeps every
+    reader's: with the same number of readers and micro-batch size each continues exactly. With
+    another, the slots are dealt afresh from the earliest unfinished one (`replan`): finished slots
+    are skipped, the slot each old reader was in is read again from its block's start, so no sample
+    is missed and at most one block per old reader is seen twice."""
 
     def __init__(self, shards, size, buckets=0.0, shuffle_buffer=1000, verbose=True):
         if not shards:
             raise FileNotFoundError("data: no tar shards listed")
         self.shards, self.size, self.buffer, self.verbose = shards, size, shuffle_buffer, verbose
         self.bucket_sizes = bucket_sizes(size, buckets) if buckets else None
-        self.held, self.bad, self.order = set(), 0, (None, None)  # held: keys of held-out samples of shard 0
+        self.held, self.bad, self.order = set(), 0, (None, None)  # held: held-out keys of shard 0
         self.start(seed=0, micro=1, rank=0, world=1, workers=1)
         if verbose:
             print(f"data: {len(shards)} tar shards, {shards[0]} ... {shards[-1]}, streamed")
 
     def start(self, seed, micro, rank, world, workers, state=None):
-        """Set up this rank's readers before its loader starts them (infinite_batches calls this): `workers` per
-        rank, world x workers in all, continuing from a checkpoint's `state` ("data") if there is one."""
+        """Set up this rank's readers before its loader starts them (infinite_batches calls this):
+        `workers` per rank, world x workers in all, continuing from a checkpoint's `state` ("data")
+        if there is one."""
         self.seed, self.micro, self.workers, self.readers = seed, micro, workers, world * workers
-        self.first = rank * workers  # this rank's readers: first, first + 1, ..., first + workers - 1
+        self.first = rank * workers  # this rank's readers: first, ..., first + workers - 1
         self.block = -(-self.buffer // micro) * micro  # a whole number of micro-batches
-        self.plan, self.cursors, self.turn = {"readers": self.readers, "micro": micro, "base": 0, "status": {}}, {}, 0
+        self.plan = {"readers": self.readers, "micro": micro, "base": 0, "status": {}}
+        self.cursors, self.turn = {}, 0
         if state and (state["plan"]["readers"], state["plan"]["micro"]) == (self.readers, micro):
             self.plan, self.cursors, self.turn = state["plan"], state["cursors"], state["turn"]
         elif state:
             self.plan = replan(state, self.readers, micro)
 
     def state(self, positions, served):
-        """The checkpoint's "data": the plan, every reader's position, and which of a rank's readers is next (the
-        loader takes its workers' batches in turn, starting from its first worker). `positions`: those of the
-        readers that gave a batch (gathered from every rank), the others are still where they started; `served`:
-        batches each rank took since this stream started."""
-        return {"plan": self.plan, "cursors": {j: positions.get(j, self.cursor(j)) for j in range(self.readers)},
-                "turn": (self.turn + served) % self.workers}
+        """The checkpoint's "data": the plan, every reader's position, and which of a rank's readers
+        is next (the loader takes its workers' batches in turn, starting from its first worker).
+        `positions`: those of the readers that gave a batch (gathered from every rank), the others
+        are still where they started; `served`: batches each rank took since this stream started."""
+        cursors = {j: positions.get(j, self.cursor(j)) for j in range(self.readers)}
+        return {"plan": self.plan, "cursors": cursors, "turn": (self.turn + served) % self.workers}
 
     def cursor(self, j):
-        """Where reader j starts: its checkpointed position, else its first unfinished slot of the plan."""
+        """Where reader j starts: its checkpointed position, else its first unfinished slot of the
+        plan."""
         if j in self.cursors:
             return self.cursors[j]
         slot = self.next_slot(self.plan["base"] + j - self.readers)
@@ -378,13 +403,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         """The index of the shard in `slot`."""
         epoch, i = divmod(slot, len(self.shards))
         if self.order[0] != epoch:
-            self.order = (epoch, torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(
-                self.seed + epoch)).tolist())
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self.order = (epoch, torch.randperm(len(self.shards), generator=g).tolist())
         return self.order[1][i]
 
     def samples(self, index):
-        """(key, {extension: bytes}) of shard `index`'s samples in tar order, held-out ones left out. A shard that
-        cannot be read (missing, not a tar, cut short) ends where it breaks, counted like a bad sample."""
+        """(key, {extension: bytes}) of shard `index`'s samples in tar order, held-out ones left
+        out. A shard that cannot be read (missing, not a tar, cut short) ends where it breaks,
+        counted like a bad sample."""
         key, members, name = None, {}, self.shards[index]
         try:
             with open_url(name) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -392,7 +418,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     if not info.isfile():
                         continue
                     folder, base = os.path.split(info.name)
-                    stem, _, ext = base.partition(".")  # WebDataset: the key ends at the file name's first dot
+                    stem, _, ext = base.partition(".")  # the key ends at the name's first dot
                     if os.path.join(folder, stem) != key:
                         if members and not (index == 0 and key in self.held):
                             yield key, members
@@ -404,7 +430,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield key, members
 
     def decode(self, name, members, size):
-        """(image, caption) of one sample at `size`, or None (counted) when it has no readable image."""
+        """(image, caption) of one sample at `size`, or None (counted) when it has no readable
+        image."""
         try:
             image = next((members[e] for e in members if "." + e in IMAGE_EXTENSIONS), None)
             if image is None:
@@ -419,14 +446,16 @@ class ShardStream(torch.utils.data.IterableDataset):
             print(f"data: skipping unreadable {name} ({reason}); {self.bad} skipped by this reader")
 
     def readable(self):
-        """The readable samples of the first shard (not held out) as (key, image, caption), square."""
+        """The readable samples of the first shard (not held out) as (key, image, caption), square.
+        """
         for key, members in self.samples(0):
             item = self.decode(f"{self.shards[0]}:{key}", members, self.size)
             if item:
                 yield key, *item
 
     def holdout(self, n):
-        """The first n readable samples of the first shard, as (image, caption): left out of the stream from now."""
+        """The first n readable samples of the first shard, as (image, caption): left out of the
+        stream from now."""
         held = list(islice(self.readable(), n))
         if not held:
             raise ValueError(f"data: no readable samples in the first shard {self.shards[0]}")
@@ -434,7 +463,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         return [(image, caption) for _, image, caption in held]
 
     def raw(self, slot, offset):
-        """(slot, offset, key, members) of the reader's samples from (slot, offset) on, through its slots forever."""
+        """(slot, offset, key, members) of the reader's samples from (slot, offset) on, through its
+        slots forever."""
         while True:
             for n, (key, members) in enumerate(self.samples(self.shard(slot))):
                 if n >= offset:
@@ -444,17 +474,18 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        j = self.first + ((info.id if info else 0) + self.turn) % self.workers  # the loader's first worker: whose turn
+        # the loader takes its first batch from worker 0: it plays the reader whose turn it is
+        j = self.first + ((info.id if info else 0) + self.turn) % self.workers
         slot, offset, done = self.cursor(j)
         raw = self.raw(slot, offset)
         following = next(raw)
         while True:
             block = [following] + list(islice(raw, self.block - 1))
-            following = next(raw)  # the next block's start: the position after this block's last batch
+            following = next(raw)  # the next block's start: the position after this block
             g = torch.Generator().manual_seed(hash((self.seed, block[0][0], block[0][1])) % 2**63)
             order = torch.randperm(len(block), generator=g).tolist()
             size = [self.size] * len(block)
-            if self.bucket_sizes:  # sorted by bucket, then cut: each batch is (nearly) one aspect ratio
+            if self.bucket_sizes:  # sorted by bucket, then cut: each batch (nearly) one aspect
                 size = [self.nearest_bucket(block[i][3]) for i in order]
                 size, order = zip(*sorted(zip(size, order), key=lambda p: p[0]))
             batches = [list(range(k, k + self.micro)) for k in range(0, len(block), self.micro)]
@@ -464,7 +495,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             for b in range(done, len(batches)):
                 batch_size = size[batches[b][self.micro // 2]]
                 items = [self.decode_at(block, order, k, batch_size, bad) for k in batches[b]]
-                if None in items:  # not one sample of the block could be decoded: on to the next block
+                if None in items:  # not one sample of the block could be decoded: the next one
                     break
                 after = [*block[0][:2], b + 1] if b + 1 < len(batches) else [*following[:2], 0]
                 images, captions = zip(*items)
@@ -472,8 +503,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             done = 0
 
     def decode_at(self, block, order, k, size, bad):
-        """The block's k-th sample in shuffled order at `size`; one that cannot be decoded is replaced by the next
-        readable one (so a batch keeps its size), as ImageFolder does. None when no sample of the block can be."""
+        """The block's k-th sample in shuffled order at `size`; one that cannot be decoded is
+        replaced by the next readable one (so a batch keeps its size), as ImageFolder does. None
+        when no sample of the block can be."""
         for n in range(k, k + len(order)):
             i = order[n % len(order)]
             if i not in bad:
@@ -484,7 +516,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 bad.add(i)
 
     def nearest_bucket(self, members):
-        """The bucket nearest a sample's aspect ratio, read from its image header (square if unreadable)."""
+        """The bucket nearest a sample's aspect ratio, read from its image header (square if
+        unreadable)."""
         try:
             image = next(members[e] for e in members if "." + e in IMAGE_EXTENSIONS)
             with Image.open(io.BytesIO(image)) as img:
@@ -494,22 +527,25 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def replan(state, readers, micro):
-    """The plan of `readers` readers that continue a checkpoint's stream written by another number of readers (or
-    micro-batch size): from the earliest unfinished slot on, slots are dealt afresh; those every old reader had
-    passed are marked finished (-1), and each old reader's slot restarts at its current block's start."""
+    """The plan of `readers` readers that continue a checkpoint's stream written by another number
+    of readers (or micro-batch size): from the earliest unfinished slot on, slots are dealt afresh;
+    those every old reader had passed are marked finished (-1), and each old reader's slot restarts
+    at its current block's start."""
     old, cursors = state["plan"], state["cursors"]
     base, R = min(c[0] for c in cursors.values()), old["readers"]
     status = {k: v for k, v in old["status"].items() if k >= base}
     for j, (slot, offset, _) in cursors.items():
-        first = old["base"] + j + max(0, -(-(base - old["base"] - j) // R)) * R  # reader j's first slot >= base
+        # reader j's first slot >= base
+        first = old["base"] + j + max(0, -(-(base - old["base"] - j) // R)) * R
         status.update({k: -1 for k in range(first, slot, R)})
         status[slot] = offset
     return {"readers": readers, "micro": micro, "base": base, "status": status}
 
 
 def write_shards(src, out, per_shard=1000):
-    """Pack a folder of images (ImageFolder's files and captions) into tar shards out/00000.tar, 00001.tar, ... in
-    the WebDataset layout: per sample its image's bytes unchanged and a .txt caption. Returns the shards' paths."""
+    """Pack a folder of images (ImageFolder's files and captions) into tar shards out/00000.tar,
+    00001.tar, ... in the WebDataset layout: per sample its image's bytes unchanged and a .txt
+    caption. Returns the shards' paths."""
     folder = ImageFolder(src, SIDE_MULTIPLE, verbose=False)
     os.makedirs(out, exist_ok=True)
     paths = []
@@ -520,7 +556,8 @@ def write_shards(src, out, per_shard=1000):
                 with open(folder.paths[i], "rb") as f:
                     image = f.read()
                 ext = os.path.splitext(folder.paths[i])[1].lower()
-                for name, data in ((f"{i:08d}{ext}", image), (f"{i:08d}.txt", folder.caption(i).encode())):
+                caption = folder.caption(i).encode()
+                for name, data in ((f"{i:08d}{ext}", image), (f"{i:08d}.txt", caption)):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -531,13 +568,14 @@ def write_shards(src, out, per_shard=1000):
 
 
 def open_data(args, verbose=True):
-    """--data as (trainset, holdout): a folder (ImageFolder; every k-th image held out) or tar shards (ShardStream;
-    the first --num_holdout readable samples of the first shard held out). Held-out images stay square even with
-    --buckets, so held-out metrics compare across runs."""
+    """--data as (trainset, holdout): a folder (ImageFolder; every k-th image held out) or tar
+    shards (ShardStream; the first --num_holdout readable samples of the first shard held out).
+    Held-out images stay square even with --buckets, so held-out metrics compare across runs."""
     shards = shard_list(args.data)
     if shards is not None:
         if getattr(args, "cache", False):
-            raise ValueError("--cache encodes a whole dataset up front: it needs a folder of images, not tar shards")
+            raise ValueError("--cache encodes a whole dataset up front: it needs a folder of "
+                             "images, not tar shards")
         stream = ShardStream(shards, args.image_size, args.buckets, args.shuffle_buffer, verbose)
         return stream, stream.holdout(max(1, args.num_holdout))
     dataset = ImageFolder(args.data, args.image_size, verbose, args.buckets, args.batch_size)
@@ -550,9 +588,10 @@ def open_data(args, verbose=True):
 
 
 def image_batches(dataset, n=512, batch_size=64, spread=True):
-    """Up to n training images as batches (B, 3, H, W), read one batch at a time: from a folder, n spread evenly
-    through it (its first n with spread=False), a batch per image size with aspect-ratio buckets; from tar shards,
-    the first n of the first shard after the held-out ones. (For common.recompute_batchnorm, a codebook init.)"""
+    """Up to n training images as batches (B, 3, H, W), read one batch at a time: from a folder, n
+    spread evenly through it (its first n with spread=False), a batch per image size with
+    aspect-ratio buckets; from tar shards, the first n of the first shard after the held-out ones.
+    (For common.recompute_batchnorm, a codebook init.)"""
     if isinstance(dataset, ShardStream):
         images = islice((image for _, image, _ in dataset.readable()), n)
         while batch := list(islice(images, batch_size)):
@@ -746,15 +785,18 @@ if __name__ == "__main__":
     toy.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
     toy.add_argument("--look", default="bold", choices=list(LOOKS), help="bold: saturated backgrounds, large "
                      "centred shapes (the quick start); light: near-white backgrounds, smaller shapes anywhere")
-    check = commands.add_parser("check", formatter_class=fmt,
-                                help="report what ImageFolder (or, for tar shards, ShardStream) reads and skips")
-    check.add_argument("dir", help="what --data takes: a folder of images (searched recursively) or tar shards")
+    check = commands.add_parser("check", formatter_class=fmt, help="report what ImageFolder (or, "
+                                "for tar shards, ShardStream) reads and skips")
+    check.add_argument("dir", help="what --data takes: a folder of images (searched recursively) "
+                       "or tar shards")
     check.add_argument("--size", type=int, default=256, help="side images are resized and centre-cropped to")
     check.add_argument("--decode", action="store_true",
                        help="also decode every image (slow), to find truncated files")
-    pack = commands.add_parser("shards", formatter_class=fmt, help="pack a folder of images into tar shards")
+    pack = commands.add_parser("shards", formatter_class=fmt,
+                               help="pack a folder of images into tar shards")
     pack.add_argument("dir", help="folder of images (searched recursively) with optional captions")
-    pack.add_argument("out", help="folder to write 00000.tar, 00001.tar, ... into (created if missing)")
+    pack.add_argument("out", help="folder to write 00000.tar, 00001.tar, ... into (created if "
+                      "missing)")
     pack.add_argument("--per_shard", type=int, default=1000, help="samples per shard")
     args = parser.parse_args()
     if args.command == "toy":
@@ -766,10 +808,13 @@ if __name__ == "__main__":
         print(f"data: wrote {len(paths)} shards {paths[0]} ... {paths[-1]}")
     elif shard_list(args.dir) is not None:
         stream = ShardStream(shard_list(args.dir), args.size)
-        n = sum(1 for i in tqdm(range(len(stream.shards)), "data: reading shards")
-                for key, members in stream.samples(i)
-                if not args.decode or stream.decode(f"{stream.shards[i]}:{key}", members, args.size))
-        print(f"data: {n} {'readable ' * args.decode}samples in {len(stream.shards)} shards, {stream.bad} skipped")
+        n = 0
+        for i in tqdm(range(len(stream.shards)), "data: reading shards"):
+            for key, members in stream.samples(i):
+                name = f"{stream.shards[i]}:{key}"
+                n += not args.decode or stream.decode(name, members, args.size) is not None
+        print(f"data: {n} {'readable ' * args.decode}samples in {len(stream.shards)} shards, "
+              f"{stream.bad} skipped")
     else:
         dataset = ImageFolder(args.dir, args.size)
         if args.decode:

@@ -27,10 +27,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state, get_lr,
-                    holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line, no_sync,
-                    psnr, read_json, recompute_batchnorm, restore_rng, run_cli, save_checkpoint, save_image_grid,
-                    save_weights_file, set_lr, start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state,
+                    get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact,
+                    load_weights_file, log_line, no_sync, psnr, read_json, recompute_batchnorm,
+                    restore_rng, run_cli, save_checkpoint, save_image_grid, save_weights_file,
+                    set_lr, start_run, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -396,8 +397,8 @@ def train(args):
     gen_params = list(raw_model.parameters())
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored (the dead-code restarts draw from it after a resume)
-    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum,
-                               ckpt and ckpt.get("data"))
+    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
+                               args.grad_accum, ckpt and ckpt.get("data"))
     counts = torch.zeros(cfg.codebook_size, device=rt.device)  # code usage since the last dead-code restart
     if ckpt:
         restore_rng(ckpt, rt)
@@ -437,7 +438,7 @@ def train(args):
                 scaler_d.scale(d_loss / args.grad_accum).backward()
             counts += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
             seen += len(x) * rt.world_size
-        optimizers = [(opt, scaler)] + [(opt_d, scaler_d)] * use_gan  # both stepped, or (non-finite) neither
+        optimizers = [(opt, scaler)] + [(opt_d, scaler_d)] * use_gan  # both stepped, or neither
         grad_norm = guard.step(step, loss + d_loss if use_gan else loss, optimizers, args.grad_clip)
         if guard.ok:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
@@ -450,7 +451,8 @@ def train(args):
                        "grad_norm": grad_norm.item()}
             if use_gan:
                 metrics |= {"g": g_loss.item(), "d": d_loss.item()}
-            logger.log(log_line(step, args.max_steps, metrics, lr, seen / (time.time() - t0), guard.skipped))
+            logger.log(log_line(step, args.max_steps, metrics, lr, seen / (time.time() - t0),
+                                guard.skipped))
             t0, seen = time.time(), 0
         if step % args.restart_every == 0 and step < args.max_steps * RESTART_UNTIL and guard.ok:
             with torch.no_grad():
@@ -458,7 +460,7 @@ def train(args):
             counts.zero_()
         preview, checkpoint = (step % every == 0 or step == args.max_steps
                                for every in (args.sample_every, args.save_every))
-        if rt.master and (preview or checkpoint):  # the EMA encoder's BatchNorm: the statistics of its own weights
+        if rt.master and (preview or checkpoint):  # the EMA encoder's BatchNorm: its own statistics
             with rt.autocast():
                 recompute_batchnorm(ema, ema.encode_raw, image_batches(trainset), device=rt.device)
         if rt.master and preview:
@@ -466,7 +468,7 @@ def train(args):
                 recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
             save_image_grid(torch.cat([held_images[:8], recon_h]), os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
         if checkpoint:
-            run_state = gather_run_state(rt, batches)  # every rank: its RNG state and data-stream positions
+            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 save(run_state)
     if pbar:

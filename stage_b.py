@@ -34,11 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs, ema_decay_at, gather_run_state,
-                    get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
-                    no_sync, psnr, read_json, recompute_batchnorm, restore_rng, run_cli, same_size_batches,
-                    save_checkpoint, save_image_grid, save_weights_file, set_lr, sizes_of, start_run, update_ema,
-                    write_json, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs,
+                    ema_decay_at, gather_run_state, get_lr, holdout_batch, infinite_batches,
+                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, psnr,
+                    read_json, recompute_batchnorm, restore_rng, run_cli, same_size_batches,
+                    save_checkpoint, save_image_grid, save_weights_file, set_lr, sizes_of,
+                    start_run, update_ema, write_json, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
@@ -935,15 +936,17 @@ class CompressorAndStageB(nn.Module):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen Stage A latents of a whole (small) dataset, encoded once up front instead of at every
-    step (there is no random augmentation, so they never change). Items are (image, caption, latent): the images
-    are still read, since the compressor trains on them. Every rank encodes the whole dataset. With aspect-ratio
-    buckets the latents come in several shapes, one per bucket (`sizes`, as the dataset's)."""
+    """--cache: the frozen Stage A latents of a whole (small) dataset, encoded once up front instead
+    of at every step (there is no random augmentation, so they never change). Items are (image,
+    caption, latent): the images are still read, since the compressor trains on them. Every rank
+    encodes the whole dataset. With aspect-ratio buckets the latents come in several shapes, one per
+    bucket (`sizes`, as the dataset's)."""
 
     def __init__(self, dataset, stage_a, rt, batch_size=64, num_workers=2, verbose=True):
         self.dataset, self.sizes, self.latents = dataset, sizes_of(dataset), [None] * len(dataset)
-        for indices, (images, _) in tqdm(same_size_batches(dataset, batch_size, num_workers),
-                                         desc="cache: Stage A latents", disable=not verbose, leave=False):
+        batches = same_size_batches(dataset, batch_size, num_workers)
+        for indices, (images, _) in tqdm(batches, "cache: Stage A latents", disable=not verbose,
+                                         leave=False):
             with torch.no_grad(), rt.autocast():
                 latents = stage_a.encode(images.to(rt.device)).float().cpu()  # (B, 4, H/4, W/4)
             for i, latent in zip(indices, latents):
@@ -1031,8 +1034,8 @@ def train(args):
     step = ckpt["step"] if ckpt else 0
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored
-    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum,
-                               ckpt and ckpt.get("data"))
+    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
+                               args.grad_accum, ckpt and ckpt.get("data"))
     if ckpt:
         model.stage_b.load_state_dict(ckpt["model"])
         model.compressor.load_state_dict(ckpt["compressor"])
@@ -1105,9 +1108,10 @@ def train(args):
             t0, seen = time.time(), 0
         preview, checkpoint = (step % every == 0 or step == args.max_steps
                                for every in (args.sample_every, args.save_every))
-        if rt.master and (preview or checkpoint):  # the EMA compressor's BatchNorms: the statistics of its weights
+        if rt.master and (preview or checkpoint):  # the EMA compressor's BatchNorms: own statistics
             with rt.autocast():
-                recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset), device=rt.device)
+                recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
+                                    device=rt.device)
         if rt.master and preview:
             recon = semantic_reconstruction(held_images, held_captions)
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
@@ -1117,7 +1121,7 @@ def train(args):
                        f"(image -> compressor -> Stage B, {args.steps_b} steps -> Stage A; "
                        f"Stage A alone {stage_a_psnr:.2f} dB)")
         if checkpoint:
-            run_state = gather_run_state(rt, batches)  # every rank: its RNG state and data-stream positions
+            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 space = save(metrics, run_state)
     if pbar:

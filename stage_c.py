@@ -26,14 +26,16 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs, ema_decay_at, gather_run_state,
-                    get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
-                    no_sync, read_json, restore_rng, run_cli, same_size_batches, save_captioned_grid, save_checkpoint,
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs,
+                    ema_decay_at, gather_run_state, get_lr, holdout_batch, infinite_batches,
+                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, read_json,
+                    restore_rng, run_cli, same_size_batches, save_captioned_grid, save_checkpoint,
                     save_weights_file, set_lr, sizes_of, start_run, update_ema, wrap_ddp)
 from stage_a import load_stage_a
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, AttnBlock, ResBlock, TextEncoder,
-                     TimestepBlock, add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss,
-                     dome272_to_diffusers, LayerNorm2d, load_stage_b, r_embedding)
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, AttnBlock,
+                     ResBlock, TextEncoder, TimestepBlock, add_text_encoder_args,
+                     build_text_encoder, ddpm_sample, diffusion_loss, dome272_to_diffusers,
+                     LayerNorm2d, load_stage_b, r_embedding)
 
 # -----------------------------------------------------------------------------
 # config
@@ -193,18 +195,20 @@ def to_stage_b_space(y, latent_space):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen models' outputs for a whole (small) dataset, computed once, so that a training step costs
-    only the prior. Items are (y (16, h, w), caption index); `text` holds one embedding per distinct caption plus
-    the empty caption last (`empty_index`), which caption dropout swaps in. Every rank computes the whole cache.
-    With aspect-ratio buckets the latents come in several shapes, one per bucket (`sizes`, as the dataset's)."""
+    """--cache: the frozen models' outputs for a whole (small) dataset, computed once, so that a
+    training step costs only the prior. Items are (y (16, h, w), caption index); `text` holds one
+    embedding per distinct caption plus the empty caption last (`empty_index`), which caption
+    dropout swaps in. Every rank computes the whole cache. With aspect-ratio buckets the latents
+    come in several shapes, one per bucket (`sizes`, as the dataset's)."""
 
     @torch.no_grad()
     def __init__(self, dataset, compressor, text_encoder, latent_space, device, batch_size=64, num_workers=2,
                  verbose=True):
         self.sizes, n = sizes_of(dataset), len(dataset)
         self.latents, captions = [None] * n, [None] * n  # latents: (16, h, w) each
-        for indices, (images, caps) in tqdm(same_size_batches(dataset, batch_size, num_workers),
-                                            desc="cache: semantic latents", disable=not verbose, leave=False):
+        batches = same_size_batches(dataset, batch_size, num_workers)
+        for indices, (images, caps) in tqdm(batches, "cache: semantic latents",
+                                            disable=not verbose, leave=False):
             y = to_stage_c_space(compressor(images.to(device)), latent_space).cpu()  # (B, 16, h, w)
             for i, y_i, caption in zip(indices, y, caps):
                 self.latents[i], captions[i] = y_i, caption
@@ -312,8 +316,8 @@ def train(args):
     with torch.no_grad(), rt.autocast():
         latent_hw = tuple(compressor(held_images[:1]).shape[-2:])  # (h, w) = side / 42.67
     # --buckets: previews also at every other training size (w, h), whose latent is (h, w) / 42.67
-    other_sizes = [(w, h) for w, h in sorted(set(sizes_of(trainset) or getattr(trainset, "bucket_sizes", None) or []))
-                   if (w, h) != (args.image_size, args.image_size)]
+    sizes = sizes_of(trainset) or getattr(trainset, "bucket_sizes", None) or []
+    other_sizes = sorted(set(sizes) - {(args.image_size, args.image_size)})
     cache = None
     if args.cache:
         t0 = time.time()
@@ -321,13 +325,14 @@ def train(args):
             cache = LatentCache(trainset, compressor, text_encoder, latent_space, rt.device,
                                 num_workers=args.num_workers, verbose=rt.master)
         cache.text = cache.text.to(rt.device)
-        shapes = sorted({tuple(y.shape) for y in cache.latents})
-        logger.log(f"cache: {len(cache)} semantic latents {', '.join(map(str, shapes))} (std "
-                   f"{torch.cat([y.flatten() for y in cache.latents]).std():.3f}, ~1 expected), {len(cache.text)} "
-                   f"distinct captions (with the empty one), {time.time() - t0:.1f} s")
+        shapes = ", ".join(map(str, sorted({tuple(y.shape) for y in cache.latents})))
+        std = torch.cat([y.flatten() for y in cache.latents]).std()
+        logger.log(f"cache: {len(cache)} semantic latents {shapes} (std {std:.3f}, ~1 expected), "
+                   f"{len(cache.text)} distinct captions (with the empty one), "
+                   f"{time.time() - t0:.1f} s")
 
     # model, EMA, optimizer (AdamW, weight decay 0.01 and beta2 0.999 in the reference Stage C script, method §6.5)
-    model = channels_last_convs(StageC(cfg).to(rt.device))  # as the activations: no gradient copies under DDP
+    model = channels_last_convs(StageC(cfg).to(rt.device))  # as the activations: no DDP grad copies
     model.grad_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
@@ -357,15 +362,17 @@ def train(args):
 
         def draw(prompts, hw):
             with rt.autocast():
-                y = sample_stage_c(ema, text_encoder, prompts, hw, timesteps, args.guidance_c, generator=g)
-                return y, decode_stage_c(y, prompts, parts_b["stage_b"], parts_b["text_encoder"], latent_space,
-                                         stage_a, args.steps_b, generator=g)
+                y = sample_stage_c(ema, text_encoder, prompts, hw, timesteps, args.guidance_c,
+                                   generator=g)
+                return y, decode_stage_c(y, prompts, parts_b["stage_b"], parts_b["text_encoder"],
+                                         latent_space, stage_a, args.steps_b, generator=g)
         y, images = draw(prompts, latent_hw)
         path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
         save_captioned_grid(images, prompts, path)
         for w, h in other_sizes:  # one row of the first prompts per other bucket size
             hw = (round(h / RESOLUTION_MULTIPLE), round(w / RESOLUTION_MULTIPLE))
-            save_captioned_grid(draw(prompts[:6], hw)[1], prompts[:6], path.replace(".png", f"_{w}x{h}.png"))
+            _, images = draw(prompts[:6], hw)
+            save_captioned_grid(images, prompts[:6], path.replace(".png", f"_{w}x{h}.png"))
         metrics = {"y_std": y.float().std().item()}  # ~1 when the prior's samples match the data's spread
         if toy_targets:
             metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(images, toy_targets, look)
@@ -418,7 +425,7 @@ def train(args):
         if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
             metrics = preview()
         if step % args.save_every == 0 or step == args.max_steps:
-            run_state = gather_run_state(rt, batches)  # every rank: its RNG state and data-stream positions
+            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 save(metrics, run_state)
     if pbar:

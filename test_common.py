@@ -1,5 +1,6 @@
-"""Tests for common.py's guards and DDP pieces: the non-finite guard (fp32 and fp16), no checkpoint from non-finite
-weights, BatchNorm over ranks on the CPU, ranks agreeing on a skip. CPU, seconds (two gloo processes)."""
+"""Tests for common.py's guards and DDP pieces: the non-finite guard (fp32 and fp16), no checkpoint
+from non-finite weights, BatchNorm over ranks on the CPU, ranks agreeing on a skip. CPU, seconds
+(two gloo processes)."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -31,12 +32,13 @@ def test_guard_skips_counts_restores_and_stops(tmp_path):
     assert model.running_mean.min() > 0.5  # moved by the good step
     one_step(guard, model, float("nan"), scaler, torch.full((4, 3), float("nan")))
     assert not guard.ok and guard.skipped == 1 and guard.in_row == 1
-    after = [*model.parameters(), *model.buffers()]  # no update, and the statistics of the good step are back
+    after = [*model.parameters(), *model.buffers()]  # no update; the good step's statistics back
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     one_step(guard, model, 1.0, scaler, torch.randn(4, 3))
-    assert guard.ok and guard.in_row == 0 and guard.skipped == 1  # a good step ends the run of bad ones
+    assert guard.ok and guard.in_row == 0 and guard.skipped == 1  # a good step ends the bad run
     one_step(guard, model, float("inf"), scaler, torch.randn(4, 3))
-    with pytest.raises(NonFiniteError, match=r"stopping at step 1: 2 steps in a row.*no checkpoint was written yet"):
+    stop = r"stopping at step 1: 2 steps in a row.*no checkpoint was written yet"
+    with pytest.raises(NonFiniteError, match=stop):
         one_step(guard, model, float("inf"), scaler, torch.randn(4, 3))
 
 
@@ -44,18 +46,21 @@ def test_guard_leaves_fp16_overflows_to_the_grad_scaler(tmp_path):
     model = torch.nn.Linear(3, 1)
     guard = NonFiniteGuard(CPU, str(tmp_path / "ckpt.pt"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    one_step(guard, model, 1e36, scaler, torch.ones(2, 3))  # a finite fp32 loss whose scaled gradients overflow
-    assert guard.ok and guard.skipped == 0 and scaler.get_scale() == 2.0**15  # the scaler skipped and backed off
-    one_step(guard, model, float("nan"), scaler, torch.ones(2, 3))  # a non-finite loss is ours to count
+    one_step(guard, model, 1e36, scaler, torch.ones(2, 3))  # finite loss, overflowing scaled grads
+    assert guard.ok and guard.skipped == 0  # not counted here...
+    assert scaler.get_scale() == 2.0**15  # ...the scaler skipped and backed off
+    one_step(guard, model, float("nan"), scaler, torch.ones(2, 3))  # a non-finite loss is ours
     assert not guard.ok and guard.skipped == 1
 
 
 def test_no_checkpoint_from_nonfinite_weights(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint(path, {"stage": "stage_c", "step": 3, "model": {"w": torch.ones(2)}})
-    with pytest.raises(NonFiniteError, match=r"not saving .*ckpt.pt: non-finite values in ema\.w, optimizer\.0"):
-        save_checkpoint(path, {"stage": "stage_c", "step": 4, "ema": {"w": torch.tensor([1.0, float("nan")])},
-                               "optimizer": [torch.tensor(float("inf"))], "rng": torch.zeros(3, dtype=torch.uint8)})
+    bad = {"stage": "stage_c", "step": 4, "ema": {"w": torch.tensor([1.0, float("nan")])},
+           "optimizer": [torch.tensor(float("inf"))], "rng": torch.zeros(3, dtype=torch.uint8)}
+    refused = r"not saving .*ckpt.pt: non-finite values in ema\.w, optimizer\.0;"
+    with pytest.raises(NonFiniteError, match=refused):
+        save_checkpoint(path, bad)
     assert torch.load(path, weights_only=True)["step"] == 3  # the last finite one stays
 
 
@@ -71,14 +76,16 @@ def ranks_worker(rank, port, queue):
     (bn(x_mine) * w[mine]).sum().backward()
     rt = Runtime(torch.device("cpu"), ddp=True, rank=rank, world_size=2)
     guard = NonFiniteGuard(rt, "unused.pt")
-    one_step(guard, torch.nn.Linear(3, 1), float("nan") if rank == 1 else 1.0, rt.make_scaler(), torch.ones(2, 3))
+    loss_scale = float("nan") if rank == 1 else 1.0
+    one_step(guard, torch.nn.Linear(3, 1), loss_scale, rt.make_scaler(), torch.ones(2, 3))
     queue.put((rank, x_mine.grad, bn.weight.grad, bn.running_var, guard.ok))
     dist.destroy_process_group()
 
 
 def test_batchnorm_over_ranks_and_skips_agreed_by_all_ranks():
-    """Two gloo processes: AllRanksBatchNorm gives what one BatchNorm over both batches gives (input and parameter
-    gradients, running statistics), and a NaN loss on rank 1 alone makes both ranks skip."""
+    """Two gloo processes: AllRanksBatchNorm gives what one BatchNorm over both batches gives (input
+    and parameter gradients, running statistics), and a NaN loss on rank 1 alone makes both ranks
+    skip."""
     import socket
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -97,6 +104,6 @@ def test_batchnorm_over_ranks_and_skips_agreed_by_all_ranks():
     x.requires_grad_()
     (bn(x) * w).sum().backward()
     torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), x.grad)
-    torch.testing.assert_close(results[0][2] + results[1][2], bn.weight.grad)  # DDP then sums (averages) these
+    torch.testing.assert_close(results[0][2] + results[1][2], bn.weight.grad)  # DDP sums these
     torch.testing.assert_close(results[0][3], bn.running_var)
     assert [r[4] for r in results] == [False, False]

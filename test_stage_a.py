@@ -1,5 +1,5 @@
-"""Stage A tests: architecture and parity with the reference VQGAN, training, resume after SIGKILL, bad data, tar
-shards. (Two-node torchrun: test_smoke.py, for every stage.)"""
+"""Stage A tests: architecture and parity with the reference VQGAN, training, resume after SIGKILL,
+bad data, tar shards. (Two-node torchrun: test_smoke.py, for every stage.)"""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -215,16 +215,18 @@ def test_bad_files_are_skipped_and_counted(toy, tmp_path, capsys):
 
 
 def test_shards_train_and_resume_exactly(toy, tmp_path):
-    """--data as tar shards, read by 2 loader workers: an interrupted run (3 steps, then --resume to 4) equals an
-    uninterrupted one; the checkpoint holds the stream's position."""
+    """--data as tar shards, read by 2 loader workers: an interrupted run (3 steps, then --resume to
+    4) equals an uninterrupted one; the checkpoint holds the stream's position."""
     from data import write_shards
     shards = write_shards(toy, str(tmp_path / "shards"), per_shard=12)
     argv = ["--data", str(tmp_path / "shards"), "--num_workers", "2", "--shuffle_buffer", "8"]
-    run = lambda out, steps, *extra: stage_a.train(stage_a.get_args(  # noqa: E731
-        FAST + argv + ["--out_dir", str(tmp_path / out), "--max_steps", str(steps), "--save_every", str(steps), *extra]))
+    def run(out, steps, *extra):
+        flags = ["--out_dir", str(tmp_path / out), "--max_steps", str(steps), "--save_every", str(steps)]
+        stage_a.train(stage_a.get_args(FAST + argv + flags + list(extra)))
+
     run("a", 4)
     run("b", 3)
-    assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"), "stage_a")["data"]["turn"] == 1  # worker 1 is next
+    assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"), "stage_a")["data"]["turn"] == 1
     run("b", 4, "--resume")
     ck_a, ck_b = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "stage_a") for d in "ab")
     for k in ck_a["model"]:
