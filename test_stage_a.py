@@ -221,8 +221,8 @@ def test_shards_train_and_resume_exactly(toy, tmp_path):
     shards = write_shards(toy, str(tmp_path / "shards"), per_shard=12)
     argv = ["--data", str(tmp_path / "shards"), "--num_workers", "2", "--shuffle_buffer", "8"]
     def run(out, steps, *extra):
-        flags = ["--out_dir", str(tmp_path / out), "--max_steps", str(steps), "--save_every", str(steps)]
-        stage_a.train(stage_a.get_args(FAST + argv + flags + list(extra)))
+        flags = ["--max_steps", str(steps), "--save_every", str(steps), *extra]
+        stage_a.train(stage_a.get_args(FAST + argv + ["--out_dir", str(tmp_path / out)] + flags))
 
     run("a", 4)
     run("b", 3)
