@@ -347,10 +347,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Resume. Every batch carries its reader's position after it: (slot, offset of the block's first
     sample in that slot's shard, batches of the block already given). A checkpoint keeps every
-    reader's: with the same number of readers and micro-batch size each continues exactly. With
-    another, the slots are dealt afresh from the earliest unfinished one (`replan`): finished slots
-    are skipped, the slot each old reader was in is read again from its block's start, so no sample
-    is missed and at most one block per old reader is seen twice."""
+    reader's: with the same number of readers, micro-batch and block size each continues exactly.
+    With another, the slots are dealt afresh from the earliest unfinished one (`replan`): finished
+    slots are skipped, the slot each old reader was in is read again from its block's start, so no
+    sample is missed and at most one block per old reader is seen twice."""
 
     def __init__(self, shards, size, buckets=0.0, shuffle_buffer=1000, verbose=True):
         if not shards:
@@ -369,12 +369,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed, self.micro, self.workers, self.readers = seed, micro, workers, world * workers
         self.first = rank * workers  # this rank's readers: first, ..., first + workers - 1
         self.block = -(-self.buffer // micro) * micro  # a whole number of micro-batches
-        self.plan = {"readers": self.readers, "micro": micro, "base": 0, "status": {}}
-        self.cursors, self.turn = {}, 0
-        if state and (state["plan"]["readers"], state["plan"]["micro"]) == (self.readers, micro):
+        layout = {"readers": self.readers, "micro": micro, "block": self.block}  # what cursors mean
+        self.plan, self.cursors, self.turn = {**layout, "base": 0, "status": {}}, {}, 0
+        if state and all(state["plan"].get(k) == v for k, v in layout.items()):
             self.plan, self.cursors, self.turn = state["plan"], state["cursors"], state["turn"]
         elif state:
-            self.plan = replan(state, self.readers, micro)
+            self.plan = {**layout, **replan(state)}
 
     def state(self, positions, served):
         """The checkpoint's "data": the plan, every reader's position, and which of a rank's readers
@@ -526,11 +526,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             return (self.size, self.size)
 
 
-def replan(state, readers, micro):
-    """The plan of `readers` readers that continue a checkpoint's stream written by another number
-    of readers (or micro-batch size): from the earliest unfinished slot on, slots are dealt afresh;
-    those every old reader had passed are marked finished (-1), and each old reader's slot restarts
-    at its current block's start."""
+def replan(state):
+    """How readers continue a checkpoint's stream written by another number of readers (or another
+    micro-batch or shuffle block size): from the earliest unfinished slot (the new `base`) on, slots
+    are dealt afresh; those every old reader had passed are marked finished (-1) in `status`, and
+    each old reader's slot restarts at its current block's start."""
     old, cursors = state["plan"], state["cursors"]
     base, R = min(c[0] for c in cursors.values()), old["readers"]
     status = {k: v for k, v in old["status"].items() if k >= base}
@@ -539,7 +539,7 @@ def replan(state, readers, micro):
         first = old["base"] + j + max(0, -(-(base - old["base"] - j) // R)) * R
         status.update({k: -1 for k in range(first, slot, R)})
         status[slot] = offset
-    return {"readers": readers, "micro": micro, "base": base, "status": status}
+    return {"base": base, "status": status}
 
 
 def write_shards(src, out, per_shard=1000):
