@@ -1,6 +1,6 @@
 """Tests for common.py's guards and DDP pieces: the non-finite guard (fp32 and fp16), no checkpoint
-from non-finite weights, BatchNorm over ranks on the CPU, ranks agreeing on a skip. CPU, seconds
-(two gloo processes)."""
+from non-finite weights, BatchNorm over ranks on the CPU, ranks agreeing on a skip, channels-last
+conv weights. CPU, seconds (two gloo processes)."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -107,3 +107,28 @@ def test_batchnorm_over_ranks_and_skips_agreed_by_all_ranks():
     torch.testing.assert_close(results[0][2] + results[1][2], bn.weight.grad)  # DDP sums these
     torch.testing.assert_close(results[0][3], bn.running_var)
     assert [r[4] for r in results] == [False, False]
+
+
+def test_channels_last_convs_same_numbers_and_gradient_layout():
+    """Stages B and C with channels-last conv weights: bitwise the same outputs and gradients, and
+    every gradient in its parameter's own layout (what DDP's buckets need; else it warns, copies)."""
+    import copy
+    from common import channels_last_convs
+    from stage_b import PRESETS as B, StageB
+    from stage_c import PRESETS as C, StageC
+    torch.manual_seed(0)
+    b, c = B["tiny"]["model"], C["tiny"]["model"]
+    cases = [(StageB(b), (torch.randn(2, 4, 32, 32), torch.rand(2), torch.randn(2, 16, 3, 3),
+                          torch.randn(2, 77, b.clip_embd))),
+             (StageC(c), (torch.randn(2, 16, 3, 3), torch.rand(2), torch.randn(2, 77, c.c_cond)))]
+    for model, inputs in cases:
+        converted = channels_last_convs(copy.deepcopy(model))
+        grads = []
+        for m in (model, converted):
+            out = m(*inputs)
+            out.square().mean().backward()
+            grads.append((out, [p.grad for p in m.parameters()]))
+        assert torch.equal(grads[0][0], grads[1][0])
+        assert all(torch.equal(g0, g1) for g0, g1 in zip(grads[0][1], grads[1][1]))
+        assert all(p.grad.stride() == p.stride() for p in converted.parameters())
+        assert any(p.grad.stride() != p.stride() for p in model.parameters())  # the layout it fixes
