@@ -111,7 +111,7 @@ def test_batchnorm_over_ranks_and_skips_agreed_by_all_ranks():
 
 def test_channels_last_convs_same_numbers_and_gradient_layout():
     """Stages B and C with channels-last conv weights: bitwise the same outputs and gradients, and
-    every gradient in its parameter's own layout (what DDP's buckets need; else it warns, copies)."""
+    every gradient in its parameter's own layout (what DDP's buckets need)."""
     import copy
     from common import channels_last_convs
     from stage_b import PRESETS as B, StageB
