@@ -478,6 +478,20 @@ def load_weights_file(folder):
     raise FileNotFoundError(f"no weights file (diffusion_pytorch_model.safetensors or .bin) in {folder}")
 
 
+def hub_file(repo, filename):
+    """Local path of one file of a Hugging Face repository: from the cache without a request, else
+    downloaded into it (online). Without network it fails at once: one request first, because
+    hf_hub_download alone retries for about 25 s."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    huggingface_hub.model_info(repo)  # raises at once when offline
+    return huggingface_hub.hf_hub_download(repo, filename)
+
+
 def load_exact(model, sd, what):
     """Load a state dict that must match the model key for key and shape for shape (assign: works from 'meta')."""
     own = model.state_dict()

@@ -17,7 +17,7 @@ checkpoints' training size.
 
 With --pretrained the same chain runs the released Würstchen v2 weights (warp-ai/wuerstchen-prior: prior + CLIP
 ViT-bigG text; warp-ai/wuerstchen: decoder + VQGAN + CLIP ViT-H text), with the released settings (method §7.6),
-from the Hugging Face cache or from a folder laid out as RELEASED_LAYOUT below. Each stage is loaded when it is
+from the Hugging Face cache or from a folder laid out as stage_b.RELEASED_LAYOUT. Each stage is loaded when it is
 needed and freed after, in bf16 on a GPU that has it (1024 px fits in 24 GB), else in fp32 (the CPU: slow,
 see the README):
     python sample.py --pretrained --prompt "an owl reading a newspaper, oil painting"
@@ -29,7 +29,6 @@ reads it back:
 """
 import argparse
 import gc
-import glob
 import json
 import math
 import os
@@ -41,10 +40,11 @@ import torch
 
 from common import (HelpFormatter, default_dtype, load_checkpoint, pick_device, psnr, read_json,
                     run_cli, save_captioned_grid, write_json)
-from stage_a import StageA, load_stage_a
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, RESOLUTION_MULTIPLE,
-                     SemanticCompressor, StageB, TextEncoder, add_noise, ddpm_sample, fetch_clip_weights, load_stage_b,
-                     read_pad_token, timestep_grid)
+from stage_a import load_stage_a
+from stage_b import (DECODER_REPO, DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, PRIOR_REPO,
+                     RESOLUTION_MULTIPLE, SCHEDULER, StageB, add_noise, ddpm_sample, frozen, load_stage_b,
+                     open_released, timestep_grid)
+from stage_b import find_released  # noqa: F401  (sample.find_released, as before the move)
 from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c, to_stage_c_space
 
 # -----------------------------------------------------------------------------
@@ -226,126 +226,23 @@ def toy_eval(pipe, n=4, seed=0, look="bold", **kwargs):
         "chance_shape": 1 / n_shapes, "chance_both": 1 / (n_colors * n_shapes), "images": len(targets)}
 
 # -----------------------------------------------------------------------------
-# the released weights (method §8.1)
-
-PRIOR_REPO, DECODER_REPO = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
-OFFICIAL_FILES = {"stage_c": "model_v3_stage_c.pt", "stage_b": "model_v2_stage_b.pt", "stage_a": "vqgan_f4_v1_500k.pt"}
-# the open_clip towers with the weights of the repositories' text_encoder/ folders (--open_clip), for Stages C and B
-OPEN_CLIP_TEXT = {"c": ("ViT-bigG-14", "laion2b_s39b_b160k"), "b": ("ViT-H-14", "laion2b_s32b_b79k")}
-# the schedule's constants (stage_b.alpha_bar) as scheduler_config.json states them
-SCHEDULER = {"_class_name": "DDPMWuerstchenScheduler", "s": 0.008, "scaler": 1.0}
-RELEASED_LAYOUT = """\
-  {root}/wuerstchen-prior/   <- hf download warp-ai/wuerstchen-prior --local-dir {root}/wuerstchen-prior
-      model_index.json  prior/  text_encoder/  tokenizer/  scheduler/
-  {root}/wuerstchen/         <- hf download warp-ai/wuerstchen --local-dir {root}/wuerstchen
-      model_index.json  decoder/  vqgan/  text_encoder/  tokenizer/  scheduler/
-      (and in an --export of ours: semantic_compressor/)
-  Instead of prior/, decoder/ and vqgan/, the official files may lie in {root} itself (model_v2_stage_b.pt also
-  holds the semantic compressor that --variation and --init_image need):
-      model_v3_stage_c.pt  model_v2_stage_b.pt  vqgan_f4_v1_500k.pt   <- hf download dome272/wuerstchen
-                                                                          model_v3_stage_c.pt ... --local-dir {root}
-  With --open_clip the text towers are open_clip's ViT-bigG-14 laion2b_s39b_b160k and ViT-H-14 laion2b_s32b_b79k
-  (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
-  from the Hugging Face cache) instead of the text_encoder/ folders."""
-
-
-def find_released(root=None, text_folders=True):
-    """Paths of the released components in `root` (RELEASED_LAYOUT) or, when root is None, in the Hugging Face cache
-    (downloaded into it first when online). Anything missing -> FileNotFoundError saying what to download and where,
-    at once: offline, huggingface_hub's snapshot_download gives up after one failed request, without retries."""
-    if root is None:
-        try:
-            prior, decoder = hub_snapshot(PRIOR_REPO), hub_snapshot(DECODER_REPO)
-        except Exception as e:  # offline and not cached, or no such repository
-            raise FileNotFoundError(released_help(None, [f"{PRIOR_REPO} and {DECODER_REPO} ({type(e).__name__})"]))
-    else:
-        prior, decoder = (os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
-
-    def first(*paths):
-        return next((p for p in paths if p and os.path.exists(p)), None)
-
-    official = {k: root and os.path.join(root, name) for k, name in OFFICIAL_FILES.items()}
-    paths = {"stage_c": first(os.path.join(prior, "prior"), official["stage_c"]),
-             "stage_b": first(os.path.join(decoder, "decoder"), official["stage_b"]),
-             "stage_a": first(os.path.join(decoder, "vqgan"), official["stage_a"]),
-             "compressor": first(os.path.join(decoder, "semantic_compressor"), official["stage_b"])}
-    for k, repo in (("c", prior), ("b", decoder)):  # text_encoder_c, tokenizer_c, scheduler_c, index_c, ..._b
-        for part, name in (("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
-                           ("scheduler", "scheduler/scheduler_config.json"), ("index", "model_index.json")):
-            paths[f"{part}_{k}"] = first(os.path.join(repo, name))
-    needed = ["stage_c", "stage_b", "stage_a"] + (["text_encoder_c", "text_encoder_b"] if text_folders else [])
-    missing = [k for k in needed if paths[k] is None]
-    if missing:
-        raise FileNotFoundError(released_help(root, missing))
-    return paths
-
-
-def hub_snapshot(repo):
-    """The repository's folder in the Hugging Face cache, downloaded first when online: configs, tokenizer and
-    safetensors weights (pytorch .bin weights only for folders without safetensors; no fp16 copies)."""
-    from huggingface_hub import snapshot_download
-    folder = snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors"], ignore_patterns=["*fp16*"])
-    bare = [f"{d}/*.bin" for d in ("prior", "decoder", "vqgan", "text_encoder")
-            if os.path.isdir(os.path.join(folder, d)) and not glob.glob(os.path.join(folder, d, "*.safetensors"))]
-    return snapshot_download(repo, allow_patterns=bare) if bare else folder
-
-
-def released_help(root, missing):
-    where = root or "DIR"
-    return (f"the released Würstchen v2 weights were not found (missing: {', '.join(missing)}). On a machine with "
-            f"network, download the two repositories (about 3.1 B parameters in all) and pass their folder, "
-            f"`python sample.py --pretrained {where} --prompt ...`:\n{RELEASED_LAYOUT.format(root=where)}\n"
-            f"Or fill the Hugging Face cache (~/.cache/huggingface/hub) with `hf download {PRIOR_REPO}` and "
-            f"`hf download {DECODER_REPO}` and pass --pretrained without a folder.")
+# the released weights (method §8.1): found and checked by stage_b.open_released, which the training scripts share
 
 
 def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, decoder_cfg=None):
-    """A Pipeline over the released Würstchen v2 weights (method §8) or an export of ours (export):
-    found by find_released, checked against the method's constants, and loaded lazily
-    (Pipeline.loaders) in `dtype` (default: sampling_dtype). The latent space and the training image
-    sizes come from the model_index.json files (released: 42 / 1, 1024 px). open_clip_text: the
-    open_clip towers instead of the repositories' transformers text encoders (same weights).
-    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released
-    size."""
+    """A Pipeline over the released Würstchen v2 weights (method §8) or an export of ours (export),
+    loaded lazily (Pipeline.loaders) in `dtype` (default: sampling_dtype): stage_b.open_released finds
+    them (stage_b.RELEASED_LAYOUT), checks the method's constants and reads the latent space and training sizes
+    (released: 42 / 1, 1024 px); the prior is added here. open_clip_text: the open_clip towers instead
+    of the repositories' transformers text encoders (same weights). decoder_cfg: the StageBConfig of an
+    official model_v2_stage_b.pt that is not the released size."""
     device = torch.device(device)
     dtype = dtype or sampling_dtype(device)
-    paths = find_released(root, text_folders=not open_clip_text)
-    prior_index, decoder_index = read_json(paths["index_c"]), read_json(paths["index_b"])
-    # the constants the method (round_size, decode_stage_c, alpha_bar) hard-codes, as the repositories state them
-    checks = {"resolution_multiple": (prior_index.get("resolution_multiple", RESOLUTION_MULTIPLE), RESOLUTION_MULTIPLE),
-              "latent_dim_scale": (decoder_index.get("latent_dim_scale", LATENT_DIM_SCALE), LATENT_DIM_SCALE)}
-    for k in "cb":
-        sched = read_json(paths[f"scheduler_{k}"])
-        found = {key: sched.get(key, SCHEDULER[key]) for key in ("s", "scaler")}
-        checks[f"scheduler {k}"] = (found, {key: SCHEDULER[key] for key in found})
-    wrong = {k: found for k, (found, ours) in checks.items() if found != ours}
-    if wrong:
-        raise ValueError(f"these weights use other constants than Würstchen v2 and this code: {wrong}")
-    # the tokenizers' pad tokens (LAION's '!' when there is no tokenizer folder); open_clip weights found now, not later
-    pad_tokens = {k: read_pad_token(paths[f"tokenizer_{k}"]) if paths[f"tokenizer_{k}"] else "!" for k in "cb"}
-    weights = {k: fetch_clip_weights(*OPEN_CLIP_TEXT[k]) for k in "cb"} if open_clip_text else {}
-
-    def text_encoder(k):  # the repository's transformers CLIPTextModel, or the open_clip tower with its weights
-        if open_clip_text:
-            return TextEncoder(OPEN_CLIP_TEXT[k][0], weights[k], pad_tokens[k])
-        return TextEncoder("transformers", paths[f"text_encoder_{k}"], pad_tokens[k])
-
-    builders = {"text_encoder_c": lambda: text_encoder("c"),
-                "stage_c": lambda: StageC.from_pretrained(paths["stage_c"]),
-                "text_encoder_b": lambda: text_encoder("b"),
-                "stage_b": lambda: StageB.from_pretrained(paths["stage_b"], decoder_cfg),
-                "stage_a": lambda: StageA.from_pretrained(paths["stage_a"])}
-    if paths["compressor"]:
-        builders["compressor"] = lambda: SemanticCompressor.from_pretrained(paths["compressor"])
-    loaders = {k: (lambda build=build: build().to(device, dtype).eval().requires_grad_(False))
-               for k, build in builders.items()}
-    # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
-    latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
-                    "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
-    image_sizes = {"c": prior_index.get("_train_image_size", 1024),  # released: 1024 px
-                   "b": decoder_index.get("_train_image_size", 1024)}
-    return Pipeline(latent_space=latent_space, device=device, image_sizes=image_sizes, dtype=dtype,
-                    loaders=loaders)
+    released = open_released(root, device, dtype, open_clip_text, decoder_cfg)
+    loaders = released["loaders"] | {
+        "stage_c": lambda: frozen(StageC.from_pretrained(released["paths"]["stage_c"]), device, dtype)}
+    return Pipeline(latent_space=released["latent_space"], device=device, image_sizes=released["image_sizes"],
+                    dtype=dtype, loaders=loaders)
 
 # -----------------------------------------------------------------------------
 # export: our models in the released layout, for diffusers' pipelines (and --pretrained)
@@ -353,7 +250,7 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
 
 def export(pipe, root):
     """Write the models of `pipe` (our checkpoints' EMA weights, or a released or exported folder)
-    as the two folders of RELEASED_LAYOUT, weights in safetensors: what diffusers' Würstchen
+    as the two folders of stage_b.RELEASED_LAYOUT, weights in safetensors: what diffusers' Würstchen
     pipelines and `--pretrained` read. Ours where they differ from the released values: the latent
     space in the prior's model_index.json (latent_mean = scale, latent_std = shift, as the pipeline
     computes e = y * latent_mean - latent_std), Stage A's scale_factor in vqgan/config.json, the
@@ -387,7 +284,7 @@ def export(pipe, root):
 
 
 def write_repo(folder, pipeline, models, text_encoder, **config):
-    """One folder of RELEASED_LAYOUT: each model (name -> module) in its subfolder, the CLIP text
+    """One folder of stage_b.RELEASED_LAYOUT: each model (name -> module) in its subfolder, the CLIP text
     encoder and tokenizer, the scheduler, and model_index.json with the pipeline's `config`. The
     models' library is 'wuerstchen', as in the released model_index.json files (the module
     diffusers.pipelines.wuerstchen, before diffusers 0.38 moved it)."""

@@ -20,6 +20,7 @@ Released weights: StageB.from_pretrained(diffusers folder or model_v2_stage_b.pt
 """
 
 import argparse
+import glob
 import math
 import os
 import re
@@ -35,12 +36,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs,
-                    ema_decay_at, gather_run_state, get_lr, holdout_batch, infinite_batches,
+                    ema_decay_at, gather_run_state, get_lr, holdout_batch, hub_file, infinite_batches,
                     load_checkpoint, load_exact, load_weights_file, log_line, no_sync, psnr,
                     read_json, recompute_batchnorm, restore_rng, run_cli, same_size_batches,
                     save_checkpoint, save_image_grid, save_weights_file, set_lr, sizes_of,
                     start_run, update_ema, write_json, wrap_ddp)
-from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
+from stage_a import IMAGENET_MEAN, IMAGENET_STD, StageA, load_stage_a
 
 # ---- config
 
@@ -756,9 +757,7 @@ def fetch_clip_weights(name, pretrained):
     (downloaded into it first when online). Fails at once, naming the file to fetch, when it cannot be had."""
     if os.path.isfile(pretrained):
         return pretrained
-    import huggingface_hub
     import open_clip
-    from huggingface_hub.errors import LocalEntryNotFoundError
     source = open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub")
     if not source:
         raise ValueError(f"open_clip has no Hugging Face weights {name!r} / {pretrained!r} "
@@ -766,12 +765,7 @@ def fetch_clip_weights(name, pretrained):
     parts = source.strip("/").split("/")  # 'org/repo/' or 'org/repo/file'
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "open_clip_pytorch_model.bin"
     try:
-        return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)  # cached: no request
-    except LocalEntryNotFoundError:
-        pass
-    try:  # one request first: without network hf_hub_download itself would retry for ~25 s
-        huggingface_hub.model_info(repo)
-        return huggingface_hub.hf_hub_download(repo, filename)
+        return hub_file(repo, filename)
     except Exception as e:
         raise RuntimeError(
             f"cannot fetch the CLIP text encoder weights {name} / {pretrained} ({type(e).__name__}; offline?). "
@@ -984,6 +978,141 @@ def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encod
     for k in parts:
         out[k] = out[k].to(device).eval().requires_grad_(False)
     return out
+
+
+# ---- the released weights (method §8.1): where they are, checked; what sampling and fine-tuning build from them
+
+PRIOR_REPO, DECODER_REPO = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
+OFFICIAL_FILES = {"stage_c": "model_v3_stage_c.pt", "stage_b": "model_v2_stage_b.pt", "stage_a": "vqgan_f4_v1_500k.pt"}
+# the semantic compressor of the released v2 (EfficientNetV2-S, `effnet_state_dict`), as diffusers' prior fine-tuning
+# scripts fetch it: no diffusers repository holds it
+COMPRESSOR_FILE = ("dome272/wuerstchen", "model_v2_stage_b.pt")
+# the open_clip towers with the weights of the repositories' text_encoder/ folders (--open_clip), for Stages C and B
+OPEN_CLIP_TEXT = {"c": ("ViT-bigG-14", "laion2b_s39b_b160k"), "b": ("ViT-H-14", "laion2b_s32b_b79k")}
+# the schedule's constants (alpha_bar) as scheduler_config.json states them
+SCHEDULER = {"_class_name": "DDPMWuerstchenScheduler", "s": 0.008, "scaler": 1.0}
+RELEASED_LAYOUT = """\
+  {root}/wuerstchen-prior/   <- hf download warp-ai/wuerstchen-prior --local-dir {root}/wuerstchen-prior
+      model_index.json  prior/  text_encoder/  tokenizer/  scheduler/
+  {root}/wuerstchen/         <- hf download warp-ai/wuerstchen --local-dir {root}/wuerstchen
+      model_index.json  decoder/  vqgan/  text_encoder/  tokenizer/  scheduler/
+      (and in an --export of ours: semantic_compressor/)
+  Instead of prior/, decoder/ and vqgan/, the official files may lie in {root} itself (model_v2_stage_b.pt also
+  holds the semantic compressor that --variation, --init_image and fine-tuning need):
+      model_v3_stage_c.pt  model_v2_stage_b.pt  vqgan_f4_v1_500k.pt   <- hf download dome272/wuerstchen
+                                                                          model_v3_stage_c.pt ... --local-dir {root}
+  With --open_clip the text towers are open_clip's ViT-bigG-14 laion2b_s39b_b160k and ViT-H-14 laion2b_s32b_b79k
+  (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
+  from the Hugging Face cache) instead of the text_encoder/ folders."""
+
+
+def find_released(root=None, text_folders=True, compressor=False):
+    """Paths of the released components in `root` (RELEASED_LAYOUT) or, when root is None, in the Hugging Face cache
+    (downloaded into it first when online; the compressor, when asked for, from COMPRESSOR_FILE). Anything missing
+    -> FileNotFoundError saying what to download and where, at once: offline, huggingface_hub's snapshot_download
+    gives up after one failed request, without retries."""
+    if root is None:
+        try:
+            prior, decoder = hub_snapshot(PRIOR_REPO), hub_snapshot(DECODER_REPO)
+        except Exception as e:  # offline and not cached, or no such repository
+            raise FileNotFoundError(released_help(None, [f"{PRIOR_REPO} and {DECODER_REPO} ({type(e).__name__})"]))
+    else:
+        prior, decoder = (os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
+
+    def first(*paths):
+        return next((p for p in paths if p and os.path.exists(p)), None)
+
+    official = {k: root and os.path.join(root, name) for k, name in OFFICIAL_FILES.items()}
+    paths = {"stage_c": first(os.path.join(prior, "prior"), official["stage_c"]),
+             "stage_b": first(os.path.join(decoder, "decoder"), official["stage_b"]),
+             "stage_a": first(os.path.join(decoder, "vqgan"), official["stage_a"]),
+             "compressor": first(os.path.join(decoder, "semantic_compressor"), official["stage_b"])}
+    if compressor and root is None and paths["compressor"] is None:
+        try:
+            paths["compressor"] = hub_file(*COMPRESSOR_FILE)
+        except Exception:  # named below
+            pass
+    for k, repo in (("c", prior), ("b", decoder)):  # text_encoder_c, tokenizer_c, scheduler_c, index_c, ..._b
+        for part, name in (("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
+                           ("scheduler", "scheduler/scheduler_config.json"), ("index", "model_index.json")):
+            paths[f"{part}_{k}"] = first(os.path.join(repo, name))
+    needed = (["stage_c", "stage_b", "stage_a"] + ["compressor"] * compressor
+              + (["text_encoder_c", "text_encoder_b"] if text_folders else []))
+    missing = [k for k in needed if paths[k] is None]
+    if missing:
+        raise FileNotFoundError(released_help(root, missing))
+    return paths
+
+
+def hub_snapshot(repo):
+    """The repository's folder in the Hugging Face cache, downloaded first when online: configs, tokenizer and
+    safetensors weights (pytorch .bin weights only for folders without safetensors; no fp16 copies)."""
+    from huggingface_hub import snapshot_download
+    folder = snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors"], ignore_patterns=["*fp16*"])
+    bare = [f"{d}/*.bin" for d in ("prior", "decoder", "vqgan", "text_encoder")
+            if os.path.isdir(os.path.join(folder, d)) and not glob.glob(os.path.join(folder, d, "*.safetensors"))]
+    return snapshot_download(repo, allow_patterns=bare) if bare else folder
+
+
+def released_help(root, missing):
+    where = root or "DIR"
+    repo, name = COMPRESSOR_FILE
+    return (f"the released Würstchen v2 weights were not found (missing: {', '.join(missing)}). On a machine with "
+            f"network, download the two repositories (about 3.1 B parameters in all) and pass their folder, "
+            f"`python sample.py --pretrained {where} --prompt ...`:\n{RELEASED_LAYOUT.format(root=where)}\n"
+            f"Or fill the Hugging Face cache (~/.cache/huggingface/hub) with `hf download {PRIOR_REPO}` and "
+            f"`hf download {DECODER_REPO}` (and, to fine-tune, `hf download {repo} {name}`: the semantic "
+            f"compressor) and pass --pretrained without a folder.")
+
+
+def frozen(model, device, dtype=torch.float32):
+    """A model for inference only: on `device` in `dtype`, eval mode, no gradients."""
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def open_released(root=None, device="cpu", dtype=torch.float32, open_clip_text=False, decoder_cfg=None,
+                  compressor=False):
+    """The released Würstchen v2 weights (method §8) or an export of ours, found by find_released (the semantic
+    compressor required with `compressor`) and checked against the constants the method fixes; nothing is loaded
+    yet. Returns {"loaders": name -> function that builds that model frozen on `device` in `dtype`
+    (text_encoder_c, text_encoder_b, stage_b, stage_a, and compressor when there is one), "paths",
+    "latent_space": y = (e + shift) / scale from the prior's model_index.json (released: 42 / 1), "image_sizes":
+    the training sizes of Stages C and B (released: 1024)}. The prior (stage_c.py) loads from paths["stage_c"].
+    open_clip_text: the open_clip towers instead of the repositories' transformers text encoders (same weights).
+    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released size."""
+    paths = find_released(root, text_folders=not open_clip_text, compressor=compressor)
+    prior_index, decoder_index = read_json(paths["index_c"]), read_json(paths["index_b"])
+    # the constants the method (round_size, decode_stage_c, alpha_bar) hard-codes, as the repositories state them
+    checks = {"resolution_multiple": (prior_index.get("resolution_multiple", RESOLUTION_MULTIPLE), RESOLUTION_MULTIPLE),
+              "latent_dim_scale": (decoder_index.get("latent_dim_scale", LATENT_DIM_SCALE), LATENT_DIM_SCALE)}
+    for k in "cb":
+        sched = read_json(paths[f"scheduler_{k}"])
+        found = {key: sched.get(key, SCHEDULER[key]) for key in ("s", "scaler")}
+        checks[f"scheduler {k}"] = (found, {key: SCHEDULER[key] for key in found})
+    wrong = {k: found for k, (found, ours) in checks.items() if found != ours}
+    if wrong:
+        raise ValueError(f"these weights use other constants than Würstchen v2 and this code: {wrong}")
+    # the tokenizers' pad tokens (LAION's '!' when there is no tokenizer folder); open_clip weights found now, not later
+    pad_tokens = {k: read_pad_token(paths[f"tokenizer_{k}"]) if paths[f"tokenizer_{k}"] else "!" for k in "cb"}
+    weights = {k: fetch_clip_weights(*OPEN_CLIP_TEXT[k]) for k in "cb"} if open_clip_text else {}
+
+    def text_encoder(k):  # the repository's transformers CLIPTextModel, or the open_clip tower with its weights
+        if open_clip_text:
+            return TextEncoder(OPEN_CLIP_TEXT[k][0], weights[k], pad_tokens[k])
+        return TextEncoder("transformers", paths[f"text_encoder_{k}"], pad_tokens[k])
+
+    builders = {"text_encoder_c": lambda: text_encoder("c"), "text_encoder_b": lambda: text_encoder("b"),
+                "stage_b": lambda: StageB.from_pretrained(paths["stage_b"], decoder_cfg),
+                "stage_a": lambda: StageA.from_pretrained(paths["stage_a"])}
+    if paths["compressor"]:
+        builders["compressor"] = lambda: SemanticCompressor.from_pretrained(paths["compressor"])
+    loaders = {k: (lambda build=build: frozen(build(), device, dtype)) for k, build in builders.items()}
+    # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
+    latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
+                    "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
+    image_sizes = {"c": prior_index.get("_train_image_size", 1024),  # released: 1024 px
+                   "b": decoder_index.get("_train_image_size", 1024)}
+    return {"loaders": loaders, "paths": paths, "latent_space": latent_space, "image_sizes": image_sizes}
 
 
 def train(args):
