@@ -8,6 +8,8 @@ tar-shard streams too), the hold-out split, image grids and the log line.
 Nothing here knows about Würstchen: the method lives in stage_a.py, stage_b.py and stage_c.py, which import this.
 """
 import argparse
+import gc
+import hashlib
 import json
 import math
 import os
@@ -147,6 +149,13 @@ def wrap_ddp(model, rt):
     return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
 
+def free_memory(device):
+    """Give back the memory of tensors just dropped: Python's garbage now, and on a GPU the allocator's cache."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def channels_last_convs(model):
     """Conv weights in channels-last memory, the layout of Stage B's and C's activations: their
     gradients then come out in the weights' own layout and DDP all-reduces them in place (else it
@@ -183,7 +192,8 @@ def add_common_args(parser, stage):
                    "pattern (shards/{00000..00999}.tar), a .tar path or URL, or a text file "
                    "listing them")
     g.add_argument("--out_dir", default=f"out/{stage}", help="where ckpt.pt, log.txt and sample grids go")
-    g.add_argument("--model", default="small", choices=["tiny", "small", "paper"], help="model size preset")
+    g.add_argument("--model", default=None, choices=["tiny", "small", "paper"], help="model size preset "
+                   "(default: small; paper, the released sizes, with --pretrained)")
     g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: per preset)")
     g.add_argument("--batch_size", type=int, default=None,
                    help="global batch size, split over ranks and --grad_accum (default: per preset)")
@@ -194,7 +204,8 @@ def add_common_args(parser, stage):
     g.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: per preset)")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimizer step")
+    g.add_argument("--ema_decay", type=float, default=None, help="EMA decay per optimizer step, 0 = no EMA "
+                   "(default: 0.999; 0 when fine-tuning)")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -219,6 +230,12 @@ def add_common_args(parser, stage):
     return parser
 
 
+def preset_name(args):
+    """--model, else its default: small, or with --pretrained paper (the released weights' sizes)."""
+    args.model = args.model or ("paper" if getattr(args, "pretrained", None) is not None else "small")
+    return args.model
+
+
 def fill_defaults(args, defaults):
     """Flags left at None take the preset's training defaults."""
     for k, v in defaults.items():
@@ -234,15 +251,22 @@ def start_run(args, stage, train_defaults):
     from data import shard_list
     if getattr(args, "cache", False) is None and shard_list(args.data):
         args.cache = False  # a stream: nothing to cache up front (the presets' default: folders)
-    fill_defaults(args, train_defaults)
+    if getattr(args, "epochs", None):  # --epochs sets --max_steps once the data is open (epochs_to_steps)
+        train_defaults = {k: v for k, v in train_defaults.items() if k != "max_steps"}
+    fill_defaults(args, train_defaults | {"ema_decay": train_defaults.get("ema_decay", 0.999)})
     rt = setup_runtime(args.device, args.dtype, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     logger = Logger(args.out_dir, rt.master)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, stage) if args.resume else None
-    if ckpt and ckpt["train_config"]["model"] != args.model:
-        raise CheckpointError(f"{ckpt_path} was trained with --model {ckpt['train_config']['model']}, "
-                              f"not {args.model}")
+    if ckpt:  # continued as it was trained: the same preset, base weights and kind of fine-tune
+        was = ckpt["train_config"]
+        for flag, default in (("model", None), ("pretrained", None), ("lora_rank", 0)):
+            if was.get(flag, default) != getattr(args, flag, default):
+                raise CheckpointError(f"{ckpt_path} was trained with --{flag} {was.get(flag, default)}, not "
+                                      f"{getattr(args, flag, default)}: resume it as it was trained"
+                                      + (" (a LoRA run as a LoRA run, a full fine-tune as a full one)"
+                                         if flag == "lora_rank" else ""))
     return rt, logger, ckpt_path, ckpt
 
 
@@ -266,6 +290,32 @@ def get_lr(step, lr, warmup):
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+def epochs_to_steps(args, items):
+    """--epochs (passes over the training images, `items`: a list of them, None for a stream) as --max_steps,
+    unless --max_steps was given."""
+    if items is None:
+        raise ValueError("--epochs needs a folder of images (a stream of tar shards has no known length): "
+                         "give --max_steps")
+    if args.max_steps is None:
+        args.max_steps = math.ceil(args.epochs * len(items) / args.batch_size)
+
+
+def finetune_warnings(lr, default_lr, passes, n_captioned):
+    """What makes a small-data fine-tune learn nothing, said before it starts (users' reports: "24 images gave
+    no result", a LoRA that "can't learn anything" at lr 1e-6). Returns the warnings' texts."""
+    warnings = []
+    if lr < default_lr / 10:
+        warnings.append(f"--lr {lr:g} is over 10x below the fine-tuning default {default_lr:g}: the weights "
+                        f"(LoRA adapters start at zero) will barely move in a short run")
+    if passes < 10:
+        warnings.append(f"each training image is seen only {passes:.1f} times (--max_steps x --batch_size / "
+                        f"images): a small set usually needs 50-200 passes (--epochs)")
+    if n_captioned == 0:
+        warnings.append("no image has a caption: the fine-tune will be unconditional (every caption empty), "
+                        "so no prompt will call up what it learns; add same-name .txt files or a metadata.jsonl")
+    return warnings
 
 
 def ema_decay_at(step, decay):
@@ -412,10 +462,14 @@ def save_checkpoint(path, ckpt):
         more = " ..." if len(bad) > 5 else ""
         raise NonFiniteError(f"not saving {path}: non-finite values in {', '.join(bad[:5])}{more}; "
                              f"the checkpoint already there (if any) is kept")
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def atomic_write(path, write):
+    """write(tmp) then rename tmp to `path`: a kill at any moment leaves the old file or the new one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, stage):
@@ -539,6 +593,135 @@ def restore_rng(ckpt, rt):
     else:
         seed = ckpt["train_config"]["seed"]
         torch.manual_seed((seed * 1_000_003 + ckpt["step"]) * 1009 + rt.rank)
+
+# -----------------------------------------------------------------------------
+# fine-tuning: LoRA adapters on a frozen model (in diffusers' file layout), frozen inputs cached on disk
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus a low-rank update (LoRA, Hu et al. 2021): y = W x + b + s B(A(x)) with A: in -> r,
+    B: r -> out, s = alpha / r. add_lora turns a model's Linear layers into these in place: W and b keep
+    their names and stay frozen, the adapters are the submodules lora_A and lora_B (PEFT's names, so
+    diffusers' LoRA keys). B starts at zero, so an adapted model starts exactly as its base."""
+
+    def forward(self, x):
+        return super().forward(x) + self.lora_B(self.lora_A(x)) * self.lora_scale
+
+
+def add_lora(model, targets, rank, alpha):
+    """Freeze `model` and give every nn.Linear named one of `targets`, or ending in '.' + one of them
+    (PEFT's target_modules rule), a rank-`rank` adapter of scale alpha / rank: A initialised as
+    nn.Linear does (PEFT's choice too), B zero. Returns the adapted layers' names."""
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.Linear and any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise ValueError(f"LoRA targets {list(targets)}: no nn.Linear layer of the model is named so")
+    for name in names:
+        layer = model.get_submodule(name)
+        layer.__class__ = LoRALinear
+        layer.lora_A = nn.Linear(layer.in_features, rank, bias=False, device=layer.weight.device)
+        layer.lora_B = nn.Linear(rank, layer.out_features, bias=False, device=layer.weight.device)
+        nn.init.zeros_(layer.lora_B.weight)
+        layer.lora_scale = alpha / rank
+    return names
+
+
+def lora_weights(model, prefix):
+    """The adapters of `model` in diffusers' LoRA layout: `{prefix}.{layer}.lora_A.weight` (r, in) and
+    `.lora_B.weight` (out, r), the scale alpha / r folded into lora_B (a file without alphas reads as
+    alpha = r, scale 1, in diffusers), float32."""
+    weights = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            weights[f"{prefix}.{name}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
+            weights[f"{prefix}.{name}.lora_B.weight"] = (m.lora_B.weight.detach().float() * m.lora_scale).cpu()
+    return weights
+
+
+def save_lora(path, model, prefix, made_for):
+    """The adapters as a LoRA file (pytorch_lora_weights.safetensors: diffusers' load_lora_weights and
+    sample.py --lora read it), written atomically; `made_for` describes the base model in the file's
+    metadata, for the error when the file meets another one."""
+    from safetensors.torch import save_file
+    metadata = {"format": "pt", "made_for": made_for}
+    atomic_write(path, lambda tmp: save_file(lora_weights(model, prefix), tmp, metadata=metadata))
+
+
+def read_lora(path):
+    """(prefix, weights, metadata) of a LoRA file in diffusers' layout ('prior.blocks.2.attention.to_q.lora_A.weight':
+    prefix 'prior')."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        weights, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    prefixes = {k.split(".")[0] for k in weights}
+    if len(prefixes) != 1 or not all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights):
+        raise ValueError(f"{path} is not a LoRA file of one model in diffusers' layout "
+                         f"('<model>.<layer>.lora_A.weight' / '.lora_B.weight'): keys {sorted(weights)[:3]}")
+    return prefixes.pop(), weights, metadata
+
+
+@torch.no_grad()
+def merge_lora(model, path, scale=1.0, what="this model"):
+    """Add the updates of the LoRA file at `path` to the weights of `model`: W += scale B A per adapted
+    layer. A file made for another model (a layer this one lacks, other shapes) is refused, naming
+    both: the file with what it was made for, and `what`. Returns the model."""
+    prefix, weights, metadata = read_lora(path)
+    layers = dict(model.named_modules())
+    for key in (k for k in weights if k.endswith(".lora_A.weight")):
+        name = key[len(prefix) + 1:-len(".lora_A.weight")]
+        A, B = weights[key].float(), weights[key.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
+        layer = layers.get(name)
+        if not isinstance(layer, nn.Linear) or layer.weight.shape != (B.shape[0], A.shape[1]):
+            found = f"{tuple(layer.weight.shape)}" if isinstance(layer, nn.Linear) else "no such Linear layer"
+            raise ValueError(f"the LoRA {path} (made for {metadata.get('made_for', 'an unnamed model')}) does not "
+                             f"fit {what}: its layer {name} is {(B.shape[0], A.shape[1])}, here {found}")
+        layer.weight.copy_(layer.weight.float() + scale * (B @ A).to(layer.weight.device))
+    return model
+
+
+def trained_state(model):
+    """What a checkpoint keeps of `model`: its state dict, or, when it carries LoRA adapters, the adapters
+    alone (its base is the --pretrained weights, loaded again on --resume)."""
+    sd = model.state_dict()
+    lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    return {k: v for k, v in sd.items() if ".lora_" in k} if lora else sd
+
+
+def load_trained(model, sd, what):
+    """The inverse of trained_state: exactly the weights this run trains, else a CheckpointError."""
+    expected = trained_state(model).keys()
+    if set(sd) != set(expected):
+        raise CheckpointError(f"{what} holds other weights than this run trains (e.g. "
+                              f"{sorted(set(sd) ^ set(expected))[:3]})")
+    model.load_state_dict(sd, strict=False)
+
+
+def weights_fingerprint(module):
+    """A short hash of a module's weights: every tensor's name, shape and 64 values spread through it
+    (enough to tell two sets of weights apart without hashing gigabytes)."""
+    h = hashlib.sha1()
+    for k, v in module.state_dict().items():
+        flat = v.detach().flatten()
+        h.update(f"{k}{tuple(v.shape)}".encode())
+        h.update(flat[::max(1, flat.numel() // 64)].double().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def disk_cached(stem, key, build, rt):
+    """build()'s result (a dict of tensors, lists and numbers) computed once and kept on disk, at
+    `{stem}-{hash of key}.pt`, where `key` (JSON-able) names everything that produced it: the data, the
+    frozen models (weights_fingerprint), the sizes. A re-run or a --resume with the same key reads the
+    file instead of computing it again. Rank 0 builds and writes it (atomically), the other ranks wait
+    and read it. Returns (result, path, whether it was built now)."""
+    path = f"{stem}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt"
+    built = not os.path.exists(path)
+    if built and rt.master:
+        result = build()
+        atomic_write(path, lambda tmp: torch.save(result, tmp))
+    if rt.ddp:
+        dist.barrier()
+    return torch.load(path, map_location="cpu", weights_only=True), path, built
 
 # -----------------------------------------------------------------------------
 # data order: exact resume, hold-out split

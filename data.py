@@ -12,8 +12,8 @@ toy set.
     ShardStream(shards, size)  tar shards in the WebDataset layout (img2dataset), streamed, never
                                extracted: split over ranks and loader workers, shuffled, resumable.
     write_toy_dataset(root)    coloured shapes captioned "a red circle on a blue background": no
-                               downloads, and small models learn it in minutes. Two looks (LOOKS):
-                               "bold" (the quick start) and "light" (look="light").
+                               downloads, and small models learn it in minutes. Looks (LOOKS):
+                               "bold" (the quick start), "light" and "bold_black" (a new colour word).
     classify_toy_image(img)    reads (colour, shape) back off a toy image, to score prompt following.
 
     python data.py toy ./toy --n 2000        # write the toy set (--look light: the second look)
@@ -23,6 +23,7 @@ toy set.
 import argparse
 import copy
 import csv
+import hashlib
 import io
 import json
 import math
@@ -587,6 +588,28 @@ def open_data(args, verbose=True):
     return trainset, holdout
 
 
+def folder_items(dataset):
+    """(ImageFolder, indices) of a folder dataset or a Subset of one; (None, None) for a stream."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset.dataset, dataset.indices
+    return (dataset, range(len(dataset))) if isinstance(dataset, ImageFolder) else (None, None)
+
+
+def folder_captions(dataset):
+    """The caption of every item of a folder dataset ("" = none), None for a stream of tar shards."""
+    folder, indices = folder_items(dataset)
+    return None if folder is None else [folder.caption(i) for i in indices]
+
+
+def dataset_key(dataset):
+    """What a cache of a folder's items depends on (common.disk_cached): every item's image file (path, size,
+    modification time), caption and training size. A short hash."""
+    folder, indices = folder_items(dataset)
+    items = [(folder.paths[i], os.stat(folder.paths[i]).st_size, os.stat(folder.paths[i]).st_mtime_ns,
+              folder.caption(i), folder.sizes[i]) for i in indices]
+    return hashlib.sha1(json.dumps(items).encode()).hexdigest()[:16]
+
+
 def image_batches(dataset, n=512, batch_size=64, spread=True):
     """Up to n training images as batches (B, 3, H, W), read one batch at a time: from a folder, n
     spread evenly through it (its first n with spread=False), a batch per image size with
@@ -630,6 +653,9 @@ LOOKS = {
                   shapes={"disc": "circle", "block": "square", "wedge": "triangle"},
                   side=(0.25, 0.5), centred=False),
 }
+# "bold_black": the bold look with a seventh colour word, "black", that the quick start's models never read: the
+#   fine-tuning demonstration teaches it (`python data.py toy DIR --look bold_black --colors black`)
+LOOKS["bold_black"] = LOOKS["bold"] | {"colors": LOOKS["bold"]["colors"] | {"black": (25, 25, 25)}}
 COLORS, SHAPES = LOOKS["bold"]["colors"], tuple(LOOKS["bold"]["shapes"])  # the quick start's look
 
 
@@ -671,12 +697,14 @@ def make_toy_image(color, shape, background, size, rng, look="bold"):
     return img
 
 
-def write_toy_dataset(root, n=2000, size=128, seed=0, look="bold"):
+def write_toy_dataset(root, n=2000, size=128, seed=0, look="bold", colors=None):
     """Write `n` toy images root/00000.png with captions root/00000.txt; returns n. The images cycle
-    through every colour x shape pair (balanced); the background is a random allowed one."""
+    through every colour x shape pair (balanced; only the shape colours `colors` when given); the
+    background is a random allowed one."""
     os.makedirs(root, exist_ok=True)
     rng = random.Random(seed)  # one stream: the first k images don't depend on n
-    pairs = [(color, shape) for color in LOOKS[look]["colors"] for shape in LOOKS[look]["shapes"]]
+    pairs = [(color, shape) for color in LOOKS[look]["colors"] for shape in LOOKS[look]["shapes"]
+             if colors is None or color in colors]
     for i in range(n):
         color, shape = pairs[i % len(pairs)]
         background = rng.choice(list(backgrounds(look, color)))
@@ -686,11 +714,14 @@ def write_toy_dataset(root, n=2000, size=128, seed=0, look="bold"):
     return n
 
 
-def toy_prompts(look="bold"):
-    """[(prompt, color, shape)] for every colour x shape pair of `look`, each on a fixed allowed background."""
+def toy_prompts(look="bold", only=None):
+    """[(prompt, color, shape)] for every colour x shape pair of `look` (of the shape colours `only`, when
+    given), each on a fixed allowed background."""
     colors, shapes = list(LOOKS[look]["colors"]), list(LOOKS[look]["shapes"])
     prompts = []
     for ci, c in enumerate(colors):
+        if only is not None and c not in only:
+            continue
         for si, s in enumerate(shapes):
             allowed = list(backgrounds(look, c))
             # bold: the colour 1..3 places after c (never c itself); light: the backgrounds in turn
@@ -784,7 +815,10 @@ if __name__ == "__main__":
     toy.add_argument("--size", type=int, default=128, help="image side in pixels")
     toy.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
     toy.add_argument("--look", default="bold", choices=list(LOOKS), help="bold: saturated backgrounds, large "
-                     "centred shapes (the quick start); light: near-white backgrounds, smaller shapes anywhere")
+                     "centred shapes (the quick start); light: near-white backgrounds, smaller shapes anywhere; "
+                     "bold_black: bold with a seventh colour word, black")
+    toy.add_argument("--colors", nargs="+", default=None, help="only shapes of these colours (default: all of "
+                     "the look's)")
     check = commands.add_parser("check", formatter_class=fmt, help="report what ImageFolder (or, "
                                 "for tar shards, ShardStream) reads and skips")
     check.add_argument("dir", help="what --data takes: a folder of images (searched recursively) "
@@ -800,9 +834,9 @@ if __name__ == "__main__":
     pack.add_argument("--per_shard", type=int, default=1000, help="samples per shard")
     args = parser.parse_args()
     if args.command == "toy":
-        n = write_toy_dataset(args.dir, args.n, args.size, args.seed, args.look)
+        n = write_toy_dataset(args.dir, args.n, args.size, args.seed, args.look, args.colors)
         print(f"data: wrote {n} toy images ({args.size}x{args.size}, look {args.look}) + .txt captions to "
-              f"{args.dir}, captions like {toy_prompts(args.look)[0][0]!r}")
+              f"{args.dir}, captions like {toy_prompts(args.look, args.colors)[0][0]!r}")
     elif args.command == "shards":
         paths = write_shards(args.dir, args.out, args.per_shard)
         print(f"data: wrote {len(paths)} shards {paths[0]} ... {paths[-1]}")

@@ -34,12 +34,12 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (HelpFormatter, default_dtype, load_checkpoint, pick_device, psnr, read_json,
-                    run_cli, save_captioned_grid, write_json)
+from common import (HelpFormatter, default_dtype, load_checkpoint, merge_lora, pick_device, psnr,
+                    read_json, read_lora, run_cli, save_captioned_grid, write_json)
 from stage_a import load_stage_a
 from stage_b import (DECODER_REPO, DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, PRIOR_REPO,
                      RESOLUTION_MULTIPLE, SCHEDULER, StageB, add_noise, ddpm_sample, frozen, load_stage_b,
@@ -86,24 +86,53 @@ def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt", 
     """Build the stages named in `stages` from their checkpoints (EMA weights), with each one's
     training image size; a missing or wrong file names the file and stage. Weights stay float32; a
     bf16 / fp16 `dtype` runs them under autocast."""
-    device = torch.device(device)
-    pipe = Pipeline(stage_a=load_stage_a(stage_a, device), device=device, dtype=dtype,
-                    image_sizes={})
-    if "b" in stages:
-        parts = load_stage_b(stage_b, device, parts=("compressor", "stage_b", "text_encoder"))
-        pipe.compressor, pipe.stage_b = parts["compressor"], parts["stage_b"]
-        pipe.text_encoder_b, pipe.latent_space = parts["text_encoder"], parts["latent_space"]
-        pipe.image_sizes["b"] = parts["ckpt"]["train_config"]["image_size"]
-    if "c" in stages:
-        parts = load_stage_c(stage_c, device)
-        pipe.stage_c, pipe.text_encoder_c = parts["stage_c"], parts["text_encoder"]
-        pipe.image_sizes["c"] = parts["ckpt"]["train_config"]["image_size"]
-        if pipe.latent_space is not None and parts["latent_space"] != pipe.latent_space:
-            raise ValueError(f"{stage_c} was trained on a Stage B with latent space {parts['latent_space']}, but "
-                             f"{stage_b} has {pipe.latent_space}: pass the Stage B checkpoint it was trained with")
+    pipe = Pipeline(device=torch.device(device), dtype=dtype, image_sizes={})
+    for stage, path in (("a", stage_a), ("b", stage_b), ("c", stage_c)):
+        if stage == "a" or stage in stages:
+            add_checkpoint(pipe, stage, path)
     if not pipe.image_sizes:  # Stage A alone: its training size (its checkpoint read once more)
         pipe.image_sizes["a"] = load_checkpoint(stage_a, "stage_a")["train_config"]["image_size"]
     return pipe
+
+
+def add_checkpoint(pipe, stage, path):
+    """Put the models of our checkpoint of Stage `stage` ('a', 'b' or 'c') into `pipe`, resident (EMA
+    weights), with its training size; over released ones too (sample.py --pretrained DIR --stage_c
+    ckpt.pt). Its latent space must be the pipeline's: a Stage C samples for the Stage B it was trained on."""
+    if stage == "a":
+        pipe.stage_a = load_stage_a(path, pipe.device)
+        return
+    if stage == "b":
+        parts = load_stage_b(path, pipe.device)
+        pipe.compressor, pipe.stage_b, pipe.text_encoder_b = (parts[k] for k in ("compressor", "stage_b",
+                                                                                "text_encoder"))
+    else:
+        parts = load_stage_c(path, pipe.device)
+        pipe.stage_c, pipe.text_encoder_c = parts["stage_c"], parts["text_encoder"]
+    pipe.image_sizes[stage] = parts["ckpt"]["train_config"]["image_size"]
+    if pipe.latent_space not in (None, parts["latent_space"]):
+        raise ValueError(f"{path} has the latent space {parts['latent_space']}, but the Stage "
+                         f"{'C' if stage == 'b' else 'B'} here has {pipe.latent_space}: a Stage C samples "
+                         f"for the Stage B it was trained on")
+    pipe.latent_space = parts["latent_space"]
+
+
+def apply_loras(pipe, paths, scale=1.0):
+    """--lora: merge each LoRA file (diffusers' layout) into the model its keys name (prior: Stage C,
+    decoder: Stage B) with weight `scale`: now for a resident model, at each load for a released one."""
+    for path in paths:
+        prefix, _, _ = read_lora(path)
+        name = {"prior": "stage_c", "decoder": "stage_b"}.get(prefix)
+        if name is None:
+            raise ValueError(f"{path} is a LoRA for a '{prefix}' model; --lora takes LoRAs of the prior (Stage C) "
+                             f"and the decoder (Stage B)")
+
+        def merge(model, path=path, prefix=prefix):
+            return merge_lora(model, path, scale, f"this pipeline's {prefix} ({asdict(model.cfg)})")
+        if getattr(pipe, name) is not None:
+            merge(getattr(pipe, name))
+        elif name in (pipe.loaders or {}):
+            pipe.loaders[name] = lambda load=pipe.loaders[name], merge=merge: merge(load())
 
 
 @contextmanager
@@ -238,9 +267,9 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
     official model_v2_stage_b.pt that is not the released size."""
     device = torch.device(device)
     dtype = dtype or sampling_dtype(device)
-    released = open_released(root, device, dtype, open_clip_text, decoder_cfg)
-    loaders = released["loaders"] | {
-        "stage_c": lambda: frozen(StageC.from_pretrained(released["paths"]["stage_c"]), device, dtype)}
+    released = open_released(root, open_clip_text, decoder_cfg)
+    builders = released["builders"] | {"stage_c": lambda: StageC.from_pretrained(released["paths"]["stage_c"])}
+    loaders = {k: (lambda build=build: frozen(build(), device, dtype)) for k, build in builders.items()}
     return Pipeline(latent_space=released["latent_space"], device=device, image_sizes=released["image_sizes"],
                     dtype=dtype, loaders=loaders)
 
@@ -331,16 +360,23 @@ def save_outputs(images, captions, out_dir, name):
 
 def open_pipeline(args, device, dtype, stages="abc"):
     """Our checkpoints (--stage_a/b/c; only the `stages` needed), or with --pretrained the released
-    weights or an export of ours."""
+    weights or an export of ours, where --stage_a/b/c, when given, put ours instead; --lora merged in."""
+    ours = {k: getattr(args, f"stage_{k}") for k in "abc"}
     if args.pretrained is None:
-        return load_pipeline(args.stage_a, args.stage_b, args.stage_c, device, stages, dtype)
-    try:  # --pretrained "" = the Hugging Face cache
-        pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
-    except FileNotFoundError as e:
-        raise SystemExit(f"--pretrained: {e}")
-    print(f"weights in the released layout from {args.pretrained or 'the Hugging Face cache'} "
-          f"({'open_clip' if args.open_clip else 'transformers'} text encoders), "
-          f"{str(dtype).removeprefix('torch.')} on {device}, each stage loaded when needed")
+        pipe = load_pipeline(*(ours[k] or f"out/stage_{k}/ckpt.pt" for k in "abc"), device, stages, dtype)
+    else:
+        try:  # --pretrained "" = the Hugging Face cache
+            pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
+        except FileNotFoundError as e:
+            raise SystemExit(f"--pretrained: {e}")
+        print(f"weights in the released layout from {args.pretrained or 'the Hugging Face cache'} "
+              f"({'open_clip' if args.open_clip else 'transformers'} text encoders), "
+              f"{str(dtype).removeprefix('torch.')} on {device}, each stage loaded when needed"
+              + "".join(f"; Stage {k.upper()} from {path}" for k, path in ours.items() if path))
+        for stage, path in ours.items():  # ours instead of theirs: e.g. a fine-tuned Stage C
+            if path:
+                add_checkpoint(pipe, stage, path)
+    apply_loras(pipe, args.lora or [], args.lora_scale)
     return pipe
 
 
@@ -420,9 +456,13 @@ def get_args(argv=None):
     p.add_argument("--reconstruct", nargs="+", help="image(s) to pass through Stage A only (encode -> decode)")
     p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light"], metavar="LOOK",
                    help="measure prompt following on the toy vocabulary (of the look: bold, the default, or light)")
-    p.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="Stage A checkpoint")
-    p.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint")
-    p.add_argument("--stage_c", default="out/stage_c/ckpt.pt", help="Stage C checkpoint")
+    for k in "abc":
+        p.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint (default: "
+                       f"out/stage_{k}/ckpt.pt; with --pretrained: replaces that stage, e.g. a fine-tuned one)")
+    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file (pytorch_lora_weights.safetensors "
+                   "of a --lora_rank run) merged into the prior (Stage C) or the decoder (Stage B) it was made "
+                   "for, whichever its keys name; repeatable")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="weight of the --lora updates (1 = as trained)")
     p.add_argument("--out_dir", default="out/samples", help="where the grid and the single images go")
     p.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="use the released "
                    "Würstchen v2 weights instead of our checkpoints: from DIR (warp-ai/wuerstchen-prior and "

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state,
                     get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact,
-                    load_weights_file, log_line, no_sync, psnr, read_json, recompute_batchnorm,
+                    load_weights_file, log_line, no_sync, preset_name, psnr, read_json, recompute_batchnorm,
                     restore_rng, run_cli, save_checkpoint, save_image_grid, save_weights_file,
                     set_lr, start_run, update_ema, wrap_ddp)
 
@@ -335,7 +335,7 @@ def measure_scale_factor(model, images):
 
 
 def train(args):
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_a", PRESETS[args.model]["train"])
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_a", PRESETS[preset_name(args)]["train"])
     # a copy: the measured scale_factor is written into it, never into the preset table
     cfg = StageAConfig(**ckpt["model_config"]) if ckpt else replace(PRESETS[args.model]["model"])
     logger.log(f"stage A | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs,
                     ema_decay_at, gather_run_state, get_lr, holdout_batch, hub_file, infinite_batches,
-                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, psnr,
+                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, preset_name, psnr,
                     read_json, recompute_batchnorm, restore_rng, run_cli, same_size_batches,
                     save_checkpoint, save_image_grid, save_weights_file, set_lr, sizes_of,
                     start_run, update_ema, write_json, wrap_ddp)
@@ -782,6 +782,34 @@ def add_text_encoder_args(group):
                        "random weights (default: per preset)")
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA file (load_lora_weights' default)
+
+
+def add_finetune_args(group):
+    """The fine-tuning flags of the training scripts (Stages B and C)."""
+    group.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="fine-tune the "
+                       "released Würstchen v2 weights from DIR (as sample.py --pretrained reads it; an export of "
+                       "ours too), or without DIR from the Hugging Face cache; their semantic compressor stays "
+                       "frozen. The preset (--model, default paper) then only sets the training defaults")
+    group.add_argument("--lora_rank", type=int, default=0, help="train LoRA adapters of this rank on the frozen "
+                       "--pretrained model instead of all its weights (0: full fine-tune)")
+    group.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale = alpha / rank (default: alpha "
+                       "= rank, scale 1)")
+    group.add_argument("--lora_targets", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"],
+                       help="the Linear layers that get adapters, by name or name ending (PEFT's target_modules): "
+                       "the attention projections, as diffusers' prior LoRA script; add channelwise.0 "
+                       "channelwise.4 for the channel MLPs, cond_mapper.0 cond_mapper.2 for Stage C's text mapper")
+    group.add_argument("--epochs", type=float, default=None, help="passes over the training images: sets "
+                       "--max_steps (default when fine-tuning: per preset)")
+
+
+def finetune_defaults(preset, args):
+    """The training defaults of a fine-tune (--pretrained): the preset's "finetune" entry, with its LoRA
+    learning rate under --lora_rank."""
+    defaults = {k: v for k, v in preset["finetune"].items() if k != "lora_lr"}
+    return defaults | ({"lr": preset["finetune"]["lora_lr"]} if args.lora_rank else {})
+
+
 def build_text_encoder(args, preset_spec, ckpt, device):
     """The frozen text tower of a training run: the checkpoint's when resuming, else the flags' or the preset's.
     A random tower is built from the seed, so every rank builds the same one (and the checkpoint saves it)."""
@@ -1070,16 +1098,15 @@ def frozen(model, device, dtype=torch.float32):
     return model.to(device, dtype).eval().requires_grad_(False)
 
 
-def open_released(root=None, device="cpu", dtype=torch.float32, open_clip_text=False, decoder_cfg=None,
-                  compressor=False):
+def open_released(root=None, open_clip_text=False, decoder_cfg=None, compressor=False):
     """The released Würstchen v2 weights (method §8) or an export of ours, found by find_released (the semantic
     compressor required with `compressor`) and checked against the constants the method fixes; nothing is loaded
-    yet. Returns {"loaders": name -> function that builds that model frozen on `device` in `dtype`
-    (text_encoder_c, text_encoder_b, stage_b, stage_a, and compressor when there is one), "paths",
-    "latent_space": y = (e + shift) / scale from the prior's model_index.json (released: 42 / 1), "image_sizes":
-    the training sizes of Stages C and B (released: 1024)}. The prior (stage_c.py) loads from paths["stage_c"].
-    open_clip_text: the open_clip towers instead of the repositories' transformers text encoders (same weights).
-    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released size."""
+    yet. Returns {"builders": name -> function that builds that model (float32, on the CPU): text_encoder_c,
+    text_encoder_b, stage_b, stage_a, and compressor when there is one; "paths"; "latent_space": y = (e + shift)
+    / scale, from the prior's model_index.json (released: 42 and 1); "image_sizes": the training sizes of Stages
+    C and B (released: 1024)}. The prior (stage_c.py) loads from paths["stage_c"]. open_clip_text: the open_clip
+    towers instead of the repositories' transformers text encoders (the same weights). decoder_cfg: the
+    StageBConfig of an official model_v2_stage_b.pt that is not the released size."""
     paths = find_released(root, text_folders=not open_clip_text, compressor=compressor)
     prior_index, decoder_index = read_json(paths["index_c"]), read_json(paths["index_b"])
     # the constants the method (round_size, decode_stage_c, alpha_bar) hard-codes, as the repositories state them
@@ -1106,17 +1133,16 @@ def open_released(root=None, device="cpu", dtype=torch.float32, open_clip_text=F
                 "stage_a": lambda: StageA.from_pretrained(paths["stage_a"])}
     if paths["compressor"]:
         builders["compressor"] = lambda: SemanticCompressor.from_pretrained(paths["compressor"])
-    loaders = {k: (lambda build=build: frozen(build(), device, dtype)) for k, build in builders.items()}
     # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
     latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
                     "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
     image_sizes = {"c": prior_index.get("_train_image_size", 1024),  # released: 1024 px
                    "b": decoder_index.get("_train_image_size", 1024)}
-    return {"loaders": loaders, "paths": paths, "latent_space": latent_space, "image_sizes": image_sizes}
+    return {"builders": builders, "paths": paths, "latent_space": latent_space, "image_sizes": image_sizes}
 
 
 def train(args):
-    preset = PRESETS[args.model]
+    preset = PRESETS[preset_name(args)]
     rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", preset["train"])
     cfg = StageBConfig(**ckpt["model_config"]) if ckpt else preset["model"]
     ccfg = CompressorConfig(**ckpt["compressor_config"]) if ckpt else preset["compressor"]

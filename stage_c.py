@@ -26,16 +26,19 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs,
-                    ema_decay_at, gather_run_state, get_lr, holdout_batch, infinite_batches,
-                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, read_json,
-                    restore_rng, run_cli, same_size_batches, save_captioned_grid, save_checkpoint,
-                    save_weights_file, set_lr, sizes_of, start_run, update_ema, wrap_ddp)
+from common import (CheckpointError, HelpFormatter, NonFiniteGuard, add_common_args, add_lora,
+                    channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps, finetune_warnings,
+                    free_memory, gather_run_state, get_lr, holdout_batch, infinite_batches, load_checkpoint,
+                    load_exact, load_trained, load_weights_file, log_line, no_sync, preset_name, read_json,
+                    restore_rng, run_cli, same_size_batches, save_captioned_grid, save_checkpoint, save_lora,
+                    save_weights_file, set_lr, sizes_of, start_run, trained_state, update_ema,
+                    weights_fingerprint, wrap_ddp)
 from stage_a import load_stage_a
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, AttnBlock,
-                     ResBlock, TextEncoder, TimestepBlock, add_text_encoder_args,
-                     build_text_encoder, ddpm_sample, diffusion_loss, dome272_to_diffusers,
-                     LayerNorm2d, load_stage_b, r_embedding)
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, LORA_FILE, RESOLUTION_MULTIPLE, AttnBlock,
+                     LayerNorm2d, ResBlock, TextEncoder, TimestepBlock, add_finetune_args,
+                     add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss,
+                     dome272_to_diffusers, finetune_defaults, frozen, load_stage_b, open_released,
+                     r_embedding)
 
 # -----------------------------------------------------------------------------
 # config
@@ -54,7 +57,12 @@ class StageCConfig:
 
 
 # One table: per preset the prior's config, its text tower (open_clip architecture and pretrained tag; c_cond
-# follows the tower's width; "tiny" is a small random tower) and the training defaults that flags left unset take.
+# follows the tower's width; "tiny" is a small random tower), the training defaults that flags left unset take,
+# and those of a fine-tune (--pretrained: the README's small-data recipe, "Fine-tune the released model").
+# Fine-tuning: lr 10x below the pretraining lr for all weights (the prior already knows; a high lr on a few
+# images overwrites it), LoRA 10x higher than that (its adapters start at zero; 1e-4 as diffusers' and Stable
+# Cascade's LoRA scripts), 100 passes over the images (diffusers' LoRA default), no EMA (short runs: it lags, and a
+# second copy of the paper prior costs 4 GB), the v1 recipe's 5 % caption dropout kept (CFG keeps working)
 PRESETS = {
     # CPU quick start and tests: 16 x 3 x 3 latents of 128 px toy images, text from the tiny random tower (64 wide).
     # Narrow and shallow: the step count, not the width, decides how soon it follows prompts. ~2.5 CPU minutes:
@@ -64,21 +72,28 @@ PRESETS = {
         model=StageCConfig(c=64, c_cond=64, depth=2, nhead=4, dropout=0.0),
         text_encoder={"name": "tiny", "pretrained": None},
         train=dict(image_size=128, batch_size=64, max_steps=3000, lr=3e-3, warmup=50, beta2=0.95, cache=True,
-                   steps_c=20)),
+                   steps_c=20, grad_checkpointing=False),
+        finetune=dict(batch_size=16, epochs=100, lr=3e-4, lora_lr=3e-3, warmup=20, beta2=0.95, ema_decay=0,
+                      cache=True, steps_c=20, grad_checkpointing=False)),
     # one-GPU reproduction (126 M params): CLIP ViT-B-32 text (512 wide), as Stage B's small preset
     "small": dict(
         model=StageCConfig(c=768, c_cond=512, depth=16, nhead=12),
         text_encoder={"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
         train=dict(image_size=256, batch_size=256, max_steps=200_000, lr=1e-4, warmup=5_000, beta2=0.999,
-                   cache=False, steps_c=0)),
+                   cache=False, steps_c=0, grad_checkpointing=False),
+        finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.999, ema_decay=0,
+                      cache=True, steps_c=0, grad_checkpointing=False)),
     # the released warp-ai/wuerstchen-prior `prior` (WuerstchenPrior), CLIP ViT-bigG-14 text (method §5.5). The v1
     # Stage C script (method §6.5): AdamW 1e-4 with default betas, 10k warm-up, global batch 1280, 1.5M updates
-    # budgeted; v2 was trained at 512 px (12 x 12) first, then at 1024 px and above
+    # budgeted; v2 was trained at 512 px (12 x 12) first, then at 1024 px and above. Fine-tuning it on one 24 GB
+    # GPU: activation checkpointing on (bench.py --stages memory)
     "paper": dict(
         model=StageCConfig(),
         text_encoder={"name": "ViT-bigG-14", "pretrained": "laion2b_s39b_b160k"},
         train=dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000, beta2=0.999,
-                   cache=False, steps_c=0)),
+                   cache=False, steps_c=0, grad_checkpointing=False),
+        finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.999, ema_decay=0,
+                      cache=True, steps_c=0, grad_checkpointing=True)),
 }
 
 # -----------------------------------------------------------------------------
@@ -195,35 +210,53 @@ def to_stage_b_space(y, latent_space):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen models' outputs for a whole (small) dataset, computed once, so that a
-    training step costs only the prior. Items are (y (16, h, w), caption index); `text` holds one
-    embedding per distinct caption plus the empty caption last (`empty_index`), which caption
-    dropout swaps in. Every rank computes the whole cache. With aspect-ratio buckets the latents
-    come in several shapes, one per bucket (`sizes`, as the dataset's)."""
+    """--cache: the frozen models' outputs for a whole (small) dataset, computed once (encode_dataset) and
+    kept on disk, so that a training step costs only the prior and the frozen models need not stay in
+    memory. Items are (y (16, h, w), caption index); `text` holds one embedding per distinct caption plus
+    the empty caption last (`empty_index`), which caption dropout swaps in. With aspect-ratio buckets the
+    latents come in several shapes, one per bucket (`sizes`, as the dataset's)."""
 
+    def __init__(self, latents, text_index, text, sizes=None):
+        self.latents, self.text_index, self.text, self.sizes = latents, text_index, text, sizes
+        self.empty_index = len(text) - 1
+
+    @staticmethod
     @torch.no_grad()
-    def __init__(self, dataset, compressor, text_encoder, latent_space, device, batch_size=64, num_workers=2,
-                 verbose=True):
-        self.sizes, n = sizes_of(dataset), len(dataset)
-        self.latents, captions = [None] * n, [None] * n  # latents: (16, h, w) each
+    def encode_dataset(dataset, compressor, text_encoder, latent_space, batch_size=64, num_workers=2,
+                       verbose=True):
+        """What a LatentCache holds, as a dict of its arguments: the semantic latent of every image and the
+        text embedding of every distinct caption, on the CPU."""
+        device, n = next(compressor.parameters()).device, len(dataset)
+        latents, captions = [None] * n, [None] * n  # latents: (16, h, w) each
         batches = same_size_batches(dataset, batch_size, num_workers)
-        for indices, (images, caps) in tqdm(batches, "cache: semantic latents",
-                                            disable=not verbose, leave=False):
+        for indices, (images, caps) in tqdm(batches, "cache: semantic latents", disable=not verbose, leave=False):
             y = to_stage_c_space(compressor(images.to(device)), latent_space).cpu()  # (B, 16, h, w)
             for i, y_i, caption in zip(indices, y, caps):
-                self.latents[i], captions[i] = y_i, caption
+                latents[i], captions[i] = y_i, caption
         distinct = sorted(set(captions) - {""}) + [""]
         index = {c: i for i, c in enumerate(distinct)}
-        self.text_index = torch.tensor([index[c] for c in captions])  # (N,)
-        self.text = torch.cat([text_encoder.encode(distinct[i:i + batch_size])
-                               for i in range(0, len(distinct), batch_size)])  # (distinct + 1, 77, c_cond)
-        self.empty_index = len(distinct) - 1
+        text = torch.cat([text_encoder.encode(distinct[i:i + batch_size]).cpu()
+                          for i in range(0, len(distinct), batch_size)])  # (distinct + 1, 77, c_cond)
+        return {"latents": latents, "text_index": torch.tensor([index[c] for c in captions]), "text": text,
+                "sizes": sizes_of(dataset)}
 
     def __len__(self):
         return len(self.latents)
 
     def __getitem__(self, i):
         return self.latents[i], self.text_index[i]
+
+
+class PromptTable:
+    """A text encoder's embeddings of a fixed set of prompts, looked up by prompt (`encode`, as the encoder's):
+    all that the previews need once the encoder has left memory."""
+
+    def __init__(self, text_encoder, prompts):
+        self.index = {p: i for i, p in enumerate(sorted(set(prompts)))}
+        self.table = text_encoder.encode(list(self.index))  # (P, 77, width)
+
+    def encode(self, prompts):
+        return self.table[[self.index[p] for p in prompts]]
 
 
 @torch.no_grad()
@@ -248,6 +281,9 @@ def load_stage_c(path, device="cpu"):
     """Rebuild from a Stage C checkpoint alone what sampling needs: the EMA prior and its text encoder (eval, frozen)
     and the latent-space constants of the Stage B it was trained on. Returns a dict with those and 'ckpt'."""
     ckpt = load_checkpoint(path, "stage_c")
+    if ckpt.get("lora"):
+        raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): sample with "
+                              f"--lora {os.path.join(os.path.dirname(path), LORA_FILE)} on the prior it adapts")
     with torch.device("meta"):
         model = StageC(StageCConfig(**ckpt["model_config"]))
     load_exact(model, ckpt["ema"], what=f"Stage C EMA weights of {path}")
@@ -288,26 +324,52 @@ def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, s
 # training
 
 
-def train(args):
-    preset = PRESETS[args.model]
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", preset["train"])
+def frozen_models(args, released, preset, ckpt, device):
+    """The frozen models of a Stage C run (method §1.1): the semantic compressor (target) and the CLIP text tower
+    (condition) with the latent space y = (e + shift) / scale, and a function that loads the models that decode
+    the previews (Stage B, its text tower, Stage A). From the released or exported weights (--pretrained), else
+    from our Stage B and A checkpoints. Returns (compressor, text encoder, latent space, preview loader)."""
+    if released:
+        build = released["builders"]
+        text_encoder = build_text_encoder(args, None, ckpt, device) if ckpt else frozen(build["text_encoder_c"](), device)
+        return (frozen(build["compressor"](), device), text_encoder, released["latent_space"],
+                lambda: {k: frozen(build[k](), device) for k in ("stage_b", "text_encoder_b", "stage_a")})
+    parts_b = load_stage_b(args.stage_b, device, parts=("compressor",))
+    load_checkpoint(args.stage_a, "stage_a")  # a missing or wrong file: said now, not at the first preview
 
-    # frozen parts (method §1.1): Stage B's semantic compressor (EMA, eval) gives the target, a CLIP text tower the
-    # condition. A random tower ('tiny') is built from the seed on every rank and saved with our checkpoint.
-    preview_parts = ("stage_b", "text_encoder") if rt.master else ()  # Stage B's decoder and text: previews only
-    parts_b = load_stage_b(args.stage_b, rt.device, parts=("compressor",) + preview_parts)
-    compressor, latent_space = parts_b["compressor"], parts_b["latent_space"]
-    stage_a = load_stage_a(args.stage_a, rt.device) if rt.master else None  # previews decode through B and A
-    text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)
-    cfg = StageCConfig(**ckpt["model_config"]) if ckpt else replace(preset["model"], c_cond=text_encoder.width)
+    def decoders():
+        parts = load_stage_b(args.stage_b, device, parts=("stage_b", "text_encoder"))
+        return {"stage_b": parts["stage_b"], "text_encoder_b": parts["text_encoder"],
+                "stage_a": load_stage_a(args.stage_a, device)}
+    return (parts_b["compressor"], build_text_encoder(args, preset["text_encoder"], ckpt, device),
+            parts_b["latent_space"], decoders)
+
+
+def train(args):
+    preset = PRESETS[preset_name(args)]
+    # --pretrained: the released (or exported) weights, found now; fine-tuning starts from their prior
+    released = open_released(args.pretrained or None, compressor=True) if args.pretrained is not None else None
+    finetune = released is not None and args.init == "pretrained"
+    if args.lora_rank and not finetune:
+        raise ValueError("--lora_rank adapts a pretrained prior: give --pretrained [DIR] (and no --init scratch)")
+    defaults = finetune_defaults(preset, args) if finetune else preset["train"]
+    if released:  # the size their Stage C was trained at (released: 1024 px)
+        defaults = defaults | {"image_size": released["image_sizes"]["c"]}
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", defaults)
+
+    # frozen parts: the semantic compressor gives the target, a CLIP text tower the condition (a random 'tiny'
+    # tower is built from the seed on every rank and saved with our checkpoint); Stage B and A decode previews
+    compressor, text_encoder, latent_space, decoders = frozen_models(args, released, preset, ckpt, rt.device)
+    text_entry, text_width = text_encoder.checkpoint_entry(), text_encoder.width
+    source = f"--pretrained {args.pretrained or '(Hugging Face cache)'}" if released else args.stage_b
     logger.log(f"stage C | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
-               f"world {rt.world_size} | config {asdict(cfg)} | "
+               f"world {rt.world_size} | {'fine-tune' if finetune else 'from scratch'} | "
                f"text {text_encoder.spec['name']} / {text_encoder.spec['pretrained']} "
-               f"| latent space y = (e + {latent_space['shift']}) / {latent_space['scale']} from {args.stage_b}")
+               f"| latent space y = (e + {latent_space['shift']}) / {latent_space['scale']} from {source}")
     logger.log(f"training config: {vars(args)}")
 
     # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data: every colour x shape)
-    from data import open_data, toy_look, toy_prompt_following, toy_prompts
+    from data import dataset_key, folder_captions, open_data, toy_look, toy_prompt_following, toy_prompts
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     look = toy_look(held_captions)  # a toy look's vocabulary, else None
@@ -318,32 +380,58 @@ def train(args):
     # --buckets: previews also at every other training size (w, h), whose latent is (h, w) / 42.67
     sizes = sizes_of(trainset) or getattr(trainset, "bucket_sizes", None) or []
     other_sizes = sorted(set(sizes) - {(args.image_size, args.image_size)})
+    captions = folder_captions(trainset)  # None for tar shards
+    if args.epochs:
+        epochs_to_steps(args, captions)
     cache = None
-    if args.cache:
+    if args.cache:  # computed once per dataset and frozen models, on disk: re-runs and --resume read it
+        key = {"data": dataset_key(trainset), "compressor": weights_fingerprint(compressor),
+               "text_encoder": [text_encoder.spec, weights_fingerprint(text_encoder)], "space": latent_space}
         t0 = time.time()
         with rt.autocast():
-            cache = LatentCache(trainset, compressor, text_encoder, latent_space, rt.device,
-                                num_workers=args.num_workers, verbose=rt.master)
+            state, path, built = disk_cached(os.path.join(args.out_dir, "cache", "stage_c"), key, lambda: (
+                LatentCache.encode_dataset(trainset, compressor, text_encoder, latent_space,
+                                           num_workers=args.num_workers, verbose=rt.master)), rt)
+            text_encoder = PromptTable(text_encoder, prompts + [""])  # the previews' prompts
+        cache = LatentCache(**state)
         cache.text = cache.text.to(rt.device)
         shapes = ", ".join(map(str, sorted({tuple(y.shape) for y in cache.latents})))
         std = torch.cat([y.flatten() for y in cache.latents]).std()
-        logger.log(f"cache: {len(cache)} semantic latents {shapes} (std {std:.3f}, ~1 expected), "
-                   f"{len(cache.text)} distinct captions (with the empty one), "
-                   f"{time.time() - t0:.1f} s")
+        logger.log(f"cache: {'wrote' if built else 'read'} {path}: {len(cache)} semantic latents {shapes} "
+                   f"(std {std:.3f}, ~1 expected), {len(cache.text)} distinct captions (with the empty one), "
+                   f"{time.time() - t0:.1f} s; the compressor and the text tower leave memory")
+        compressor = None
+        free_memory(rt.device)
+    if finetune and captions is not None:  # what makes a small-data fine-tune learn nothing, said now
+        passes = args.max_steps * args.batch_size / len(captions)
+        for warning in finetune_warnings(args.lr, defaults["lr"], passes, sum(map(bool, captions))):
+            logger.log(f"warning: {warning}")
 
-    # model, EMA, optimizer (AdamW, weight decay 0.01 and beta2 0.999 in the reference Stage C script, method §6.5)
-    model = channels_last_convs(StageC(cfg).to(rt.device))  # as the activations: no DDP grad copies
+    # the prior: the released one (fine-tuning; with LoRA its frozen base), or a new one of the preset's width
+    if finetune:
+        model = StageC.from_pretrained(released["paths"]["stage_c"]).requires_grad_(True)
+    else:
+        model = StageC(StageCConfig(**ckpt["model_config"]) if ckpt else replace(preset["model"], c_cond=text_width))
+    cfg = model.cfg
+    model = channels_last_convs(model.to(rt.device))  # as the activations: no DDP grad copies
     model.grad_checkpointing = args.grad_checkpointing
-    ema = deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
+    lora = None
+    if args.lora_rank:  # the base stays frozen; adapters start at zero: step 0 is the base model
+        add_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha or args.lora_rank)
+        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank, "targets": args.lora_targets}
+    # EMA (off when fine-tuning: --ema_decay 0 keeps no copy) and AdamW (weight decay 0.01, method §6.5) over
+    # what is trained: all weights, or the LoRA adapters
+    ema = deepcopy(model).eval().requires_grad_(False) if args.ema_decay else model
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
     scaler = rt.make_scaler()
-    logger.log(f"parameters: Stage C {sum(p.numel() for p in model.parameters()):,} | text encoder (frozen) "
-               f"{sum(p.numel() for p in text_encoder.parameters()):,} | semantic compressor (frozen) "
-               f"{sum(p.numel() for p in compressor.parameters()):,}")
+    logger.log(f"parameters: Stage C {sum(p.numel() for p in model.parameters()):,} ({sum(map(torch.numel, trained)):,}"
+               f" trained{', LoRA ' + str(lora) if lora else ''})")
     step = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+        load_trained(model, ckpt["model"], f"{ckpt_path} (model)")
+        if ema is not model:
+            load_trained(ema, ckpt["ema"], f"{ckpt_path} (ema)")
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
@@ -356,16 +444,20 @@ def train(args):
 
     @torch.no_grad()
     def preview():
-        """Fixed prompts and noise -> EMA Stage C (CFG) -> Stage B -> Stage A; the grid and, on toy data, accuracy."""
+        """Fixed prompts and noise -> EMA Stage C (CFG) -> Stage B -> Stage A; the grid and, on toy data, accuracy.
+        Stage B and A are loaded for it and freed after; the training's random stream is left as it was."""
         g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
         timesteps = args.steps_c or DEFAULT_STAGE_C_TIMESTEPS
+        with torch.random.fork_rng(devices=[]):  # building a random text tower draws from it
+            dec = decoders()
+        ema.eval()
 
         def draw(prompts, hw):
             with rt.autocast():
                 y = sample_stage_c(ema, text_encoder, prompts, hw, timesteps, args.guidance_c,
                                    generator=g)
-                return y, decode_stage_c(y, prompts, parts_b["stage_b"], parts_b["text_encoder"],
-                                         latent_space, stage_a, args.steps_b, generator=g)
+                return y, decode_stage_c(y, prompts, dec["stage_b"], dec["text_encoder_b"],
+                                         latent_space, dec["stage_a"], args.steps_b, generator=g)
         y, images = draw(prompts, latent_hw)
         path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
         save_captioned_grid(images, prompts, path)
@@ -377,24 +469,33 @@ def train(args):
         if toy_targets:
             metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(images, toy_targets, look)
         logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        del dec
+        free_memory(rt.device)
+        model.train()
         return metrics
 
     def save(metrics, run_state):
         save_checkpoint(ckpt_path, {
-            "stage": "stage_c", "step": step, "model_config": asdict(cfg), "model": raw_model.state_dict(),
-            "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-            "train_config": vars(args), "text_encoder": text_encoder.checkpoint_entry(),
+            "stage": "stage_c", "step": step, "model_config": asdict(cfg), "model": trained_state(raw_model),
+            "ema": trained_state(ema), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "train_config": vars(args), "text_encoder": text_entry, "lora": lora,
             "latent_space": latent_space, **run_state, "metrics": metrics,
-            "deps": {"stage_b": os.path.abspath(args.stage_b), "stage_a": os.path.abspath(args.stage_a),
-                     "data": os.path.abspath(args.data)}})
+            "deps": {"pretrained": released["paths"]} if released else {
+                "stage_b": os.path.abspath(args.stage_b), "stage_a": os.path.abspath(args.stage_a),
+                "data": os.path.abspath(args.data)}})
+        if lora:  # the adapters in diffusers' LoRA format, for sample.py --lora and load_lora_weights
+            save_lora(os.path.join(args.out_dir, LORA_FILE), ema, "prior",
+                      f"the Stage C prior {released['paths']['stage_c']} {asdict(cfg)}")
 
     # the cache is indexed in memory: no loader workers needed
     batches = infinite_batches(cache if cache else trainset, args.batch_size, rt, 0 if cache else args.num_workers,
                                args.seed, step, args.grad_accum, ckpt and ckpt.get("data"))
     if ckpt:  # after building the loader, which draws its base seed from this RNG in every run
         restore_rng(ckpt, rt)
-    pbar = tqdm(total=args.max_steps, initial=step, desc="stage C", dynamic_ncols=True) if rt.master else None
     metrics = {}
+    if rt.master and finetune and step == 0:  # the model before fine-tuning, for comparison
+        metrics = preview()
+    pbar = tqdm(total=args.max_steps, initial=step, desc="stage C", dynamic_ncols=True) if rt.master else None
     t0, seen = time.time(), 0
     model.train()
     while step < args.max_steps:
@@ -413,7 +514,7 @@ def train(args):
             scaler.scale(loss / args.grad_accum).backward()
             seen += len(y) * rt.world_size
         grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
-        if guard.ok:
+        if guard.ok and ema is not raw_model:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
@@ -441,7 +542,8 @@ def train(args):
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Train Stage C of Würstchen (the text-conditional prior) on a folder "
-                                     "of captioned images, on top of trained Stages A and B.",
+                                     "of captioned images, on top of trained Stages A and B, or fine-tune the "
+                                     "released prior (--pretrained).",
                                      formatter_class=HelpFormatter)
     add_common_args(parser, "stage_c")
     g = parser.add_argument_group("stage C")
@@ -449,16 +551,23 @@ def get_args(argv=None):
     g.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint: its frozen semantic "
                    "compressor gives the training target, its decoder the previews")
     add_text_encoder_args(g)
-    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="precompute the frozen text "
-                   "embeddings and semantic latents of the whole dataset once (small datasets; default: on for tiny)")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="compute the frozen text "
+                   "embeddings and semantic latents of the whole dataset once, kept in out_dir/cache/ for re-runs "
+                   "and --resume; the frozen models then leave memory (folders; default: on for tiny and when "
+                   "fine-tuning)")
     g.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample (CFG)")
     g.add_argument("--guidance_c", type=float, default=4.0, help="Stage C classifier-free guidance scale of the "
                    "previews")
     g.add_argument("--steps_c", type=int, default=None, help="Stage C DDPM steps of the previews, 0 = the released "
                    "29-step grid DEFAULT_STAGE_C_TIMESTEPS (default: per preset)")
     g.add_argument("--steps_b", type=int, default=12, help="Stage B DDPM steps of the previews")
-    g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass "
-                   "(activation checkpointing): much less memory for the paper size, ~30%% more compute")
+    g.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass (activation checkpointing): much less memory "
+                   "for the paper size, ~30%% more compute (default: per preset; on when fine-tuning paper)")
+    f = parser.add_argument_group("fine-tuning (--pretrained)")
+    add_finetune_args(f)
+    f.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"], help="with --pretrained: "
+                   "fine-tune their prior, or train a new prior of the preset's width in their latent space")
     return parser.parse_args(argv)
 
 

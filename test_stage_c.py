@@ -198,7 +198,8 @@ def frozen_parts(env):
 def test_cached_and_uncached_inputs_give_the_same_loss(env):
     compressor, text_encoder, space = frozen_parts(env)
     dataset = ImageFolder(str(env / "toy"), 128, verbose=False)
-    cache = LatentCache(dataset, compressor, text_encoder, space, "cpu", batch_size=16, num_workers=0, verbose=False)
+    cache = LatentCache(**LatentCache.encode_dataset(dataset, compressor, text_encoder, space, batch_size=16,
+                                                     num_workers=0, verbose=False))
     assert len(cache.text) == len(set(dataset[i][1] for i in range(len(dataset)))) + 1  # distinct + empty caption
     idx, drop = [3, 0, 17, 5], torch.tensor([False, True, False, False])  # one caption dropped (CFG)
     uncached = ([dataset[i][0] for i in idx], [dataset[i][1] for i in idx])
