@@ -35,12 +35,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs,
-                    ema_decay_at, gather_run_state, get_lr, holdout_batch, hub_file, infinite_batches,
-                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, preset_name, psnr,
+from common import (CheckpointError, HelpFormatter, NonFiniteGuard, add_common_args, add_lora,
+                    channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps, finetune_warnings,
+                    gather_run_state, get_lr, holdout_batch, hub_file, infinite_batches, load_checkpoint,
+                    load_exact, load_trained, load_weights_file, log_line, no_sync, preset_name, psnr,
                     read_json, recompute_batchnorm, restore_rng, run_cli, same_size_batches,
-                    save_checkpoint, save_image_grid, save_weights_file, set_lr, sizes_of,
-                    start_run, update_ema, write_json, wrap_ddp)
+                    save_checkpoint, save_image_grid, save_lora, save_weights_file, set_lr, sizes_of,
+                    start_run, trained_state, update_ema, weights_fingerprint, write_json, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, StageA, load_stage_a
 
 # ---- config
@@ -83,7 +84,8 @@ CONTEXT_LENGTH = 77  # CLIP text tokens (padded and truncated to this)
 
 # One table: per preset the DiffNeXt config, the semantic compressor, the text tower (open_clip architecture and
 # pretrained tag; "tiny" is a small random tower built here), Stage C's latent space (None: measured at the end of
-# training, so that y has unit variance) and the training defaults that flags left unset take.
+# training, so that y has unit variance), the training defaults that flags left unset take, and those of a
+# fine-tune (--pretrained; the reasons are Stage C's, stage_c.PRESETS).
 PRESETS = {
     # CPU quick start and tests: 128 px toy images -> 4x32x32 Stage A latents, 16x3x3 semantic latents
     "tiny": dict(
@@ -93,7 +95,9 @@ PRESETS = {
         compressor=CompressorConfig(backbone="tiny"),
         text_encoder={"name": "tiny", "pretrained": None},
         latent_space=None,
-        train=dict(image_size=128, batch_size=16, max_steps=3000, lr=5e-4, warmup=100, beta2=0.95, cache=True)),
+        train=dict(image_size=128, batch_size=16, max_steps=3000, lr=5e-4, warmup=100, beta2=0.95, cache=True),
+        finetune=dict(batch_size=16, epochs=100, lr=1e-4, lora_lr=1e-3, warmup=20, beta2=0.95, ema_decay=0,
+                      cache=True)),
     # one-GPU reproduction at 256-512 px (40 M params; CLIP ViT-B-32 text, 512 wide)
     "small": dict(
         model=StageBConfig(c_cond=384, c_hidden=(128, 256, 384, 384), nhead=(-1, 4, 6, 6), blocks=(2, 2, 4, 2),
@@ -102,7 +106,9 @@ PRESETS = {
         text_encoder={"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
         latent_space=None,
         train=dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000, beta2=0.95,
-                   cache=False)),
+                   cache=False),
+        finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.95, ema_decay=0,
+                      cache=True)),
     # the released warp-ai/wuerstchen `decoder` (WuerstchenDiffNeXt); the v1 Stage B recipe (method §6.5)
     "paper": dict(
         model=StageBConfig(),
@@ -110,7 +116,9 @@ PRESETS = {
         text_encoder={"name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
         latent_space=RELEASED_LATENT_SPACE,
         train=dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000, beta2=0.95,
-                   cache=False)),
+                   cache=False),
+        finetune=dict(batch_size=4, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.95, ema_decay=0,
+                      cache=True)),
 }
 
 # ---- model
@@ -932,10 +940,17 @@ class CompressorAndStageB(nn.Module):
     """The semantic compressor and Stage B trained jointly as one module (dome272's `Wrapper`, method §3.4), so a
     single DDP wrapper, optimizer and EMA cover both. forward returns the P2-weighted diffusion loss."""
 
-    def __init__(self, compressor, stage_b, p_zero_effnet, p_noise_effnet, latent_space=None):
+    def __init__(self, compressor, stage_b, p_zero_effnet, p_noise_effnet, latent_space=None, train_compressor=True):
         super().__init__()
-        self.compressor, self.stage_b = compressor, stage_b
+        self.compressor, self.stage_b, self.train_compressor = compressor, stage_b, train_compressor
         self.p_zero, self.p_noise, self.latent_space = p_zero_effnet, p_noise_effnet, latent_space
+        self.compressor.requires_grad_(train_compressor)
+
+    def train(self, mode=True):
+        """A frozen compressor (fine-tuning) stays in eval mode: its BatchNorm statistics fix Stage C's space."""
+        super().train(mode)
+        self.compressor.train(mode and self.train_compressor)
+        return self
 
     def perturb(self, e):
         """Conditioning dropout on the semantic latent e (method §3.4, §6.4), drawn per sample (v1 drew once per
@@ -958,21 +973,26 @@ class CompressorAndStageB(nn.Module):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen Stage A latents of a whole (small) dataset, encoded once up front instead
-    of at every step (there is no random augmentation, so they never change). Items are (image,
-    caption, latent): the images are still read, since the compressor trains on them. Every rank
-    encodes the whole dataset. With aspect-ratio buckets the latents come in several shapes, one per
-    bucket (`sizes`, as the dataset's)."""
+    """--cache: the frozen Stage A latents of a whole (small) dataset, encoded once (encode_dataset) and
+    kept on disk instead of encoded at every step (there is no random augmentation, so they never change).
+    Items are (image, caption, latent): the images are still read, for the compressor. With aspect-ratio
+    buckets the latents come in several shapes, one per bucket (`sizes`, as the dataset's)."""
 
-    def __init__(self, dataset, stage_a, rt, batch_size=64, num_workers=2, verbose=True):
-        self.dataset, self.sizes, self.latents = dataset, sizes_of(dataset), [None] * len(dataset)
+    def __init__(self, dataset, latents):
+        self.dataset, self.sizes, self.latents = dataset, sizes_of(dataset), latents
+
+    @staticmethod
+    @torch.no_grad()
+    def encode_dataset(dataset, stage_a, rt, batch_size=64, num_workers=2, verbose=True):
+        """{"latents": the Stage A latent of every image, on the CPU}: what a LatentCache holds."""
+        latents = [None] * len(dataset)
         batches = same_size_batches(dataset, batch_size, num_workers)
-        for indices, (images, _) in tqdm(batches, "cache: Stage A latents", disable=not verbose,
-                                         leave=False):
-            with torch.no_grad(), rt.autocast():
-                latents = stage_a.encode(images.to(rt.device)).float().cpu()  # (B, 4, H/4, W/4)
-            for i, latent in zip(indices, latents):
-                self.latents[i] = latent
+        for indices, (images, _) in tqdm(batches, "cache: Stage A latents", disable=not verbose, leave=False):
+            with rt.autocast():
+                encoded = stage_a.encode(images.to(rt.device)).float().cpu()  # (B, 4, H/4, W/4)
+            for i, latent in zip(indices, encoded):
+                latents[i] = latent
+        return {"latents": latents}
 
     def __len__(self):
         return len(self.dataset)
@@ -993,6 +1013,9 @@ def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encod
     """Rebuild from a Stage B checkpoint alone what later stages need: the EMA Stage B and semantic compressor (eval,
     frozen), the text encoder, and the latent-space constants. Returns a dict with `parts`, 'latent_space', 'ckpt'."""
     ckpt = load_checkpoint(path, "stage_b")
+    if ckpt.get("lora") and "stage_b" in parts:
+        raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): sample with "
+                              f"--lora {os.path.join(os.path.dirname(path), LORA_FILE)} on the decoder it adapts")
     out = {"latent_space": ckpt["latent_space"], "ckpt": ckpt}
     if "stage_b" in parts:
         with torch.device("meta"):
@@ -1143,16 +1166,32 @@ def open_released(root=None, open_clip_text=False, decoder_cfg=None, compressor=
 
 def train(args):
     preset = PRESETS[preset_name(args)]
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", preset["train"])
-    cfg = StageBConfig(**ckpt["model_config"]) if ckpt else preset["model"]
-    ccfg = CompressorConfig(**ckpt["compressor_config"]) if ckpt else preset["compressor"]
-    text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)  # frozen
+    # --pretrained: fine-tune the released (or exported) decoder on these images; their semantic compressor stays
+    # frozen, so the latent space Stage C samples in does not move
+    released = open_released(args.pretrained or None, compressor=True) if args.pretrained is not None else None
+    if args.lora_rank and not released:
+        raise ValueError("--lora_rank adapts a pretrained Stage B: give --pretrained [DIR]")
+    defaults = finetune_defaults(preset, args) | {"image_size": released["image_sizes"]["b"]} if released \
+        else preset["train"]
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", defaults)
+    if released:
+        build = released["builders"]
+        stage_a, compressor = frozen(build["stage_a"](), rt.device), frozen(build["compressor"](), rt.device)
+        stage_b, latent_space = build["stage_b"]().requires_grad_(True), released["latent_space"]
+        text_encoder = build_text_encoder(args, None, ckpt, rt.device) if ckpt else \
+            frozen(build["text_encoder_b"](), rt.device)
+    else:
+        stage_b = StageB(StageBConfig(**ckpt["model_config"]) if ckpt else preset["model"])
+        compressor = SemanticCompressor(CompressorConfig(**ckpt["compressor_config"]) if ckpt else
+                                        preset["compressor"])
+        text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)  # frozen
+        # frozen Stage A (EMA weights), rebuilt from its checkpoint alone: images -> latents / scale_factor
+        stage_a, latent_space = load_stage_a(args.stage_a, rt.device), preset["latent_space"]
+    cfg, ccfg = stage_b.cfg, compressor.cfg
     logger.log(f"stage B | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
-               f"world {rt.world_size} | config {asdict(cfg)} | compressor {asdict(ccfg)} | "
+               f"world {rt.world_size} | {'fine-tune of --pretrained ' + args.pretrained if released else 'config'}"
+               f" {asdict(cfg)} | compressor {asdict(ccfg)}{' (frozen)' * bool(released)} | "
                f"text {text_encoder.spec['name']} / {text_encoder.spec['pretrained']}")
-
-    # frozen Stage A (EMA weights), rebuilt from its checkpoint alone: images -> latents / scale_factor
-    stage_a = load_stage_a(args.stage_a, rt.device)
     if stage_a.cfg.c_latent != cfg.c_in:
         raise ValueError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, Stage B expects {cfg.c_in}")
     if text_encoder.width != cfg.clip_embd:
@@ -1160,7 +1199,7 @@ def train(args):
                          f"expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
-    from data import image_batches, open_data
+    from data import dataset_key, folder_captions, image_batches, open_data
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     with torch.no_grad():
@@ -1169,33 +1208,51 @@ def train(args):
     if held_latents.shape[-1] % multiple:
         raise ValueError(f"--image_size {args.image_size} gives {held_latents.shape[-1]} px latents; Stage B "
                          f"needs a multiple of {multiple} (image size a multiple of {4 * multiple})")
+    captions = folder_captions(trainset)  # None for tar shards
+    if args.epochs:
+        epochs_to_steps(args, captions)
+    if released and captions is not None:  # what makes a small-data fine-tune learn nothing, said now
+        passes = args.max_steps * args.batch_size / len(captions)
+        for warning in finetune_warnings(args.lr, defaults["lr"], passes, sum(map(bool, captions))):
+            logger.log(f"warning: {warning}")
 
-    # models, EMA and optimizer: compressor + Stage B together (weights stay fp32; autocast does the rest)
-    compressor = SemanticCompressor(ccfg)
-    if ccfg.backbone == "efficientnet_v2_s" and not ckpt and not args.no_imagenet and rt.master:
+    # models, EMA and optimizer: compressor + Stage B together (weights stay fp32; autocast does the rest); when
+    # fine-tuning only Stage B (or its LoRA adapters) trains
+    if ccfg.backbone == "efficientnet_v2_s" and not ckpt and not released and not args.no_imagenet and rt.master:
         if not compressor.load_imagenet_weights():  # rank 0 decides; DDP broadcasts its weights
             logger.log("semantic compressor: ImageNet EfficientNetV2-S weights unobtainable (offline?): random init")
-    model = CompressorAndStageB(compressor, StageB(cfg), args.p_zero_effnet, args.p_noise_effnet,
-                                preset["latent_space"]).to(rt.device)
+    model = CompressorAndStageB(compressor, stage_b, args.p_zero_effnet, args.p_noise_effnet, latent_space,
+                                train_compressor=not released).to(rt.device)
     channels_last_convs(model.stage_b)  # as its activations: no gradient copies under DDP
-    ema = deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
+    lora = None
+    if args.lora_rank:  # the base stays frozen; adapters start at zero: step 0 is the base model
+        add_lora(model.stage_b, args.lora_targets, args.lora_rank, args.lora_alpha or args.lora_rank)
+        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank, "targets": args.lora_targets}
+    ema = deepcopy(model).eval().requires_grad_(False) if args.ema_decay else model  # fine-tuning: no EMA
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
     scaler = rt.make_scaler()
     logger.log(f"parameters: Stage B {sum(p.numel() for p in model.stage_b.parameters()):,} | semantic compressor "
                f"{sum(p.numel() for p in compressor.parameters()):,} | text encoder (frozen) "
-               f"{sum(p.numel() for p in text_encoder.parameters()):,}")
-    if args.cache:
-        trainset = LatentCache(trainset, stage_a, rt, num_workers=args.num_workers, verbose=rt.master)
+               f"{sum(p.numel() for p in text_encoder.parameters()):,} | trained "
+               f"{sum(map(torch.numel, trained)):,}{', LoRA ' + str(lora) if lora else ''}")
+    if args.cache:  # computed once per dataset and Stage A, on disk: re-runs and --resume read it
+        key = {"data": dataset_key(trainset), "stage_a": weights_fingerprint(stage_a)}
+        state, path, built = disk_cached(os.path.join(args.out_dir, "cache", "stage_b"), key, lambda: (
+            LatentCache.encode_dataset(trainset, stage_a, rt, num_workers=args.num_workers, verbose=rt.master)), rt)
+        trainset = LatentCache(trainset, **state)
+        logger.log(f"cache: {'wrote' if built else 'read'} {path}: {len(trainset)} Stage A latents")
     step = ckpt["step"] if ckpt else 0
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored
     batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
                                args.grad_accum, ckpt and ckpt.get("data"))
     if ckpt:
-        model.stage_b.load_state_dict(ckpt["model"])
+        load_trained(model.stage_b, ckpt["model"], f"{ckpt_path} (model)")
         model.compressor.load_state_dict(ckpt["compressor"])
-        ema.stage_b.load_state_dict(ckpt["ema"])
-        ema.compressor.load_state_dict(ckpt["compressor_ema"])
+        if ema is not model:
+            load_trained(ema.stage_b, ckpt["ema"], f"{ckpt_path} (ema)")
+            ema.compressor.load_state_dict(ckpt["compressor_ema"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         restore_rng(ckpt, rt)
@@ -1205,33 +1262,48 @@ def train(args):
         model = torch.compile(model)
     model = wrap_ddp(model, rt)  # under DDP, the compressor's BatchNorms see the global batch
     guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
-
-    @torch.no_grad()
-    def semantic_reconstruction(images, captions):
-        """The path a user cares about: image -> semantic compressor -> Stage B sampling -> Stage A decode (EMA)."""
-        g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
-        noise = torch.randn(held_latents[:len(images)].shape, generator=g, device=rt.device)
-        cond = {"effnet": ema.compressor(images), "clip_text": text_encoder.encode(captions)}
-        with rt.autocast():
-            latents = ddpm_sample(ema.stage_b, noise, args.steps_b, cond, generator=g)
-            return stage_a.decode(latents).float().clamp(0, 1)
-
-    def save(metrics, run_state):
-        space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)
-        save_checkpoint(ckpt_path, {
-            "stage": "stage_b", "step": step, "model_config": asdict(cfg), "model": raw_model.stage_b.state_dict(),
-            "ema": ema.stage_b.state_dict(), "compressor_config": asdict(ccfg),
-            "compressor": raw_model.compressor.state_dict(), "compressor_ema": ema.compressor.state_dict(),
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": vars(args),
-            "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), **run_state,
-            "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)},
-            "metrics": metrics})
-        return space
-
     with torch.no_grad():
         stage_a_psnr = psnr(stage_a.decode(held_latents).float(), held_images)  # the ceiling for Stage B
-    pbar = tqdm(total=args.max_steps, initial=step, desc="stage B", dynamic_ncols=True) if rt.master else None
+
+    @torch.no_grad()
+    def preview():
+        """The path a user cares about, on the held-out images: image -> semantic compressor -> Stage B sampling
+        -> Stage A decode (EMA); a grid of inputs (top) and reconstructions, and the PSNR."""
+        g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
+        noise = torch.randn(held_latents.shape, generator=g, device=rt.device)
+        cond = {"effnet": ema.compressor(held_images), "clip_text": text_encoder.encode(held_captions)}
+        ema.eval()
+        with rt.autocast():
+            recon = stage_a.decode(ddpm_sample(ema.stage_b, noise, args.steps_b, cond, generator=g))
+        recon = recon.float().clamp(0, 1)
+        path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
+        save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)
+        metrics = {"holdout_psnr": psnr(recon, held_images), "stage_a_psnr": stage_a_psnr}
+        logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB (image -> compressor -> "
+                   f"Stage B, {args.steps_b} steps -> Stage A; Stage A alone {stage_a_psnr:.2f} dB)")
+        model.train()
+        return metrics
+
+    def save(metrics, run_state):
+        space = latent_space or measure_latent_space(ema.compressor, held_images)
+        save_checkpoint(ckpt_path, {
+            "stage": "stage_b", "step": step, "model_config": asdict(cfg), "model": trained_state(raw_model.stage_b),
+            "ema": trained_state(ema.stage_b), "compressor_config": asdict(ccfg),
+            "compressor": raw_model.compressor.state_dict(), "compressor_ema": ema.compressor.state_dict(),
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": vars(args),
+            "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), "lora": lora, **run_state,
+            "deps": {"pretrained": released["paths"]} if released else {
+                "stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)},
+            "metrics": metrics})
+        if lora:  # the adapters in diffusers' LoRA layout, for sample.py --lora
+            save_lora(os.path.join(args.out_dir, LORA_FILE), ema.stage_b, "decoder",
+                      f"the Stage B decoder {released['paths']['stage_b']} {asdict(cfg)}")
+        return space
+
     metrics, space = {}, None
+    if rt.master and released and step == 0:  # the released decoder on these images, before fine-tuning
+        metrics = preview()
+    pbar = tqdm(total=args.max_steps, initial=step, desc="stage B", dynamic_ncols=True) if rt.master else None
     t0, seen = time.time(), 0
     model.train()
     while step < args.max_steps:
@@ -1252,7 +1324,7 @@ def train(args):
             scaler.scale(loss / args.grad_accum).backward()
             seen += len(images) * rt.world_size
         grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
-        if guard.ok:
+        if guard.ok and ema is not raw_model:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
@@ -1261,20 +1333,14 @@ def train(args):
             logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
                                 seen / (time.time() - t0), guard.skipped))
             t0, seen = time.time(), 0
-        preview, checkpoint = (step % every == 0 or step == args.max_steps
-                               for every in (args.sample_every, args.save_every))
-        if rt.master and (preview or checkpoint):  # the EMA compressor's BatchNorms: own statistics
-            with rt.autocast():
+        preview_now, checkpoint = (step % every == 0 or step == args.max_steps
+                                   for every in (args.sample_every, args.save_every))
+        if rt.master and (preview_now or checkpoint) and raw_model.train_compressor:
+            with rt.autocast():  # the EMA compressor's BatchNorms: own statistics
                 recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
                                     device=rt.device)
-        if rt.master and preview:
-            recon = semantic_reconstruction(held_images, held_captions)
-            path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
-            save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)  # inputs (top), reconstructions
-            metrics = {"holdout_psnr": psnr(recon, held_images), "stage_a_psnr": stage_a_psnr}
-            logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
-                       f"(image -> compressor -> Stage B, {args.steps_b} steps -> Stage A; "
-                       f"Stage A alone {stage_a_psnr:.2f} dB)")
+        if rt.master and preview_now:
+            metrics = preview()
         if checkpoint:
             run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
@@ -1307,7 +1373,9 @@ def get_args(argv=None):
                    "(t ~ U(0, 0.5)), per sample")
     g.add_argument("--steps_b", type=int, default=12, help="Stage B DDPM steps of the preview reconstructions")
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="encode the whole dataset with "
-                   "Stage A once, up front (small datasets; default: per preset, on for tiny)")
+                   "Stage A once, kept in out_dir/cache/ for re-runs and --resume (small datasets; default: per "
+                   "preset, on for tiny and when fine-tuning)")
+    add_finetune_args(parser.add_argument_group("fine-tuning (--pretrained)"))
     return parser.parse_args(argv)
 
 
