@@ -150,9 +150,10 @@ def wrap_ddp(model, rt):
 
 
 def free_memory(device):
-    """Give back the memory of tensors just dropped: Python's garbage now, and on a GPU the allocator's cache."""
-    gc.collect()
+    """On a GPU, give back the memory of models just dropped: collect them (reference cycles too) and empty the
+    allocator's cache. (On the CPU their memory goes back when their last reference does.)"""
     if torch.device(device).type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 

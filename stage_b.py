@@ -20,6 +20,7 @@ Released weights: StageB.from_pretrained(diffusers folder or model_v2_stage_b.pt
 """
 
 import argparse
+import functools
 import glob
 import math
 import os
@@ -572,7 +573,7 @@ class TextEncoder(nn.Module):
         self.width, self.heads = self.ln_final.normalized_shape[0], self.transformer.resblocks[0].attn.num_heads
         # the CLIP byte-level BPE (vocabulary and merges shipped with open_clip); the special tokens by their
         # Hugging Face names, the pad token one of them: CLIPTokenizerFast also matches it inside a prompt
-        self.bpe = open_clip.tokenizer.SimpleTokenizer()
+        self.bpe = clip_bpe()
         self.special = {"<|startoftext|>": self.bpe.sot_token_id, "<|endoftext|>": self.bpe.eot_token_id}
         self.special[pad_token] = self.special.get(pad_token, self.bpe.encoder.get(pad_token))
         if self.special[pad_token] is None:
@@ -672,6 +673,13 @@ CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1"
                     "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
+@functools.cache
+def clip_bpe():
+    """open_clip's CLIP byte-level BPE (vocabulary and merges), read once per process (~0.1 s each time)."""
+    import open_clip
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
 def clip_activations():
     """transformers' hidden_act name -> the open_clip activation, for those both have."""
     import open_clip
@@ -727,8 +735,7 @@ def write_clip_tokenizer(folder, pad_token):
     CLIP BPE: vocab.json and merges.txt (CLIP builds both from bpe_simple_vocab_16e6.txt.gz), the
     special tokens under their Hugging Face names, `pad_token`. transformers' CLIPTokenizer(Fast)
     reads it and gives TextEncoder's ids."""
-    import open_clip
-    bpe = open_clip.tokenizer.SimpleTokenizer()
+    bpe = clip_bpe()
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     vocab = {names.get(token, token): i for token, i in bpe.encoder.items()}
     write_json(os.path.join(folder, "vocab.json"), vocab)
@@ -746,14 +753,13 @@ def write_clip_tokenizer(folder, pad_token):
 def read_pad_token(folder):
     """The pad token of a CLIP tokenizer folder (special_tokens_map.json / tokenizer_config.json; the released
     ones: '!'), after checking that it is the CLIP BPE with 77 positions that TextEncoder tokenises with."""
-    import open_clip
     spec = read_json(os.path.join(folder, "special_tokens_map.json")) | read_json(
         os.path.join(folder, "tokenizer_config.json"))
     pad = spec.get("pad_token", "<|endoftext|>")  # CLIPTokenizer's default
     pad = pad["content"] if isinstance(pad, dict) else pad
     vocab = read_json(os.path.join(folder, "vocab.json")) or read_json(
         os.path.join(folder, "tokenizer.json")).get("model", {}).get("vocab", {})
-    ours = open_clip.tokenizer.SimpleTokenizer().encoder
+    ours = clip_bpe().encoder
     if (len(vocab) != 49408 or any(ours.get(t, i) != i for t, i in vocab.items() if not t.startswith("<|"))
             or spec.get("model_max_length", CONTEXT_LENGTH) != CONTEXT_LENGTH):
         raise ValueError(f"{folder} is not the CLIP BPE tokenizer with 77 positions that TextEncoder implements")
