@@ -25,6 +25,7 @@ a difference of a few percent. diffusers is a bench/test dependency only (pip in
 """
 import argparse
 import ctypes
+import dataclasses
 import os
 import shlex
 import statistics
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common import add_lora
 from stage_a import StageA
 from stage_b import DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, StageB, ddpm_sample
 from stage_c import PRESETS as STAGE_C_PRESETS
@@ -488,7 +490,18 @@ def bench_flops():
 
 
 # -----------------------------------------------------------------------------
-# memory: the largest batch at which the paper-size Stage C trains within a GPU budget (e.g. a 24 GB card)
+# memory: the largest batch at which the paper-size Stage C trains within a GPU budget (e.g. a 24 GB card), with all
+# weights trained (training or a full fine-tune) or LoRA adapters on the frozen prior (stage_c.py --lora_rank)
+
+LORA_RANK = 4  # the memory rows' LoRA: rank 4 on the attention projections (stage_c.py's default targets)
+
+
+def paper_prior(lora, depth=None):
+    """The paper Stage C (at another depth when given), with LoRA adapters on a frozen base when `lora`."""
+    model = StageC(dataclasses.replace(PAPER_C, depth=depth or PAPER_C.depth))
+    if lora:
+        add_lora(model, ["to_q", "to_k", "to_v", "to_out.0"], LORA_RANK, LORA_RANK)
+    return model
 
 
 def stage_c_train_step(model, opt, batch, device, dtype):
@@ -504,13 +517,14 @@ def stage_c_train_step(model, opt, batch, device, dtype):
 
 
 def measure_memory_cuda(args, budget):
-    """Largest power-of-two batch whose training step (AdamW, bf16 autocast) peaks under `budget` bytes, measured."""
+    """Largest power-of-two batch whose training step (AdamW over what trains, bf16 autocast) peaks under
+    `budget` bytes, measured, for all weights and for LoRA, without and with activation checkpointing."""
     device, rows = torch.device(args.device), []
-    for ckpt in (False, True):
-        model = StageC(PAPER_C).to(device).train()
+    for lora, ckpt in ((False, False), (False, True), (True, False), (True, True)):
+        model = paper_prior(lora).to(device).train()
         model.grad_checkpointing = ckpt
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-        best, batch = None, 1
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        best, batch, first = None, 1, None
         while batch <= 256:
             torch.cuda.reset_peak_memory_stats()
             try:
@@ -519,10 +533,11 @@ def measure_memory_cuda(args, budget):
             except torch.OutOfMemoryError:
                 peak = float("inf")
             model.zero_grad(set_to_none=True)
+            first = first or peak
             if peak > budget:
                 break
             best, batch = (batch, peak), batch * 2
-        rows.append((ckpt, best))
+        rows.append((lora, ckpt, first, best))
         del model, opt
         torch.cuda.empty_cache()
     return rows
@@ -530,12 +545,13 @@ def measure_memory_cuda(args, budget):
 
 def estimate_memory_cpu(budget):
     """No GPU: bytes saved for the backward pass, measured on CPU under bf16 autocast at the paper width with 1 and
-    2 triples and batches 1 and 2, extrapolated to 32 triples; plus 18 bytes per parameter (fp32 weights, grads and
-    two AdamW moments, and autocast's bf16 weight copies). An estimate: allocator slack and temporaries come on top."""
-    import dataclasses
+    2 triples and batches 1 and 2, extrapolated to 32 triples; plus, per parameter trained, 18 bytes (fp32 weights,
+    grads and two AdamW moments, and autocast's cached bf16 copy), per frozen parameter 4 (fp32 weights; autocast
+    casts them at each use, and the copies the backward pass needs are among the saved tensors). For all weights
+    and for LoRA. An estimate: allocator slack and temporaries come on top."""
 
-    def saved(depth, batch, ckpt):
-        model = StageC(dataclasses.replace(PAPER_C, depth=depth)).train()
+    def saved(lora, depth, batch, ckpt):
+        model = paper_prior(lora, depth).train()
         model.grad_checkpointing = ckpt
         storages = {}
 
@@ -546,23 +562,23 @@ def estimate_memory_cpu(budget):
             stage_c_train_step(model, None, batch, torch.device("cpu"), torch.bfloat16)
         return sum(storages.values())
 
-    with torch.device("meta"):
-        n = n_params(StageC(PAPER_C))
-    state, depth = 18 * n, PAPER_C.depth
-
-    def extrapolate(ckpt):  # -> (batch-independent bytes, bytes per image, bytes per image of one triple)
-        s11, s12, s21, s22 = (saved(d, b, ckpt) for d in (1, 2) for b in (1, 2))  # s{depth}{batch}
+    def extrapolate(lora, ckpt):  # -> (batch-independent bytes, bytes per image, bytes per image of one triple)
+        s11, s12, s21, s22 = (saved(lora, d, b, ckpt) for d in (1, 2) for b in (1, 2))  # s{depth}{batch}
         triple = (s22 - s21) - (s12 - s11)
         per_image = (s12 - s11) + (depth - 1) * triple  # the stem and all triples
         return s11 + (depth - 1) * (s21 - s11) - per_image, per_image, triple  # fixed: bf16 weight copies
 
-    fixed, per_image, triple = extrapolate(False)
-    fixed_ckpt, per_image_ckpt, _ = extrapolate(True)
-    per_image_ckpt += triple  # one triple's full activations live while it is recomputed in the backward pass
-    rows = []
-    for ckpt, fixed_b, image_b in ((False, fixed, per_image), (True, fixed_ckpt, per_image_ckpt)):
-        batch = int((budget - state - fixed_b) // image_b)
-        rows.append((ckpt, (batch, state + fixed_b + batch * image_b) if batch > 0 else None))
+    depth, rows = PAPER_C.depth, []
+    for lora in (False, True):
+        with torch.device("meta"):
+            state = sum(p.numel() * (18 if p.requires_grad else 4) for p in paper_prior(lora).parameters())
+        fixed, per_image, triple = extrapolate(lora, False)
+        fixed_ckpt, per_image_ckpt, _ = extrapolate(lora, True)
+        per_image_ckpt += triple  # one triple's full activations live while it is recomputed in the backward pass
+        for ckpt, fixed_b, image_b in ((False, fixed, per_image), (True, fixed_ckpt, per_image_ckpt)):
+            batch = int((budget - state - fixed_b) // image_b)
+            best = (batch, state + fixed_b + batch * image_b) if batch > 0 else None
+            rows.append((lora, ckpt, state + fixed_b + image_b, best))
     return rows
 
 
@@ -701,12 +717,14 @@ def main(args):
         budget = args.mem_budget_gb * 2**30
         cuda = args.device.startswith("cuda")
         how = "measured" if cuda else "estimated on CPU (saved tensors, extrapolated)"
-        print(f"\nPaper Stage C (994 M params) training, AdamW, bf16 autocast, 16x24x24, within "
+        print(f"\nPaper Stage C (994 M params) training, AdamW, bf16 autocast, 16x24x24 (1024 px), within "
               f"{args.mem_budget_gb:g} GB: {how}")
-        print("| activation checkpointing | largest batch | peak memory (GiB) |\n|---|---|---|")
-        for ckpt, best in (measure_memory_cuda(args, budget) if cuda else estimate_memory_cpu(budget)):
+        print("| trained | activation checkpointing | peak at batch 1 (GiB) | largest batch | its peak (GiB) |\n"
+              "|---|---|---|---|---|")
+        for lora, ckpt, first, best in (measure_memory_cuda(args, budget) if cuda else estimate_memory_cpu(budget)):
             batch, peak = best if best else ("none fits", float("nan"))
-            print(f"| {'yes' if ckpt else 'no'} | {batch} | {peak / 2**30:.1f} |")
+            trained = f"LoRA rank {LORA_RANK} (attention)" if lora else "all weights"
+            print(f"| {trained} | {'yes' if ckpt else 'no'} | {first / 2**30:.1f} | {batch} | {peak / 2**30:.1f} |")
     if "flops" in stages:
         print("\nFLOPs per training image (forward + backward, batch 1), paper configs, counted on the meta device:")
         print("| model | params | TFLOP / image | vs Stage C |\n|---|---|---|---|")
