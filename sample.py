@@ -240,11 +240,12 @@ def stage_a_reconstruction(pipe, images):
 
 
 @torch.no_grad()
-def toy_eval(pipe, n=4, seed=0, look="bold", **kwargs):
-    """Prompt following on the toy data of `look`: n images for every colour x shape prompt, read back with
-    data.classify_toy_image. Returns {'colour': acc, 'shape': acc, 'both': acc, chance levels, n}."""
+def toy_eval(pipe, n=4, seed=0, look="bold", colors=None, **kwargs):
+    """Prompt following on the toy data of `look`: n images for every colour x shape prompt (of the shape
+    colours `colors` when given), read back with data.classify_toy_image. Returns {'colour': acc, 'shape': acc,
+    'both': acc, chance levels, n}."""
     from data import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
-    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts(look)])
+    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts(look, colors)])
     images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
     targets = [t for t in targets for _ in range(n)]
     colour, shape = toy_prompt_following(images, targets, look)
@@ -403,8 +404,8 @@ def main(args):
         return
     common = dict(seed=args.seed, steps_b=args.steps_b, guidance_b=args.guidance_b)
     if args.eval_toy:
-        images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy, steps_c=steps_c,
-                                         guidance_c=args.guidance_c,
+        images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy, colors=args.eval_colors,
+                                         steps_c=steps_c, guidance_c=args.guidance_c,
                                          negative_prompt=args.negative_prompt, **common)
         print(json.dumps({k: round(v, 3) for k, v in acc.items()}))
         save_outputs(images, captions, args.out_dir, "eval_toy")
@@ -454,8 +455,11 @@ def get_args(argv=None):
     p.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: noise level to start from (0..1)")
     p.add_argument("--reconstruct", nargs="+", help="image(s) to pass through Stage A only (encode -> decode)")
-    p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light"], metavar="LOOK",
-                   help="measure prompt following on the toy vocabulary (of the look: bold, the default, or light)")
+    p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light", "bold_black"], metavar="LOOK",
+                   help="measure prompt following on the toy vocabulary (of the look: bold, the default, light, "
+                   "or bold_black: bold and the colour word black)")
+    p.add_argument("--eval_colors", nargs="+", default=None, help="--eval_toy: only the prompts of these shape "
+                   "colours (e.g. black: the word a fine-tune taught)")
     for k in "abc":
         p.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint (default: "
                        f"out/stage_{k}/ckpt.pt; with --pretrained: replaces that stage, e.g. a fine-tuned one)")
