@@ -13,7 +13,7 @@ toy set.
                                extracted: split over ranks and loader workers, shuffled, resumable.
     write_toy_dataset(root)    coloured shapes captioned "a red circle on a blue background": no
                                downloads, and small models learn it in minutes. Looks (LOOKS):
-                               "bold" (the quick start), "light" and "bold_black" (a new colour word).
+                               "bold" (the quick start), "light" and "bold_pink" (a new colour word).
     classify_toy_image(img)    reads (colour, shape) back off a toy image, to score prompt following.
 
     python data.py toy ./toy --n 2000        # write the toy set (--look light: the second look)
@@ -653,9 +653,9 @@ LOOKS = {
                   shapes={"disc": "circle", "block": "square", "wedge": "triangle"},
                   side=(0.25, 0.5), centred=False),
 }
-# "bold_black": the bold look with a seventh colour word, "black", that the quick start's models never read: the
-#   fine-tuning demonstration teaches it (`python data.py toy DIR --look bold_black --colors black`)
-LOOKS["bold_black"] = LOOKS["bold"] | {"colors": LOOKS["bold"]["colors"] | {"black": (25, 25, 25)}}
+# "bold_pink": the bold look with a seventh colour, pink, whose word the quick start's models never read: the
+#   fine-tuning demonstration teaches it (`python data.py toy DIR --look bold_pink --colors pink`)
+LOOKS["bold_pink"] = LOOKS["bold"] | {"colors": LOOKS["bold"]["colors"] | {"pink": (250, 140, 200)}}
 COLORS, SHAPES = LOOKS["bold"]["colors"], tuple(LOOKS["bold"]["shapes"])  # the quick start's look
 
 
@@ -816,7 +816,7 @@ if __name__ == "__main__":
     toy.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
     toy.add_argument("--look", default="bold", choices=list(LOOKS), help="bold: saturated backgrounds, large "
                      "centred shapes (the quick start); light: near-white backgrounds, smaller shapes anywhere; "
-                     "bold_black: bold with a seventh colour word, black")
+                     "bold_pink: bold with a seventh colour, pink")
     toy.add_argument("--colors", nargs="+", default=None, help="only shapes of these colours (default: all of "
                      "the look's)")
     check = commands.add_parser("check", formatter_class=fmt, help="report what ImageFolder (or, "

@@ -455,11 +455,11 @@ def get_args(argv=None):
     p.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: noise level to start from (0..1)")
     p.add_argument("--reconstruct", nargs="+", help="image(s) to pass through Stage A only (encode -> decode)")
-    p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light", "bold_black"], metavar="LOOK",
+    p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light", "bold_pink"], metavar="LOOK",
                    help="measure prompt following on the toy vocabulary (of the look: bold, the default, light, "
-                   "or bold_black: bold and the colour word black)")
+                   "or bold_pink: bold and the colour pink)")
     p.add_argument("--eval_colors", nargs="+", default=None, help="--eval_toy: only the prompts of these shape "
-                   "colours (e.g. black: the word a fine-tune taught)")
+                   "colours (e.g. pink: the word a fine-tune taught)")
     for k in "abc":
         p.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint (default: "
                        f"out/stage_{k}/ckpt.pt; with --pretrained: replaces that stage, e.g. a fine-tuned one)")

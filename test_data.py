@@ -59,9 +59,9 @@ def test_toy_dataset_is_balanced_captioned_and_deterministic(tmp_path):
 
 def test_toy_set_of_some_colours(tmp_path):
     """data.py toy --colors: only shapes of those colours (the fine-tuning demonstration's new word)."""
-    write_toy_dataset(tmp_path, n=6, size=32, look="bold_black", colors=["black"])
+    write_toy_dataset(tmp_path, n=6, size=32, look="bold_pink", colors=["pink"])
     captions = [p.read_text().strip() for p in sorted(tmp_path.glob("*.txt"))]
-    assert len(captions) == 6 and all(c.startswith("a black ") for c in captions)
+    assert len(captions) == 6 and all(c.startswith("a pink ") for c in captions)
     assert {c.split()[2] for c in captions} == set(SHAPES)
 
 
@@ -109,17 +109,17 @@ def test_toy_prompts_cover_every_pair():
     assert toy_prompts() == prompts
     light = toy_prompts("light")
     assert {(c, s) for _, c, s in light} == {(c, s) for c in LOOKS["light"]["colors"] for s in LOOKS["light"]["shapes"]}
-    # bold_black: the bold look and one new colour word; its prompts of bold's colours are bold's but for backgrounds
-    black = toy_prompts("bold_black", ["black"])
-    assert [p for p, _, _ in black] == ["a black circle on a red background", "a black square on a green background",
-                                        "a black triangle on a blue background"]
-    assert toy_look([p for p, _, _ in black]) == "bold_black" and toy_look([p for p, _, _ in prompts]) == "bold"
+    # bold_pink: the bold look and one new colour word; its prompts of bold's colours are bold's but for backgrounds
+    pink = toy_prompts("bold_pink", ["pink"])
+    assert [p for p, _, _ in pink] == ["a pink circle on a red background", "a pink square on a green background",
+                                       "a pink triangle on a blue background"]
+    assert toy_look([p for p, _, _ in pink]) == "bold_pink" and toy_look([p for p, _, _ in prompts]) == "bold"
 
 
 # ---- toy classifier
 
 
-@pytest.mark.parametrize("look, size", [("bold", 64), ("light", 128), ("bold_black", 64)])
+@pytest.mark.parametrize("look, size", [("bold", 64), ("light", 128), ("bold_pink", 64)])
 def test_classifier_accuracy_clean_noisy_blurred(look, size):
     rng, gen = random.Random(1234), torch.Generator().manual_seed(0)
     pairs = [(c, s) for c in LOOKS[look]["colors"] for s in LOOKS[look]["shapes"]]

@@ -19,17 +19,10 @@ from common import (LoRALinear, add_lora, disk_cached, load_checkpoint, merge_lo
                     run_cli, save_lora)
 from data import write_toy_dataset
 from stage_b import diffusion_loss
-from test_pretrained import ours, reference_pipelines  # noqa: F401  (ours: a fixture)
+from test_pretrained import one_thread, ours, reference_pipelines  # noqa: F401  (fixtures; one_thread autouse)
+from test_stage_c import overfit
 
 PROMPT = "a red circle on a blue background"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -135,20 +128,11 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_loads_in_diffusers(exp
 def test_loss_falls_on_a_tiny_overfit_full_and_lora(exported):
     """The exported prior on one fixed batch (fixed t and noise): 30 AdamW steps more than halve the loss, all
     weights or LoRA adapters alone."""
-    prior = str(exported / "export" / "wuerstchen-prior" / "prior")
-    y, text = torch.randn(4, 16, 3, 3), torch.randn(4, 77, 64)
     for lora, lr in ((False, 3e-3), (True, 3e-2)):
-        model = stage_c.StageC.from_pretrained(prior).train()
+        model = stage_c.StageC.from_pretrained(str(exported / "export" / "wuerstchen-prior" / "prior")).train()
         if lora:
             add_lora(model, ["to_q", "to_k", "to_v", "to_out.0", "channelwise.0", "channelwise.4"], 4, 4)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-        losses = []
-        for _ in range(30):
-            loss = diffusion_loss(model, y, torch.Generator().manual_seed(0), clip_text=text)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = overfit(model, 30, lr)
         assert losses[-1] < 0.5 * losses[0], (lora, losses[::10])
 
 
