@@ -73,7 +73,7 @@ PRESETS = {
         text_encoder={"name": "tiny", "pretrained": None},
         train=dict(image_size=128, batch_size=64, max_steps=3000, lr=3e-3, warmup=50, beta2=0.95, cache=True,
                    steps_c=20, grad_checkpointing=False),
-        finetune=dict(batch_size=16, epochs=100, lr=3e-4, lora_lr=3e-3, warmup=20, beta2=0.95, ema_decay=0,
+        finetune=dict(batch_size=16, epochs=100, lr=1e-3, lora_lr=3e-3, warmup=20, beta2=0.95, ema_decay=0,
                       cache=True, steps_c=20, grad_checkpointing=False)),
     # one-GPU reproduction (126 M params): CLIP ViT-B-32 text (512 wide), as Stage B's small preset
     "small": dict(
