@@ -946,7 +946,8 @@ class CompressorAndStageB(nn.Module):
     """The semantic compressor and Stage B trained jointly as one module (dome272's `Wrapper`, method §3.4), so a
     single DDP wrapper, optimizer and EMA cover both. forward returns the P2-weighted diffusion loss."""
 
-    def __init__(self, compressor, stage_b, p_zero_effnet, p_noise_effnet, latent_space=None, train_compressor=True):
+    def __init__(self, compressor, stage_b, p_zero_effnet, p_noise_effnet, latent_space=None,
+                 train_compressor=True):
         super().__init__()
         self.compressor, self.stage_b, self.train_compressor = compressor, stage_b, train_compressor
         self.p_zero, self.p_noise, self.latent_space = p_zero_effnet, p_noise_effnet, latent_space
@@ -1201,8 +1202,8 @@ def train(args):
     if stage_a.cfg.c_latent != cfg.c_in:
         raise ValueError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, Stage B expects {cfg.c_in}")
     if text_encoder.width != cfg.clip_embd:
-        raise ValueError(f"text encoder {text_encoder.spec['name']} is {text_encoder.width} wide; the {args.model} Stage B "
-                         f"expects clip_embd {cfg.clip_embd}")
+        raise ValueError(f"text encoder {text_encoder.spec['name']} is {text_encoder.width} wide; the "
+                         f"{args.model} Stage B expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
     from data import dataset_key, folder_captions, image_batches, open_data

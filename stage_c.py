@@ -331,7 +331,8 @@ def frozen_models(args, released, preset, ckpt, device):
     from our Stage B and A checkpoints. Returns (compressor, text encoder, latent space, preview loader)."""
     if released:
         build = released["builders"]
-        text_encoder = build_text_encoder(args, None, ckpt, device) if ckpt else frozen(build["text_encoder_c"](), device)
+        text_encoder = (build_text_encoder(args, None, ckpt, device) if ckpt else  # resumed: the checkpoint's
+                        frozen(build["text_encoder_c"](), device))
         return (frozen(build["compressor"](), device), text_encoder, released["latent_space"],
                 lambda: {k: frozen(build[k](), device) for k in ("stage_b", "text_encoder_b", "stage_a")})
     parts_b = load_stage_b(args.stage_b, device, parts=("compressor",))
@@ -411,7 +412,8 @@ def train(args):
     if finetune:
         model = StageC.from_pretrained(released["paths"]["stage_c"]).requires_grad_(True)
     else:
-        model = StageC(StageCConfig(**ckpt["model_config"]) if ckpt else replace(preset["model"], c_cond=text_width))
+        model = StageC(StageCConfig(**ckpt["model_config"]) if ckpt else
+                       replace(preset["model"], c_cond=text_width))
     cfg = model.cfg
     model = channels_last_convs(model.to(rt.device))  # as the activations: no DDP grad copies
     model.grad_checkpointing = args.grad_checkpointing
@@ -425,8 +427,8 @@ def train(args):
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
     scaler = rt.make_scaler()
-    logger.log(f"parameters: Stage C {sum(p.numel() for p in model.parameters()):,} ({sum(map(torch.numel, trained)):,}"
-               f" trained{', LoRA ' + str(lora) if lora else ''})")
+    logger.log(f"parameters: Stage C {sum(p.numel() for p in model.parameters()):,} "
+               f"({sum(map(torch.numel, trained)):,} trained{', LoRA ' + str(lora) if lora else ''})")
     step = 0
     if ckpt:
         load_trained(model, ckpt["model"], f"{ckpt_path} (model)")
