@@ -1215,7 +1215,7 @@ def train(args):
     if held_latents.shape[-1] % multiple:
         raise ValueError(f"--image_size {args.image_size} gives {held_latents.shape[-1]} px latents; Stage B "
                          f"needs a multiple of {multiple} (image size a multiple of {4 * multiple})")
-    captions = folder_captions(trainset)  # None for tar shards
+    captions = folder_captions(trainset) if args.epochs or released else None  # None for tar shards
     if args.epochs:
         epochs_to_steps(args, captions)
     if released and captions is not None:  # what makes a small-data fine-tune learn nothing, said now

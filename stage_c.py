@@ -381,7 +381,7 @@ def train(args):
     # --buckets: previews also at every other training size (w, h), whose latent is (h, w) / 42.67
     sizes = sizes_of(trainset) or getattr(trainset, "bucket_sizes", None) or []
     other_sizes = sorted(set(sizes) - {(args.image_size, args.image_size)})
-    captions = folder_captions(trainset)  # None for tar shards
+    captions = folder_captions(trainset) if args.epochs or finetune else None  # None for tar shards
     if args.epochs:
         epochs_to_steps(args, captions)
     cache = None

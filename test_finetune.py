@@ -67,6 +67,11 @@ def test_stage_c_finetune_resumes_exactly_and_samples_with_theirs(exported, tmp_
     base = stage_c.StageC.from_pretrained(str(exported / "export" / "wuerstchen-prior" / "prior")).state_dict()
     assert any(not torch.equal(base[k], v) for k, v in straight["model"].items())  # it trained
     same_tensors(straight["model"], torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["model"])
+    # --init scratch: a new prior of the preset's width in their latent space, with their text encoder
+    assert "from scratch" in run(stage_c, exported, tmp_path / "scratch", "--init", "scratch", "--max_steps", "1")
+    scratch = load_checkpoint(str(tmp_path / "scratch" / "ckpt.pt"), "stage_c")
+    assert scratch["model_config"] == dict(vars(stage_c.PRESETS["tiny"]["model"]), c_cond=64)
+    assert scratch["latent_space"] == straight["latent_space"] == {"scale": 1.7, "shift": -0.3}
     # sample.py --pretrained DIR --stage_c ckpt: ours for Stage C, theirs for B and A
     args = ["--pretrained", str(exported / "export"), "--stage_c", str(tmp_path / "straight" / "ckpt.pt")]
     pipe = sample.open_pipeline(sample.get_args(args), torch.device("cpu"), torch.float32)
