@@ -113,7 +113,7 @@ def add_checkpoint(pipe, stage, path):
     if pipe.latent_space not in (None, parts["latent_space"]):
         raise ValueError(f"{path} has the latent space {parts['latent_space']}, but the Stage "
                          f"{'C' if stage == 'b' else 'B'} here has {pipe.latent_space}: a Stage C samples "
-                         f"for the Stage B it was trained on")
+                         f"only for the Stage B it was trained on; pass that one")
     pipe.latent_space = parts["latent_space"]
 
 
