@@ -150,7 +150,7 @@ def test_files_that_are_not_checkpoints_get_one_clear_line(chain, tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines() == [f"sample.py: error: {tmp_path / 'random.pt'} cannot be read as a "
                                                f"checkpoint (UnpicklingError); a stage_c checkpoint (written by "
-                                               f"`python stage_c.py --data DIR`) was expected"]
+                                               f"`python stage_c.py --data DIR`) was expected"], res.stderr
 
 
 # ---- every stage on top of the chain: multi-node, buckets, the non-finite guard
