@@ -254,7 +254,7 @@ def start_run(args, stage, train_defaults):
         args.cache = False  # a stream: nothing to cache up front (the presets' default: folders)
     if getattr(args, "epochs", None):  # --epochs sets --max_steps once the data is open (epochs_to_steps)
         train_defaults = {k: v for k, v in train_defaults.items() if k != "max_steps"}
-    fill_defaults(args, train_defaults | {"ema_decay": train_defaults.get("ema_decay", 0.999)})
+    fill_defaults(args, {"ema_decay": 0.999} | train_defaults)  # a fine-tune's: 0
     rt = setup_runtime(args.device, args.dtype, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     logger = Logger(args.out_dir, rt.master)

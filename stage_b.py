@@ -86,7 +86,7 @@ CONTEXT_LENGTH = 77  # CLIP text tokens (padded and truncated to this)
 # One table: per preset the DiffNeXt config, the semantic compressor, the text tower (open_clip architecture and
 # pretrained tag; "tiny" is a small random tower built here), Stage C's latent space (None: measured at the end of
 # training, so that y has unit variance), the training defaults that flags left unset take, and those of a
-# fine-tune (--pretrained; the reasons are Stage C's, stage_c.PRESETS).
+# fine-tune (--pretrained; why: the README, "Fine-tune the released model").
 PRESETS = {
     # CPU quick start and tests: 128 px toy images -> 4x32x32 Stage A latents, 16x3x3 semantic latents
     "tiny": dict(
