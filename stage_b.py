@@ -16,7 +16,9 @@ Run it (after stage_a.py):
     python stage_b.py --data toy --model tiny            # CPU, a few minutes
     python stage_b.py --data ./imgs                      # one GPU, 'small' preset (CLIP ViT-B-32 text weights)
     torchrun --standalone --nproc_per_node=8 stage_b.py --data ./imgs --model paper
-Released weights: StageB.from_pretrained(diffusers folder or model_v2_stage_b.pt), SemanticCompressor.from_pretrained.
+Released weights: StageB.from_pretrained(diffusers folder or model_v2_stage_b.pt), SemanticCompressor.from_pretrained;
+where they are: open_released. Fine-tune the released decoder (its compressor frozen) on a folder:
+    python stage_b.py --data ./imgs --pretrained weights/ [--lora_rank 16]
 """
 
 import argparse

@@ -13,6 +13,8 @@ Run it (after Stages A and B, whose checkpoints it reads from out/stage_a and ou
     python stage_c.py --data toy --model tiny            # CPU, a few minutes
     python stage_c.py --data ./imgs                      # one GPU, default 'small' preset
     torchrun --standalone --nproc_per_node=8 stage_c.py --data ./imgs --model paper --grad_checkpointing
+Fine-tune the released prior (or an export of ours) on a folder, all weights or LoRA adapters (one GPU):
+    python stage_c.py --data ./imgs --pretrained weights/ [--lora_rank 16]
 """
 import argparse
 import os
