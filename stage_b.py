@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
+from common import (CheckpointError, HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
                     load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr, read_json,
                     rng_state, run_cli, save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout,
                     start_run, update_ema, wrap_ddp)
@@ -66,9 +66,11 @@ class StageBConfig:
 @dataclass
 class CompressorConfig:
     """Semantic compressor (method §3.1): a stride-32 backbone, then 1x1 conv + BatchNorm to c_latent channels."""
-    backbone: str = "efficientnet_v2_s"  # torchvision EfficientNetV2-S features, or "tiny" (a patch-embedding stem)
+    backbone: str = "efficientnet_v2_s"  # torchvision EfficientNetV2-S features (v2), "efficientnet_v2_l" (v1), or
+    #                                      "tiny" (a patch-embedding stem)
     c_latent: int = 16
     tiny_width: int = 256  # feature width of the "tiny" backbone
+    v1_scaling: bool = False  # return (e + 1) / 42, as v1's encoder does: already Stage C's space (method §3.1, §3.3)
 
 
 # The sizes the method fixes (method §1.5, §7.7): the semantic compressor sees the image at 3/4 of its side with
@@ -236,12 +238,12 @@ class AttnBlock(nn.Module):
 def r_embedding(t, c_r=64, max_positions=10000):
     """Sinusoidal embedding of the continuous timestep t in [0, 1] (method §4.2): (B,) -> (B, c_r).
 
-    t is scaled by 10,000 and embedded with c_r/2 geometric frequencies, sin block first.
+    t is scaled by 10,000 and embedded with c_r // 2 geometric frequencies, sin block first.
     """
     half = c_r // 2
     freqs = torch.exp(-math.log(max_positions) / (half - 1) * torch.arange(half, device=t.device).float())
     angles = (t * max_positions)[:, None] * freqs[None, :]  # (B, half)
-    return torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, c_r)
+    return F.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, c_r % 2))  # (B, c_r): odd c_r ends in a 0
 
 
 class ResBlockStageB(nn.Module):
@@ -281,6 +283,47 @@ class ResBlock(nn.Module):
         return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP runs on (B, H, W, C)
 
 
+def dome272_init(model):
+    """dome272's general initialisation (method §4.6): xavier_uniform for every Conv2d / Linear weight, zero biases,
+    and the attention's q/k/v drawn as nn.MultiheadAttention draws them, as one packed (3C, C) xavier matrix. (The
+    ConvTranspose2d upsamplers keep PyTorch's default, as there.) The models then re-initialise some layers."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            bound = math.sqrt(6 / (4 * m.to_q.in_features))  # xavier bound of a (3C, C) matrix
+            for proj in (m.to_q, m.to_k, m.to_v):
+                nn.init.uniform_(proj.weight, -bound, bound)
+
+
+def unet_levels(c_hidden, blocks, level_config, block):
+    """The U-Net skeleton of DiffNeXt and Paella (method §4.3, §4.8): (down_blocks, up_blocks), one ModuleList per
+    level. Down level i: [downsampler (i > 0): LayerNorm2d, 2x2 stride-2 conv] + blocks[i] x level_config[i]. Up
+    levels, deepest first: blocks[i] x level_config[i] + [upsampler (i > 0): LayerNorm2d, 2x2 stride-2
+    ConvTranspose]. block(kind, i, c_skip) builds one block of level i; c_skip is the width of the U-Net skip, the
+    down path's output of that level, which the first block of every up level but the deepest takes (else 0)."""
+    n = len(c_hidden)
+    down_blocks, up_blocks = nn.ModuleList(), nn.ModuleList()
+    for i in range(n):
+        level = nn.ModuleList()
+        if i > 0:
+            level.append(nn.Sequential(LayerNorm2d(c_hidden[i - 1]),
+                                       nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)))
+        level.extend(block(kind, i, 0) for _ in range(blocks[i]) for kind in level_config[i])
+        down_blocks.append(level)
+    for i in reversed(range(n)):
+        level = nn.ModuleList(block(kind, i, c_hidden[i] if i < n - 1 and j == k == 0 else 0)
+                              for j in range(blocks[i]) for k, kind in enumerate(level_config[i]))
+        if i > 0:
+            level.append(nn.Sequential(LayerNorm2d(c_hidden[i]),
+                                       nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)))
+        up_blocks.append(level)
+    return down_blocks, up_blocks
+
+
 class StageB(nn.Module):
     """Stage B, the v2 "DiffNeXt" decoder (method §4): a U-Net of ResBlockStageB / TimestepBlock / AttnBlock
     levels that predicts the noise in a noised Stage A latent, conditioned on the semantic latent e (resized
@@ -289,9 +332,9 @@ class StageB(nn.Module):
     def __init__(self, cfg: StageBConfig):
         super().__init__()
         self.cfg = cfg
-        c_hidden, n_levels = cfg.c_hidden, len(cfg.c_hidden)
+        c_hidden = cfg.c_hidden
         # conditioning: text tokens -> c_cond (+ LayerNorm); one 1x1 conv per injected level for e.
-        # effnet_mappers slots: i for down level i, n_levels + j for up_blocks[j] (j = 0 is the deepest level)
+        # effnet_mappers slots: i for down level i, len(c_hidden) + j for up_blocks[j] (j = 0 is the deepest level)
         self.clip_mapper = nn.Linear(cfg.clip_embd, cfg.c_cond)
         self.effnet_mappers = nn.ModuleList([nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if inject else None
                                              for inject in cfg.inject_effnet + cfg.inject_effnet[::-1]])
@@ -300,36 +343,15 @@ class StageB(nn.Module):
                                        nn.Conv2d(cfg.c_in * cfg.patch_size**2, c_hidden[0], kernel_size=1),
                                        LayerNorm2d(c_hidden[0]))
 
-        def block(kind, i, c_skip):
+        def block(kind, i, c_skip):  # every ResBlock of an injected level also takes the mapped e (c_cond wide)
             if kind == "C":
-                return ResBlockStageB(c_hidden[i], c_skip, cfg.kernel_size, cfg.dropout)
+                c_effnet = cfg.c_cond if cfg.inject_effnet[i] else 0
+                return ResBlockStageB(c_hidden[i], c_skip + c_effnet, cfg.kernel_size, cfg.dropout)
             if kind == "T":
                 return TimestepBlock(c_hidden[i], cfg.c_r)
             return AttnBlock(c_hidden[i], cfg.c_cond, cfg.nhead[i], cfg.self_attn, cfg.dropout)
 
-        # down path: level i = [downsampler (i > 0)] + blocks[i] x level_config[i]
-        self.down_blocks = nn.ModuleList()
-        for i in range(n_levels):
-            level = nn.ModuleList()
-            if i > 0:
-                level.append(nn.Sequential(LayerNorm2d(c_hidden[i - 1]),
-                                           nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)))
-            c_effnet = cfg.c_cond if cfg.inject_effnet[i] else 0
-            level.extend(block(kind, i, c_effnet) for _ in range(cfg.blocks[i]) for kind in cfg.level_config[i])
-            self.down_blocks.append(level)
-        # up path, deepest level first: blocks[i] x level_config[i] + [upsampler (i > 0)]. The first block of
-        # every level but the deepest also takes the down path's output of that level (the U-Net skip).
-        self.up_blocks = nn.ModuleList()
-        for i in reversed(range(n_levels)):
-            level = nn.ModuleList()
-            for j in range(cfg.blocks[i]):
-                for k, kind in enumerate(cfg.level_config[i]):
-                    c_skip = c_hidden[i] if i < n_levels - 1 and j == k == 0 else 0
-                    level.append(block(kind, i, c_skip + (cfg.c_cond if cfg.inject_effnet[i] else 0)))
-            if i > 0:
-                level.append(nn.Sequential(LayerNorm2d(c_hidden[i]),
-                                           nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)))
-            self.up_blocks.append(level)
+        self.down_blocks, self.up_blocks = unet_levels(c_hidden, cfg.blocks, cfg.level_config, block)
         # output head: (a, b) at full latent resolution, 2 * c_out channels
         self.clf = nn.Sequential(LayerNorm2d(c_hidden[0]),
                                  nn.Conv2d(c_hidden[0], 2 * cfg.c_out * cfg.patch_size**2, kernel_size=1),
@@ -442,25 +464,27 @@ def dome272_to_diffusers(sd):
 class SemanticCompressor(nn.Module):
     """The semantic compressor (paper §3, method §3): image in [0, 1] -> semantic latent e (B, 16, H/42.67, W/42.67).
 
-    A stride-32 backbone (EfficientNetV2-S features, 1280 channels; a patch-embedding stem for 'tiny') on the image
-    resized to 3/4 of its side, then a 1x1 conv to 16 channels (no bias) and a BatchNorm. e is the raw BatchNorm
-    output, the space Stage B is conditioned on; Stage C models y = (e + shift) / scale. Keys match the official
-    EfficientNetEncoder (backbone.*, mapper.0, mapper.1). Constructing never downloads: see load_imagenet_weights.
+    A stride-32 backbone (EfficientNetV2-S features, 1280 channels; V2-L in v1; a patch-embedding stem for 'tiny') on
+    the image resized to 3/4 of its side, then a 1x1 conv to 16 channels (no bias) and a BatchNorm. e is the raw
+    BatchNorm output (v1: (e + 1) / 42, cfg.v1_scaling), the space Stage B is conditioned on; Stage C models
+    y = (e + shift) / scale. Keys match the official EfficientNetEncoder (backbone.*, mapper.0, mapper.1).
+    Constructing never downloads: see load_imagenet_weights.
     """
 
     def __init__(self, cfg: CompressorConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.backbone == "efficientnet_v2_s":
+        if cfg.backbone in ("efficientnet_v2_s", "efficientnet_v2_l"):
             import torchvision
-            self.backbone = torchvision.models.efficientnet_v2_s(weights=None).features  # random until loaded
+            self.backbone = getattr(torchvision.models, cfg.backbone)(weights=None).features  # random until loaded
             c_features = 1280
         elif cfg.backbone == "tiny":  # a ViT-style stem, stride 32 like EfficientNet: 32x32 patches -> features
             c_features = cfg.tiny_width
             self.backbone = nn.Sequential(nn.Conv2d(3, c_features, kernel_size=32, stride=32), nn.GELU(),
                                           nn.Conv2d(c_features, c_features, kernel_size=1), nn.GELU())
         else:
-            raise ValueError(f"unknown compressor backbone {cfg.backbone!r} (efficientnet_v2_s | tiny)")
+            raise ValueError(f"unknown compressor backbone {cfg.backbone!r} (efficientnet_v2_s | efficientnet_v2_l "
+                             f"| tiny)")
         self.mapper = nn.Sequential(nn.Conv2d(c_features, cfg.c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(cfg.c_latent))
 
@@ -470,14 +494,15 @@ class SemanticCompressor(nn.Module):
                           align_corners=False)  # 1024 px -> 768 px
         mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return self.mapper(self.backbone((x - mean) / std))  # stride 32: 768 px -> 24 x 24
+        e = self.mapper(self.backbone((x - mean) / std))  # stride 32: 768 px -> 24 x 24
+        return (e + 1) / 42 if self.cfg.v1_scaling else e
 
     def load_imagenet_weights(self):
-        """Fill the EfficientNetV2-S backbone with torchvision's ImageNet weights (downloaded once into the
+        """Fill the EfficientNetV2 backbone with torchvision's ImageNet weights (downloaded once into the
         torch hub cache). Returns False, changing nothing, when they cannot be had (no network)."""
-        from torchvision.models import EfficientNet_V2_S_Weights
+        import torchvision
         try:
-            sd = EfficientNet_V2_S_Weights.DEFAULT.get_state_dict(progress=False)
+            sd = torchvision.models.get_model_weights(self.cfg.backbone).DEFAULT.get_state_dict(progress=False)
         except Exception:
             return False
         self.backbone.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()
@@ -485,12 +510,17 @@ class SemanticCompressor(nn.Module):
         return True
 
     @classmethod
-    def from_pretrained(cls, path):
-        """The `effnet_state_dict` of the official `model_v2_stage_b.pt` (EfficientNetV2-S), or a state-dict file."""
+    def from_pretrained(cls, path, cfg=None):
+        """The `effnet_state_dict` of an official Stage B file, or a state-dict file: `model_v2_stage_b.pt`
+        (EfficientNetV2-S) or v1's `model_stage_b.pt` (V2-L, whose encoder returns (e + 1) / 42: v1_scaling).
+        The variant is read off the weights (V2-L has a ninth feature stage) unless `cfg` says."""
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         sd = sd.get("effnet_state_dict", sd)
+        v1 = "backbone.8.0.weight" in sd  # EfficientNetV2-L: features 0..8; V2-S: 0..7
+        cfg = cfg or CompressorConfig(backbone="efficientnet_v2_l" if v1 else "efficientnet_v2_s",
+                                      c_latent=sd["mapper.0.weight"].shape[0], v1_scaling=v1)
         with torch.device("meta"):
-            model = cls(CompressorConfig(c_latent=sd["mapper.0.weight"].shape[0]))
+            model = cls(cfg)
         load_exact(model, sd, what=f"semantic compressor weights from {path}")
         return model.eval()
 
@@ -818,19 +848,34 @@ class CompressorAndStageB(nn.Module):
         effnet = self.perturb(self.compressor(images))  # (B, 16, h, w)
         return diffusion_loss(self.stage_b, latents, effnet=effnet, clip_text=clip_text)
 
+    def checkpoint_entries(self, ema):
+        """The weights in a Stage B checkpoint: trained and EMA, of the Stage B and of the compressor."""
+        return {"model": self.stage_b.state_dict(), "ema": ema.stage_b.state_dict(),
+                "compressor": self.compressor.state_dict(), "compressor_ema": ema.compressor.state_dict()}
+
+    def restore(self, ckpt, ema, opt, scaler):
+        """--resume: the weights of checkpoint_entries, the optimizer and the loss scaler."""
+        self.stage_b.load_state_dict(ckpt["model"])
+        self.compressor.load_state_dict(ckpt["compressor"])
+        ema.stage_b.load_state_dict(ckpt["ema"])
+        ema.compressor.load_state_dict(ckpt["compressor_ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen Stage A latents of a whole (small) dataset, encoded once up front instead of at every
-    step (there is no random augmentation, so they never change). Items are (image, caption, latent): the images
-    are still read, since the compressor trains on them. Every rank encodes the whole dataset."""
+    """--cache: the frozen Stage A encoding of a whole (small) dataset, computed once up front instead of at every
+    step (there is no random augmentation, so it never changes): `encode` maps images to the latents (B, 4, S/4, S/4)
+    here, to the tokens (B, S/4, S/4) for Paella. Items are (image, caption, latent): the images are still read,
+    since the compressor trains on them. Every rank encodes the whole dataset."""
 
-    def __init__(self, dataset, stage_a, rt, batch_size=64, num_workers=2, verbose=True):
+    def __init__(self, dataset, encode, rt, batch_size=64, num_workers=2, verbose=True):
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         latents = []
-        for images, _ in tqdm(loader, desc="cache: Stage A latents", disable=not verbose, leave=False):
+        for images, _ in tqdm(loader, desc="cache: Stage A encoding", disable=not verbose, leave=False):
             with torch.no_grad(), rt.autocast():
-                latents.append(stage_a.encode(images.to(rt.device)).float().cpu())
-        self.dataset, self.latents = dataset, torch.cat(latents)  # (N, 4, S/4, S/4)
+                latents.append(encode(images.to(rt.device)).cpu())
+        self.dataset, self.latents = dataset, torch.cat(latents)  # (N, ...)
 
     def __len__(self):
         return len(self.dataset)
@@ -840,6 +885,16 @@ class LatentCache(torch.utils.data.Dataset):
         return image, caption, self.latents[i]
 
 
+def build_compressor(cfg, random_init, rt, logger):
+    """A semantic compressor to train jointly with a Stage B: an EfficientNetV2 backbone starts from torchvision's
+    ImageNet weights, as in the reference, unless random_init (--no_imagenet, or a resumed run)."""
+    compressor = SemanticCompressor(cfg)
+    if cfg.backbone != "tiny" and not random_init and rt.master:
+        if not compressor.load_imagenet_weights():  # rank 0 decides; DDP broadcasts its weights
+            logger.log(f"semantic compressor: ImageNet {cfg.backbone} weights unobtainable (offline?): random init")
+    return compressor
+
+
 @torch.no_grad()
 def measure_latent_space(compressor, images):
     """Constants of Stage C's space y = (e + shift) / scale: y gets zero mean and unit std over `images`."""
@@ -847,14 +902,32 @@ def measure_latent_space(compressor, images):
     return {"scale": round(e.std().item(), 4), "shift": round(-e.mean().item(), 4)}
 
 
-def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encoder")):
+# A Stage B checkpoint says which kind of Stage B it holds ("kind"; none: DiffNeXt) and was written by
+STAGE_B_SCRIPTS = {"diffnext": "python stage_b.py --data DIR", "paella": "python stage_b_paella.py --data DIR"}
+
+
+def check_kind(ckpt, path, kinds):
+    """The kind of Stage B in a Stage B checkpoint, 'diffnext' (v2) or 'paella' (v1); a one-line error unless it is
+    one of `kinds`."""
+    kind = ckpt.get("kind", "diffnext")
+    if kind not in kinds:
+        raise CheckpointError(f"{path} holds a {kind} Stage B (written by `{STAGE_B_SCRIPTS[kind]}`), but a "
+                              f"{' or '.join(kinds)} Stage B was expected here")
+    return kind
+
+
+def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encoder"), kinds=None):
     """Rebuild from a Stage B checkpoint alone what later stages need: the EMA Stage B and semantic compressor (eval,
-    frozen), the text encoder, and the latent-space constants. Returns a dict with `parts`, 'latent_space', 'ckpt'."""
+    frozen), the text encoder, and the latent-space constants. Returns a dict with `parts`, 'latent_space', 'ckpt'.
+    kinds: {kind: (model class, config class)} of the Stage B kinds the caller can run (default DiffNeXt only;
+    stage_b_paella.STAGE_B_KINDS has both)."""
+    kinds = kinds or {"diffnext": (StageB, StageBConfig)}
     ckpt = load_checkpoint(path, "stage_b")
     out = {"latent_space": ckpt["latent_space"], "ckpt": ckpt}
     if "stage_b" in parts:
+        model, config = kinds[check_kind(ckpt, path, kinds)]
         with torch.device("meta"):
-            out["stage_b"] = StageB(StageBConfig(**ckpt["model_config"]))
+            out["stage_b"] = model(config(**ckpt["model_config"]))
         load_exact(out["stage_b"], ckpt["ema"], what=f"Stage B EMA weights of {path}")
     if "compressor" in parts:
         out["compressor"] = SemanticCompressor(CompressorConfig(**ckpt["compressor_config"]))
@@ -869,6 +942,8 @@ def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encod
 def train(args):
     preset = PRESETS[args.model]
     rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", preset["train"])
+    if ckpt:
+        check_kind(ckpt, ckpt_path, ("diffnext",))
     cfg = StageBConfig(**ckpt["model_config"]) if ckpt else preset["model"]
     ccfg = CompressorConfig(**ckpt["compressor_config"]) if ckpt else preset["compressor"]
     text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)  # frozen
@@ -897,10 +972,7 @@ def train(args):
                          f"needs a multiple of {multiple} (image size a multiple of {4 * multiple})")
 
     # models, EMA and optimizer: compressor + Stage B together (weights stay fp32; autocast does the rest)
-    compressor = SemanticCompressor(ccfg)
-    if ccfg.backbone == "efficientnet_v2_s" and not ckpt and not args.no_imagenet and rt.master:
-        if not compressor.load_imagenet_weights():  # rank 0 decides; DDP broadcasts its weights
-            logger.log("semantic compressor: ImageNet EfficientNetV2-S weights unobtainable (offline?): random init")
+    compressor = build_compressor(ccfg, args.no_imagenet or ckpt is not None, rt, logger)
     model = CompressorAndStageB(compressor, StageB(cfg), args.p_zero_effnet, args.p_noise_effnet,
                                 preset["latent_space"]).to(rt.device)
     ema = deepcopy(model).eval().requires_grad_(False)
@@ -910,18 +982,14 @@ def train(args):
                f"{sum(p.numel() for p in compressor.parameters()):,} | text encoder (frozen) "
                f"{sum(p.numel() for p in text_encoder.parameters()):,}")
     if args.cache:
-        trainset = LatentCache(trainset, stage_a, rt, num_workers=args.num_workers, verbose=rt.master)
+        trainset = LatentCache(trainset, lambda x: stage_a.encode(x).float(), rt, num_workers=args.num_workers,
+                               verbose=rt.master)
     step = ckpt["step"] if ckpt else 0
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored
     batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum)
     if ckpt:
-        model.stage_b.load_state_dict(ckpt["model"])
-        model.compressor.load_state_dict(ckpt["compressor"])
-        ema.stage_b.load_state_dict(ckpt["ema"])
-        ema.compressor.load_state_dict(ckpt["compressor_ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        model.restore(ckpt, ema, opt, scaler)
         set_rng_state(ckpt["rng"])
         logger.log(f"resumed from {ckpt_path} at step {step}")
     raw_model = model
@@ -942,10 +1010,8 @@ def train(args):
 
     def save(metrics):
         space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)
-        save_checkpoint(ckpt_path, {
-            "stage": "stage_b", "step": step, "model_config": asdict(cfg), "model": raw_model.stage_b.state_dict(),
-            "ema": ema.stage_b.state_dict(), "compressor_config": asdict(ccfg),
-            "compressor": raw_model.compressor.state_dict(), "compressor_ema": ema.compressor.state_dict(),
+        save_checkpoint(ckpt_path, {"stage": "stage_b", "kind": "diffnext", "step": step, "model_config": asdict(cfg),
+                                    "compressor_config": asdict(ccfg)} | raw_model.checkpoint_entries(ema) | {
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": vars(args),
             "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), "rng": rng_state(),
             "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)},
@@ -1012,18 +1078,26 @@ def get_args(argv=None):
                                      formatter_class=HelpFormatter)
     add_common_args(parser, "stage_b")
     g = parser.add_argument_group("stage B")
-    g.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="frozen Stage A checkpoint whose latents Stage B learns")
-    add_text_encoder_args(g)
-    g.add_argument("--no_imagenet", action="store_true", help="start the EfficientNetV2-S backbone from random weights "
-                   "instead of ImageNet")
-    g.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample (CFG)")
-    g.add_argument("--p_zero_effnet", type=float, default=0.05, help="probability of a zeroed semantic latent, per sample")
-    g.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a Stage-C-noised semantic latent "
-                   "(t ~ U(0, 0.5)), per sample")
+    add_stage_b_args(g)
     g.add_argument("--steps_b", type=int, default=12, help="Stage B DDPM steps of the preview reconstructions")
-    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="encode the whole dataset with "
-                   "Stage A once, up front (small datasets; default: per preset, on for tiny)")
     return parser.parse_args(argv)
+
+
+def add_stage_b_args(group):
+    """The flags of both Stage B scripts (stage_b.py and stage_b_paella.py)."""
+    group.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="frozen Stage A checkpoint whose latents "
+                       "Stage B learns")
+    add_text_encoder_args(group)
+    group.add_argument("--no_imagenet", action="store_true", help="start the EfficientNetV2 backbone from random "
+                       "weights instead of ImageNet")
+    group.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample "
+                       "(CFG)")
+    group.add_argument("--p_zero_effnet", type=float, default=0.05, help="probability of a zeroed semantic latent, "
+                       "per sample")
+    group.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a Stage-C-noised semantic "
+                       "latent (t ~ U(0, 0.5)), per sample")
+    group.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="encode the whole "
+                       "dataset with Stage A once, up front (small datasets; default: per preset, on for tiny)")
 
 
 if __name__ == "__main__":
