@@ -194,11 +194,36 @@ def ema_decay_at(step, decay):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BatchNorm statistics) are copied."""
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied. BatchNorm statistics copied so
+    belong to the raw weights: recompute_batchnorm gives the EMA model its own before it is used or saved."""
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         p_ema.lerp_(p.detach(), 1 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+@torch.no_grad()
+def recompute_batchnorm(module, forward, dataset, n=512, batch_size=64, device="cpu"):
+    """Give the BatchNorms of `module` (an EMA model) the statistics of its own activations. An EMA averages the
+    parameters, but running statistics are not parameters: copied from the raw model they belong to other weights
+    and shift every EMA output (up to 7 dB of Stage A's held-out PSNR in a short run). So, as
+    torch.optim.swa_utils.update_bn does for SWA: reset them, then average the batch statistics of
+    `forward(images)` over n images spread evenly through `dataset` (items (image, ...)), in train mode, with
+    momentum None (a cumulative mean). Draws no random numbers, so exact resume is unaffected."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    module.train()
+    index = list(range(0, len(dataset), max(1, len(dataset) // n)))[:n]
+    for i in range(0, len(index), batch_size):
+        forward(torch.stack([dataset[j][0] for j in index[i:i + batch_size]]).to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    module.eval()
 
 
 def optimizer_step(optimizer, scaler, grad_clip):

@@ -297,18 +297,19 @@ def reconstruct(pipe, images):
 
 
 @torch.no_grad()
-def toy_eval(pipe, n=4, seed=0, **kwargs):
-    """Prompt following on the toy data: n images for every colour x shape prompt, read back with
+def toy_eval(pipe, n=4, seed=0, look="bold", **kwargs):
+    """Prompt following on the toy data of `look`: n images for every colour x shape prompt, read back with
     data.classify_toy_image. Returns {'colour': acc, 'shape': acc, 'both': acc, chance levels, n}."""
-    from data import COLORS, SHAPES, classify_toy_image, toy_prompt_following, toy_prompts
-    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts()])
+    from data import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
+    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts(look)])
     images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
     targets = [t for t in targets for _ in range(n)]
-    colour, shape = toy_prompt_following(images, targets)
-    both = sum(classify_toy_image(img) == t for img, t in zip(images, targets)) / len(targets)
+    colour, shape = toy_prompt_following(images, targets, look)
+    both = sum(classify_toy_image(img, look) == t for img, t in zip(images, targets)) / len(targets)
+    n_colors, n_shapes = len(LOOKS[look]["colors"]), len(LOOKS[look]["shapes"])
     return images, [p for p in prompts for _ in range(n)], {
-        "colour": colour, "shape": shape, "both": both, "chance_colour": 1 / len(COLORS),
-        "chance_shape": 1 / len(SHAPES), "chance_both": 1 / (len(COLORS) * len(SHAPES)), "images": len(targets)}
+        "colour": colour, "shape": shape, "both": both, "chance_colour": 1 / n_colors,
+        "chance_shape": 1 / n_shapes, "chance_both": 1 / (n_colors * n_shapes), "images": len(targets)}
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -365,7 +366,8 @@ def main(args):
         return
     common = dict(seed=args.seed, steps_b=args.steps_b, guidance_b=args.guidance_b)
     if args.eval_toy:
-        images, captions, acc = toy_eval(pipe, n=args.n, steps_c=steps_c, guidance_c=args.guidance_c,
+        images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy, steps_c=steps_c,
+                                         guidance_c=args.guidance_c,
                                          negative_prompt=args.negative_prompt, **common)
         print(json.dumps({k: round(v, 3) for k, v in acc.items()}))
         save_outputs(images, captions, args.out_dir, "eval_toy")
@@ -415,7 +417,8 @@ def get_args(argv=None):
     p.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: noise level to start from (0..1)")
     p.add_argument("--reconstruct", nargs="+", help="image(s) to pass through Stage A only (encode -> decode)")
-    p.add_argument("--eval_toy", action="store_true", help="measure prompt following on the toy vocabulary")
+    p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light"], metavar="LOOK",
+                   help="measure prompt following on the toy vocabulary (of the look: bold, the default, or light)")
     p.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="Stage A checkpoint")
     p.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint")
     p.add_argument("--stage_c", default="out/stage_c/ckpt.pt", help="Stage C checkpoint")

@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
-                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr, read_json,
-                    rng_state, run_cli, save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout,
-                    start_run, update_ema, wrap_ddp)
+                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr,
+                    read_json, recompute_batchnorm, rng_state, run_cli, save_checkpoint, save_image_grid,
+                    set_lr, set_rng_state, split_holdout, start_run, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -388,8 +388,8 @@ def train(args):
             "code_counts": counts, "metrics": {"holdout_psnr": holdout_psnr()}})
 
     @torch.no_grad()
-    def holdout_psnr():
-        return psnr(ema.decode_raw(ema.encode_raw(held_images)), held_images)
+    def holdout_psnr(m=ema):  # unquantised decode, as Würstchen v2 decodes
+        return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
 
     gen_params = list(raw_model.parameters())
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
@@ -453,17 +453,24 @@ def train(args):
             with torch.no_grad():
                 restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x), counts, rt)
             counts.zero_()
-        if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
+        preview, checkpoint = (rt.master and (step % every == 0 or step == args.max_steps)
+                               for every in (args.sample_every, args.save_every))
+        if preview or checkpoint:  # the EMA encoder's BatchNorm gets the statistics of its own weights
+            with rt.autocast():
+                recompute_batchnorm(ema, ema.encode_raw, trainset, device=rt.device)
+        if preview:
             with torch.no_grad():  # held-out inputs (top) over their EMA reconstructions (bottom)
                 recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
             save_image_grid(torch.cat([held_images[:8], recon_h]), os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
-        if rt.master and (step % args.save_every == 0 or step == args.max_steps):
+        if checkpoint:
             save()
     if pbar:
         pbar.close()
     if rt.master:
-        logger.log(f"done: held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB | "
-                   f"scale_factor {raw_model.cfg.scale_factor} | checkpoint {ckpt_path}")
+        raw_model.eval()
+        logger.log(f"done: held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB (raw weights "
+                   f"{holdout_psnr(raw_model):.2f} dB) | scale_factor {raw_model.cfg.scale_factor} | "
+                   f"checkpoint {ckpt_path}")
     if rt.ddp:
         dist.destroy_process_group()
 

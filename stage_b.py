@@ -34,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
-                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr, read_json,
-                    rng_state, run_cli, save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout,
-                    start_run, update_ema, wrap_ddp)
+from common import (CheckpointError, HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch,
+                    infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line, no_sync,
+                    optimizer_step, psnr, read_json, recompute_batchnorm, rng_state, run_cli, save_checkpoint,
+                    save_image_grid, set_lr, set_rng_state, split_holdout, start_run, update_ema, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
@@ -127,7 +127,8 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GlobalResponseNorm(nn.Module):
-    """ConvNeXt-V2 Global Response Normalisation on channels-last input (method §4.2)."""
+    """ConvNeXt-V2 Global Response Normalisation on channels-last input (method §4.2). Textbook form:
+    g = torch.norm(x, dim=(1, 2)); n = g / (g.mean(-1) + 1e-6); out = gamma * (x * n) + beta + x."""
 
     def __init__(self, c):
         super().__init__()
@@ -135,9 +136,9 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
 
     def forward(self, x):  # x: (B, H, W, C)
-        # g: (B, 1, 1, C), the L2 norm over space per channel = torch.norm(x, dim=(1, 2)), which on the CPU reduces
-        # over these strided dims ~10x slower than a sum of squares. A channel of exact zeros (GELU gives them) has
-        # norm 0 and, as in torch.norm, gradient 0: sqrt's own gradient there would be inf * 0 = NaN
+        # g: (B, 1, 1, C), the L2 norm over space per channel, as a sum of squares: torch.norm reduces over these
+        # strided dims ~10x slower on the CPU. A channel of exact zeros (GELU gives them) has norm 0 and, as in
+        # torch.norm, gradient 0: sqrt's own gradient there would be inf * 0 = NaN
         ss = (x * x).sum(dim=(1, 2), keepdim=True)
         g = torch.where(ss > 0, ss, 1.0).sqrt() * (ss > 0)
         n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)  # divisive normalisation across channels
@@ -488,13 +489,16 @@ class SemanticCompressor(nn.Module):
         self.mapper = nn.Sequential(nn.Conv2d(c_features, cfg.c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(cfg.c_latent))
 
-    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, 16, 3H/128, 3W/128) (H, W multiples of 128)
+    def features(self, images):  # (B, 3, H, W) in [0, 1] -> backbone features (B, 1280, 3H/128, 3W/128)
         H, W = images.shape[-2:]
         x = F.interpolate(images, size=(3 * H // 4, 3 * W // 4), mode="bilinear", antialias=True,
                           align_corners=False)  # 1024 px -> 768 px
         mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        e = self.mapper(self.backbone((x - mean) / std))  # stride 32: 768 px -> 24 x 24
+        return self.backbone((x - mean) / std)  # stride 32: 768 px -> 24 x 24
+
+    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> e (B, 16, 3H/128, 3W/128) (H, W multiples of 128)
+        e = self.mapper(self.features(images))
         return (e + 1) / 42 if self.cfg.v1_scaling else e
 
     def load_imagenet_weights(self):
@@ -1050,7 +1054,12 @@ def train(args):
             logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
                                 seen / (time.time() - t0)))
             t0, seen = time.time(), 0
-        if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
+        preview, checkpoint = (rt.master and (step % every == 0 or step == args.max_steps)
+                               for every in (args.sample_every, args.save_every))
+        if preview or checkpoint:  # the EMA compressor's BatchNorms get the statistics of its own weights
+            with rt.autocast():
+                recompute_batchnorm(ema.compressor, ema.compressor, trainset, device=rt.device)
+        if preview:
             recon = semantic_reconstruction(held_images, held_captions)
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
             save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)  # inputs (top), reconstructions
@@ -1058,7 +1067,7 @@ def train(args):
             logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
                        f"(image -> compressor -> Stage B, {args.steps_b} steps -> Stage A; "
                        f"Stage A alone {stage_a_psnr:.2f} dB)")
-        if rt.master and (step % args.save_every == 0 or step == args.max_steps):
+        if checkpoint:
             space = save(metrics)
     if pbar:
         pbar.close()

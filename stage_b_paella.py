@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
-                    load_exact, log_line, no_sync, optimizer_step, psnr, rng_state, run_cli, save_checkpoint,
-                    save_image_grid, set_lr, set_rng_state, split_holdout, start_run, update_ema, wrap_ddp)
+                    load_exact, log_line, no_sync, optimizer_step, psnr, recompute_batchnorm, rng_state, run_cli,
+                    save_checkpoint, save_image_grid, set_lr, set_rng_state, split_holdout, start_run, update_ema,
+                    wrap_ddp)
 from stage_a import load_stage_a
 from stage_b import (AttnBlock, CompressorAndStageB, CompressorConfig, Dropout, GlobalResponseNorm, LatentCache,
                      LayerNorm2d, ResBlock, StageB, StageBConfig, TimestepBlock, add_stage_b_args, build_compressor,
@@ -447,7 +448,12 @@ def train(args):
             logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "acc": acc.item(),
                                                        "grad_norm": grad_norm.item()}, lr, seen / (time.time() - t0)))
             t0, seen = time.time(), 0
-        if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
+        preview, checkpoint = (rt.master and (step % every == 0 or step == args.max_steps)
+                               for every in (args.sample_every, args.save_every))
+        if preview or checkpoint:  # the EMA compressor's BatchNorms get the statistics of its own weights
+            with rt.autocast():
+                recompute_batchnorm(ema.compressor, ema.compressor, trainset, device=rt.device)
+        if preview:
             recon = semantic_reconstruction(held_images, held_captions)
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
             save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)  # inputs (top), reconstructions
@@ -455,7 +461,7 @@ def train(args):
             logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
                        f"(image -> compressor -> Paella, {args.steps_b} steps -> Stage A codebook; "
                        f"Stage A alone, quantised {stage_a_psnr:.2f} dB)")
-        if rt.master and (step % args.save_every == 0 or step == args.max_steps):
+        if checkpoint:
             space = save(metrics)
     if pbar:
         pbar.close()

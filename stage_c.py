@@ -314,13 +314,13 @@ def train(args):
     logger.log(f"training config: {vars(args)}")
 
     # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data: every colour x shape)
-    from data import COLORS, SHAPES, ImageFolder, toy_caption, toy_prompt_following, toy_prompts
+    from data import ImageFolder, toy_look, toy_prompt_following, toy_prompts
     dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
     trainset, holdout = split_holdout(dataset, args.num_holdout)
     held_images, held_captions = holdout_batch(holdout, rt.device)
-    all_toy = {toy_caption(c, s, b) for c in COLORS for s in SHAPES for b in COLORS}
-    toy_targets = [(c, s) for _, c, s in toy_prompts()] if set(held_captions) <= all_toy else None
-    prompts = [p for p, _, _ in toy_prompts()] if toy_targets else held_captions
+    look = toy_look(held_captions)  # a toy look's vocabulary, else None
+    toy_targets = [(c, s) for _, c, s in toy_prompts(look)] if look else None
+    prompts = [p for p, _, _ in toy_prompts(look)] if look else held_captions
     with torch.no_grad(), rt.autocast():
         latent_hw = tuple(compressor(held_images[:1]).shape[-2:])  # (h, w) = side / 42.67
     cache = None
@@ -369,7 +369,7 @@ def train(args):
         save_captioned_grid(images, prompts, path)
         metrics = {"y_std": y.float().std().item()}  # ~1 when the prior's samples match the data's spread
         if toy_targets:
-            metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(images, toy_targets)
+            metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(images, toy_targets, look)
         logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         return metrics
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from data import (COLORS, SHAPES, ImageFolder, classify_toy_image, make_toy_image, toy_prompts,
-                  write_toy_dataset)
+from data import (COLORS, LOOKS, SHAPES, ImageFolder, backgrounds, classify_toy_image, make_toy_image, toy_look,
+                  toy_prompts, write_toy_dataset)
 
 CAPTION = re.compile(r"a (\w+) (\w+) on a (\w+) background")
 
@@ -66,6 +66,24 @@ def test_imagefolder_reads_toy_set(tmp_path, capsys):
     assert capsys.readouterr().out == ""  # non-master DDP ranks stay quiet
 
 
+def test_light_look_is_its_own_vocabulary_anywhere_in_the_frame(tmp_path):
+    write_toy_dataset(tmp_path, n=36, size=128, seed=0, look="light")
+    captions = [(tmp_path / f"{i:05d}.txt").read_text().strip() for i in range(36)]
+    assert captions[0] == "an orange disc on a cream background" or captions[0].startswith("an orange disc on a")
+    assert toy_look(captions) == "light" and toy_look(captions + ["a red circle on a blue background"]) is None
+    assert toy_look([p for p, _, _ in toy_prompts()]) == "bold" and toy_look(["a photo of a cat"]) is None
+    centres = []
+    for i in range(36):
+        x = np.asarray(Image.open(tmp_path / f"{i:05d}.png"), dtype=np.float32)
+        fg = np.abs(x - x[0, 0]).sum(-1) > 30  # (H, W): the shape
+        ys, xs = fg.nonzero()
+        assert 0.2 * 128 <= xs.max() - xs.min() + 1 <= 0.55 * 128  # smaller shapes of several sizes
+        assert x[0, 0].min() >= 210  # near-white backgrounds
+        centres.append((xs.mean(), ys.mean()))
+    centres = np.array(centres)
+    assert centres.std(0).min() > 15  # anywhere in the frame, not near the centre
+
+
 def test_toy_prompts_cover_every_pair():
     prompts = toy_prompts()
     assert len(prompts) == 18 and len({p for p, _, _ in prompts}) == 18
@@ -74,30 +92,33 @@ def test_toy_prompts_cover_every_pair():
         c, s, background = CAPTION.fullmatch(prompt).groups()
         assert (c, s) == (color, shape) and background in COLORS and background != color
     assert toy_prompts() == prompts
+    light = toy_prompts("light")
+    assert {(c, s) for _, c, s in light} == {(c, s) for c in LOOKS["light"]["colors"] for s in LOOKS["light"]["shapes"]}
 
 
 # ---- toy classifier
 
 
-def test_classifier_accuracy_clean_noisy_blurred():
+@pytest.mark.parametrize("look, size", [("bold", 64), ("light", 128)])
+def test_classifier_accuracy_clean_noisy_blurred(look, size):
     rng, gen = random.Random(1234), torch.Generator().manual_seed(0)
-    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    pairs = [(c, s) for c in LOOKS[look]["colors"] for s in LOOKS[look]["shapes"]]
     correct = {name: [0, 0] for name in ("clean", "noise", "blur")}
     n = 200
     for i in range(n):
         color, shape = pairs[rng.randrange(len(pairs))]
-        background = rng.choice([c for c in COLORS if c != color])
-        image = make_toy_image(color, shape, background, 64, rng)
-        x = torch.from_numpy(np.array(image)).permute(2, 0, 1) / 255  # (3, 64, 64) in [0, 1]
+        background = rng.choice(list(backgrounds(look, color)))
+        image = make_toy_image(color, shape, background, size, rng, look)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1) / 255  # (3, size, size) in [0, 1]
         variants = {
             "clean": x,
             "noise": (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1),
             # downscale 2x then upscale: soft edges like a decoder's output
             "blur": F.interpolate(F.interpolate(x[None], scale_factor=0.5, mode="bilinear", antialias=True),
-                                  size=64, mode="bicubic")[0].clamp(0, 1),
+                                  size=size, mode="bicubic")[0].clamp(0, 1),
         }
         for name, image in variants.items():
-            got_color, got_shape = classify_toy_image(image)
+            got_color, got_shape = classify_toy_image(image, look)
             correct[name][0] += got_color == color
             correct[name][1] += got_shape == shape
     accuracy = {name: (c / n, s / n) for name, (c, s) in correct.items()}

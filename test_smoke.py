@@ -95,3 +95,37 @@ def test_wrong_and_missing_checkpoints_are_refused(chain, tmp_path):
         sample.load_pipeline(chain["a"], chain["b"], chain["b"], "cpu")
     with pytest.raises(FileNotFoundError, match="python stage_c.py --data DIR"):
         sample.load_pipeline(chain["a"], chain["b"], str(tmp_path / "missing.pt"), "cpu")
+
+
+@pytest.mark.parametrize("script", [stage_a, stage_b, stage_c])
+def test_help_names_preset_defaults(script, capsys):
+    with pytest.raises(SystemExit):
+        script.get_args(["-h"])
+    text = capsys.readouterr().out
+    assert "default: None" not in text and "(default: per preset)" in text
+
+
+def test_files_that_are_not_checkpoints_get_one_clear_line(chain, tmp_path):
+    import subprocess
+    import sys
+    from safetensors.torch import save_file
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    good = open(chain["c"], "rb").read()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
+    (tmp_path / "diffusers_folder").mkdir()
+    for name in ("random.pt", "truncated.pt", "weights.safetensors", "diffusers_folder"):
+        with pytest.raises(ValueError) as e:
+            load_checkpoint(str(tmp_path / name), "stage_c")
+        message = str(e.value)
+        assert name in message and "a stage_c checkpoint (written by `python stage_c.py" in message
+        assert "weights_only=False" not in message and "\n" not in message
+    # the scripts print that line alone (no traceback) and exit non-zero
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--stage_a", chain["a"], "--stage_b",
+                          chain["b"], "--stage_c", str(tmp_path / "random.pt"), "--prompt", "x", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120, cwd=here)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [f"sample.py: error: {tmp_path / 'random.pt'} cannot be read as a "
+                                               f"checkpoint (UnpicklingError); a stage_c checkpoint (written by "
+                                               f"`python stage_c.py --data DIR`) was expected"]

@@ -123,10 +123,15 @@ def test_overfit_one_batch():
 
 def test_train_writes_checkpoint_grid_and_resumes_exactly(toy, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(a), "--max_steps", "4", "--save_every", "4"] + FAST))
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "2", "--save_every", "2"] + FAST))
+    restart = ["--restart_every", "3"]  # a dead-code restart after the resume point draws from the restored RNG
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(a), "--max_steps", "4", "--save_every", "4"]
+                                   + restart + FAST))
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "2", "--save_every", "2"]
+                                   + restart + FAST))
     stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "4", "--save_every", "4",
-                                    "--resume"] + FAST))
+                                    "--resume"] + restart + FAST))
+    assert PRESETS["tiny"]["model"] == StageAConfig(c_hidden=64, bottleneck_blocks=2, codebook_size=1024,
+                                                    disc_c_hidden=64, disc_depth=3)  # runs never change a preset
     ck_a, ck_b = load_checkpoint(str(a / "ckpt.pt"), "stage_a"), load_checkpoint(str(b / "ckpt.pt"), "stage_a")
     assert ck_a["step"] == ck_b["step"] == 4
     for k in ck_a["model"]:  # an interrupted + resumed run equals an uninterrupted one
@@ -135,6 +140,31 @@ def test_train_writes_checkpoint_grid_and_resumes_exactly(toy, tmp_path):
     model = StageA(StageAConfig(**ck_a["model_config"]))
     model.load_state_dict(ck_a["ema"])  # the checkpoint alone rebuilds the model
     assert 0.01 < ck_a["model_config"]["scale_factor"] < 100
+
+
+def test_ema_batchnorm_has_the_statistics_of_its_own_weights(toy, tmp_path):
+    """The EMA averages parameters; its BatchNorm running statistics must be those of the EMA encoder's own
+    activations on the training images, not the raw model's (issue #13: a pink background in every sample)."""
+    from common import split_holdout
+    from data import ImageFolder
+    out = tmp_path / "bn"
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out), "--max_steps", "6", "--save_every", "6",
+                                    "--lr", "1e-2", "--gan_weight", "0"] + FAST))  # raw and EMA weights drift apart
+    ckpt = load_checkpoint(str(out / "ckpt.pt"), "stage_a")
+    ema, raw = StageA(StageAConfig(**ckpt["model_config"])), StageA(StageAConfig(**ckpt["model_config"]))
+    ema.load_state_dict(ckpt["ema"])
+    raw.load_state_dict(ckpt["model"])
+    trainset, _ = split_holdout(ImageFolder(toy, 64, verbose=False), 4)
+    x = torch.stack([trainset[i][0] for i in range(len(trainset))])  # every training image (44 < one batch)
+    with torch.no_grad():
+        conv, bn = ema.down_blocks[-1]
+        h = conv(ema.down_blocks[:-1](ema.in_block(x)))  # (N, 4, 16, 16): what the BatchNorm normalises
+    mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3))  # unbiased, as BatchNorm's running_var
+    torch.testing.assert_close(bn.running_mean, mean, rtol=0, atol=1e-4 * var.sqrt().max().item())
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=0)
+    raw_bn = raw.down_blocks[-1][1]  # the statistics the EMA copied before the fix were far off
+    assert not torch.allclose(raw_bn.running_var, var, rtol=0.1) or not torch.allclose(raw_bn.running_mean, mean,
+                                                                                        atol=0.1 * var.sqrt().max())
 
 
 def test_wrong_and_missing_checkpoint(tmp_path):

@@ -373,6 +373,16 @@ def test_train_checkpoint_and_exact_resume(toy_run, tmp_path):
     e = built["compressor"](torch.rand(2, 3, 64, 64))
     clip = built["text_encoder"].encode(["a red circle on a blue background", ""])
     assert e.shape == (2, 16, 1, 1) and built["stage_b"](torch.randn(2, 4, 16, 16), torch.rand(2), e, clip).shape == (2, 4, 16, 16)
+    # the EMA compressor's BatchNorm has the statistics of its own activations on the training images (issue #13)
+    from common import split_holdout
+    from data import ImageFolder
+    trainset, _ = split_holdout(ImageFolder(toy_run[0], 64, verbose=False), 4)
+    compressor = built["compressor"]
+    with torch.no_grad():
+        h = compressor.mapper[0](compressor.features(torch.stack([trainset[i][0] for i in range(len(trainset))])))
+    bn = compressor.mapper[1]
+    torch.testing.assert_close(bn.running_mean, h.mean(dim=(0, 2, 3)), rtol=0, atol=1e-4 * h.std().item())
+    torch.testing.assert_close(bn.running_var, h.var(dim=(0, 2, 3)), rtol=1e-4, atol=0)
 
 
 def test_wrong_checkpoints_name_both_stages(toy_run, tmp_path):
