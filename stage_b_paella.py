@@ -289,6 +289,18 @@ def linear_schedule(value, steps):
     return torch.linspace(start, end, steps)
 
 
+def draw(probs, generator=None):
+    """One class per row of probs (N, K), from the categorical distribution: torch.multinomial(probs, 1)[:, 0], the
+    reference's draw. On the CPU torch.multinomial takes K exponential draws per row (half of Paella's sampling time
+    at the tiny size), so there the same distribution comes from the inverse CDF: one uniform per row, looked up in
+    the cumulative sums (as F.dropout / stage_b.keep_mask, another CPU draw with the same distribution)."""
+    if probs.device.type != "cpu":
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    cdf = probs.cumsum(dim=-1)  # (N, K)
+    u = torch.rand(len(probs), 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]  # (N, 1) in [0, total)
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)  # first class with cdf > u
+
+
 @torch.no_grad()
 def sample_tokens(model, shape, cond, uncond=None, steps=V1_SAMPLING["steps"], cfg=V1_SAMPLING["cfg"],
                   temperature=V1_SAMPLING["temperature"], mode="multinomial", generator=None, progress=False):
@@ -320,7 +332,7 @@ def sample_tokens(model, shape, cond, uncond=None, steps=V1_SAMPLING["steps"], c
             tokens = logits.argmax(dim=1)
         else:
             probs = (logits.permute(0, 2, 3, 1).reshape(-1, K) / temps[i]).softmax(dim=-1)  # (B*H*W, K)
-            tokens = torch.multinomial(probs, 1, generator=generator).view(shape)
+            tokens = draw(probs, generator).view(shape)
         if i < steps - 1:
             t_next = torch.full((shape[0],), ts[i + 1].item(), device=device)
             tokens = corrupt(tokens, t_next, K, replacement=init_noise, generator=generator)[0]

@@ -329,6 +329,18 @@ def test_sampler_renoises_with_the_initial_tokens():
         sample_tokens(model, (2, 32, 32), cond, mode="quant")
 
 
+def test_draw_is_categorical():
+    """The CPU's inverse-CDF draw: the class frequencies are the probabilities, a class of probability 0 is never
+    drawn, unnormalised rows are fine; the same generator seed, the same draws."""
+    probs = torch.tensor([0.2, 0.0, 0.5, 0.3, 0.0])
+    x = stage_b_paella.draw(probs.expand(200_000, 5) * 3.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.bincount(x, minlength=5) / len(x), probs, atol=0.004, rtol=0)
+    peaked = torch.zeros(7, 1000).index_fill_(1, torch.tensor([999]), 1.0)  # all mass on the last class
+    assert (stage_b_paella.draw(peaked) == 999).all()
+    again = stage_b_paella.draw(probs.expand(100, 5), torch.Generator().manual_seed(0))
+    assert torch.equal(again, x[:100])
+
+
 def test_sampler_guidance_interpolates_w():
     """logits = logits_c w + logits_u (1 - w), w linear over the steps: w = 2 at the last step picks the class the
     conditional logits favour, w = 0.3 the one the unconditional logits favour."""
@@ -421,3 +433,54 @@ def test_train_checkpoint_kind_and_exact_resume(toy_run, tmp_path):
                                                       "train_config": {"model": "tiny"}})
     with pytest.raises(CheckpointError, match="holds a diffnext Stage B"):
         stage_b_paella.train(_args(toy_run, tmp_path / "c", 3, "--resume"))
+
+
+# ---- the chain: Stage C on top of a Paella Stage B, and sample.py
+
+
+@pytest.fixture(scope="module")
+def paella_chain(tmp_path_factory):
+    """24 toy images of 128 px, a random tiny Stage A, then Paella and a Stage C on top of it (2 steps each)."""
+    import stage_c
+    from data import write_toy_dataset
+    from stage_a import PRESETS as A_PRESETS, StageA
+    root = tmp_path_factory.mktemp("paella_chain")
+    data, a, b, c = str(root / "toy"), str(root / "a.pt"), root / "b", root / "c"
+    write_toy_dataset(data, n=24, size=128, seed=0)
+    torch.manual_seed(0)
+    model = StageA(A_PRESETS["tiny"]["model"])
+    save_checkpoint(a, {"stage": "stage_a", "step": 0, "model_config": asdict(model.cfg), "model": model.state_dict(),
+                        "ema": model.state_dict()})
+    common = ["--data", data, "--stage_a", a, "--model", "tiny", "--device", "cpu", "--num_workers", "0",
+              "--max_steps", "2", "--batch_size", "4", "--num_holdout", "4", "--sample_every", "2",
+              "--save_every", "2", "--steps_b", "2"]
+    stage_b_paella.train(stage_b_paella.get_args(common + ["--out_dir", str(b)]))
+    stage_c.train(stage_c.get_args(common + ["--out_dir", str(c), "--stage_b", str(b / "ckpt.pt"), "--steps_c", "2"]))
+    return dict(data=data, a=a, b=str(b / "ckpt.pt"), c=str(c / "ckpt.pt"), c_dir=c)
+
+
+def test_chain_through_stage_c_and_sample_py(paella_chain, tmp_path, capsys):
+    import sample
+    assert "toy_colour_acc" in (paella_chain["c_dir"] / "log.txt").read_text()  # Stage C's previews went through it
+    pipe = sample.load_pipeline(paella_chain["a"], paella_chain["b"], paella_chain["c"], "cpu")
+    assert isinstance(pipe.stage_b, Paella)
+    prompt = ["a red circle on a blue background"]
+    img = sample.text_to_image(pipe, prompt, width=128, height=128, seed=1, steps_c=2, steps_b=2, progress=False)
+    assert img.shape == (1, 3, 128, 128) and 0 <= img.min() and img.max() <= 1
+    again = sample.text_to_image(pipe, prompt, width=128, height=128, seed=1, steps_c=2, steps_b=2, progress=False)
+    other = sample.text_to_image(pipe, prompt, width=128, height=128, seed=2, steps_c=2, steps_b=2, progress=False)
+    assert torch.equal(img, again) and not torch.equal(img, other)
+    # unset, Stage B's settings are Paella's: 8 steps, guided (a batch of 2 per image) against the negative prompt
+    calls = []
+    hook = pipe.stage_b.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["clip_text"]),
+                                              with_kwargs=True)
+    sample.text_to_image(pipe, prompt, "blurry", width=128, height=128, steps_c=2, progress=False)
+    hook.remove()
+    blurry = pipe.text_encoder_b.encode(["blurry"])
+    assert len(calls) == 8 and all(len(clip) == 2 and torch.equal(clip[1:], blurry) for clip in calls)
+    x = torch.rand(2, 3, 128, 128)
+    assert sample.image_variation(pipe, x, steps_b=2, progress=False).shape == x.shape
+    sample.main(sample.get_args(["--stage_a", paella_chain["a"], "--stage_b", paella_chain["b"], "--stage_c",
+                                 paella_chain["c"], "--eval_toy", "--n", "1", "--steps_c", "2", "--steps_b", "2",
+                                 "--device", "cpu", "--out_dir", str(tmp_path)]))
+    assert '"colour"' in capsys.readouterr().out and (tmp_path / "eval_toy.json").exists()
