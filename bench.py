@@ -34,8 +34,10 @@ import time
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from stage_a import StageA
 from stage_b import DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, StageB, ddpm_sample
@@ -565,6 +567,54 @@ def estimate_memory_cpu(budget):
 
 
 # -----------------------------------------------------------------------------
+# the data loader: images per second from a folder and from tar shards
+
+
+def photo_like(side, rng):
+    """A side x side RGB image with the spectrum of a photo (1/f noise), so that JPEG decoding costs
+    what it costs on photos: ~100 KB at 1024 px in quality 90."""
+    f = np.fft.fftfreq(side)
+    amplitude = 1 / np.maximum(np.hypot(*np.meshgrid(f, f)), 1 / side)  # (side, side)
+    phase = np.exp(2j * np.pi * rng.random((3, side, side)))
+    x = np.real(np.fft.ifft2(amplitude * phase))  # (3, side, side)
+    x = (x - x.mean()) / x.std() * 50 + 128
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+def bench_loader(args):
+    """Images per second that infinite_batches delivers (decode, resize, crop, collate; batches of
+    8) from a folder of JPEGs and from the same JPEGs as tar shards of 100, with 0 (the training
+    process itself), 1 and 2 loader workers, for (source side, training side) in args.loader_sizes.
+    Returns table rows."""
+    import data
+    from common import Runtime, infinite_batches
+    rows, rng = [], np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for source, side in args.loader_sizes:
+            folder = os.path.join(tmp, f"jpg{source}")
+            if not os.path.isdir(folder):
+                os.makedirs(folder)
+                photos = [photo_like(source, rng) for _ in range(10)]  # reused: FFTs are slow
+                for i in range(args.loader_images):
+                    photos[i % 10].save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+                data.write_shards(folder, folder + "_shards", per_shard=100)
+            for kind, path in (("folder", folder), ("shards", folder + "_shards")):
+                for workers in (0, 1, 2):
+                    a = argparse.Namespace(data=path, image_size=side, buckets=0, batch_size=8,
+                                           num_holdout=1, shuffle_buffer=100)
+                    trainset, _ = data.open_data(a, verbose=False)
+                    batches = infinite_batches(trainset, 8, Runtime(torch.device("cpu")), workers)
+                    for _ in range(2 + workers):  # warm-up: workers started, one batch each
+                        next(batches)
+                    n, t0 = 0, time.perf_counter()
+                    while n < args.loader_images // 2 or time.perf_counter() - t0 < 2:
+                        n += len(next(batches)[0])
+                    rows.append((kind, source, side, workers, n / (time.perf_counter() - t0)))
+                    del batches  # stops its workers
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
@@ -593,6 +643,21 @@ def fmt_row(stage, mode, t_ref, t_ours, flops, mem, args):
     return line
 
 
+def print_table(rows, args):
+    """The timing table: one row per stage and step."""
+    head = "| stage | step                       |   ref (ms) |  ours (ms) | ref/ours |"
+    if args.flops:
+        rate = "TFLOP/s" if args.device.startswith("cuda") else "GFLOP/s"
+        head += f" GFLOP/step | ref {rate} | ours {rate} |"
+        head += " ours MFU |" if args.device.startswith("cuda") else ""
+    if args.device.startswith("cuda"):
+        head += " ref mem (GiB) | ours mem (GiB) |"
+    print("\n" + head)
+    print("|" + "|".join("---" for _ in head.split("|")[1:-1]) + "|")
+    for r in rows:
+        print(fmt_row(*r, args))
+
+
 def main(args):
     args = fill_defaults(args)
     malloc = "fixed" if args.malloc == "fixed" and keep_freed_memory() else "default"
@@ -609,6 +674,11 @@ def main(args):
     kwargs = {"a": args.a, "b": args.b, "c": args.c}
     batch = {"a": args.a_batch, "b": args.b_batch, "c": args.c_batch}
     needed = sorted({"a", "b", "c"} & set(stages) | ({"a", "b", "c"} if "chain" in stages else set()))
+    if "loader" in stages:
+        print("\n| data | source side | training side | loader workers | images/s |")
+        print("|---|---|---|---|---|")
+        for kind, source, side, workers, rate in bench_loader(args):
+            print(f"| {kind} | {source} | {side} | {workers} | {rate:.0f} |")
     with tempfile.TemporaryDirectory() as tmp:
         for i, stage in enumerate(needed):
             ref, ours = build_pair(stage, kwargs[stage], args.seed + i, tmp)
@@ -624,16 +694,8 @@ def main(args):
         rows += bench_chain(pairs, args, sync)
     del pairs
 
-    head = "| stage | step                       |   ref (ms) |  ours (ms) | ref/ours |"
-    if args.flops:
-        rate = "TFLOP/s" if args.device.startswith("cuda") else "GFLOP/s"
-        head += f" GFLOP/step | ref {rate} | ours {rate} |" + (" ours MFU |" if args.device.startswith("cuda") else "")
-    if args.device.startswith("cuda"):
-        head += " ref mem (GiB) | ours mem (GiB) |"
-    print("\n" + head)
-    print("|" + "|".join("---" for _ in head.split("|")[1:-1]) + "|")
-    for r in rows:
-        print(fmt_row(*r, args))
+    if rows:
+        print_table(rows, args)
     print(f"\ncommand: python bench.py {shlex.join(sys.argv[1:])}".rstrip())
     if "memory" in stages:
         budget = args.mem_budget_gb * 2**30
@@ -657,8 +719,9 @@ def main(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stages", default=None, help="comma-separated subset of a,b,c,chain,flops,memory (default: "
-                   "all; memory, a CPU estimate taking a minute there, only on a GPU)")
+    p.add_argument("--stages", default=None, help="comma-separated subset of a,b,c,chain,flops,"
+                   "memory,loader (default: all but loader; memory, a CPU estimate taking a minute "
+                   "there, only on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bfloat16 on a GPU, float32 on CPU")
@@ -696,6 +759,10 @@ def get_args(argv=None):
     p.add_argument("--chain_b_steps", type=int, default=None, help="Stage B sampling steps in the chain (pipeline: 12)")
     p.add_argument("--chain_batch", type=int, default=None, help="images per chain run")
     p.add_argument("--guidance", type=float, default=4.0, help="Stage C classifier-free guidance scale in the chain")
+    p.add_argument("--loader_sizes", type=eval, default=[(256, 256), (1024, 256), (1024, 1024)],
+                   help="loader stage: (source image side, training side) pairs")
+    p.add_argument("--loader_images", type=int, default=200,
+                   help="loader stage: JPEGs written per source side")
     return p.parse_args(argv)
 
 

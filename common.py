@@ -1,7 +1,9 @@
 """
 The training machinery every stage shares, written once (nanochat's common.py): where and how we run (device, DDP,
-precision), the common flags and the opening of every train(), the LR and EMA functions, the optimizer step,
-atomic self-describing checkpoints, the exact-resume data order, the hold-out split, image grids and the log line.
+precision, BatchNorm over ranks), the common flags and the opening of every train(), the LR and EMA
+functions, the optimizer step with its non-finite guard, atomic self-describing checkpoints that are
+never written from non-finite weights, the exact-resume data order (aspect-ratio buckets and
+tar-shard streams too), the hold-out split, image grids and the log line.
 
 Nothing here knows about Würstchen: the method lives in stage_a.py, stage_b.py and stage_c.py, which import this.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 # -----------------------------------------------------------------------------
 # runtime: device, DDP, precision
@@ -85,12 +88,75 @@ def setup_runtime(device="auto", dtype="auto", seed=0):
     return Runtime(device=device, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, dtype=dtype)
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient of every rank's input is the sum of every rank's
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduceSum.forward(ctx, grad)
+
+
+class AllRanksBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the global batch, every rank's images
+    together (what SyncBatchNorm does on GPUs, which refuses CPU tensors): mean and variance are
+    summed over ranks with a differentiable all_reduce, so the gradient flows through the statistics
+    as in SyncBatchNorm. Same parameters and buffers as nn.BatchNorm2d; eval mode is plain
+    BatchNorm."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        all_reduce = AllReduceSum.apply
+        xf = x.float()  # statistics in fp32, as BatchNorm under autocast
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device)  # per channel, this rank
+        total = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]))  # (C + 1,): sums, global count
+        n = total[-1]
+        mean = total[:-1] / n
+        var = all_reduce(((xf - mean.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3))) / n  # biased
+        with torch.no_grad():  # running statistics as nn.BatchNorm2d keeps them (unbiased variance)
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1).clamp_min(1), self.momentum)
+        y = (xf - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return y.to(x.dtype)
+
+
 def wrap_ddp(model, rt):
-    """The module under DDP when torchrun started several processes, else unchanged."""
+    """The module under DDP when torchrun started several processes, else unchanged. Under DDP,
+    BatchNorm layers normalise with the statistics of the global batch: SyncBatchNorm on GPUs,
+    AllRanksBatchNorm on the CPU (gloo), where SyncBatchNorm does not run; either way a resume with
+    another world size sees the same statistics."""
     if not rt.ddp:
         return model
+    if rt.device_type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        for m in model.modules():
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = AllRanksBatchNorm  # same parameters and buffers: only forward differs
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+
+def channels_last_convs(model):
+    """Conv weights in channels-last memory, the layout of Stage B's and C's activations: their
+    gradients then come out in the weights' own layout and DDP all-reduces them in place (else it
+    copies every gradient at every step, with the warning "Grad strides do not match bucket view
+    strides"). Other parameters keep theirs: a (1, 1, 1, C) GRN gain made channels-last would
+    mismatch the other way. The arithmetic, and so the numbers, are unchanged."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.to(memory_format=torch.channels_last)
+    return model
 
 
 def no_sync(module, sync):
@@ -112,7 +178,10 @@ def add_common_args(parser, stage, presets=("tiny", "small", "paper")):
     """The flags every training script shares, with the same names and meanings; --model picks one of `presets`."""
     g = parser.add_argument_group("common")
     g.add_argument("--data", required=True,
-                   help="folder of images (searched recursively), optional same-stem .txt captions")
+                   help="a folder of images (searched recursively; captions from same-stem .txt "
+                   "files or metadata.jsonl/.csv), or tar shards: a folder of .tar files, a brace "
+                   "pattern (shards/{00000..00999}.tar), a .tar path or URL, or a text file "
+                   "listing them")
     g.add_argument("--out_dir", default=f"out/{stage}", help="where ckpt.pt, log.txt and sample grids go")
     g.add_argument("--model", default="small", choices=list(presets), help="model size preset")
     g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: per preset)")
@@ -136,6 +205,16 @@ def add_common_args(parser, stage, presets=("tiny", "small", "paper")):
     g.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
     g.add_argument("--num_workers", type=int, default=2, help="data loader worker processes")
     g.add_argument("--num_holdout", type=int, default=16, help="images held out of training for previews and metrics")
+    g.add_argument("--buckets", type=float, nargs="?", const=2.0, default=0.0, metavar="MAX_RATIO",
+                   help="aspect-ratio buckets: keep each image's aspect ratio, in batches of one "
+                   "of a few sizes of about --image_size^2 pixels, sides multiples of 128, aspect "
+                   "ratios up to MAX_RATIO (2 when given alone); 0 = square centre crops")
+    g.add_argument("--shuffle_buffer", type=int, default=1000,
+                   help="tar shards: samples shuffled together (per loader worker; memory: their "
+                   "encoded bytes)")
+    g.add_argument("--max_nonfinite", type=int, default=5,
+                   help="stop after this many optimizer steps in a row skipped for a non-finite "
+                   "loss or gradient")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU, slow first step)")
     return parser
 
@@ -152,6 +231,9 @@ def start_run(args, stage, train_defaults):
     """The opening every stage's train() shares: the preset's training defaults, the runtime, the output folder and
     its log, and with --resume the checkpoint to continue (of this stage and preset, else a clear error).
     Returns (rt, logger, ckpt_path, ckpt or None)."""
+    from data import shard_list
+    if getattr(args, "cache", False) is None and shard_list(args.data):
+        args.cache = False  # a stream: nothing to cache up front (the presets' default: folders)
     fill_defaults(args, train_defaults)
     rt = setup_runtime(args.device, args.dtype, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -169,11 +251,11 @@ def run_cli(main, args):
     with status 1, without a traceback."""
     try:
         main(args)
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError, NonFiniteError) as e:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
 
 # -----------------------------------------------------------------------------
-# optimisation: LR, EMA, one optimizer step
+# optimisation: LR, EMA, the guarded optimizer step
 
 
 def get_lr(step, lr, warmup):
@@ -203,13 +285,14 @@ def update_ema(ema, model, decay):
 
 
 @torch.no_grad()
-def recompute_batchnorm(module, forward, dataset, n=512, batch_size=64, device="cpu"):
-    """Give the BatchNorms of `module` (an EMA model) the statistics of its own activations. An EMA averages the
-    parameters, but running statistics are not parameters: copied from the raw model they belong to other weights
-    and shift every EMA output (up to 7 dB of Stage A's held-out PSNR in a short run). So, as
-    torch.optim.swa_utils.update_bn does for SWA: reset them, then average the batch statistics of
-    `forward(images)` over n images spread evenly through `dataset` (items (image, ...)), in train mode, with
-    momentum None (a cumulative mean). Draws no random numbers, so exact resume is unaffected."""
+def recompute_batchnorm(module, forward, batches, device="cpu"):
+    """Give the BatchNorms of `module` (an EMA model) the statistics of its own activations. An EMA
+    averages the parameters, but running statistics are not parameters: copied from the raw model
+    they belong to other weights and shift every EMA output (up to 7 dB of Stage A's held-out PSNR
+    in a short run). So, as torch.optim.swa_utils.update_bn does for SWA: reset them, then average
+    the batch statistics of `forward(images)` over `batches` of training images (data.image_batches:
+    512 spread evenly through the dataset), in train mode, with momentum None (a cumulative mean).
+    Draws no random numbers, so exact resume is unaffected."""
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -218,23 +301,83 @@ def recompute_batchnorm(module, forward, dataset, n=512, batch_size=64, device="
         m.reset_running_stats()
         m.momentum = None
     module.train()
-    index = list(range(0, len(dataset), max(1, len(dataset) // n)))[:n]
-    for i in range(0, len(index), batch_size):
-        forward(torch.stack([dataset[j][0] for j in index[i:i + batch_size]]).to(device))
+    for images in batches:
+        forward(images.to(device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     module.eval()
 
 
-def optimizer_step(optimizer, scaler, grad_clip):
-    """Unscale, clip, step, update the scaler, zero the grads. Returns the gradient norm before clipping."""
-    scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite numbers: too many skipped steps in a row, or weights that cannot
+    be saved."""
+
+
+class NonFiniteGuard:
+    """The optimizer step of every stage, with a guard: a step whose loss or gradient norm is
+    non-finite (on any rank: the ranks agree, so they stay in step) changes nothing. Its update is
+    skipped, the buffers of `model` its forward pass moved (BatchNorm statistics) are taken back (a
+    copy is kept after every good step: they are small), and it is counted (`skipped`, in the log
+    line). `max_in_row` such steps in a row stop the run with a NonFiniteError naming the step and
+    the last checkpoint, whose weights are finite (save_checkpoint refuses non-finite ones).
+
+    fp16: the GradScaler already skips steps whose scaled gradients overflowed, and lowers the
+    scale; with a finite loss those are its business and are not counted here (a non-finite loss
+    is). Skipped steps still advance the step counter, so the data order, the LR and exact --resume
+    stay functions of the step."""
+
+    def __init__(self, rt, ckpt_path, max_in_row=5, model=None):
+        self.rt, self.ckpt_path, self.max_in_row = rt, ckpt_path, max_in_row
+        self.buffers = list(model.buffers()) if model is not None else []
+        self.good = [b.detach().clone() for b in self.buffers]  # after the last good step
+        self.ok, self.skipped, self.in_row = True, 0, 0
+
+    def step(self, step, loss, optimizers, grad_clip):
+        """Unscale and clip the gradients of each (optimizer, scaler) in `optimizers`, then step all
+        of them or none. `loss`: this step's (last micro-batch's) loss. Returns the first
+        optimizer's gradient norm before clipping."""
+        norms = []
+        for optimizer, scaler in optimizers:
+            scaler.unscale_(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            clip = grad_clip if grad_clip > 0 else float("inf")
+            norms.append(torch.nn.utils.clip_grad_norm_(params, clip))
+        bad = ~torch.isfinite(loss.detach().float())
+        for norm, (_, scaler) in zip(norms, optimizers):
+            if not scaler.is_enabled():  # fp16: overflowed gradients are the scaler's to skip
+                bad = bad | ~torch.isfinite(norm)
+        bad = bad.float().to(self.rt.device)
+        if self.rt.ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.ok = not bad.item()
+        for optimizer, scaler in optimizers:
+            if self.ok:
+                scaler.step(optimizer)  # skipped by the scaler itself if fp16 gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        self.in_row = 0 if self.ok else self.in_row + 1
+        with torch.no_grad():
+            for b, good in zip(self.buffers, self.good):
+                if self.ok:
+                    good.copy_(b)  # the buffers of a good step are kept...
+                else:
+                    b.copy_(good)  # ...and taken back after a bad one
+        if not self.ok:
+            self.skipped += 1
+            if self.in_row >= self.max_in_row:
+                raise NonFiniteError(self.stop_message(step + 1, loss, norms[0]))
+        return norms[0]
+
+    def stop_message(self, step, loss, norm):
+        last = "no checkpoint was written yet"
+        if os.path.exists(self.ckpt_path):
+            saved = torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            last = (f"the last checkpoint, {self.ckpt_path} (step {saved['step']}), holds finite "
+                    f"weights")
+        return (f"stopping at step {step}: {self.in_row} steps in a row had a non-finite loss or "
+                f"gradient (loss {loss.item():.4g}, gradient norm {norm.item():.4g}) and were "
+                f"skipped ({self.skipped} in all); {last}. Lower --lr, check the data, or try "
+                f"--dtype float32 / bfloat16, then --resume")
 
 # -----------------------------------------------------------------------------
 # checkpoints and weight files
@@ -248,8 +391,27 @@ HOW_TO_MAKE = {"stage_a": "python stage_a.py --data DIR", "stage_b": "python sta
                "stage_c": "python stage_c.py --data DIR"}
 
 
+def nonfinite_entries(obj, prefix=""):
+    """Names of the floating-point tensors in a (nested) checkpoint dict that hold a NaN or an
+    infinity."""
+    if isinstance(obj, dict):
+        return [name for k, v in obj.items() for name in nonfinite_entries(v, f"{prefix}{k}.")]
+    if isinstance(obj, (list, tuple)):
+        return [name for i, v in enumerate(obj) for name in nonfinite_entries(v, f"{prefix}{i}.")]
+    if torch.is_tensor(obj) and obj.is_floating_point() and not torch.isfinite(obj).all():
+        return [prefix[:-1]]
+    return []
+
+
 def save_checkpoint(path, ckpt):
-    """Write atomically: a kill at any moment leaves either the old or the new file, never a partial one."""
+    """Write atomically: a kill at any moment leaves either the old or the new file, never a partial
+    one. Weights with a NaN or an infinity are never written: the previous checkpoint stays, and a
+    NonFiniteError says where."""
+    bad = nonfinite_entries(ckpt)
+    if bad:
+        more = " ..." if len(bad) > 5 else ""
+        raise NonFiniteError(f"not saving {path}: non-finite values in {', '.join(bad[:5])}{more}; "
+                             f"the checkpoint already there (if any) is kept")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
@@ -284,6 +446,23 @@ def read_json(path):
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON, making the folder first (configs of exported folders)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save_weights_file(folder, sd, config, name="diffusion_pytorch_model.safetensors"):
+    """The inverse of load_weights_file: a `save_pretrained` folder with config.json and the weights
+    as safetensors (metadata format 'pt', which transformers requires)."""
+    from safetensors.torch import save_file
+    write_json(os.path.join(folder, "config.json"), config)
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    save_file(sd, os.path.join(folder, name), metadata={"format": "pt"})
 
 
 def load_weights_file(folder):
@@ -321,37 +500,146 @@ def set_rng_state(state):
     if torch.cuda.is_available() and state["cuda"].numel():
         torch.cuda.set_rng_state(state["cuda"])
 
+
+def gather_run_state(rt, batches):
+    """What a checkpoint needs beyond the models to continue exactly, from every rank: each rank's
+    RNG state and, for tar shards, every loader worker's stream position. A collective under DDP:
+    every rank calls it at every save. Returns {"rng": [rank 0's state, rank 1's, ...], "data": the
+    stream's state (None for a folder, whose order is a function of the step)}."""
+    mine = (rng_state(), batches.positions)
+    everyone = [None] * rt.world_size if rt.ddp else [mine]
+    if rt.ddp:
+        dist.all_gather_object(everyone, mine)
+    positions = {reader: pos for _, p in everyone for reader, pos in p.items()}
+    data = batches.stream.state(positions, batches.served) if batches.stream else None
+    return {"rng": [r for r, _ in everyone], "data": data}
+
+
+def restore_rng(ckpt, rt):
+    """Each rank continues its own random stream when the world size is the one saved; with another
+    world size there is no such stream to continue, and each rank starts a new one from (seed, step,
+    rank)."""
+    states = ckpt["rng"]
+    if len(states) == rt.world_size:
+        set_rng_state(states[rt.rank])
+    else:
+        seed = ckpt["train_config"]["seed"]
+        torch.manual_seed((seed * 1_000_003 + ckpt["step"]) * 1009 + rt.rank)
+
 # -----------------------------------------------------------------------------
 # data order: exact resume, hold-out split
 
 
-class StepSampler(torch.utils.data.Sampler):
-    """Endless index stream that is a pure function of (seed, position): epoch e is randperm(n, seed + e), and
-    each rank takes its slice of every global batch. Starting at `start` (= step * global batch) makes `--resume`
-    see exactly the batches an uninterrupted run would have seen."""
+def sizes_of(dataset):
+    """The (width, height) of every item of a map-style dataset whose items are images of varying
+    sizes (an ImageFolder with aspect-ratio buckets, the stages' caches of one), also through
+    Subsets; None otherwise."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        sizes = sizes_of(dataset.dataset)
+        return sizes and [sizes[i] for i in dataset.indices]
+    return getattr(dataset, "sizes", None)
 
-    def __init__(self, n, global_batch, seed=0, start=0, rank=0, world_size=1):
+
+class StepSampler(torch.utils.data.Sampler):
+    """Endless index stream that is a pure function of (seed, position): epoch e is randperm(n, seed
+    + e), and each rank takes its slice of every global batch. Starting at `start` (= step * global
+    batch) makes `--resume` see exactly the batches an uninterrupted run would have seen. The world
+    size and --grad_accum only decide who takes which slice, so a resume with another world size
+    (and the same --batch_size) continues the same order.
+
+    With `sizes` (aspect-ratio buckets: the image size of each index), the epoch's permutation is
+    cut, size by size, into batches of `batch` (= --batch_size) indices, a size's last batch filled
+    from its own start, and these batches come in random order: every optimizer step, and each
+    micro-batch of it on every rank, is one size."""
+
+    def __init__(self, n, global_batch, seed=0, start=0, rank=0, world_size=1, sizes=None,
+                 batch=None):
         self.n, self.gb, self.seed, self.start, self.rank, self.ws = n, global_batch, seed, start, rank, world_size
+        self.sizes = sizes if sizes and len(set(sizes)) > 1 else None
+        self.batch, self.cached = batch, (None, None)
+        self.length = len(self.epoch(0))  # the same for every epoch
+
+    def epoch(self, e):
+        if self.cached[0] != e:
+            g = torch.Generator().manual_seed(self.seed + e)
+            order = torch.randperm(self.n, generator=g).tolist()
+            if self.sizes:
+                batches = []
+                for size in sorted(set(self.sizes)):
+                    same = [i for i in order if self.sizes[i] == size]
+                    whole = -(-len(same) // self.batch) * self.batch  # filled up to whole batches
+                    same = [same[k % len(same)] for k in range(whole)]
+                    batches += [same[k:k + self.batch] for k in range(0, len(same), self.batch)]
+                shuffled = torch.randperm(len(batches), generator=g).tolist()
+                order = [i for b in shuffled for i in batches[b]]
+            self.cached = (e, order)
+        return self.cached[1]
 
     def __iter__(self):
         pos, local = self.start, self.gb // self.ws
         while True:
-            epoch, offset = divmod(pos, self.n)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            batch = [perm[(offset + i) % self.n] for i in range(self.gb)]  # wraps into the epoch's start if short
+            epoch, offset = divmod(pos, self.length)
+            order = self.epoch(epoch)
+            # wraps into the epoch's start if short
+            batch = [order[(offset + i) % self.length] for i in range(self.gb)]
             yield from batch[self.rank * local:(self.rank + 1) * local]
             pos += self.gb
 
 
-def infinite_batches(dataset, batch_size, rt, num_workers=2, seed=0, start_step=0, grad_accum=1):
-    """Yields micro-batches forever. `batch_size` is global: each rank gets batch_size / (world * grad_accum)."""
+class Batches:
+    """The iterator infinite_batches returns: next() gives the next micro-batch. A stream of tar
+    shards also hands over each loader worker's position after each of its batches; the last one
+    consumed per worker is kept in `positions`, and the batches taken in `served`, for the
+    checkpoint (gather_run_state)."""
+
+    def __init__(self, loader, stream=None):
+        self.it, self.stream, self.positions, self.served = iter(loader), stream, {}, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.served += 1
+        if self.stream is None:
+            return batch
+        *batch, position = batch
+        self.positions[int(position[0])] = position[1:].tolist()
+        return batch
+
+
+def infinite_batches(dataset, batch_size, rt, num_workers=2, seed=0, start_step=0, grad_accum=1,
+                     state=None):
+    """Micro-batches forever (a Batches). `batch_size` is global: each rank gets batch_size / (world
+    * grad_accum). A map-style dataset (a folder) is read in the order of a StepSampler started at
+    `start_step`; a stream (tar shards) is split over every rank's loader workers and continues from
+    `state` (the checkpoint's "data")."""
     micro = batch_size // (rt.world_size * grad_accum)
     assert micro * rt.world_size * grad_accum == batch_size, \
         f"--batch_size {batch_size} must divide by world size {rt.world_size} x --grad_accum {grad_accum}"
-    sampler = StepSampler(len(dataset), micro * rt.world_size, seed, start_step * batch_size, rt.rank, rt.world_size)
+    pin, persistent = rt.device_type == "cuda", num_workers > 0
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset.start(seed, micro, rt.rank, rt.world_size, max(1, num_workers), state)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                             pin_memory=pin, persistent_workers=persistent)
+        return Batches(loader, dataset)
+    sampler = StepSampler(len(dataset), micro * rt.world_size, seed, start_step * batch_size,
+                          rt.rank, rt.world_size, sizes_of(dataset), batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=num_workers,
-                                         pin_memory=rt.device_type == "cuda", persistent_workers=num_workers > 0)
-    return iter(loader)
+                                         pin_memory=pin, persistent_workers=persistent)
+    return Batches(loader)
+
+
+def same_size_batches(dataset, batch_size, num_workers=2):
+    """The whole dataset once, in index order within each image size, as (indices, batch) pairs of
+    at most `batch_size` items of one size (for encoding a dataset up front: the stages' --cache).
+    """
+    groups = {}
+    for i, size in enumerate(sizes_of(dataset) or [None] * len(dataset)):
+        groups.setdefault(size, []).append(i)
+    indices = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=indices, num_workers=num_workers)
+    return zip(indices, loader)
 
 
 def split_holdout(dataset, n):
@@ -386,10 +674,12 @@ class Logger:
                 f.write(msg + "\n")
 
 
-def log_line(step, max_steps, metrics, lr, img_per_s):
-    """The one log format of all stages: `step   120/2000 | loss 0.1234 | ... | lr 1.00e-04 | 12.3 img/s`."""
+def log_line(step, max_steps, metrics, lr, img_per_s, skipped=0):
+    """The one log format of all stages: `step   120/2000 | loss 0.1234 | ... | lr 1.00e-04 | 12.3
+    img/s`, with `skipped N` before the LR once the NonFiniteGuard has skipped N steps."""
     parts = [f"step {step:>6}/{max_steps}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]
-    return " | ".join(parts + [f"lr {lr:.2e}", f"{img_per_s:.1f} img/s"])
+    parts += [f"skipped {skipped}"] * (skipped > 0) + [f"lr {lr:.2e}", f"{img_per_s:.1f} img/s"]
+    return " | ".join(parts)
 
 
 def psnr(x, y):

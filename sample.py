@@ -6,8 +6,9 @@ Sample from Würstchen: text -> Stage C -> Stage B -> Stage A -> PNG (method.md 
 
 The three models are rebuilt from their checkpoints alone (configs + EMA weights), found where the training
 scripts write them. The same code also does image variation (image -> semantic compressor -> B -> A),
-image-to-image (noise the image's Stage C latent to a strength, denoise with the prompt) and reconstruction
-(image -> Stage A encode -> decode, to check a Stage A).
+image-to-image (noise the image's Stage C latent to a strength, denoise with the prompt) and Stage A
+reconstruction (image -> Stage A encode -> decode, to check a Stage A). The default size is the
+checkpoints' training size.
 
     python sample.py --prompt "a red circle on a blue background" --n 4
     python sample.py --prompts_file prompts.txt --width 1024 --height 1536 --seed 3
@@ -17,13 +18,19 @@ image-to-image (noise the image's Stage C latent to a strength, denoise with the
 With --pretrained the same chain runs the released Würstchen v2 weights (warp-ai/wuerstchen-prior: prior + CLIP
 ViT-bigG text; warp-ai/wuerstchen: decoder + VQGAN + CLIP ViT-H text), with the released settings (method §7.6),
 from the Hugging Face cache or from a folder laid out as RELEASED_LAYOUT below. Each stage is loaded when it is
-needed and freed after, in bf16 on a GPU (1024 px fits in 24 GB) and in fp32 on the CPU (slow: see the README):
+needed and freed after, in bf16 on a GPU that has it (1024 px fits in 24 GB), else in fp32 (the CPU: slow,
+see the README):
     python sample.py --pretrained --prompt "an owl reading a newspaper, oil painting"
     python sample.py --pretrained weights/ --prompt "..." --width 1536 --height 1024
-A Stage B checkpoint of stage_b_paella.py (v1's token decoder) works wherever a Stage B goes, and a --pretrained
-folder with the official v1 files (model_stage_b.pt ...) runs the whole v1 chain: prior -> Paella tokens -> Stage A's
-codebook, with the v1 notebook's settings (method §1.4):
-    python sample.py --stage_b out/stage_b_paella/ckpt.pt --stage_c out/stage_c_paella/ckpt.pt --prompt "..."
+
+--export writes our checkpoints in that layout, for diffusers' Würstchen pipelines; --pretrained
+reads it back:
+    python sample.py --export exported/    |  python sample.py --pretrained exported/ --prompt "..."
+
+A Stage B checkpoint of stage_b_paella.py (v1's token decoder) goes wherever a Stage B goes, and a
+--pretrained folder with the official v1 files (V1_LAYOUT) runs the whole v1 chain, prior -> Paella
+tokens -> Stage A's codebook, with the v1 notebook's settings (method §1.4):
+    python sample.py --stage_b out/stage_b_paella/ckpt.pt --stage_c out/stage_c_paella/ckpt.pt ...
     python sample.py --pretrained weights_v1/ --prompt "an owl reading a newspaper, oil painting"
 """
 import argparse
@@ -38,7 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import HelpFormatter, default_dtype, pick_device, psnr, read_json, run_cli, save_captioned_grid
+from common import (HelpFormatter, default_dtype, load_checkpoint, pick_device, psnr, read_json,
+                    run_cli, save_captioned_grid, write_json)
 from stage_a import StageA, load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, RESOLUTION_MULTIPLE,
                      SemanticCompressor, StageB, TextEncoder, add_noise, ddpm_sample, fetch_clip_weights, load_stage_b,
@@ -62,39 +70,60 @@ class Pipeline:
     text_encoder_c: torch.nn.Module = None
     latent_space: dict = None  # y = (e + shift) / scale, from the Stage B checkpoint
     device: torch.device = torch.device("cpu")
-    image_size: int = 1024  # default output side: Stage C's training size (1024 for the released weights)
+    image_sizes: dict = None  # 'a' / 'b' / 'c' -> training image side of each stage held
     dtype: torch.dtype = torch.float32  # compute dtype: autocast to it when it is not float32
     loaders: dict = None  # name -> function returning that model on the device (released weights), else None
-    release: str = None  # "v1" / "v2" for the released weights (CHAIN_DEFAULTS), None for our checkpoints
+    release: str = None  # "v1" for the official v1 files (their defaults: CHAIN_DEFAULTS), else None
+
+    @property
+    def image_size(self):
+        """The default output side: the training size of the last stage held (C, else B, else A)."""
+        return next(self.image_sizes[k] for k in "cba" if k in self.image_sizes)
 
 
-# What flags left unset take (method §7.6): the released v2 pipelines' settings (also for our checkpoints; 0 = the
-# 29-step DEFAULT_STAGE_C_TIMESTEPS grid), and for the released v1 chain the v1 notebook's (prior 60 DDPM steps on
-# the linear grid, guidance 6, its negative prompt, which also guides Paella). Stage B's steps, guidance and
-# temperature default to its kind's (stage_c.decode_stage_c): DiffNeXt 12 / off, Paella 8 / 2.0 / 1.0 -> 0.6.
+# What flags left unset take (method §7.6): the released v2 pipelines' settings (also for our
+# checkpoints; steps_c 0 = the 29-step DEFAULT_STAGE_C_TIMESTEPS grid), and for the official v1 files
+# the v1 notebook's: prior 60 DDPM steps on the linear grid, guidance 6, its negative prompt (which
+# guides Paella too). Stage B's steps, guidance and temperature default to its kind's
+# (stage_c.decode_stage_c): DiffNeXt 12 steps, no guidance; Paella 8 steps, w = 2, 1.0 -> 0.6.
 CHAIN_DEFAULTS = {
-    "v2": dict(steps_c=0, guidance_c=4.0, negative_prompt=""),
-    "v1": dict(steps_c=60, guidance_c=6.0, negative_prompt="low resolution, low detail, bad quality, blurry"),
+    None: dict(steps_c=0, guidance_c=4.0, negative_prompt=""),
+    "v1": dict(steps_c=60, guidance_c=6.0,
+               negative_prompt="low resolution, low detail, bad quality, blurry"),
 }
+
+
+def sampling_dtype(device):
+    """The compute dtype of `--dtype auto` and load_released: bf16 on GPUs that support it, else
+    float32. Never float16 unless asked: weights trained in bf16 (the released ones too) overflow
+    in it."""
+    dtype = default_dtype(device)
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt", stage_c="out/stage_c/ckpt.pt",
                   device="cpu", stages="abc", dtype=torch.float32):
-    """Build the stages named in `stages` from their checkpoints; a missing or wrong file names the file and stage.
-    Weights stay float32; a bf16 / fp16 `dtype` runs them under autocast."""
+    """Build the stages named in `stages` from their checkpoints (EMA weights), with each one's
+    training image size; a missing or wrong file names the file and stage. Weights stay float32; a
+    bf16 / fp16 `dtype` runs them under autocast."""
     device = torch.device(device)
-    pipe = Pipeline(stage_a=load_stage_a(stage_a, device), device=device, dtype=dtype)
+    pipe = Pipeline(stage_a=load_stage_a(stage_a, device), device=device, dtype=dtype,
+                    image_sizes={})
     if "b" in stages:
-        parts = load_stage_b(stage_b, device, parts=("compressor", "stage_b", "text_encoder"), kinds=STAGE_B_KINDS)
+        parts = load_stage_b(stage_b, device, parts=("compressor", "stage_b", "text_encoder"),
+                             kinds=STAGE_B_KINDS)
         pipe.compressor, pipe.stage_b = parts["compressor"], parts["stage_b"]
         pipe.text_encoder_b, pipe.latent_space = parts["text_encoder"], parts["latent_space"]
+        pipe.image_sizes["b"] = parts["ckpt"]["train_config"]["image_size"]
     if "c" in stages:
         parts = load_stage_c(stage_c, device)
         pipe.stage_c, pipe.text_encoder_c = parts["stage_c"], parts["text_encoder"]
-        pipe.image_size = parts["ckpt"]["train_config"].get("image_size") or pipe.image_size
+        pipe.image_sizes["c"] = parts["ckpt"]["train_config"]["image_size"]
         if pipe.latent_space is not None and parts["latent_space"] != pipe.latent_space:
             raise ValueError(f"{stage_c} was trained on a Stage B with latent space {parts['latent_space']}, but "
                              f"{stage_b} has {pipe.latent_space}: pass the Stage B checkpoint it was trained with")
+    if not pipe.image_sizes:  # Stage A alone: its training size (its checkpoint read once more)
+        pipe.image_sizes["a"] = load_checkpoint(stage_a, "stage_a")["train_config"]["image_size"]
     return pipe
 
 
@@ -109,7 +138,8 @@ def loaded(pipe, *names):
     if missing:
         raise ValueError(f"this pipeline has no {', '.join(missing)}" + (
             " (the released weights hold the semantic compressor only in the official model_v2_stage_b.pt: put it in "
-            "the --pretrained folder)" if "compressor" in missing else ""))
+            "the --pretrained folder; an --export has it in wuerstchen/semantic_compressor/)"
+            if "compressor" in missing else ""))
     for n in fresh:
         setattr(pipe, n, pipe.loaders[n]())
     try:
@@ -124,17 +154,121 @@ def loaded(pipe, *names):
                 torch.cuda.empty_cache()
 
 # -----------------------------------------------------------------------------
+# sizes
+
+
+def round_size(width, height):
+    """The nearest size the stages produce exactly: the Stage C side n = ceil(side / 42.67) must be a multiple of 3,
+    so that Stage B's latent side int(10.67 n) divides through its down-sampling (128-pixel steps, method §7.7).
+    Returns (width, height, Stage C latent (h, w), a note when the size changed, else None)."""
+    def side(s):
+        n = max(3, 3 * round(math.ceil(s / RESOLUTION_MULTIPLE) / 3))
+        return int(n * LATENT_DIM_SCALE) * 4, n
+    (w, nw), (h, nh) = side(width), side(height)
+    note = None if (w, h) == (width, height) else f"size {width}x{height} rounded to {w}x{h} (128-pixel steps)"
+    return w, h, (nh, nw), note
+
+# -----------------------------------------------------------------------------
+# the chain
+
+
+@torch.no_grad()
+def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=1024, seed=0,
+                  steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=None, guidance_b=None,
+                  temperature_b=V1_SAMPLING["temperature"], progress=True):
+    """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released
+    pipelines' (§7.6), Stage B's its kind's; on the released v2 weights a seed gives the image of
+    diffusers' prior then decoder pipeline with that generator. A Paella Stage B samples tokens
+    (temperature_b), guided against the negative prompt too."""
+    _, _, latent_hw, _ = round_size(width, height)
+    prompts = [p for p in prompts for _ in range(n)]  # n images per prompt, next to each other
+    g = torch.Generator(pipe.device).manual_seed(seed)
+    with loaded(pipe, "text_encoder_c", "stage_c"):
+        y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c, guidance_c,
+                           negative_prompt, generator=g, progress=progress)
+    # DDPMWuerstchenScheduler draws noise at the last step too (and multiplies it by 0): draw it as well, so that
+    # Stage B gets the diffusers pipelines' noise from the same seed
+    torch.randn(y.shape, generator=g, device=pipe.device)
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
+                              steps_b, guidance_b, generator=g, progress=progress,
+                              negative_prompt=negative_prompt, temperature=temperature_b)
+
+
+@torch.no_grad()
+def image_variation(pipe, images, prompts=None, seed=0, steps_b=None, guidance_b=None,
+                    temperature_b=V1_SAMPLING["temperature"], progress=True):
+    """Images (B, 3, H, W) -> new images with the same semantics: semantic compressor -> Stage B -> Stage A."""
+    with loaded(pipe, "compressor"):
+        y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
+    g = torch.Generator(pipe.device).manual_seed(seed)
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
+                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress,
+                              temperature=temperature_b)
+
+
+@torch.no_grad()
+def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed=0,
+                   steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=None, guidance_b=None,
+                   temperature_b=V1_SAMPLING["temperature"], progress=True):
+    """Noise each image's Stage C latent to t = strength, then denoise it with the prompt (the rest of the
+    Stage C grid below `strength`), then Stage B and A as usual. strength 1 = text-to-image, 0 = variation."""
+    with loaded(pipe, "compressor"):
+        y0 = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
+    g = torch.Generator(pipe.device).manual_seed(seed)
+    grid = timestep_grid(steps_c) if isinstance(steps_c, int) else list(steps_c)
+    timesteps = [strength] + [t for t in grid if t < strength]  # start at the strength, continue on the grid
+    t0 = torch.full((len(y0),), strength, device=pipe.device)
+    y = add_noise(y0, t0, torch.randn(y0.shape, generator=g, device=pipe.device))
+    with loaded(pipe, "text_encoder_c", "stage_c"):
+        cond = {"clip_text": pipe.text_encoder_c.encode(prompts)}
+        uncond = {"clip_text": pipe.text_encoder_c.encode([negative_prompt] * len(prompts))}
+        y = ddpm_sample(pipe.stage_c, y, timesteps, cond, uncond, guidance_c, g, progress)
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
+                              steps_b, guidance_b, generator=g, progress=progress,
+                              negative_prompt=negative_prompt, temperature=temperature_b)
+
+
+@torch.no_grad()
+def stage_a_reconstruction(pipe, images):
+    """Stage A alone: encode -> decode (unquantised, as v2 decodes), for checking a Stage A checkpoint."""
+    with loaded(pipe, "stage_a"):
+        images = images.to(pipe.device)
+        return pipe.stage_a.decode(pipe.stage_a.encode(images)).float().clamp(0, 1)
+
+
+@torch.no_grad()
+def toy_eval(pipe, n=4, seed=0, look="bold", **kwargs):
+    """Prompt following on the toy data of `look`: n images for every colour x shape prompt, read back with
+    data.classify_toy_image. Returns {'colour': acc, 'shape': acc, 'both': acc, chance levels, n}."""
+    from data import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
+    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts(look)])
+    images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
+    targets = [t for t in targets for _ in range(n)]
+    colour, shape = toy_prompt_following(images, targets, look)
+    both = sum(classify_toy_image(img, look) == t for img, t in zip(images, targets)) / len(targets)
+    n_colors, n_shapes = len(LOOKS[look]["colors"]), len(LOOKS[look]["shapes"])
+    return images, [p for p in prompts for _ in range(n)], {
+        "colour": colour, "shape": shape, "both": both, "chance_colour": 1 / n_colors,
+        "chance_shape": 1 / n_shapes, "chance_both": 1 / (n_colors * n_shapes), "images": len(targets)}
+
+# -----------------------------------------------------------------------------
 # the released weights (method §8.1)
 
 PRIOR_REPO, DECODER_REPO = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
 OFFICIAL_FILES = {"stage_c": "model_v3_stage_c.pt", "stage_b": "model_v2_stage_b.pt", "stage_a": "vqgan_f4_v1_500k.pt"}
 # the open_clip towers with the weights of the repositories' text_encoder/ folders (--open_clip), for Stages C and B
 OPEN_CLIP_TEXT = {"c": ("ViT-bigG-14", "laion2b_s39b_b160k"), "b": ("ViT-H-14", "laion2b_s32b_b79k")}
+# the schedule's constants (stage_b.alpha_bar) as scheduler_config.json states them
+SCHEDULER = {"_class_name": "DDPMWuerstchenScheduler", "s": 0.008, "scaler": 1.0}
 RELEASED_LAYOUT = """\
   {root}/wuerstchen-prior/   <- hf download warp-ai/wuerstchen-prior --local-dir {root}/wuerstchen-prior
       model_index.json  prior/  text_encoder/  tokenizer/  scheduler/
   {root}/wuerstchen/         <- hf download warp-ai/wuerstchen --local-dir {root}/wuerstchen
       model_index.json  decoder/  vqgan/  text_encoder/  tokenizer/  scheduler/
+      (and in an --export of ours: semantic_compressor/)
   Instead of prior/, decoder/ and vqgan/, the official files may lie in {root} itself (model_v2_stage_b.pt also
   holds the semantic compressor that --variation and --init_image need):
       model_v3_stage_c.pt  model_v2_stage_b.pt  vqgan_f4_v1_500k.pt   <- hf download dome272/wuerstchen
@@ -143,14 +277,16 @@ RELEASED_LAYOUT = """\
   (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
   from the Hugging Face cache) instead of the text_encoder/ folders.
   A folder with the official v1 files runs the v1 chain instead (V1_LAYOUT)."""
-# Würstchen v1 (method §1.4, §8.1): the official files, and the CLIP ViT-H text tower both of its stages read
-V1_FILES = {"stage_c": "model_stage_c.pt", "stage_b": "model_stage_b.pt", "stage_a": "vqgan_f4_v1_500k.pt"}
+# Würstchen v1 (method §1.4, §8.1): its official files, and the CLIP ViT-H tower both its stages read
+V1_FILES = {"stage_c": "model_stage_c.pt", "stage_b": "model_stage_b.pt",
+            "stage_a": "vqgan_f4_v1_500k.pt"}
 V1_LAYOUT = """\
-  {root}/model_stage_c.pt  model_stage_b.pt  vqgan_f4_v1_500k.pt   <- the official v1 files (Hugging Face Hub
-      repository dome272/wuerstchen): the prior (its EMA weights are used), Paella + the EfficientNetV2-L compressor,
-      the VQGAN
-  {root}/wuerstchen/text_encoder/  tokenizer/   <- hf download warp-ai/wuerstchen --include "text_encoder/*"
-      "tokenizer/*" --local-dir {root}/wuerstchen   (CLIP ViT-H-14; or --open_clip: open_clip's ViT-H-14)"""
+  {root}/model_stage_c.pt  model_stage_b.pt  vqgan_f4_v1_500k.pt   <- the official v1 files (the
+      Hugging Face repository dome272/wuerstchen): the prior (its EMA weights are used), Paella
+      + the EfficientNetV2-L compressor, the VQGAN
+  {root}/wuerstchen/text_encoder/ and tokenizer/   <- hf download warp-ai/wuerstchen --include
+      "text_encoder/*" "tokenizer/*" --local-dir {root}/wuerstchen   (CLIP ViT-H-14, as v1 used;
+      or --open_clip: open_clip's ViT-H-14 laion2b_s32b_b79k)"""
 
 
 def find_released(root=None, text_folders=True):
@@ -172,7 +308,7 @@ def find_released(root=None, text_folders=True):
     paths = {"stage_c": first(os.path.join(prior, "prior"), official["stage_c"]),
              "stage_b": first(os.path.join(decoder, "decoder"), official["stage_b"]),
              "stage_a": first(os.path.join(decoder, "vqgan"), official["stage_a"]),
-             "compressor": first(official["stage_b"])}
+             "compressor": first(os.path.join(decoder, "semantic_compressor"), official["stage_b"])}
     for k, repo in (("c", prior), ("b", decoder)):  # text_encoder_c, tokenizer_c, scheduler_c, index_c, ..._b
         for part, name in (("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
                            ("scheduler", "scheduler/scheduler_config.json"), ("index", "model_index.json")):
@@ -204,15 +340,17 @@ def released_help(root, missing):
 
 
 def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, decoder_cfg=None):
-    """A Pipeline over the released Würstchen v2 weights (method §8): found by find_released, checked against the
-    method's constants, and loaded lazily (Pipeline.loaders) in `dtype` (default bf16 on CUDA, fp32 elsewhere).
-    open_clip_text: the open_clip towers instead of the repositories' transformers text encoders (same weights).
-    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released size.
-    A folder that holds v1's model_stage_b.pt (Paella) gives the v1 chain instead: load_released_v1."""
+    """A Pipeline over the released Würstchen v2 weights (method §8) or an export of ours (export):
+    found by find_released, checked against the method's constants, and loaded lazily
+    (Pipeline.loaders) in `dtype` (default: sampling_dtype). The latent space and the training image
+    sizes come from the model_index.json files (released: 42 / 1, 1024 px). open_clip_text: the
+    open_clip towers instead of the repositories' transformers text encoders (same weights).
+    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released
+    size. A folder that holds v1's model_stage_b.pt (Paella) gives the v1 chain: load_released_v1."""
     if root and os.path.exists(os.path.join(root, V1_FILES["stage_b"])):
         return load_released_v1(root, device, dtype, open_clip_text, decoder_cfg)
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or sampling_dtype(device)
     paths = find_released(root, text_folders=not open_clip_text)
     prior_index, decoder_index = read_json(paths["index_c"]), read_json(paths["index_b"])
     # the constants the method (round_size, decode_stage_c, alpha_bar) hard-codes, as the repositories state them
@@ -220,7 +358,8 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
               "latent_dim_scale": (decoder_index.get("latent_dim_scale", LATENT_DIM_SCALE), LATENT_DIM_SCALE)}
     for k in "cb":
         sched = read_json(paths[f"scheduler_{k}"])
-        checks[f"scheduler {k} (s, scaler)"] = ((sched.get("s", 0.008), sched.get("scaler", 1.0)), (0.008, 1.0))
+        found = {key: sched.get(key, SCHEDULER[key]) for key in ("s", "scaler")}
+        checks[f"scheduler {k}"] = (found, {key: SCHEDULER[key] for key in found})
     wrong = {k: found for k, (found, ours) in checks.items() if found != ours}
     if wrong:
         raise ValueError(f"these weights use other constants than Würstchen v2 and this code: {wrong}")
@@ -243,28 +382,32 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
     # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
     latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
                     "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
-    return Pipeline(latent_space=latent_space, device=device, image_size=1024, dtype=dtype,
-                    loaders=lazy_loaders(builders, device, dtype), release="v2")
+    image_sizes = {"c": prior_index.get("_train_image_size", 1024),  # released: 1024 px
+                   "b": decoder_index.get("_train_image_size", 1024)}
+    return Pipeline(latent_space=latent_space, device=device, image_sizes=image_sizes, dtype=dtype,
+                    loaders=lazy_loaders(builders, device, dtype))
 
 
 def load_released_v1(root, device="cpu", dtype=None, open_clip_text=False, paella_cfg=None):
-    """A Pipeline over the official Würstchen v1 files in `root` (V1_LAYOUT; method §1.4, §8.1): the prior of
-    model_stage_c.pt (EMA weights; CLIP ViT-H text, c_cond 1024), Paella and the EfficientNetV2-L compressor of
-    model_stage_b.pt, the VQGAN, all loaded lazily as load_released does. Both stages read the same CLIP ViT-H text,
-    as in v1: the released decoder repository's text_encoder/ (or open_clip's ViT-H-14). v1's compressor returns
-    (e + 1) / 42 itself, the space of its prior and of Paella's conditioning: e = y (V1_LATENT_SPACE). Defaults are
-    the v1 notebook's (CHAIN_DEFAULTS['v1'], 512 px). paella_cfg: the PaellaConfig of a model_stage_b.pt that is
-    not v1's size."""
+    """A Pipeline over the official Würstchen v1 files in `root` (V1_LAYOUT; method §1.4, §8.1): the
+    prior of model_stage_c.pt (EMA weights; CLIP ViT-H text, c_cond 1024), Paella and the
+    EfficientNetV2-L compressor of model_stage_b.pt, and the VQGAN, loaded lazily as load_released
+    does. Both stages read the same CLIP ViT-H text, as in v1: the decoder repository's
+    text_encoder/ (or open_clip's ViT-H-14). v1's compressor returns (e + 1) / 42 itself, the space
+    of its prior and of Paella's condition: e = y (V1_LATENT_SPACE). Its defaults are the v1
+    notebook's (CHAIN_DEFAULTS['v1'], 512 px). paella_cfg: the PaellaConfig of a model_stage_b.pt
+    that is not v1's size."""
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or sampling_dtype(device)
     paths = {k: os.path.join(root, name) for k, name in V1_FILES.items()}
     decoder = os.path.join(root, DECODER_REPO.split("/")[1])
-    text_folder, tokenizer = os.path.join(decoder, "text_encoder"), os.path.join(decoder, "tokenizer")
+    text_folder, tokenizer = (os.path.join(decoder, name) for name in ("text_encoder", "tokenizer"))
     missing = [k for k, path in paths.items() if not os.path.exists(path)]
     missing += [] if open_clip_text or os.path.isdir(text_folder) else ["text_encoder"]
     if missing:
         raise FileNotFoundError(f"the official Würstchen v1 files are incomplete in {root} (missing: "
-                                f"{', '.join(missing)}); the v1 chain reads:\n{V1_LAYOUT.format(root=root)}")
+                                f"{', '.join(missing)}); the v1 chain reads:\n"
+                                f"{V1_LAYOUT.format(root=root)}")
     pad_token = read_pad_token(tokenizer) if os.path.isdir(tokenizer) else "!"
     weights = fetch_clip_weights(*OPEN_CLIP_TEXT["b"]) if open_clip_text else None
 
@@ -278,114 +421,72 @@ def load_released_v1(root, device="cpu", dtype=None, open_clip_text=False, paell
                 "stage_b": lambda: Paella.from_pretrained(paths["stage_b"], paella_cfg),
                 "stage_a": lambda: StageA.from_pretrained(paths["stage_a"]),
                 "compressor": lambda: SemanticCompressor.from_pretrained(paths["stage_b"])}
-    return Pipeline(latent_space=V1_LATENT_SPACE, device=device, image_size=512, dtype=dtype,
-                    loaders=lazy_loaders(builders, device, dtype), release="v1")
+    return Pipeline(latent_space=V1_LATENT_SPACE, device=device, image_sizes={"c": 512, "b": 512},
+                    dtype=dtype, loaders=lazy_loaders(builders, device, dtype), release="v1")
 
 
 def lazy_loaders(builders, device, dtype):
-    """name -> a function that builds that model (from the file) on the device, in dtype, frozen (Pipeline.loaders)."""
+    """name -> a function that builds the model from its file, on the device, in dtype, frozen:
+    Pipeline.loaders, called by `loaded` when a stage needs the model."""
     return {k: (lambda build=build: build().to(device, dtype).eval().requires_grad_(False))
             for k, build in builders.items()}
 
 # -----------------------------------------------------------------------------
-# sizes
+# export: our models in the released layout, for diffusers' pipelines (and --pretrained)
 
 
-def round_size(width, height):
-    """The nearest size the stages produce exactly: the Stage C side n = ceil(side / 42.67) must be a multiple of 3,
-    so that Stage B's latent side int(10.67 n) divides through its down-sampling (128-pixel steps, method §7.7).
-    Returns (width, height, Stage C latent (h, w), a note when the size changed, else None)."""
-    def side(s):
-        n = max(3, 3 * round(math.ceil(s / RESOLUTION_MULTIPLE) / 3))
-        return int(n * LATENT_DIM_SCALE) * 4, n
-    (w, nw), (h, nh) = side(width), side(height)
-    note = None if (w, h) == (width, height) else f"size {width}x{height} rounded to {w}x{h} (128-pixel steps)"
-    return w, h, (nh, nw), note
-
-# -----------------------------------------------------------------------------
-# the chain
-
-
-@torch.no_grad()
-def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=1024, seed=0,
-                  steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=None, guidance_b=None,
-                  temperature_b=V1_SAMPLING["temperature"], progress=True):
-    """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released pipelines' (§7.6), Stage B's
-    those of its kind; on the released v2 weights a seed gives the image of diffusers' prior then decoder pipeline
-    with that generator. A Paella Stage B samples tokens (temperature_b), guided against the negative prompt."""
-    _, _, latent_hw, _ = round_size(width, height)
-    prompts = [p for p in prompts for _ in range(n)]  # n images per prompt, next to each other
-    g = torch.Generator(pipe.device).manual_seed(seed)
-    with loaded(pipe, "text_encoder_c", "stage_c"):
-        y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c, guidance_c,
-                           negative_prompt, generator=g, progress=progress)
-    # DDPMWuerstchenScheduler draws noise at the last step too (and multiplies it by 0): draw it as well, so that
-    # Stage B gets the diffusers pipelines' noise from the same seed
-    torch.randn(y.shape, generator=g, device=pipe.device)
-    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
-                              steps_b, guidance_b, generator=g, progress=progress, negative_prompt=negative_prompt,
-                              temperature=temperature_b)
-
-
-@torch.no_grad()
-def image_variation(pipe, images, prompts=None, seed=0, steps_b=None, guidance_b=None,
-                    temperature_b=V1_SAMPLING["temperature"], progress=True):
-    """Images (B, 3, H, W) -> new images with the same semantics: semantic compressor -> Stage B -> Stage A."""
-    with loaded(pipe, "compressor"):
-        y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
-    g = torch.Generator(pipe.device).manual_seed(seed)
-    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
-                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress,
-                              temperature=temperature_b)
+def export(pipe, root):
+    """Write the models of `pipe` (our checkpoints' EMA weights, or a released or exported folder)
+    as the two folders of RELEASED_LAYOUT, weights in safetensors: what diffusers' Würstchen
+    pipelines and `--pretrained` read. Ours where they differ from the released values: the latent
+    space in the prior's model_index.json (latent_mean = scale, latent_std = shift, as the pipeline
+    computes e = y * latent_mean - latent_std), Stage A's scale_factor in vqgan/config.json, the
+    training image sizes as `_train_image_size` in both model_index.json (private keys, which
+    diffusers ignores). The semantic compressor goes to wuerstchen/semantic_compressor/, which no
+    pipeline reads. What diffusers cannot represent is refused by name before anything is written.
+    Returns the two folders."""
+    if pipe.release == "v1" or pipe.stage_b is not None and not isinstance(pipe.stage_b, StageB):
+        kind = "Paella" if pipe.release == "v1" else type(pipe.stage_b).__name__
+        raise ValueError(f"diffusers' WuerstchenDecoderPipeline runs only the DiffNeXt Stage B of "
+                         f"Würstchen v2; this Stage B is a {kind} (a token "
+                         f"Stage B, as Würstchen v1's Paella, has no diffusers pipeline)")
+    if pipe.stage_a is not None and pipe.stage_a.cfg.c_latent != 4:
+        raise ValueError(f"diffusers' WuerstchenDecoderPipeline samples 4-channel Stage A latents; "
+                         f"this Stage A has {pipe.stage_a.cfg.c_latent}")
+    for model in (pipe.stage_b, pipe.text_encoder_b, pipe.text_encoder_c):
+        if model is not None:  # resident (ours): refused now if diffusers cannot represent it
+            model.diffusers_config()
+    prior, decoder = (os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
+    with loaded(pipe, "stage_c", "text_encoder_c"):
+        write_repo(prior, "WuerstchenPriorPipeline", {"prior": pipe.stage_c}, pipe.text_encoder_c,
+                   latent_mean=pipe.latent_space["scale"], latent_std=pipe.latent_space["shift"],
+                   resolution_multiple=RESOLUTION_MULTIPLE, _train_image_size=pipe.image_sizes["c"])
+    with loaded(pipe, "stage_b", "stage_a", "text_encoder_b"):
+        models = {"decoder": pipe.stage_b, "vqgan": pipe.stage_a}
+        write_repo(decoder, "WuerstchenDecoderPipeline", models, pipe.text_encoder_b,
+                   latent_dim_scale=LATENT_DIM_SCALE, _train_image_size=pipe.image_sizes["b"])
+    if pipe.compressor is not None or "compressor" in (pipe.loaders or {}):
+        with loaded(pipe, "compressor"):
+            pipe.compressor.save_pretrained(os.path.join(decoder, "semantic_compressor"))
+    return prior, decoder
 
 
-@torch.no_grad()
-def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed=0, steps_c=DEFAULT_STAGE_C_TIMESTEPS,
-                   guidance_c=4.0, steps_b=None, guidance_b=None, temperature_b=V1_SAMPLING["temperature"],
-                   progress=True):
-    """Noise each image's Stage C latent to t = strength, then denoise it with the prompt (the rest of the
-    Stage C grid below `strength`), then Stage B and A as usual. strength 1 = text-to-image, 0 = variation."""
-    with loaded(pipe, "compressor"):
-        y0 = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
-    g = torch.Generator(pipe.device).manual_seed(seed)
-    grid = timestep_grid(steps_c) if isinstance(steps_c, int) else list(steps_c)
-    timesteps = [strength] + [t for t in grid if t < strength]  # start at the strength, continue on the grid
-    t0 = torch.full((len(y0),), strength, device=pipe.device)
-    y = add_noise(y0, t0, torch.randn(y0.shape, generator=g, device=pipe.device))
-    with loaded(pipe, "text_encoder_c", "stage_c"):
-        cond = {"clip_text": pipe.text_encoder_c.encode(prompts)}
-        uncond = {"clip_text": pipe.text_encoder_c.encode([negative_prompt] * len(prompts))}
-        y = ddpm_sample(pipe.stage_c, y, timesteps, cond, uncond, guidance_c, g, progress)
-    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
-                              steps_b, guidance_b, generator=g, progress=progress, negative_prompt=negative_prompt,
-                              temperature=temperature_b)
-
-
-@torch.no_grad()
-def reconstruct(pipe, images):
-    """Stage A alone: encode -> decode (unquantised, as v2 decodes), for checking a Stage A checkpoint."""
-    with loaded(pipe, "stage_a"):
-        images = images.to(pipe.device)
-        return pipe.stage_a.decode(pipe.stage_a.encode(images)).float().clamp(0, 1)
-
-
-@torch.no_grad()
-def toy_eval(pipe, n=4, seed=0, look="bold", **kwargs):
-    """Prompt following on the toy data of `look`: n images for every colour x shape prompt, read back with
-    data.classify_toy_image. Returns {'colour': acc, 'shape': acc, 'both': acc, chance levels, n}."""
-    from data import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
-    prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts(look)])
-    images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
-    targets = [t for t in targets for _ in range(n)]
-    colour, shape = toy_prompt_following(images, targets, look)
-    both = sum(classify_toy_image(img, look) == t for img, t in zip(images, targets)) / len(targets)
-    n_colors, n_shapes = len(LOOKS[look]["colors"]), len(LOOKS[look]["shapes"])
-    return images, [p for p in prompts for _ in range(n)], {
-        "colour": colour, "shape": shape, "both": both, "chance_colour": 1 / n_colors,
-        "chance_shape": 1 / n_shapes, "chance_both": 1 / (n_colors * n_shapes), "images": len(targets)}
+def write_repo(folder, pipeline, models, text_encoder, **config):
+    """One folder of RELEASED_LAYOUT: each model (name -> module) in its subfolder, the CLIP text
+    encoder and tokenizer, the scheduler, and model_index.json with the pipeline's `config`. The
+    models' library is 'wuerstchen', as in the released model_index.json files (the module
+    diffusers.pipelines.wuerstchen, before diffusers 0.38 moved it)."""
+    for name, model in models.items():
+        model.save_pretrained(os.path.join(folder, name))
+    text_encoder.save_pretrained(*[os.path.join(folder, n) for n in ("text_encoder", "tokenizer")])
+    write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER)
+    index = {"_class_name": pipeline, "scheduler": ["diffusers", SCHEDULER["_class_name"]],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizerFast"]}
+    for name in models:
+        config_json = read_json(os.path.join(folder, name, "config.json"))
+        index[name] = ["wuerstchen", config_json["_class_name"]]
+    write_json(os.path.join(folder, "model_index.json"), index | config)
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -416,40 +517,54 @@ def save_outputs(images, captions, out_dir, name):
     print(f"wrote {grid} and {len(images)} images {name}_000.png ... in {out_dir}")
 
 
+def open_pipeline(args, device, dtype, stages="abc"):
+    """Our checkpoints (--stage_a/b/c; only the `stages` needed), or with --pretrained the released
+    weights or an export of ours."""
+    if args.pretrained is None:
+        return load_pipeline(args.stage_a, args.stage_b, args.stage_c, device, stages, dtype)
+    try:  # --pretrained "" = the Hugging Face cache
+        pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--pretrained: {e}")
+    what = "the official Würstchen v1 files (Paella Stage B)" if pipe.release == "v1" else \
+        "weights in the released layout"
+    print(f"{what} from {args.pretrained or 'the Hugging Face cache'} "
+          f"({'open_clip' if args.open_clip else 'transformers'} text encoders), "
+          f"{str(dtype).removeprefix('torch.')} on {device}, each stage loaded when needed")
+    return pipe
+
+
 def main(args):
+    if args.export:  # a conversion of the weights as they are stored: on the CPU, in float32
+        folders = export(open_pipeline(args, torch.device("cpu"), torch.float32), args.export)
+        print(f"wrote {' and '.join(folders)}: diffusers' Würstchen pipelines read them (README "
+              f"'Use your model in diffusers'), and so does `sample.py --pretrained {args.export}`")
+        return
     device = pick_device(args.device)
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = sampling_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     t0 = time.time()
-    if args.pretrained is not None:  # "" = the Hugging Face cache
-        try:
-            pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
-        except FileNotFoundError as e:
-            raise SystemExit(f"--pretrained: {e}")
-        print(f"released Würstchen {pipe.release} weights{' (Paella Stage B)' if pipe.release == 'v1' else ''} "
-              f"({'open_clip' if args.open_clip else 'transformers'} text encoders), "
-              f"{str(dtype).removeprefix('torch.')} on {device}, each stage loaded when needed")
-    else:
-        stages = "a" if args.reconstruct else "ab" if args.variation else "abc"
-        pipe = load_pipeline(args.stage_a, args.stage_b, args.stage_c, device, stages, dtype)
-    # flags left unset take the chain's defaults
+    stages = "a" if args.reconstruct else "ab" if args.variation else "abc"
+    pipe = open_pipeline(args, device, dtype, stages)
+    # flags left unset take the chain's defaults (CHAIN_DEFAULTS)
     chain = {k: v if getattr(args, k) is None else getattr(args, k)
-             for k, v in CHAIN_DEFAULTS[pipe.release or "v2"].items()}
-    steps_c, guidance_c, negative_prompt = chain["steps_c"] or DEFAULT_STAGE_C_TIMESTEPS, chain["guidance_c"], \
-        chain["negative_prompt"]
+             for k, v in CHAIN_DEFAULTS[pipe.release].items()}
+    steps_c = chain["steps_c"] or DEFAULT_STAGE_C_TIMESTEPS
+    guidance_c, negative_prompt = chain["guidance_c"], chain["negative_prompt"]
     width, height, _, note = round_size(args.width or pipe.image_size, args.height or pipe.image_size)
     if note:
         print(note)
     if args.reconstruct:
         x = read_images(args.reconstruct, width, height).to(device)
-        out = reconstruct(pipe, x)
+        out = stage_a_reconstruction(pipe, x)
         print(f"Stage A reconstruction PSNR {psnr(out, x):.2f} dB")
         save_outputs(torch.cat([x, out]), args.reconstruct + ["(reconstruction)"] * len(x), args.out_dir, "reconstruct")
         return
     common = dict(seed=args.seed, steps_b=args.steps_b, guidance_b=args.guidance_b,
                   temperature_b=tuple(args.temperature_b))
     if args.eval_toy:
-        images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy, steps_c=steps_c, guidance_c=guidance_c,
-                                         negative_prompt=negative_prompt, **common)
+        images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy, steps_c=steps_c,
+                                         guidance_c=guidance_c, negative_prompt=negative_prompt,
+                                         **common)
         print(json.dumps({k: round(v, 3) for k, v in acc.items()}))
         save_outputs(images, captions, args.out_dir, "eval_toy")
         with open(os.path.join(args.out_dir, "eval_toy.json"), "w") as f:
@@ -466,41 +581,41 @@ def main(args):
         if args.init_image:
             x = read_images(args.init_image, width, height)
             prompts = (prompts * len(x))[:len(x)]  # one prompt per input image
-            images = image_to_image(pipe, x, prompts, args.strength, negative_prompt, steps_c=steps_c,
-                                    guidance_c=guidance_c, **common)
+            images = image_to_image(pipe, x, prompts, args.strength, negative_prompt,
+                                    steps_c=steps_c, guidance_c=guidance_c, **common)
             captions = prompts
         else:
-            images = text_to_image(pipe, prompts, negative_prompt, args.n, width, height, steps_c=steps_c,
-                                   guidance_c=guidance_c, **common)
+            images = text_to_image(pipe, prompts, negative_prompt, args.n, width, height,
+                                   steps_c=steps_c, guidance_c=guidance_c, **common)
             captions = [p for p in prompts for _ in range(args.n)]
     save_outputs(images, captions, args.out_dir, "samples")
     print(f"{len(images)} images of {images.shape[-1]}x{images.shape[-2]} in {time.time() - t0:.1f}s on {device}")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints or the released v1 / v2 "
-                                "weights (text -> C -> B -> A).", formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints or the released "
+                                "v1 / v2 weights (text -> C -> B -> A).", formatter_class=HelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts_file", help="text file with one prompt per line")
-    p.add_argument("--negative_prompt", default=None, help="what Stage C guidance steers away from, and a Paella "
-                   "Stage B's (default: none; the released v1 chain: its notebook's)")
+    p.add_argument("--negative_prompt", default=None, help="what Stage C guidance steers away "
+                   "from, and a Paella Stage B's (default: none; the v1 files: the v1 notebook's)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--width", type=int, default=None, help="image width, rounded to 128-pixel steps "
-                   "(default: Stage C's training size)")
+                   "(default: the training size of the last stage used: C's, else B's, else A's)")
     p.add_argument("--height", type=int, default=None, help="image height, rounded to 128-pixel steps "
-                   "(default: Stage C's training size)")
-    p.add_argument("--steps_c", type=int, default=None, help="Stage C steps, 0 = the released 29-step grid "
-                   "(default: 0; the released v1 chain: 60)")
-    p.add_argument("--guidance_c", type=float, default=None, help="Stage C classifier-free guidance scale "
-                   "(default: 4; the released v1 chain: 6)")
-    p.add_argument("--steps_b", type=int, default=None, help="Stage B steps (default: its kind's, 12 DDPM steps for "
-                   "DiffNeXt, 8 for Paella)")
-    p.add_argument("--guidance_b", type=float, default=None, help="Stage B guidance scale (default: its kind's, "
-                   "DiffNeXt off as released (<= 1 = off), Paella w = 2 as the v1 notebook)")
+                   "(default: as --width)")
+    p.add_argument("--steps_c", type=int, default=None, help="Stage C steps, 0 = the released "
+                   "29-step grid (default: 0; the v1 files: 60)")
+    p.add_argument("--guidance_c", type=float, default=None, help="Stage C classifier-free guidance "
+                   "scale (default: 4; the v1 files: 6)")
+    p.add_argument("--steps_b", type=int, default=None, help="Stage B steps (default: its kind's, "
+                   "12 DDPM steps for DiffNeXt, 8 for Paella)")
+    p.add_argument("--guidance_b", type=float, default=None, help="Stage B guidance scale (default: "
+                   "its kind's, DiffNeXt off as released (<= 1 = off), Paella w = 2 as v1)")
     p.add_argument("--temperature_b", type=float, nargs=2, default=V1_SAMPLING["temperature"],
-                   metavar=("FIRST", "LAST"), help="a Paella Stage B's sampling temperature, linear from FIRST to "
-                   "LAST over its steps")
+                   metavar=("FIRST", "LAST"), help="a Paella Stage B's sampling temperature, "
+                   "linear from FIRST to LAST over its steps")
     p.add_argument("--variation", nargs="+", help="image(s) to make variations of (no prompt needed)")
     p.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: noise level to start from (0..1)")
@@ -513,13 +628,20 @@ def get_args(argv=None):
     p.add_argument("--out_dir", default="out/samples", help="where the grid and the single images go")
     p.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="use the released "
                    "Würstchen v2 weights instead of our checkpoints: from DIR (warp-ai/wuerstchen-prior and "
-                   "warp-ai/wuerstchen in DIR/wuerstchen-prior and DIR/wuerstchen), or without DIR from the "
-                   "Hugging Face cache; a DIR with the official v1 files (model_stage_b.pt ...) runs the v1 chain")
+                   "warp-ai/wuerstchen in DIR/wuerstchen-prior and DIR/wuerstchen, or an --export "
+                   "of ours), or without DIR from the Hugging Face cache; a DIR with the official "
+                   "v1 files (model_stage_b.pt ...) runs the v1 chain")
     p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text towers (ViT-bigG-14 "
                    "laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of the repositories' text_encoder/ folders")
+    p.add_argument("--export", metavar="DIR", help="write the models (our checkpoints, or "
+                   "--pretrained's) in the released layout, DIR/wuerstchen-prior and "
+                   "DIR/wuerstchen, for diffusers' Würstchen pipelines and --pretrained DIR; "
+                   "nothing is sampled")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype "
-                   "(auto: bfloat16 on CUDA, float32 elsewhere); --pretrained also stores the weights in it")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: bfloat16 on GPUs that support it, else float32; "
+                   "never float16, in which bf16-trained weights such as the released ones "
+                   "overflow); --pretrained also stores the weights in it")
     return p.parse_args(argv)
 
 

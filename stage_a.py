@@ -27,10 +27,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
-                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, psnr,
-                    read_json, recompute_batchnorm, rng_state, run_cli, save_checkpoint, save_image_grid,
-                    set_lr, set_rng_state, split_holdout, start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state,
+                    get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact,
+                    load_weights_file, log_line, no_sync, psnr, read_json, recompute_batchnorm,
+                    restore_rng, run_cli, save_checkpoint, save_image_grid, save_weights_file,
+                    set_lr, start_run, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -47,6 +48,12 @@ class StageAConfig:
     scale_factor: float = 0.3764  # latent std: encode() divides by it, decode() multiplies (measured when training)
     disc_c_hidden: int = 512  # patch discriminator width (training only)
     disc_depth: int = 6  # patch discriminator depth (training only)
+
+
+# StageAConfig field -> diffusers PaellaVQModel config key (both default to the released values)
+DIFFUSERS_NAMES = {"c_in": "in_channels", "c_hidden": "embed_dim", "levels": "levels",
+                   "bottleneck_blocks": "bottleneck_blocks", "c_latent": "latent_channels",
+                   "codebook_size": "num_vq_embeddings", "scale_factor": "scale_factor"}
 
 
 # One table: per preset the model config and the training defaults that flags left unset take.
@@ -223,10 +230,8 @@ class StageA(nn.Module):
         if os.path.isdir(path):
             hf = read_json(os.path.join(path, "config.json"))
             assert hf.get("up_down_scale_factor", 2) == 2 and hf.get("in_channels", 3) == hf.get("out_channels", 3)
-            cfg = StageAConfig(c_in=hf.get("in_channels", 3), c_hidden=hf.get("embed_dim", 384),
-                               levels=hf.get("levels", 2), bottleneck_blocks=hf.get("bottleneck_blocks", 12),
-                               c_latent=hf.get("latent_channels", 4), codebook_size=hf.get("num_vq_embeddings", 8192),
-                               scale_factor=hf.get("scale_factor", 0.3764))
+            cfg = StageAConfig(**{ours: hf[theirs] for ours, theirs in DIFFUSERS_NAMES.items()
+                                  if theirs in hf})
             sd = load_weights_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -240,6 +245,14 @@ class StageA(nn.Module):
             model = cls(cfg)
         load_exact(model, sd, what=f"Stage A weights from {path}")
         return model.eval()
+
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained: a diffusers `PaellaVQModel` folder, with this model's
+        scale_factor."""
+        config = {theirs: getattr(self.cfg, ours) for ours, theirs in DIFFUSERS_NAMES.items()}
+        config |= {"_class_name": "PaellaVQModel", "out_channels": self.cfg.c_in,
+                   "up_down_scale_factor": 2}
+        save_weights_file(folder, self.state_dict(), config)
 
 
 def load_stage_a(path, device="cpu"):
@@ -339,9 +352,8 @@ def train(args):
                f"world {rt.world_size} | config {asdict(cfg)}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the final PSNR
-    from data import ImageFolder
-    dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
-    trainset, holdout = split_holdout(dataset, args.num_holdout)
+    from data import image_batches, open_data
+    trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, _ = holdout_batch(holdout, rt.device)
 
     # models, EMA and optimizers (weights stay fp32; autocast does the low-precision compute)
@@ -376,15 +388,16 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
     model, disc = wrap_ddp(model, rt), wrap_ddp(disc, rt)
+    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
-    def save():
+    def save(run_state):
         cfg_out = asdict(cfg) | {"scale_factor": measure_scale_factor(ema, held_images)}
         ema.cfg.scale_factor = raw_model.cfg.scale_factor = cfg_out["scale_factor"]
         save_checkpoint(ckpt_path, {
             "stage": "stage_a", "step": step, "model_config": cfg_out, "model": raw_model.state_dict(),
             "ema": ema.state_dict(), "disc": raw_disc.state_dict(), "optimizer": opt.state_dict(),
             "optimizer_disc": opt_d.state_dict(), "scaler": scaler.state_dict(), "scaler_disc": scaler_d.state_dict(),
-            "train_config": vars(args), "deps": {"data": os.path.abspath(args.data)}, "rng": rng_state(),
+            "train_config": vars(args), "deps": {"data": os.path.abspath(args.data)}, **run_state,
             "code_counts": counts, "metrics": {"holdout_psnr": holdout_psnr()}})
 
     @torch.no_grad()
@@ -394,13 +407,14 @@ def train(args):
     gen_params = list(raw_model.parameters())
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored (the dead-code restarts draw from it after a resume)
-    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum)
+    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
+                               args.grad_accum, ckpt and ckpt.get("data"))
     counts = torch.zeros(cfg.codebook_size, device=rt.device)  # code usage since the last dead-code restart
     if ckpt:
-        set_rng_state(ckpt["rng"])
+        restore_rng(ckpt, rt)
         counts.copy_(ckpt["code_counts"])
     else:  # initialise the codebook on encoder outputs of a few images instead of the tiny uniform init
-        x0 = torch.stack([trainset[i][0] for i in range(min(len(trainset), 64))]).to(rt.device)
+        x0 = next(image_batches(trainset, 64, spread=False)).to(rt.device)
         with torch.no_grad():
             restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x0), counts, rt)
     pbar = None
@@ -434,10 +448,10 @@ def train(args):
                 scaler_d.scale(d_loss / args.grad_accum).backward()
             counts += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
             seen += len(x) * rt.world_size
-        grad_norm = optimizer_step(opt, scaler, args.grad_clip)
-        if use_gan:
-            optimizer_step(opt_d, scaler_d, args.grad_clip)
-        update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
+        optimizers = [(opt, scaler)] + [(opt_d, scaler_d)] * use_gan  # both stepped, or neither
+        grad_norm = guard.step(step, loss + d_loss if use_gan else loss, optimizers, args.grad_clip)
+        if guard.ok:
+            update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
             pbar.update(1)
@@ -447,23 +461,26 @@ def train(args):
                        "grad_norm": grad_norm.item()}
             if use_gan:
                 metrics |= {"g": g_loss.item(), "d": d_loss.item()}
-            logger.log(log_line(step, args.max_steps, metrics, lr, seen / (time.time() - t0)))
+            logger.log(log_line(step, args.max_steps, metrics, lr, seen / (time.time() - t0),
+                                guard.skipped))
             t0, seen = time.time(), 0
-        if step % args.restart_every == 0 and step < args.max_steps * RESTART_UNTIL:
+        if step % args.restart_every == 0 and step < args.max_steps * RESTART_UNTIL and guard.ok:
             with torch.no_grad():
                 restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x), counts, rt)
             counts.zero_()
-        preview, checkpoint = (rt.master and (step % every == 0 or step == args.max_steps)
+        preview, checkpoint = (step % every == 0 or step == args.max_steps
                                for every in (args.sample_every, args.save_every))
-        if preview or checkpoint:  # the EMA encoder's BatchNorm gets the statistics of its own weights
+        if rt.master and (preview or checkpoint):  # the EMA encoder's BatchNorm: its own statistics
             with rt.autocast():
-                recompute_batchnorm(ema, ema.encode_raw, trainset, device=rt.device)
-        if preview:
+                recompute_batchnorm(ema, ema.encode_raw, image_batches(trainset), device=rt.device)
+        if rt.master and preview:
             with torch.no_grad():  # held-out inputs (top) over their EMA reconstructions (bottom)
                 recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
             save_image_grid(torch.cat([held_images[:8], recon_h]), os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
         if checkpoint:
-            save()
+            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
+            if rt.master:
+                save(run_state)
     if pbar:
         pbar.close()
     if rt.master:

@@ -34,10 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch,
+from common import (CheckpointError, HelpFormatter, NonFiniteGuard, add_common_args,
+                    channels_last_convs, ema_decay_at, gather_run_state, get_lr, holdout_batch,
                     infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line, no_sync,
-                    optimizer_step, psnr, read_json, recompute_batchnorm, rng_state, run_cli, save_checkpoint,
-                    save_image_grid, set_lr, set_rng_state, split_holdout, start_run, update_ema, wrap_ddp)
+                    psnr, read_json, recompute_batchnorm, restore_rng, run_cli, same_size_batches,
+                    save_checkpoint, save_image_grid, save_weights_file, set_lr, sizes_of, start_run,
+                    update_ema, write_json, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
@@ -447,6 +449,21 @@ class StageB(nn.Module):
         load_exact(model, sd, what=f"Stage B weights from {path}")
         return model.eval()
 
+    def diffusers_config(self):
+        """The config.json of this model as a diffusers `WuerstchenDiffNeXt`: the same names but
+        `self_attn`, which it does not have (it always attends over [image ; text tokens])."""
+        if not self.cfg.self_attn:
+            raise ValueError("diffusers' WuerstchenDiffNeXt cannot represent this Stage B: its "
+                             "attention always attends over [image tokens ; text tokens] "
+                             "(self_attn=True), this one has self_attn=False")
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()}
+        del config["self_attn"]
+        return {"_class_name": "WuerstchenDiffNeXt"} | config
+
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained: a diffusers `WuerstchenDiffNeXt` folder."""
+        save_weights_file(folder, self.state_dict(), self.diffusers_config())
+
 
 def dome272_to_diffusers(sd):
     """Official key names -> ours/diffusers' (method §8.2): each packed nn.MultiheadAttention becomes
@@ -515,18 +532,29 @@ class SemanticCompressor(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, cfg=None):
-        """The `effnet_state_dict` of an official Stage B file, or a state-dict file: `model_v2_stage_b.pt`
-        (EfficientNetV2-S) or v1's `model_stage_b.pt` (V2-L, whose encoder returns (e + 1) / 42: v1_scaling).
-        The variant is read off the weights (V2-L has a ninth feature stage) unless `cfg` says."""
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        sd = sd.get("effnet_state_dict", sd)
-        v1 = "backbone.8.0.weight" in sd  # EfficientNetV2-L: features 0..8; V2-S: 0..7
-        cfg = cfg or CompressorConfig(backbone="efficientnet_v2_l" if v1 else "efficientnet_v2_s",
-                                      c_latent=sd["mapper.0.weight"].shape[0], v1_scaling=v1)
+        """The `effnet_state_dict` of an official Stage B file: `model_v2_stage_b.pt` (EfficientNetV2-S)
+        or v1's `model_stage_b.pt` (V2-L, whose encoder returns (e + 1) / 42: v1_scaling), the
+        variant read off the weights (V2-L has a ninth feature stage) unless `cfg` says; or a
+        state-dict file; or a folder written by save_pretrained (any backbone)."""
+        if os.path.isdir(path):
+            cfg = CompressorConfig(**read_json(os.path.join(path, "config.json")))
+            sd = load_weights_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = sd.get("effnet_state_dict", sd)
+            v1 = "backbone.8.0.weight" in sd  # EfficientNetV2-L: features 0..8; V2-S: 0..7
+            cfg = cfg or CompressorConfig(backbone="efficientnet_v2_l" if v1 else "efficientnet_v2_s",
+                                          c_latent=sd["mapper.0.weight"].shape[0], v1_scaling=v1)
         with torch.device("meta"):
             model = cls(cfg)
         load_exact(model, sd, what=f"semantic compressor weights from {path}")
         return model.eval()
+
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained(folder): config.json (the CompressorConfig) and
+        model.safetensors. For EfficientNetV2-S its keys are the official `effnet_state_dict`'s
+        (backbone.*, mapper.0, mapper.1), which diffusers' prior fine-tuning scripts load."""
+        save_weights_file(folder, self.state_dict(), asdict(self.cfg), name="model.safetensors")
 
 
 class TextEncoder(nn.Module):
@@ -569,7 +597,7 @@ class TextEncoder(nn.Module):
         self.special[pad_token] = self.special.get(pad_token, self.bpe.encoder.get(pad_token))
         if self.special[pad_token] is None:
             raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
-        self.pad_id = self.special[pad_token]
+        self.pad_token, self.pad_id = pad_token, self.special[pad_token]
         self.special_pattern = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")  # for tokenize()
         self.eval().requires_grad_(False)
 
@@ -580,6 +608,40 @@ class TextEncoder(nn.Module):
         if "state_dict" in spec:
             encoder.load_state_dict(spec["state_dict"])
         return encoder
+
+    def diffusers_config(self):
+        """The config.json of this tower as the pipelines' text encoder, a transformers
+        CLIPTextModel. Refused by name where CLIPTextModel cannot express it: another activation,
+        mixed LayerNorm eps, weights it has no place for (LayerScale, ...)."""
+        blocks = self.transformer.resblocks
+        act_names = {layer: name for name, layer in clip_activations().items()}
+        acts = {type(b.mlp.gelu) for b in blocks}
+        eps = {m.eps for m in self.modules() if isinstance(m, nn.LayerNorm)}
+        layer_keys = [f"attn.in_proj_{kind}" for kind in ("weight", "bias")] + [
+            f"{n}.{kind}" for n in CLIP_LAYER_NAMES.values() for kind in ("weight", "bias")]
+        keys = set(CLIP_NAMES.values()) | {  # the weights clip_text_to_transformers maps
+            f"transformer.resblocks.{i}.{k}" for i in range(len(blocks)) for k in layer_keys}
+        extra = sorted(set(self.state_dict()) ^ keys)
+        if len(acts) != 1 or not acts <= act_names.keys() or len(eps) != 1 or extra:
+            raise ValueError(f"the text tower {self.spec['name']!r} is not one transformers' "
+                             f"CLIPTextModel can express (activations "
+                             f"{sorted(a.__name__ for a in acts)}, LayerNorm eps {sorted(eps)}, "
+                             f"weights outside its layout: {extra[:5]})")
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                "vocab_size": 49408, "max_position_embeddings": CONTEXT_LENGTH,
+                "hidden_size": self.width, "num_attention_heads": self.heads,
+                "num_hidden_layers": len(blocks),
+                "intermediate_size": blocks[0].mlp.c_fc.out_features,
+                "hidden_act": act_names[acts.pop()], "layer_norm_eps": eps.pop(),
+                "bos_token_id": self.bpe.sot_token_id, "eos_token_id": self.bpe.eot_token_id,
+                "pad_token_id": self.pad_id}
+
+    def save_pretrained(self, folder, tokenizer_folder):
+        """The inverse of TextEncoder('transformers', folder, pad_token): a transformers
+        CLIPTextModel folder and a CLIP tokenizer folder with this encoder's pad token."""
+        save_weights_file(folder, clip_text_to_transformers(self), self.diffusers_config(),
+                          name="model.safetensors")
+        write_clip_tokenizer(tokenizer_folder, self.pad_token)
 
     def checkpoint_entry(self):
         """What a checkpoint stores: the spec, plus the weights when they are random (not re-creatable)."""
@@ -620,16 +682,30 @@ class TextEncoder(nn.Module):
         return self.ln_final(x).float()
 
 
+# transformers CLIPTextModel -> open_clip names: outside the layers, and in each layer (whose
+# q/k/v_proj are packed into one attn.in_proj, rows q, k, v)
+CLIP_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
+              "embeddings.position_embedding.weight": "positional_embedding",
+              "final_layer_norm.weight": "ln_final.weight",
+              "final_layer_norm.bias": "ln_final.bias"}
+CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
+                    "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def clip_activations():
+    """transformers' hidden_act name -> the open_clip activation, for those both have."""
+    import open_clip
+    return {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
+
+
 def clip_text_from_transformers(folder):
     """A transformers CLIPTextModel folder (config.json + model.safetensors or pytorch_model.bin; the released
     text_encoder/) -> (an open_clip text tower of its architecture on the meta device, its weights under open_clip's
-    names). Renames: embeddings -> token_embedding / positional_embedding; per layer q/k/v_proj -> one packed
-    attn.in_proj (rows q, k, v), out_proj, layer_norm1/2 -> ln_1/ln_2, mlp.fc1/fc2 -> mlp.c_fc/c_proj;
-    final_layer_norm -> ln_final. transformers itself is not needed (safetensors comes with open_clip)."""
+    names: CLIP_NAMES, CLIP_LAYER_NAMES). transformers itself is not needed (safetensors comes with
+    open_clip)."""
     import open_clip
     hf = read_json(os.path.join(folder, "config.json"))
-    act = hf.get("hidden_act", "quick_gelu")  # CLIPTextConfig's default; the LAION towers use "gelu"
-    acts = {"gelu": nn.GELU, "quick_gelu": open_clip.transformer.QuickGELU}
+    act, acts = hf.get("hidden_act", "quick_gelu"), clip_activations()  # CLIPTextConfig's default
     if act not in acts:
         raise ValueError(f"{folder}: activation {act!r} is not supported (only {list(acts)})")
     width, eps = hf["hidden_size"], hf.get("layer_norm_eps", 1e-5)
@@ -639,17 +715,52 @@ def clip_text_from_transformers(folder):
             heads=hf["num_attention_heads"], layers=hf["num_hidden_layers"], mlp_ratio=hf["intermediate_size"] / width,
             output_dim=None, act_layer=acts[act], norm_layer=lambda n: open_clip.transformer.LayerNorm(n, eps=eps))
     theirs = {k.removeprefix("text_model."): v for k, v in load_weights_file(folder).items()}
-    sd = {"token_embedding.weight": theirs["embeddings.token_embedding.weight"],
-          "positional_embedding": theirs["embeddings.position_embedding.weight"],
-          "ln_final.weight": theirs["final_layer_norm.weight"], "ln_final.bias": theirs["final_layer_norm.bias"]}
+    sd = {ours: theirs[name] for name, ours in CLIP_NAMES.items()}
     for i in range(hf["num_hidden_layers"]):
         src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             sd[f"{dst}attn.in_proj_{kind}"] = torch.cat([theirs[f"{src}self_attn.{n}_proj.{kind}"] for n in "qkv"])
-            for name, ours in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                               ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                sd[f"{dst}{ours}.{kind}"] = theirs[f"{src}{name}.{kind}"]
+            sd |= {f"{dst}{ours}.{kind}": theirs[f"{src}{name}.{kind}"]
+                   for name, ours in CLIP_LAYER_NAMES.items()}
     return tower, sd
+
+
+def clip_text_to_transformers(encoder):
+    """The inverse of clip_text_from_transformers: a TextEncoder's open_clip weights (any CLIP text
+    tower, the random 'tiny' one too) -> a transformers CLIPTextModel state dict (its config:
+    TextEncoder.diffusers_config)."""
+    sd = encoder.state_dict()
+    theirs = {name: sd[ours] for name, ours in CLIP_NAMES.items()}
+    for i in range(len(encoder.transformer.resblocks)):
+        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            q_k_v = sd[f"{src}attn.in_proj_{kind}"].chunk(3)  # (3 width, ...) -> 3 x (width, ...)
+            for n, w in zip("qkv", q_k_v):
+                theirs[f"{dst}self_attn.{n}_proj.{kind}"] = w.clone()  # safetensors: not shared
+            theirs |= {f"{dst}{name}.{kind}": sd[f"{src}{ours}.{kind}"]
+                       for name, ours in CLIP_LAYER_NAMES.items()}
+    return {f"text_model.{k}": v for k, v in theirs.items()}
+
+
+def write_clip_tokenizer(folder, pad_token):
+    """A CLIP tokenizer folder as the released tokenizer/ folders hold it, from open_clip's bundled
+    CLIP BPE: vocab.json and merges.txt (CLIP builds both from bpe_simple_vocab_16e6.txt.gz), the
+    special tokens under their Hugging Face names, `pad_token`. transformers' CLIPTokenizer(Fast)
+    reads it and gives TextEncoder's ids."""
+    import open_clip
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {names.get(token, token): i for token, i in bpe.encoder.items()}
+    write_json(os.path.join(folder, "vocab.json"), vocab)
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)  # pairs, in merge order
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": pad_token}
+    write_json(os.path.join(folder, "special_tokens_map.json"), special)
+    write_json(os.path.join(folder, "tokenizer_config.json"), special | {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH,
+        "do_lower_case": True, "errors": "replace"})
 
 
 def read_pad_token(folder):
@@ -868,18 +979,22 @@ class CompressorAndStageB(nn.Module):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen Stage A encoding of a whole (small) dataset, computed once up front instead of at every
-    step (there is no random augmentation, so it never changes): `encode` maps images to the latents (B, 4, S/4, S/4)
-    here, to the tokens (B, S/4, S/4) for Paella. Items are (image, caption, latent): the images are still read,
-    since the compressor trains on them. Every rank encodes the whole dataset."""
+    """--cache: the frozen Stage A encoding of a whole (small) dataset, computed once up front
+    instead of at every step (there is no random augmentation, so it never changes): `encode` maps
+    images to the latents (B, 4, H/4, W/4) here, to the tokens (B, H/4, W/4) for Paella. Items are
+    (image, caption, latent): the images are still read, since the compressor trains on them. Every
+    rank encodes the whole dataset. With aspect-ratio buckets the latents come in several shapes,
+    one per bucket (`sizes`, as the dataset's)."""
 
     def __init__(self, dataset, encode, rt, batch_size=64, num_workers=2, verbose=True):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        latents = []
-        for images, _ in tqdm(loader, desc="cache: Stage A encoding", disable=not verbose, leave=False):
+        self.dataset, self.sizes, self.latents = dataset, sizes_of(dataset), [None] * len(dataset)
+        batches = same_size_batches(dataset, batch_size, num_workers)
+        for indices, (images, _) in tqdm(batches, "cache: Stage A encoding", disable=not verbose,
+                                         leave=False):
             with torch.no_grad(), rt.autocast():
-                latents.append(encode(images.to(rt.device)).cpu())
-        self.dataset, self.latents = dataset, torch.cat(latents)  # (N, ...)
+                latents = encode(images.to(rt.device)).cpu()  # (B, 4, H/4, W/4) or (B, H/4, W/4)
+            for i, latent in zip(indices, latents):
+                self.latents[i] = latent
 
     def __len__(self):
         return len(self.dataset)
@@ -964,9 +1079,8 @@ def train(args):
                          f"expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
-    from data import ImageFolder
-    dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
-    trainset, holdout = split_holdout(dataset, args.num_holdout)
+    from data import image_batches, open_data
+    trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     with torch.no_grad():
         held_latents = stage_a.encode(held_images)  # (N, 4, S/4, S/4)
@@ -979,6 +1093,7 @@ def train(args):
     compressor = build_compressor(ccfg, args.no_imagenet or ckpt is not None, rt, logger)
     model = CompressorAndStageB(compressor, StageB(cfg), args.p_zero_effnet, args.p_noise_effnet,
                                 preset["latent_space"]).to(rt.device)
+    channels_last_convs(model.stage_b)  # as its activations: no gradient copies under DDP
     ema = deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
     scaler = rt.make_scaler()
@@ -991,16 +1106,17 @@ def train(args):
     step = ckpt["step"] if ckpt else 0
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored
-    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step, args.grad_accum)
+    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
+                               args.grad_accum, ckpt and ckpt.get("data"))
     if ckpt:
         model.restore(ckpt, ema, opt, scaler)
-        set_rng_state(ckpt["rng"])
+        restore_rng(ckpt, rt)
         logger.log(f"resumed from {ckpt_path} at step {step}")
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if rt.ddp:  # the compressor's BatchNorms see the global batch
-        model = wrap_ddp(nn.SyncBatchNorm.convert_sync_batchnorm(model), rt)
+    model = wrap_ddp(model, rt)  # under DDP, the compressor's BatchNorms see the global batch
+    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
     @torch.no_grad()
     def semantic_reconstruction(images, captions):
@@ -1012,12 +1128,12 @@ def train(args):
             latents = ddpm_sample(ema.stage_b, noise, args.steps_b, cond, generator=g)
             return stage_a.decode(latents).float().clamp(0, 1)
 
-    def save(metrics):
+    def save(metrics, run_state):
         space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)
         save_checkpoint(ckpt_path, {"stage": "stage_b", "kind": "diffnext", "step": step, "model_config": asdict(cfg),
                                     "compressor_config": asdict(ccfg)} | raw_model.checkpoint_entries(ema) | {
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": vars(args),
-            "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), "rng": rng_state(),
+            "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), **run_state,
             "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)},
             "metrics": metrics})
         return space
@@ -1045,21 +1161,23 @@ def train(args):
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
             seen += len(images) * rt.world_size
-        grad_norm = optimizer_step(opt, scaler, args.grad_clip)
-        update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
+        grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
+        if guard.ok:
+            update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
             pbar.update(1)
         if step % args.log_every == 0 or step == args.max_steps:
             logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
-                                seen / (time.time() - t0)))
+                                seen / (time.time() - t0), guard.skipped))
             t0, seen = time.time(), 0
-        preview, checkpoint = (rt.master and (step % every == 0 or step == args.max_steps)
+        preview, checkpoint = (step % every == 0 or step == args.max_steps
                                for every in (args.sample_every, args.save_every))
-        if preview or checkpoint:  # the EMA compressor's BatchNorms get the statistics of its own weights
+        if rt.master and (preview or checkpoint):  # the EMA compressor's BatchNorms: own statistics
             with rt.autocast():
-                recompute_batchnorm(ema.compressor, ema.compressor, trainset, device=rt.device)
-        if preview:
+                recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
+                                    device=rt.device)
+        if rt.master and preview:
             recon = semantic_reconstruction(held_images, held_captions)
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
             save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)  # inputs (top), reconstructions
@@ -1068,7 +1186,9 @@ def train(args):
                        f"(image -> compressor -> Stage B, {args.steps_b} steps -> Stage A; "
                        f"Stage A alone {stage_a_psnr:.2f} dB)")
         if checkpoint:
-            space = save(metrics)
+            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
+            if rt.master:
+                space = save(metrics, run_state)
     if pbar:
         pbar.close()
     if rt.master:

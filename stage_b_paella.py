@@ -35,10 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch,
-                    infinite_batches, load_exact, log_line, no_sync, optimizer_step, psnr,
-                    recompute_batchnorm, rng_state, run_cli, save_checkpoint, save_image_grid,
-                    set_lr, set_rng_state, split_holdout, start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs,
+                    ema_decay_at, gather_run_state, get_lr, holdout_batch, infinite_batches,
+                    load_exact, log_line, no_sync, psnr, recompute_batchnorm, restore_rng, run_cli,
+                    save_checkpoint, save_image_grid, set_lr, start_run, update_ema, wrap_ddp)
 from stage_a import load_stage_a
 from stage_b import (AttnBlock, CompressorAndStageB, CompressorConfig, Dropout, GlobalResponseNorm,
                      LatentCache, LayerNorm2d, ResBlock, StageB, StageBConfig, TimestepBlock,
@@ -405,9 +405,8 @@ def train(args):
                f"text {text_encoder.spec['name']} / {text_encoder.spec['pretrained']}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
-    from data import ImageFolder
-    dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
-    trainset, holdout = split_holdout(dataset, args.num_holdout)
+    from data import image_batches, open_data
+    trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     with torch.no_grad():
         held_tokens = stage_a.encode_indices(held_images)  # (N, S/4, S/4)
@@ -421,6 +420,7 @@ def train(args):
     compressor = build_compressor(ccfg, args.no_imagenet or ckpt is not None, rt, logger)
     model = CompressorAndPaella(compressor, Paella(cfg), args.p_zero_effnet, args.p_noise_effnet,
                                 preset["latent_space"]).to(rt.device)
+    channels_last_convs(model.stage_b)  # as its activations: no gradient copies under DDP
     ema = deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2),
                             weight_decay=args.weight_decay)
@@ -435,16 +435,16 @@ def train(args):
     # the batch stream is a function of the step (exact resume); making its iterator draws from the
     # global RNG, so it comes before the RNG state is restored
     batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
-                               args.grad_accum)
+                               args.grad_accum, ckpt and ckpt.get("data"))
     if ckpt:
         model.restore(ckpt, ema, opt, scaler)
-        set_rng_state(ckpt["rng"])
+        restore_rng(ckpt, rt)
         logger.log(f"resumed from {ckpt_path} at step {step}")
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if rt.ddp:  # the compressor's BatchNorms see the global batch
-        model = wrap_ddp(nn.SyncBatchNorm.convert_sync_batchnorm(model), rt)
+    model = wrap_ddp(model, rt)  # under DDP, the compressor's BatchNorms see the global batch
+    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
     @torch.no_grad()
     def semantic_reconstruction(images, captions):
@@ -456,14 +456,14 @@ def train(args):
                                  held_tokens.shape[-2:], g, steps=args.steps_b, cfg=args.guidance_b,
                                  temperature=tuple(args.temperature_b))
 
-    def save(metrics):
+    def save(metrics, run_state):
         space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)
         save_checkpoint(ckpt_path, {
             "stage": "stage_b", "kind": "paella", "step": step, "model_config": asdict(cfg),
             "compressor_config": asdict(ccfg)} | raw_model.checkpoint_entries(ema) | {
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "train_config": vars(args), "latent_space": space,
-            "text_encoder": text_encoder.checkpoint_entry(), "rng": rng_state(), "metrics": metrics,
+            "text_encoder": text_encoder.checkpoint_entry(), **run_state, "metrics": metrics,
             "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)}})
         return space
 
@@ -491,21 +491,24 @@ def train(args):
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
             seen += len(images) * rt.world_size
-        grad_norm = optimizer_step(opt, scaler, args.grad_clip)
-        update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
+        grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
+        if guard.ok:
+            update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
             pbar.update(1)
         if step % args.log_every == 0 or step == args.max_steps:
             metrics_now = {"loss": loss.item(), "acc": acc.item(), "grad_norm": grad_norm.item()}
-            logger.log(log_line(step, args.max_steps, metrics_now, lr, seen / (time.time() - t0)))
+            logger.log(log_line(step, args.max_steps, metrics_now, lr, seen / (time.time() - t0),
+                                guard.skipped))
             t0, seen = time.time(), 0
-        preview, checkpoint = (rt.master and (step % every == 0 or step == args.max_steps)
+        preview, checkpoint = (step % every == 0 or step == args.max_steps
                                for every in (args.sample_every, args.save_every))
-        if preview or checkpoint:  # the EMA compressor's BatchNorms get its own weights' statistics
+        if rt.master and (preview or checkpoint):  # the EMA compressor's BatchNorms: own statistics
             with rt.autocast():
-                recompute_batchnorm(ema.compressor, ema.compressor, trainset, device=rt.device)
-        if preview:
+                recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
+                                    device=rt.device)
+        if rt.master and preview:
             recon = semantic_reconstruction(held_images, held_captions)
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
             # held-out inputs (top) over their reconstructions (bottom)
@@ -515,7 +518,9 @@ def train(args):
                        f"(image -> compressor -> Paella, {args.steps_b} steps -> Stage A codebook; "
                        f"Stage A alone, quantised {stage_a_psnr:.2f} dB)")
         if checkpoint:
-            space = save(metrics)
+            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
+            if rt.master:
+                space = save(metrics, run_state)
     if pbar:
         pbar.close()
     if rt.master:

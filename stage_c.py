@@ -26,13 +26,15 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (HelpFormatter, add_common_args, ema_decay_at, get_lr, holdout_batch, infinite_batches,
-                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, optimizer_step, read_json,
-                    rng_state, run_cli, save_captioned_grid, save_checkpoint, set_lr, set_rng_state, split_holdout,
-                    start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs,
+                    ema_decay_at, gather_run_state, get_lr, holdout_batch, infinite_batches,
+                    load_checkpoint, load_exact, load_weights_file, log_line, no_sync, read_json,
+                    restore_rng, run_cli, same_size_batches, save_captioned_grid, save_checkpoint,
+                    save_weights_file, set_lr, sizes_of, start_run, update_ema, wrap_ddp)
 from stage_a import load_stage_a
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, AttnBlock, ResBlock, TextEncoder, TimestepBlock,
-                     add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss, dome272_to_diffusers,
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, AttnBlock,
+                     ResBlock, TextEncoder, TimestepBlock, add_text_encoder_args,
+                     build_text_encoder, ddpm_sample, diffusion_loss, dome272_to_diffusers,
                      LayerNorm2d, load_stage_b, r_embedding)
 from stage_b_paella import STAGE_B_KINDS, V1_SAMPLING, Paella, sample_images
 
@@ -181,6 +183,11 @@ class StageC(nn.Module):
         load_exact(model, sd, what=f"Stage C weights from {path}")
         return model.eval()
 
+    def save_pretrained(self, folder):
+        """The inverse of from_pretrained: a diffusers `WuerstchenPrior` folder (the same config names)."""
+        config = {"_class_name": "WuerstchenPrior"} | asdict(self.cfg)
+        save_weights_file(folder, self.state_dict(), config)
+
 
 # -----------------------------------------------------------------------------
 # diffusion / loss (schedule, t sampling and the P2-weighted loss are Stage B's: stage_b.diffusion_loss)
@@ -197,21 +204,25 @@ def to_stage_b_space(y, latent_space):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen models' outputs for a whole (small) dataset, computed once, so that a training step costs
-    only the prior. Items are (y (16, h, w), caption index); `text` holds one embedding per distinct caption plus
-    the empty caption last (`empty_index`), which caption dropout swaps in. Every rank computes the whole cache."""
+    """--cache: the frozen models' outputs for a whole (small) dataset, computed once, so that a
+    training step costs only the prior. Items are (y (16, h, w), caption index); `text` holds one
+    embedding per distinct caption plus the empty caption last (`empty_index`), which caption
+    dropout swaps in. Every rank computes the whole cache. With aspect-ratio buckets the latents
+    come in several shapes, one per bucket (`sizes`, as the dataset's)."""
 
     @torch.no_grad()
     def __init__(self, dataset, compressor, text_encoder, latent_space, device, batch_size=64, num_workers=2,
                  verbose=True):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        latents, captions = [], []
-        for images, caps in tqdm(loader, desc="cache: semantic latents", disable=not verbose, leave=False):
-            latents.append(to_stage_c_space(compressor(images.to(device)), latent_space).cpu())
-            captions += caps
+        self.sizes, n = sizes_of(dataset), len(dataset)
+        self.latents, captions = [None] * n, [None] * n  # latents: (16, h, w) each
+        batches = same_size_batches(dataset, batch_size, num_workers)
+        for indices, (images, caps) in tqdm(batches, "cache: semantic latents",
+                                            disable=not verbose, leave=False):
+            y = to_stage_c_space(compressor(images.to(device)), latent_space).cpu()  # (B, 16, h, w)
+            for i, y_i, caption in zip(indices, y, caps):
+                self.latents[i], captions[i] = y_i, caption
         distinct = sorted(set(captions) - {""}) + [""]
         index = {c: i for i, c in enumerate(distinct)}
-        self.latents = torch.cat(latents)  # (N, 16, h, w)
         self.text_index = torch.tensor([index[c] for c in captions])  # (N,)
         self.text = torch.cat([text_encoder.encode(distinct[i:i + batch_size])
                                for i in range(0, len(distinct), batch_size)])  # (distinct + 1, 77, c_cond)
@@ -314,15 +325,17 @@ def train(args):
     logger.log(f"training config: {vars(args)}")
 
     # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data: every colour x shape)
-    from data import ImageFolder, toy_look, toy_prompt_following, toy_prompts
-    dataset = ImageFolder(args.data, args.image_size, verbose=rt.master)
-    trainset, holdout = split_holdout(dataset, args.num_holdout)
+    from data import open_data, toy_look, toy_prompt_following, toy_prompts
+    trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     look = toy_look(held_captions)  # a toy look's vocabulary, else None
     toy_targets = [(c, s) for _, c, s in toy_prompts(look)] if look else None
     prompts = [p for p, _, _ in toy_prompts(look)] if look else held_captions
     with torch.no_grad(), rt.autocast():
         latent_hw = tuple(compressor(held_images[:1]).shape[-2:])  # (h, w) = side / 42.67
+    # --buckets: previews also at every other training size (w, h), whose latent is (h, w) / 42.67
+    sizes = sizes_of(trainset) or getattr(trainset, "bucket_sizes", None) or []
+    other_sizes = sorted(set(sizes) - {(args.image_size, args.image_size)})
     cache = None
     if args.cache:
         t0 = time.time()
@@ -330,12 +343,14 @@ def train(args):
             cache = LatentCache(trainset, compressor, text_encoder, latent_space, rt.device,
                                 num_workers=args.num_workers, verbose=rt.master)
         cache.text = cache.text.to(rt.device)
-        logger.log(f"cache: {len(cache)} semantic latents {tuple(cache.latents.shape[1:])} (std "
-                   f"{cache.latents.std():.3f}, ~1 expected), {len(cache.text)} distinct captions (with the empty "
-                   f"one), {time.time() - t0:.1f} s")
+        shapes = ", ".join(map(str, sorted({tuple(y.shape) for y in cache.latents})))
+        std = torch.cat([y.flatten() for y in cache.latents]).std()
+        logger.log(f"cache: {len(cache)} semantic latents {shapes} (std {std:.3f}, ~1 expected), "
+                   f"{len(cache.text)} distinct captions (with the empty one), "
+                   f"{time.time() - t0:.1f} s")
 
     # model, EMA, optimizer (AdamW, weight decay 0.01 and beta2 0.999 in the reference Stage C script, method §6.5)
-    model = StageC(cfg).to(rt.device)
+    model = channels_last_convs(StageC(cfg).to(rt.device))  # as the activations: no DDP grad copies
     model.grad_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
@@ -355,38 +370,47 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
     model = wrap_ddp(model, rt)
+    guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
     @torch.no_grad()
     def preview():
         """Fixed prompts and noise -> EMA Stage C (CFG) -> Stage B -> Stage A; the grid and, on toy data, accuracy."""
         g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
         timesteps = args.steps_c or DEFAULT_STAGE_C_TIMESTEPS
-        with rt.autocast():
-            y = sample_stage_c(ema, text_encoder, prompts, latent_hw, timesteps, args.guidance_c, generator=g)
-            images = decode_stage_c(y, prompts, parts_b["stage_b"], parts_b["text_encoder"], latent_space, stage_a,
-                                    args.steps_b, generator=g)
+
+        def draw(prompts, hw):
+            with rt.autocast():
+                y = sample_stage_c(ema, text_encoder, prompts, hw, timesteps, args.guidance_c,
+                                   generator=g)
+                return y, decode_stage_c(y, prompts, parts_b["stage_b"], parts_b["text_encoder"],
+                                         latent_space, stage_a, args.steps_b, generator=g)
+        y, images = draw(prompts, latent_hw)
         path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
         save_captioned_grid(images, prompts, path)
+        for w, h in other_sizes:  # one row of the first prompts per other bucket size
+            hw = (round(h / RESOLUTION_MULTIPLE), round(w / RESOLUTION_MULTIPLE))
+            _, images = draw(prompts[:6], hw)
+            save_captioned_grid(images, prompts[:6], path.replace(".png", f"_{w}x{h}.png"))
         metrics = {"y_std": y.float().std().item()}  # ~1 when the prior's samples match the data's spread
         if toy_targets:
             metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(images, toy_targets, look)
         logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         return metrics
 
-    def save(metrics):
+    def save(metrics, run_state):
         save_checkpoint(ckpt_path, {
             "stage": "stage_c", "step": step, "model_config": asdict(cfg), "model": raw_model.state_dict(),
             "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "train_config": vars(args), "text_encoder": text_encoder.checkpoint_entry(),
-            "latent_space": latent_space, "rng": rng_state(), "metrics": metrics,
+            "latent_space": latent_space, **run_state, "metrics": metrics,
             "deps": {"stage_b": os.path.abspath(args.stage_b), "stage_a": os.path.abspath(args.stage_a),
                      "data": os.path.abspath(args.data)}})
 
     # the cache is indexed in memory: no loader workers needed
     batches = infinite_batches(cache if cache else trainset, args.batch_size, rt, 0 if cache else args.num_workers,
-                               args.seed, step, args.grad_accum)
+                               args.seed, step, args.grad_accum, ckpt and ckpt.get("data"))
     if ckpt:  # after building the loader, which draws its base seed from this RNG in every run
-        set_rng_state(ckpt["rng"])
+        restore_rng(ckpt, rt)
     pbar = tqdm(total=args.max_steps, initial=step, desc="stage C", dynamic_ncols=True) if rt.master else None
     metrics = {}
     t0, seen = time.time(), 0
@@ -406,19 +430,22 @@ def train(args):
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
             seen += len(y) * rt.world_size
-        grad_norm = optimizer_step(opt, scaler, args.grad_clip)
-        update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
+        grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
+        if guard.ok:
+            update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         if pbar:
             pbar.update(1)
         if step % args.log_every == 0 or step == args.max_steps:
             logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
-                                seen / (time.time() - t0)))
+                                seen / (time.time() - t0), guard.skipped))
             t0, seen = time.time(), 0
         if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
             metrics = preview()
-        if rt.master and (step % args.save_every == 0 or step == args.max_steps):
-            save(metrics)
+        if step % args.save_every == 0 or step == args.max_steps:
+            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
+            if rt.master:
+                save(metrics, run_state)
     if pbar:
         pbar.close()
     if rt.master:

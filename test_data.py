@@ -1,4 +1,8 @@
-"""Tests for data.py: the toy set, the toy classifier, ImageFolder on a messy folder, the CLI. CPU, seconds."""
+"""Tests for data.py: the toy set, the toy classifier, ImageFolder on a messy folder, metadata
+captions, aspect-ratio buckets, tar shards (sources, bad members, epochs over ranks and workers,
+resume), the CLI. CPU, seconds."""
+import io
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may touch the network
@@ -7,6 +11,9 @@ import random
 import re
 import runpy
 import sys
+import tarfile
+from collections import Counter
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -256,3 +263,241 @@ def test_cli(tmp_path, monkeypatch, capsys):
             run_cli(monkeypatch, command, "-h")
         help_text = capsys.readouterr().out
         assert all(flag in help_text for flag in flags) and "default" in help_text
+
+
+# ---- captions from metadata files
+
+
+def test_metadata_captions(tmp_path, capsys):
+    for name in ("a.png", "b.png", "sub/c.png", "sub/d.png", "e.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("from a.txt")  # a .txt wins over a metadata row
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "not this"}\n'
+                                             '{"file_name": "b.png", "text": "from jsonl"}\n\n')
+    csv = 'file_name,text\nc.png,"from csv, quoted"\nd.png,\n'
+    (tmp_path / "sub" / "metadata.csv").write_text(csv)
+    dataset = ImageFolder(tmp_path, 8)
+    report = f"data: 5 images in {tmp_path}, 1 with .txt captions, 3 with metadata captions"
+    assert capsys.readouterr().out.startswith(report)
+    captions = {os.path.relpath(p, tmp_path): dataset[i][1] for i, p in enumerate(dataset.paths)}
+    sub = os.path.join("sub", "")
+    assert captions == {"a.png": "from a.txt", "b.png": "from jsonl", "e.png": "",
+                        sub + "c.png": "from csv, quoted", sub + "d.png": ""}
+
+
+# ---- aspect-ratio buckets
+
+
+def test_bucket_sizes_fit_every_stage():
+    from sample import round_size
+    from stage_b import LATENT_DIM_SCALE, PRESETS as B, RESOLUTION_MULTIPLE
+    assert data.bucket_sizes(1024) == [(768, 1408), (896, 1152), (1024, 1024), (1152, 896),
+                                       (1408, 768)]
+    assert data.bucket_sizes(256) == [(256, 256)]
+    assert data.bucket_sizes(256, 4) == [(128, 512), (256, 256), (512, 128)]
+    for size, ratio in ((256, 4), (512, 2), (768, 2), (1024, 2), (1024, 4)):
+        sizes = data.bucket_sizes(size, ratio)
+        assert (size, size) in sizes and len(sizes) % 2 == 1
+        for w, h in sizes:
+            assert round_size(w, h)[:2] == (w, h)  # sample.py draws exactly this size
+            assert 1 / ratio <= w / h <= ratio and 0.85 < w * h / size**2 < 1.15
+            for side in (w, h):  # Stage C latent side a multiple of 3, Stage B's through its levels
+                n = round(side / RESOLUTION_MULTIPLE)
+                assert n % 3 == 0 and int(n * LATENT_DIM_SCALE) * 4 == side
+                for cfg in (B["tiny"]["model"], B["paper"]["model"]):
+                    assert (side // 4) % (cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)) == 0
+    with pytest.raises(ValueError, match="multiple of 128"):
+        data.bucket_sizes(200)
+
+
+def test_imagefolder_buckets(tmp_path, capsys):
+    sides = [(300, 100)] * 5 + [(100, 100)] * 6 + [(90, 200)] * 4 + [(100, 330)]
+    for i, (w, h) in enumerate(sides):
+        Image.new("RGB", (w, h), "blue").save(tmp_path / f"{i:02d}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone photo stored landscape, shown portrait
+    Image.new("RGB", (200, 90), "blue").save(tmp_path / "rotated.jpg", exif=exif)
+    dataset = ImageFolder(tmp_path, 256, buckets=4, min_per_bucket=2)
+    assert "buckets 128x512: 6, 256x256: 6, 512x128: 5" in capsys.readouterr().out
+    assert dataset.sizes[-1] == (128, 512)  # the EXIF rotation counts
+    for i in (0, 7, 12, 16):
+        w, h = dataset.sizes[i]
+        assert dataset[i][0].shape == (3, h, w)
+    # 5 landscape images are too few for batches of 6: they join the nearest size
+    merged = ImageFolder(tmp_path, 256, verbose=False, buckets=4, min_per_bucket=6)
+    assert sorted(Counter(merged.sizes).items()) == [((128, 512), 6), ((256, 256), 11)]
+
+
+def test_bucket_sampler_one_size_per_batch_any_world_size():
+    from common import StepSampler
+    sizes = [(128, 512)] * 7 + [(256, 256)] * 20 + [(512, 128)] * 3
+    sizes = [sizes[i] for i in torch.randperm(30, generator=torch.Generator().manual_seed(1))]
+    batch = 4  # global: 4 ranks x 1, 2 ranks x 2, or 1 rank x 2 micro-batches x 2
+    one = iter(StepSampler(30, batch, seed=3, sizes=sizes, batch=batch))
+    steps = [list(islice(one, batch)) for _ in range(12)]  # two epochs and a bit
+    assert all(len({sizes[i] for i in s}) == 1 for s in steps)
+    assert StepSampler(30, batch, 3, sizes=sizes, batch=batch).length == 4 * (2 + 5 + 1)  # filled
+    epoch = [i for s in steps[:8] for i in s]
+    assert set(epoch) == set(range(30)) and steps[8:] != steps[:4]  # every image; reshuffled
+    for world in (2, 4):  # the same global batches, split over ranks
+        ranks = [iter(StepSampler(30, batch, 3, 0, r, world, sizes, batch)) for r in range(world)]
+        for s in steps:
+            assert sum((list(islice(it, batch // world)) for it in ranks), []) == s
+    # --grad_accum 2, resumed at step 5: the same images from there on
+    resumed = StepSampler(30, batch // 2, 3, start=5 * batch, sizes=sizes, batch=batch)
+    assert list(islice(iter(resumed), 3 * batch)) == sum(steps[5:8], [])
+
+
+# ---- tar shards
+
+
+def write_tar(path, members):
+    """A tar file of (name, bytes) members, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def png_bytes(color, size=(24, 16)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The same 12 captioned images as a folder and as tar shards (img2dataset names, .txt or .json
+    captions), with among them: a truncated JPEG, a sample without an image, a non-image .jpg, and a
+    last shard cut off in its last sample."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    colors = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(12)]
+    (root / "folder").mkdir()
+    for i, color in enumerate(colors):
+        (root / "folder" / f"{i:02d}.png").write_bytes(png_bytes(color))
+        (root / "folder" / f"{i:02d}.txt").write_text(f"sample {i}")
+    jpeg = save_bytes(root / "cut.jpg", Image.new("RGB", (32, 32), "red"), "JPEG", quality=95)
+    members = []
+    for i, color in enumerate(colors):
+        json_caption = json.dumps({"caption": f"sample {i}", "url": "x"}).encode()
+        txt_caption = f"sample {i}".encode()
+        caption = (f"{i:08d}.txt", txt_caption) if i % 2 else (f"{i:08d}.json", json_caption)
+        members.append([(f"{i:08d}.png", png_bytes(color)), caption])
+    members[1].append(("00000100.jpg", jpeg[: len(jpeg) // 2]))  # its own key: a truncated JPEG
+    members[5].append(("00000101.txt", b"a caption without an image"))
+    members[9].append(("00000102.jpg", b"not a JPEG"))
+    members[11].append(("00000103.png", png_bytes("red") * 9))  # cut off below
+    (root / "tars").mkdir()
+    for shard, (first, last) in enumerate(((0, 4), (4, 8), (8, 11), (11, 12))):
+        write_tar(root / "tars" / f"{shard:05d}.tar", [m for s in members[first:last] for m in s])
+    cut = root / "tars" / "00003.tar"
+    with tarfile.open(cut) as tar:
+        end = tar.getmember("00000103.png").offset_data + 100
+    cut.write_bytes(cut.read_bytes()[:end])  # the shard ends there
+    return root
+
+
+def test_shard_sources(shards, tmp_path):
+    tars = sorted(str(p) for p in (shards / "tars").glob("*.tar"))
+    assert data.shard_list(str(shards / "tars")) == tars
+    assert data.shard_list(str(shards / "tars" / "{00000..00002}.tar")) == tars[:3]
+    assert data.expand_braces("s/{a,b}/{08..10}.tar") == [
+        "s/a/08.tar", "s/a/09.tar", "s/a/10.tar", "s/b/08.tar", "s/b/09.tar", "s/b/10.tar"]
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"# a comment\n\n{os.path.relpath(tars[0], tmp_path)}\n"
+                       f"https://host/x/{{0..1}}.tar\nfile://{tars[1]}\n")
+    assert data.shard_list(str(listing)) == [
+        tars[0], "https://host/x/0.tar", "https://host/x/1.tar", f"file://{tars[1]}"]
+    assert data.shard_list(str(shards / "folder")) is None
+    assert data.shard_list(str(tmp_path / "nope")) is None
+    stream = data.ShardStream([f"file://{tars[1]}"], 16, verbose=False)  # a URL, through urllib
+    assert [key for key, _ in stream.samples(0)] == [f"{i:08d}" for i in (4, 5, 101, 6, 7)]
+
+
+def test_shards_give_the_folders_samples(shards, capsys):
+    folder = ImageFolder(shards / "folder", 16, verbose=False)
+    expected = {folder[i][1]: folder[i][0] for i in range(len(folder))}
+    tars = data.shard_list(str(shards / "tars"))
+    stream = data.ShardStream(tars, 16, shuffle_buffer=1)  # no shuffling
+    held = stream.holdout(2)
+    assert [c for _, c in held] == ["sample 0", "sample 1"]
+    stream.start(seed=0, micro=1, rank=0, world=1, workers=1)
+    got = [(images[0], captions[0]) for images, captions, _ in islice(iter(stream), 10)]
+    # one epoch: every trainable sample once
+    assert sorted(c for _, c in got) == sorted(set(expected) - {"sample 0", "sample 1"})
+    for image, caption in held + got:
+        assert torch.equal(image, expected[caption]), caption
+    out = capsys.readouterr().out  # every bad sample and the cut shard is counted and named
+    for bad in ("00000.tar:00000100 (", "00001.tar:00000101 (no image)",
+                "00002.tar:00000102 (not an image)", "00003.tar (unexpected end of data)"):
+        assert bad in out, out
+
+
+@pytest.fixture(scope="module")
+def clean_shards(tmp_path_factory):
+    """8 shards of 4 one-colour images, captioned "0" ... "31"."""
+    root = tmp_path_factory.mktemp("clean")
+    for shard in range(8):
+        write_tar(root / f"{shard:05d}.tar", [
+            (f"{i:03d}.{ext}", png_bytes((i, 0, 0)) if ext == "png" else str(i).encode())
+            for i in range(4 * shard, 4 * shard + 4) for ext in ("png", "txt")])
+    return data.shard_list(str(root))
+
+
+def stream_batches(shards, rank=0, world=1, workers=0, state=None, batch=2):
+    """infinite_batches over a fresh ShardStream as rank `rank` of `world` runs it (micro-batches of
+    `batch` images)."""
+    from common import Runtime, infinite_batches
+    rt = Runtime(torch.device("cpu"), ddp=world > 1, rank=rank, world_size=world)
+    stream = data.ShardStream(shards, 8, shuffle_buffer=4, verbose=False)
+    return infinite_batches(stream, batch * world, rt, workers, seed=5, state=state)
+
+
+def test_shard_epochs_over_2_ranks_x_2_workers(clean_shards):
+    ranks = [stream_batches(clean_shards, rank, 2, workers=2) for rank in (0, 1)]
+    # 4 readers x 2 shards x 4 images: each reader's first 4 micro-batches are its share of epoch 0
+    epochs = [[c for b in ranks for _ in range(8) for c in next(b)[1]] for _ in range(2)]
+    for epoch in epochs:
+        assert sorted(epoch, key=int) == [str(i) for i in range(32)]  # every image once, none twice
+    assert epochs[0] != epochs[1]  # another order
+    assert [sorted(b.positions) for b in ranks] == [[0, 1], [2, 3]]  # rank 0's workers, rank 1's
+
+
+def test_shard_stream_resumes_exactly_and_with_other_readers(clean_shards):
+    full = stream_batches(clean_shards, workers=2)
+    for _ in range(5):  # odd: the resumed loader's first worker must play the second reader
+        next(full)
+    state = full.stream.state(full.positions, full.served)
+    resumed = stream_batches(clean_shards, workers=2, state=state)
+    for _ in range(7):  # same readers: the very same batches
+        a, b = next(full), next(resumed)
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    # 4 readers (2 ranks x 2 workers) stop after 3 micro-batches each; 1 reader does epoch 0's rest
+    ranks = [stream_batches(clean_shards, rank, 2, workers=2) for rank in (0, 1)]
+    before = [c for batches in ranks for _ in range(6) for c in next(batches)[1]]
+    state = ranks[0].stream.state({**ranks[0].positions, **ranks[1].positions}, 6)
+    one = stream_batches(clean_shards, state=state, batch=1)
+    after, cursor = [], one.stream.cursor(0)
+    while cursor[0] < len(clean_shards):  # slots of epoch 0 (blocks of 4 are whole shards here)
+        after += next(one)[1]
+        cursor = one.positions[0]
+    assert set(before + after) == {str(i) for i in range(32)}  # nothing missed
+    assert len(before) + len(after) <= 32 + 4 * 4  # at most one block per old reader seen twice
+
+
+def test_shard_buckets(tmp_path):
+    """With buckets, a shard reader sorts each shuffle block by size before batching: one size per
+    batch, every image at the size of its own aspect ratio when the block's sizes come in whole
+    batches."""
+    sides = [(80, 320), (160, 160), (320, 80)]
+    write_tar(tmp_path / "00000.tar", [
+        (f"{i:03d}.{ext}", png_bytes("red", sides[i % 3]) if ext == "png" else b"x")
+        for i in range(12) for ext in ("png", "txt")])
+    stream = data.ShardStream(data.shard_list(str(tmp_path)), 256, buckets=4, shuffle_buffer=6,
+                              verbose=False)
+    stream.start(seed=0, micro=2, rank=0, world=1, workers=1)
+    sizes = [tuple(images.shape[:-3:-1]) for images, _, _ in islice(iter(stream), 12)]  # (w, h)
+    assert Counter(sizes) == {(128, 512): 4, (256, 256): 4, (512, 128): 4}

@@ -2,7 +2,8 @@
 pipeline folders of warp-ai/wuerstchen-prior and warp-ai/wuerstchen (prior / decoder / vqgan, transformers CLIP text
 models, CLIP tokenizers, scheduler, model_index.json) and the official dome272 .pt files. Our chain must give the
 image of diffusers' own pipelines from the same seed, our text encoder the hidden states of transformers'
-CLIPTextModel, and a missing download must fail at once with instructions."""
+CLIPTextModel, and a missing download must fail at once with instructions. And the other direction, sample.py
+--export: our checkpoints in that layout must give our image in diffusers' pipelines and in --pretrained."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests
@@ -55,23 +56,12 @@ def randomize(model, seed):
 
 
 def write_tokenizer(folder, pad_token):
-    """The files of a released CLIP tokenizer folder, built offline from open_clip's bundled CLIP BPE (vocab.json +
-    merges.txt, as CLIP builds its vocabulary from bpe_simple_vocab_16e6.txt.gz), with the given pad token, and a
-    transformers CLIPTokenizer read from them."""
-    import open_clip
+    """The files of a released CLIP tokenizer folder (stage_b.write_clip_tokenizer: vocab.json and
+    merges.txt from open_clip's bundled CLIP BPE, the special tokens, the pad token), and the
+    transformers CLIPTokenizer (the fast one) that reads them."""
     from transformers import CLIPTokenizer
-    bpe = open_clip.tokenizer.SimpleTokenizer()
-    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({names.get(k, k): v for k, v in bpe.encoder.items()}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)))
-    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-        json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
-                   "unk_token": "<|endoftext|>"}, f)
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), pad_token=pad_token,
-                         model_max_length=77)
+    stage_b.write_clip_tokenizer(folder, pad_token)
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 def clip_text_model(which, seed):
@@ -128,10 +118,10 @@ def released(tmp_path_factory):
     return root, official
 
 
-def reference_images(root, prompt, width, height, seed, negative_prompt=None, decoder_guidance=0.0):
-    """diffusers' own pipelines on the folders' components: prior (29-step grid, CFG 4) then decoder (12 steps, no
-    CFG by default), one generator through both, as WuerstchenCombinedPipeline does. (DiffusionPipeline's
-    from_pretrained cannot resolve the deprecated model classes model_index.json names: components load one by one.)"""
+def reference_pipelines(root):
+    """diffusers' own prior and decoder pipelines on the folders' components, with the values of
+    model_index.json. (In diffusers >= 0.38 no from_pretrained of these pipelines resolves the model
+    classes that model_index.json names: the components load one by one.)"""
     from diffusers import DDPMWuerstchenScheduler
     from diffusers.pipelines.deprecated import wuerstchen as W
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -152,6 +142,13 @@ def reference_images(root, prompt, width, height, seed, negative_prompt=None, de
                                           latent_dim_scale=index["latent_dim_scale"], **common)
     for pipe in (prior, decoder):
         pipe.set_progress_bar_config(disable=True)
+    return prior, decoder
+
+
+def reference_images(root, prompt, width, height, seed, negative_prompt=None, decoder_guidance=0.0):
+    """diffusers' prior (29-step grid, CFG 4) then decoder (12 steps, no CFG by default) pipelines,
+    one generator through both, as WuerstchenCombinedPipeline does."""
+    prior, decoder = reference_pipelines(root)
     g = torch.Generator().manual_seed(seed)
     embeddings = prior(prompt, height=height, width=width, timesteps=DEFAULT_STAGE_C_TIMESTEPS, guidance_scale=4.0,
                        negative_prompt=negative_prompt, generator=g, output_type="pt").image_embeddings
@@ -222,28 +219,21 @@ def test_text_encoder_equals_transformers(tmp_path, pad_token):
 
 
 @torch.no_grad()
-def test_open_clip_tower_equals_transformers():
-    """The other direction: an open_clip tower (what TextEncoder('ViT-bigG-14' / 'ViT-H-14') builds) with its weights
-    copied into a CLIPTextModel gives the same hidden states, padding with '!' (open_clip's id 0) included."""
+def test_open_clip_tower_equals_transformers(tmp_path):
+    """The other direction (the export's): an open_clip tower (what TextEncoder('ViT-bigG-14' /
+    'tiny') builds), written by TextEncoder.save_pretrained and read by transformers' CLIPTextModel,
+    gives the same hidden states, padding with '!' (open_clip's id 0) included; an activation
+    CLIPTextModel does not have is refused by name."""
+    from transformers import CLIPTextModel
     ours = randomize(TextEncoder("tiny"), 7)
-    model = clip_text_model("prior", 0)
-    sd = ours.state_dict()
-    hf = {"embeddings.token_embedding.weight": sd["token_embedding.weight"],
-          "embeddings.position_embedding.weight": sd["positional_embedding"],
-          "final_layer_norm.weight": sd["ln_final.weight"], "final_layer_norm.bias": sd["ln_final.bias"]}
-    for i in range(2):
-        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = sd[f"{src}attn.in_proj_{kind}"].chunk(3)
-            hf.update({f"{dst}self_attn.q_proj.{kind}": q, f"{dst}self_attn.k_proj.{kind}": k,
-                       f"{dst}self_attn.v_proj.{kind}": v})
-            for theirs, mine in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                                 ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                hf[f"{dst}{theirs}.{kind}"] = sd[f"{src}{mine}.{kind}"]
-    model.load_state_dict(hf)
+    ours.save_pretrained(tmp_path / "text_encoder", tmp_path / "tokenizer")
+    model = CLIPTextModel.from_pretrained(tmp_path / "text_encoder").eval()
     ids, keep = ours.tokenize(PROMPTS)
     ref = model(ids, attention_mask=keep.long()).last_hidden_state
     assert (ours.encode(PROMPTS) - ref).abs().max() < 1e-5
+    ours.transformer.resblocks[0].mlp.gelu = torch.nn.SiLU()
+    with pytest.raises(ValueError, match="CLIPTextModel can express .activations .'GELU', 'SiLU'"):
+        ours.diffusers_config()
 
 
 def test_missing_weights_fail_at_once(tmp_path, monkeypatch):
@@ -291,6 +281,144 @@ def test_hugging_face_cache(released, tmp_path, monkeypatch):
     paths = sample.find_released(None)
     assert paths["stage_c"] == str(tmp_path / "models--warp-ai--wuerstchen-prior" / "snapshots" / "0123abc" / "prior")
     assert paths["tokenizer_b"].startswith(str(tmp_path / "models--warp-ai--wuerstchen"))
+
+# -----------------------------------------------------------------------------
+# export: our checkpoints -> the released layout -> diffusers' pipelines; --pretrained reads it back
+
+LATENT_SPACE = {"scale": 1.7, "shift": -0.3}  # not the released 42 / 1: the export must carry ours
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """Tiny random checkpoints of the three stages (the entries the loaders read), with values
+    unlike the released ones: the latent space, Stage A's scale_factor, a 128 px training size,
+    random text towers (C's pads with EOS)."""
+    from dataclasses import asdict, replace
+
+    import stage_a
+    import stage_c
+    from common import save_checkpoint
+    root = tmp_path_factory.mktemp("ours")
+    cfg_a = replace(stage_a.PRESETS["tiny"]["model"], scale_factor=0.81)
+    cfg_b, cfg_c = stage_b.PRESETS["tiny"]["model"], stage_c.PRESETS["tiny"]["model"]
+    compressor = randomize(stage_b.SemanticCompressor(stage_b.PRESETS["tiny"]["compressor"]), 11)
+    text_b = randomize(TextEncoder("tiny"), 12)
+    text_c = randomize(TextEncoder("tiny", pad_token="<|endoftext|>"), 13)
+    ckpts = {"stage_a": {"model_config": asdict(cfg_a),
+                         "ema": randomize(stage_a.StageA(cfg_a), 14).state_dict()},
+             "stage_b": {"model_config": asdict(cfg_b),
+                         "ema": randomize(stage_b.StageB(cfg_b), 15).state_dict(),
+                         "compressor_config": asdict(compressor.cfg),
+                         "compressor_ema": compressor.state_dict(),
+                         "text_encoder": text_b.checkpoint_entry(), "latent_space": LATENT_SPACE},
+             "stage_c": {"model_config": asdict(cfg_c),
+                         "ema": randomize(stage_c.StageC(cfg_c), 16).state_dict(),
+                         "text_encoder": text_c.checkpoint_entry(), "latent_space": LATENT_SPACE}}
+    for stage, ckpt in ckpts.items():
+        ckpt |= {"stage": stage, "train_config": {"image_size": 128}}
+        save_checkpoint(str(root / f"{stage}.pt"), ckpt)
+    return [str(root / f"{stage}.pt") for stage in ckpts]
+
+
+def same_files(a, b):
+    """Two exported folders hold the same files: equal tensors and names, equal bytes otherwise."""
+    from safetensors.torch import load_file
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        if f.suffix == ".safetensors":
+            x, y = load_file(a / f), load_file(b / f)
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f
+        else:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    return files
+
+
+@torch.no_grad()
+def test_export_runs_in_diffusers_and_reads_back(ours, tmp_path, capsys):
+    """sample.py --export: diffusers' prior + decoder pipelines (and the combined one) on the
+    exported folders give our image from the same seed; --pretrained reads the folders back (our
+    latent space, training size, semantic compressor); its export gives the same files."""
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenCombinedPipeline
+    a, b, c = ours
+    root = tmp_path / "exported"
+    sample.main(sample.get_args(["--export", str(root), "--stage_a", a, "--stage_b", b,
+                                 "--stage_c", c]))
+    assert "sample.py --pretrained" in capsys.readouterr().out
+    index = json.loads((root / "wuerstchen-prior" / "model_index.json").read_text())
+    assert [index[k] for k in ("latent_mean", "latent_std", "_train_image_size")] == [1.7, -.3, 128]
+    pipe = sample.load_pipeline(a, b, c)
+    image = sample.text_to_image(pipe, [PROMPTS[0]], width=256, height=128, seed=3, progress=False)
+    ref = reference_images(root, PROMPTS[0], 256, 128, seed=3)
+    assert image.shape == ref.shape == (1, 3, 128, 256) and image.std() > 0.05 and ref.std() > 0.05
+    assert (image - ref).abs().max() < 1e-4
+    # the combined pipeline makes its prior pipeline with latent_mean 42 / latent_std 1: set ours
+    prior, decoder = reference_pipelines(root)
+    combined = WuerstchenCombinedPipeline(**decoder.components,
+                                          **{f"prior_{k}": v for k, v in prior.components.items()})
+    combined.prior_pipe.register_to_config(latent_mean=1.7, latent_std=-0.3)
+    combined.set_progress_bar_config(disable=True)
+    ref = combined(PROMPTS[0], height=128, width=256, prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS,
+                   generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert (image - ref).abs().max() < 1e-4
+    # --pretrained DIR: the same image, the training size by default, the exported compressor
+    back = sample.load_released(str(root))
+    assert back.image_size == 128 and back.latent_space == LATENT_SPACE
+    again = sample.text_to_image(back, [PROMPTS[0]], width=256, height=128, seed=3, progress=False)
+    assert (again - image).abs().max() < 1e-6
+    x = torch.rand(2, 3, 128, 128)
+    variations = [sample.image_variation(p, x, seed=1, steps_b=3, progress=False)
+                  for p in (pipe, back)]
+    assert (variations[0] - variations[1]).abs().max() < 1e-6
+    # export -> load -> export: the same files
+    sample.export(back, tmp_path / "again")
+    assert {f.parts[1] for f in same_files(root, tmp_path / "again")} == {
+        "model_index.json", "prior", "decoder", "vqgan", "text_encoder", "tokenizer", "scheduler",
+        "semantic_compressor"}
+
+
+def test_export_refuses_what_diffusers_cannot_represent(ours, tmp_path):
+    """Refused by name, with the reason, before anything is written."""
+    from dataclasses import replace
+    pipe = sample.load_pipeline(*ours)
+    silu = TextEncoder("tiny")
+    silu.transformer.resblocks[1].mlp.gelu = torch.nn.SiLU()
+    no_self_attn = stage_b.StageB(replace(pipe.stage_b.cfg, self_attn=False))
+    cases = {"self_attn=False": dict(stage_b=no_self_attn),
+             "token Stage B": dict(stage_b=torch.nn.Linear(1, 1)),  # e.g. a Paella Stage B
+             "samples 4-channel Stage A latents":
+                 dict(stage_a=type(pipe.stage_a)(replace(pipe.stage_a.cfg, c_latent=8))),
+             "CLIPTextModel can express .activations .'GELU', 'SiLU'": dict(text_encoder_c=silu)}
+    for reason, parts in cases.items():
+        with pytest.raises(ValueError, match=reason):
+            sample.export(replace(pipe, **parts), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_efficientnet_compressor_export_is_the_official_form(released, tmp_path):
+    """An EfficientNetV2-S compressor is written with the official effnet_state_dict's keys and
+    tensors (what the fine-tuning scripts load), and read back."""
+    from safetensors.torch import load_file
+    _, official = released
+    compressor = stage_b.SemanticCompressor.from_pretrained(str(official / "model_v2_stage_b.pt"))
+    compressor.save_pretrained(tmp_path / "semantic_compressor")
+    theirs = torch.load(official / "model_v2_stage_b.pt", weights_only=True)["effnet_state_dict"]
+    mine = load_file(tmp_path / "semantic_compressor" / "model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    back = stage_b.SemanticCompressor.from_pretrained(str(tmp_path / "semantic_compressor"))
+    x = torch.rand(1, 3, 128, 128)
+    assert back.cfg == compressor.cfg and torch.equal(back(x), compressor(x))
+
+
+def test_sampling_never_picks_float16(released, monkeypatch):
+    """--dtype auto and load_released's default: bf16 where the GPU has it, else float32 (not fp16,
+    in which bf16-trained weights overflow). load_released builds no model yet: 'cuda' is fine."""
+    root, _ = released
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+        assert sample.sampling_dtype("cuda") == dtype
+        assert sample.load_released(str(root), device="cuda").dtype == dtype
+    assert sample.sampling_dtype("cpu") == torch.float32
 
 
 # ---- the v1 chain: the official v1 files (method §1.4, §8.1), tiny and random
@@ -364,7 +492,7 @@ def test_v1_chain_from_the_official_files(released_v1, tmp_path, monkeypatch, ca
     monkeypatch.setattr(sample, "load_released", lambda *args, **kwargs: pipe)
     sample.main(sample.get_args(["--pretrained", str(root), "--prompt", "a cat", "--width", "128", "--height", "128",
                                  "--device", "cpu", "--out_dir", str(tmp_path)]))
-    assert "released Würstchen v1 weights (Paella Stage B)" in capsys.readouterr().out
+    assert "the official Würstchen v1 files (Paella Stage B)" in capsys.readouterr().out
     assert (tmp_path / "samples_000.png").exists()
     negative = TextEncoder("transformers", str(root / "wuerstchen" / "text_encoder")).encode([V1_NEGATIVE])
     assert len(calls["stage_c"]) == 60 and len(calls["stage_b"]) == 8  # prior 60 DDPM steps, Paella 8, both guided

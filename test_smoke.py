@@ -1,18 +1,27 @@
 """The whole chain on CPU, as a user runs it: toy data -> Stage A -> Stage B -> Stage C (2 steps each, tiny
 presets, random text towers) -> sample.py. Checks what sample.py promises: sizes, seeds, prompts, the variation /
-image-to-image / reconstruction paths, size rounding, and clear errors for wrong or missing checkpoints."""
+image-to-image / reconstruction paths, size rounding, and clear errors for wrong or missing
+checkpoints. Then every stage again on top of that chain: two-node torchrun and a resume on one
+process, aspect-ratio buckets, and the non-finite guard."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
+from PIL import Image
 
 import sample
-from common import load_checkpoint
+from common import NonFiniteError, load_checkpoint
 import stage_a
 import stage_b
 import stage_c
-from data import ImageFolder, write_toy_dataset
+from data import ImageFolder, bucket_sizes, make_toy_image, write_toy_dataset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 COMMON = ["--model", "tiny", "--device", "cpu", "--num_workers", "0", "--max_steps", "2", "--batch_size", "4",
           "--num_holdout", "4", "--log_every", "1", "--sample_every", "2", "--save_every", "2"]
@@ -73,7 +82,7 @@ def test_variation_image_to_image_reconstruction(chain):
     assert var.shape == x.shape and torch.isfinite(var).all()
     i2i = sample.image_to_image(pipe, x, ["a red circle on a blue background"] * 2, strength=0.5, **FAST)
     assert i2i.shape == x.shape and torch.isfinite(i2i).all()
-    rec = sample.reconstruct(pipe, x)
+    rec = sample.stage_a_reconstruction(pipe, x)
     assert rec.shape == x.shape and 0 <= rec.min() and rec.max() <= 1
 
 
@@ -86,6 +95,19 @@ def test_cli_writes_grid_and_images(chain, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "size 130x128 rounded to 128x128" in printed
     assert (out / "samples.png").exists() and (out / "samples_001.png").exists()
+
+
+def test_variation_and_reconstruction_default_to_the_training_size(chain, tmp_path):
+    """Without --width / --height the size is the training size of the checkpoints loaded (128 px):
+    Stage B's for --variation, Stage A's for --reconstruct, which load no Stage C (they took 1024 px
+    before)."""
+    from PIL import Image
+    image = os.path.join(chain["data"], "00000.png")
+    for flag, name in (("--variation", "samples_000"), ("--reconstruct", "reconstruct_000")):
+        out = str(tmp_path / flag)
+        sample.main(sample.get_args([flag, image, "--stage_a", chain["a"], "--stage_b", chain["b"],
+                                     "--steps_b", "2", "--device", "cpu", "--out_dir", out]))
+        assert Image.open(tmp_path / flag / f"{name}.png").size == (128, 128)
 
 
 def test_wrong_and_missing_checkpoints_are_refused(chain, tmp_path):
@@ -129,3 +151,125 @@ def test_files_that_are_not_checkpoints_get_one_clear_line(chain, tmp_path):
     assert res.stderr.strip().splitlines() == [f"sample.py: error: {tmp_path / 'random.pt'} cannot be read as a "
                                                f"checkpoint (UnpicklingError); a stage_c checkpoint (written by "
                                                f"`python stage_c.py --data DIR`) was expected"]
+
+
+# ---- every stage on top of the chain: multi-node, buckets, the non-finite guard
+
+STAGES = {"stage_a": stage_a, "stage_b": stage_b, "stage_c": stage_c}
+
+
+def stage_argv(chain, stage, out, *extra):
+    """`stage`'s flags for a tiny run on the chain's toy data (B and C on the chain's A and B), then
+    `extra`."""
+    deps = {"stage_a": ["--disc_start", "1"],
+            "stage_b": ["--stage_a", chain["a"], "--steps_b", "2"],
+            "stage_c": ["--stage_a", chain["a"], "--stage_b", chain["b"], "--steps_c", "2",
+                        "--steps_b", "2"]}
+    return ["--data", chain["data"], "--out_dir", str(out)] + COMMON + deps[stage] + list(extra)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_node_torchrun_then_resume_on_one_process(chain, stage, tmp_path):
+    """Two torchrun agents meeting at a c10d rendezvous (two processes on this machine standing for
+    two nodes, gloo on the CPU) train 2 steps; then a single process resumes (another world size:
+    same global batch and data order)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    argv = stage_argv(chain, stage, tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "test",
+           os.path.join(HERE, f"{stage}.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen(cmd + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, cwd=HERE) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert not any("Grad strides do not match" in o or "Traceback" in o for o in outputs)
+    log = (tmp_path / "log.txt").read_text()
+    assert "world 2" in log and "step      2/2" in log
+    assert len(load_checkpoint(str(tmp_path / "ckpt.pt"), stage)["rng"]) == 2  # both ranks' streams
+    more = ["--max_steps", "3", "--save_every", "3", "--resume"]
+    STAGES[stage].train(STAGES[stage].get_args(argv + more))
+    log = (tmp_path / "log.txt").read_text()
+    assert f"resumed from {tmp_path / 'ckpt.pt'} at step 2" in log
+    assert "world 1" in log and "step      3/3" in log
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"), stage)["step"] == 3
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """12 captioned toy images at three aspect ratios: 4 square, 4 tall (1:4), 4 wide (4:1)."""
+    import random
+    root = tmp_path_factory.mktemp("mixed")
+    rng = random.Random(0)
+    for i in range(12):
+        size = [(160, 160), (80, 320), (320, 80)][i % 3]
+        make_toy_image("red", "circle", "blue", 160, rng).resize(size).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text("a red circle on a blue background")
+    return str(root)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_buckets_train_every_stage(chain, mixed, stage, tmp_path, capsys):
+    """--buckets at 256 px: 128x512, 256x256 and 512x128 batches (a mixed batch would not even
+    stack), the caches of Stages B and C per size, Stage C previews at every size."""
+    argv = stage_argv(chain, stage, tmp_path, "--data", mixed, "--image_size", "256",
+                      "--buckets", "4")
+    cache = [] if stage == "stage_a" else ["--cache"]  # Stage A has no cache
+    STAGES[stage].train(STAGES[stage].get_args(argv + cache))
+    assert "buckets 128x512: 4, 256x256: 4, 512x128: 4" in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"), stage)["step"] == 2
+    if stage == "stage_c":
+        log = (tmp_path / "log.txt").read_text()
+        assert "semantic latents (16, 3, 12), (16, 6, 6), (16, 12, 3)" in log
+        for name in ("", "_128x512", "_512x128"):
+            assert (tmp_path / f"samples_0000002{name}.png").exists(), name
+        with Image.open(tmp_path / "samples_0000002_512x128.png") as grid:
+            assert grid.width > grid.height
+
+
+def test_sampling_at_every_bucket_size(chain):
+    for w, h in bucket_sizes(256, 4) + bucket_sizes(512):
+        img = sample.text_to_image(chain["pipe"], ["a red circle on a blue background"], width=w,
+                                   height=h, **FAST)
+        assert img.shape == (1, 3, h, w) and torch.isfinite(img).all()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_nonfinite_steps_are_skipped_and_stop_the_run(chain, stage, tmp_path, monkeypatch):
+    """NaN images (Stage C: cached latents) at steps 2, 4 and 5: step 2 is skipped and counted, 4
+    and 5 in a row stop the run (--max_nonfinite 2), and the checkpoint on disk is finite, with the
+    weights of step 3."""
+    module, poisoned, saved = STAGES[stage], {2, 4, 5}, []
+    make_batches, save = module.infinite_batches, module.save_checkpoint
+
+    class Poisoned:
+        def __init__(self, batches):
+            self.batches, self.step = batches, 0
+
+        def __next__(self):
+            batch, self.step = next(self.batches), self.step + 1
+            if self.step in poisoned:
+                batch[0] = torch.full_like(batch[0], float("nan"))
+            return batch
+
+        def __getattr__(self, name):
+            return getattr(self.batches, name)
+
+    def keep_and_save(path, ckpt):
+        saved.append({k: v.clone() for k, v in ckpt["model"].items()})
+        save(path, ckpt)
+
+    monkeypatch.setattr(module, "infinite_batches", lambda *a, **k: Poisoned(make_batches(*a, **k)))
+    monkeypatch.setattr(module, "save_checkpoint", keep_and_save)
+    ckpt_path = tmp_path / "ckpt.pt"
+    stop = rf"stopping at step 5: 2 steps in a row .*\(3 in all\).*{ckpt_path} \(step 4\)"
+    with pytest.raises(NonFiniteError, match=stop):
+        module.train(module.get_args(stage_argv(chain, stage, tmp_path, "--max_steps", "10",
+                                                "--save_every", "1", "--max_nonfinite", "2")))
+    log = (tmp_path / "log.txt").read_text()
+    assert "| skipped 1 |" in log.split("step      2/10")[1].split("\n")[0]
+    assert load_checkpoint(str(ckpt_path), stage)["step"] == 4  # saved without complaint: finite
+    same = [all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(saved, saved[1:])]  # 1->2...
+    assert same == [True, False, True]  # steps 2 and 4 changed nothing, step 3 trained

@@ -480,6 +480,8 @@ def test_chain_through_stage_c_and_sample_py(paella_chain, tmp_path, capsys):
     assert len(calls) == 8 and all(len(clip) == 2 and torch.equal(clip[1:], blurry) for clip in calls)
     x = torch.rand(2, 3, 128, 128)
     assert sample.image_variation(pipe, x, steps_b=2, progress=False).shape == x.shape
+    with pytest.raises(ValueError, match="this Stage B is a Paella .a token Stage B"):  # no diffusers
+        sample.export(pipe, tmp_path / "export")
     sample.main(sample.get_args(["--stage_a", paella_chain["a"], "--stage_b", paella_chain["b"], "--stage_c",
                                  paella_chain["c"], "--eval_toy", "--n", "1", "--steps_c", "2", "--steps_b", "2",
                                  "--device", "cpu", "--out_dir", str(tmp_path)]))
