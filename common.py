@@ -175,7 +175,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_common_args(parser, stage, presets=("tiny", "small", "paper")):
-    """The flags every training script shares, with the same names and meanings; --model picks one of `presets`."""
+    """The flags every training script shares, with the same names and meanings; --model picks one
+    of `presets`."""
     g = parser.add_argument_group("common")
     g.add_argument("--data", required=True,
                    help="a folder of images (searched recursively; captions from same-stem .txt "

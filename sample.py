@@ -73,7 +73,7 @@ class Pipeline:
     image_sizes: dict = None  # 'a' / 'b' / 'c' -> training image side of each stage held
     dtype: torch.dtype = torch.float32  # compute dtype: autocast to it when it is not float32
     loaders: dict = None  # name -> function returning that model on the device (released weights), else None
-    release: str = None  # "v1" for the official v1 files (their defaults: CHAIN_DEFAULTS), else None
+    release: str = None  # "v1" for the official v1 files (defaults: CHAIN_DEFAULTS), else None
 
     @property
     def image_size(self):
@@ -82,9 +82,9 @@ class Pipeline:
 
 
 # What flags left unset take (method §7.6): the released v2 pipelines' settings (also for our
-# checkpoints; steps_c 0 = the 29-step DEFAULT_STAGE_C_TIMESTEPS grid), and for the official v1 files
-# the v1 notebook's: prior 60 DDPM steps on the linear grid, guidance 6, its negative prompt (which
-# guides Paella too). Stage B's steps, guidance and temperature default to its kind's
+# checkpoints; steps_c 0 = the 29-step DEFAULT_STAGE_C_TIMESTEPS grid), and for the official v1
+# files the v1 notebook's: prior 60 DDPM steps on the linear grid, guidance 6, its negative prompt
+# (which guides Paella too). Stage B's steps, guidance and temperature default to its kind's
 # (stage_c.decode_stage_c): DiffNeXt 12 steps, no guidance; Paella 8 steps, w = 2, 1.0 -> 0.6.
 CHAIN_DEFAULTS = {
     None: dict(steps_c=0, guidance_c=4.0, negative_prompt=""),
@@ -277,7 +277,7 @@ RELEASED_LAYOUT = """\
   (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
   from the Hugging Face cache) instead of the text_encoder/ folders.
   A folder with the official v1 files runs the v1 chain instead (V1_LAYOUT)."""
-# Würstchen v1 (method §1.4, §8.1): its official files, and the CLIP ViT-H tower both its stages read
+# Würstchen v1 (method §1.4, §8.1): its official files, and the CLIP ViT-H tower both stages read
 V1_FILES = {"stage_c": "model_stage_c.pt", "stage_b": "model_stage_b.pt",
             "stage_a": "vqgan_f4_v1_500k.pt"}
 V1_LAYOUT = """\
@@ -346,7 +346,8 @@ def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, dec
     sizes come from the model_index.json files (released: 42 / 1, 1024 px). open_clip_text: the
     open_clip towers instead of the repositories' transformers text encoders (same weights).
     decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released
-    size. A folder that holds v1's model_stage_b.pt (Paella) gives the v1 chain: load_released_v1."""
+    size. A folder that holds v1's model_stage_b.pt (Paella) gives the v1 chain
+    (load_released_v1)."""
     if root and os.path.exists(os.path.join(root, V1_FILES["stage_b"])):
         return load_released_v1(root, device, dtype, open_clip_text, decoder_cfg)
     device = torch.device(device)
@@ -405,8 +406,8 @@ def load_released_v1(root, device="cpu", dtype=None, open_clip_text=False, paell
     missing = [k for k, path in paths.items() if not os.path.exists(path)]
     missing += [] if open_clip_text or os.path.isdir(text_folder) else ["text_encoder"]
     if missing:
-        raise FileNotFoundError(f"the official Würstchen v1 files are incomplete in {root} (missing: "
-                                f"{', '.join(missing)}); the v1 chain reads:\n"
+        raise FileNotFoundError(f"the official Würstchen v1 files are incomplete in {root} "
+                                f"(missing: {', '.join(missing)}); the v1 chain reads:\n"
                                 f"{V1_LAYOUT.format(root=root)}")
     pad_token = read_pad_token(tokenizer) if os.path.isdir(tokenizer) else "!"
     weights = fetch_clip_weights(*OPEN_CLIP_TEXT["b"]) if open_clip_text else None
@@ -593,8 +594,9 @@ def main(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints or the released "
-                                "v1 / v2 weights (text -> C -> B -> A).", formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints or the "
+                                "released v1 / v2 weights (text -> C -> B -> A).",
+                                formatter_class=HelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts_file", help="text file with one prompt per line")
     p.add_argument("--negative_prompt", default=None, help="what Stage C guidance steers away "
@@ -607,12 +609,13 @@ def get_args(argv=None):
                    "(default: as --width)")
     p.add_argument("--steps_c", type=int, default=None, help="Stage C steps, 0 = the released "
                    "29-step grid (default: 0; the v1 files: 60)")
-    p.add_argument("--guidance_c", type=float, default=None, help="Stage C classifier-free guidance "
-                   "scale (default: 4; the v1 files: 6)")
+    p.add_argument("--guidance_c", type=float, default=None, help="Stage C classifier-free "
+                   "guidance scale (default: 4; the v1 files: 6)")
     p.add_argument("--steps_b", type=int, default=None, help="Stage B steps (default: its kind's, "
                    "12 DDPM steps for DiffNeXt, 8 for Paella)")
-    p.add_argument("--guidance_b", type=float, default=None, help="Stage B guidance scale (default: "
-                   "its kind's, DiffNeXt off as released (<= 1 = off), Paella w = 2 as v1)")
+    p.add_argument("--guidance_b", type=float, default=None, help="Stage B guidance scale "
+                   "(default: its kind's, DiffNeXt off as released (<= 1 = off), Paella w = 2 as "
+                   "v1)")
     p.add_argument("--temperature_b", type=float, nargs=2, default=V1_SAMPLING["temperature"],
                    metavar=("FIRST", "LAST"), help="a Paella Stage B's sampling temperature, "
                    "linear from FIRST to LAST over its steps")

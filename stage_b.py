@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from common import (CheckpointError, HelpFormatter, NonFiniteGuard, add_common_args,
                     channels_last_convs, ema_decay_at, gather_run_state, get_lr, holdout_batch,
-                    infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line, no_sync,
-                    psnr, read_json, recompute_batchnorm, restore_rng, run_cli, same_size_batches,
-                    save_checkpoint, save_image_grid, save_weights_file, set_lr, sizes_of, start_run,
-                    update_ema, write_json, wrap_ddp)
+                    infinite_batches, load_checkpoint, load_exact, load_weights_file, log_line,
+                    no_sync, psnr, read_json, recompute_batchnorm, restore_rng, run_cli,
+                    same_size_batches, save_checkpoint, save_image_grid, save_weights_file, set_lr,
+                    sizes_of, start_run, update_ema, write_json, wrap_ddp)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, load_stage_a
 
 # ---- config
@@ -68,11 +68,11 @@ class StageBConfig:
 @dataclass
 class CompressorConfig:
     """Semantic compressor (method §3.1): a stride-32 backbone, then 1x1 conv + BatchNorm to c_latent channels."""
-    backbone: str = "efficientnet_v2_s"  # torchvision EfficientNetV2-S features (v2), "efficientnet_v2_l" (v1), or
-    #                                      "tiny" (a patch-embedding stem)
+    # torchvision EfficientNetV2-S features (v2), "efficientnet_v2_l" (v1), or "tiny" (a patch stem)
+    backbone: str = "efficientnet_v2_s"
     c_latent: int = 16
     tiny_width: int = 256  # feature width of the "tiny" backbone
-    v1_scaling: bool = False  # return (e + 1) / 42, as v1's encoder does: already Stage C's space (method §3.1, §3.3)
+    v1_scaling: bool = False  # return (e + 1) / 42 as v1's encoder does (Stage C's space, §3.1)
 
 
 # The sizes the method fixes (method §1.5, §7.7): the semantic compressor sees the image at 3/4 of its side with
@@ -246,7 +246,8 @@ def r_embedding(t, c_r=64, max_positions=10000):
     half = c_r // 2
     freqs = torch.exp(-math.log(max_positions) / (half - 1) * torch.arange(half, device=t.device).float())
     angles = (t * max_positions)[:, None] * freqs[None, :]  # (B, half)
-    return F.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, c_r % 2))  # (B, c_r): odd c_r ends in a 0
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, 2 half)
+    return F.pad(emb, (0, c_r % 2))  # (B, c_r): an odd c_r ends in a 0, as the reference pads it
 
 
 class ResBlockStageB(nn.Module):
@@ -287,9 +288,10 @@ class ResBlock(nn.Module):
 
 
 def dome272_init(model):
-    """dome272's general initialisation (method §4.6): xavier_uniform for every Conv2d / Linear weight, zero biases,
-    and the attention's q/k/v drawn as nn.MultiheadAttention draws them, as one packed (3C, C) xavier matrix. (The
-    ConvTranspose2d upsamplers keep PyTorch's default, as there.) The models then re-initialise some layers."""
+    """dome272's general initialisation (method §4.6): xavier_uniform for every Conv2d / Linear
+    weight, zero biases, and the attention's q/k/v drawn as nn.MultiheadAttention draws them, as one
+    packed (3C, C) xavier matrix. (The ConvTranspose2d upsamplers keep PyTorch's default, as
+    there.) The models then re-initialise some layers."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(m.weight)
@@ -303,18 +305,19 @@ def dome272_init(model):
 
 
 def unet_levels(c_hidden, blocks, level_config, block):
-    """The U-Net skeleton of DiffNeXt and Paella (method §4.3, §4.8): (down_blocks, up_blocks), one ModuleList per
-    level. Down level i: [downsampler (i > 0): LayerNorm2d, 2x2 stride-2 conv] + blocks[i] x level_config[i]. Up
-    levels, deepest first: blocks[i] x level_config[i] + [upsampler (i > 0): LayerNorm2d, 2x2 stride-2
-    ConvTranspose]. block(kind, i, c_skip) builds one block of level i; c_skip is the width of the U-Net skip, the
-    down path's output of that level, which the first block of every up level but the deepest takes (else 0)."""
+    """The U-Net skeleton of DiffNeXt and Paella (method §4.3, §4.8): (down_blocks, up_blocks), one
+    ModuleList per level. Down level i: [downsampler (i > 0): LayerNorm2d, 2x2 stride-2 conv] +
+    blocks[i] x level_config[i]. Up levels, deepest first: blocks[i] x level_config[i] + [upsampler
+    (i > 0): LayerNorm2d, 2x2 stride-2 ConvTranspose]. block(kind, i, c_skip) builds one block of
+    level i; c_skip is the width of the U-Net skip, the down path's output of that level, which the
+    first block of every up level but the deepest takes (else 0)."""
     n = len(c_hidden)
     down_blocks, up_blocks = nn.ModuleList(), nn.ModuleList()
     for i in range(n):
         level = nn.ModuleList()
         if i > 0:
             level.append(nn.Sequential(LayerNorm2d(c_hidden[i - 1]),
-                                       nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)))
+                                       nn.Conv2d(c_hidden[i - 1], c_hidden[i], 2, stride=2)))
         level.extend(block(kind, i, 0) for _ in range(blocks[i]) for kind in level_config[i])
         down_blocks.append(level)
     for i in reversed(range(n)):
@@ -322,7 +325,7 @@ def unet_levels(c_hidden, blocks, level_config, block):
                               for j in range(blocks[i]) for k, kind in enumerate(level_config[i]))
         if i > 0:
             level.append(nn.Sequential(LayerNorm2d(c_hidden[i]),
-                                       nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)))
+                                       nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], 2, 2)))
         up_blocks.append(level)
     return down_blocks, up_blocks
 
@@ -337,7 +340,7 @@ class StageB(nn.Module):
         self.cfg = cfg
         c_hidden = cfg.c_hidden
         # conditioning: text tokens -> c_cond (+ LayerNorm); one 1x1 conv per injected level for e.
-        # effnet_mappers slots: i for down level i, len(c_hidden) + j for up_blocks[j] (j = 0 is the deepest level)
+        # effnet_mappers slots: i for down level i, len(c_hidden) + j for up_blocks[j] (0: deepest)
         self.clip_mapper = nn.Linear(cfg.clip_embd, cfg.c_cond)
         self.effnet_mappers = nn.ModuleList([nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if inject else None
                                              for inject in cfg.inject_effnet + cfg.inject_effnet[::-1]])
@@ -346,7 +349,7 @@ class StageB(nn.Module):
                                        nn.Conv2d(cfg.c_in * cfg.patch_size**2, c_hidden[0], kernel_size=1),
                                        LayerNorm2d(c_hidden[0]))
 
-        def block(kind, i, c_skip):  # every ResBlock of an injected level also takes the mapped e (c_cond wide)
+        def block(kind, i, c_skip):  # ResBlocks of injected levels also take the mapped e
             if kind == "C":
                 c_effnet = cfg.c_cond if cfg.inject_effnet[i] else 0
                 return ResBlockStageB(c_hidden[i], c_skip + c_effnet, cfg.kernel_size, cfg.dropout)
@@ -354,7 +357,8 @@ class StageB(nn.Module):
                 return TimestepBlock(c_hidden[i], cfg.c_r)
             return AttnBlock(c_hidden[i], cfg.c_cond, cfg.nhead[i], cfg.self_attn, cfg.dropout)
 
-        self.down_blocks, self.up_blocks = unet_levels(c_hidden, cfg.blocks, cfg.level_config, block)
+        self.down_blocks, self.up_blocks = unet_levels(c_hidden, cfg.blocks, cfg.level_config,
+                                                       block)
         # output head: (a, b) at full latent resolution, 2 * c_out channels
         self.clf = nn.Sequential(LayerNorm2d(c_hidden[0]),
                                  nn.Conv2d(c_hidden[0], 2 * cfg.c_out * cfg.patch_size**2, kernel_size=1),
@@ -482,11 +486,12 @@ def dome272_to_diffusers(sd):
 class SemanticCompressor(nn.Module):
     """The semantic compressor (paper §3, method §3): image in [0, 1] -> semantic latent e (B, 16, H/42.67, W/42.67).
 
-    A stride-32 backbone (EfficientNetV2-S features, 1280 channels; V2-L in v1; a patch-embedding stem for 'tiny') on
-    the image resized to 3/4 of its side, then a 1x1 conv to 16 channels (no bias) and a BatchNorm. e is the raw
-    BatchNorm output (v1: (e + 1) / 42, cfg.v1_scaling), the space Stage B is conditioned on; Stage C models
-    y = (e + shift) / scale. Keys match the official EfficientNetEncoder (backbone.*, mapper.0, mapper.1).
-    Constructing never downloads: see load_imagenet_weights.
+    A stride-32 backbone (EfficientNetV2-S features, 1280 channels; V2-L in v1; a patch-embedding
+    stem for 'tiny') on the image resized to 3/4 of its side, then a 1x1 conv to 16 channels (no
+    bias) and a BatchNorm. e is the raw BatchNorm output (v1: (e + 1) / 42, cfg.v1_scaling), the
+    space Stage B is conditioned on; Stage C models y = (e + shift) / scale. Keys match the official
+    EfficientNetEncoder (backbone.*, mapper.0, mapper.1). Constructing never downloads: see
+    load_imagenet_weights.
     """
 
     def __init__(self, cfg: CompressorConfig):
@@ -494,15 +499,16 @@ class SemanticCompressor(nn.Module):
         self.cfg = cfg
         if cfg.backbone in ("efficientnet_v2_s", "efficientnet_v2_l"):
             import torchvision
-            self.backbone = getattr(torchvision.models, cfg.backbone)(weights=None).features  # random until loaded
+            efficientnet = getattr(torchvision.models, cfg.backbone)
+            self.backbone = efficientnet(weights=None).features  # random until loaded
             c_features = 1280
         elif cfg.backbone == "tiny":  # a ViT-style stem, stride 32 like EfficientNet: 32x32 patches -> features
             c_features = cfg.tiny_width
             self.backbone = nn.Sequential(nn.Conv2d(3, c_features, kernel_size=32, stride=32), nn.GELU(),
                                           nn.Conv2d(c_features, c_features, kernel_size=1), nn.GELU())
         else:
-            raise ValueError(f"unknown compressor backbone {cfg.backbone!r} (efficientnet_v2_s | efficientnet_v2_l "
-                             f"| tiny)")
+            raise ValueError(f"unknown compressor backbone {cfg.backbone!r} (efficientnet_v2_s | "
+                             f"efficientnet_v2_l | tiny)")
         self.mapper = nn.Sequential(nn.Conv2d(c_features, cfg.c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(cfg.c_latent))
 
@@ -519,11 +525,13 @@ class SemanticCompressor(nn.Module):
         return (e + 1) / 42 if self.cfg.v1_scaling else e
 
     def load_imagenet_weights(self):
-        """Fill the EfficientNetV2 backbone with torchvision's ImageNet weights (downloaded once into the
-        torch hub cache). Returns False, changing nothing, when they cannot be had (no network)."""
+        """Fill the EfficientNetV2 backbone with torchvision's ImageNet weights (downloaded once
+        into the torch hub cache). Returns False, changing nothing, when they cannot be had
+        (no network)."""
         import torchvision
         try:
-            sd = torchvision.models.get_model_weights(self.cfg.backbone).DEFAULT.get_state_dict(progress=False)
+            weights = torchvision.models.get_model_weights(self.cfg.backbone).DEFAULT
+            sd = weights.get_state_dict(progress=False)
         except Exception:
             return False
         self.backbone.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()
@@ -532,10 +540,10 @@ class SemanticCompressor(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, cfg=None):
-        """The `effnet_state_dict` of an official Stage B file: `model_v2_stage_b.pt` (EfficientNetV2-S)
-        or v1's `model_stage_b.pt` (V2-L, whose encoder returns (e + 1) / 42: v1_scaling), the
-        variant read off the weights (V2-L has a ninth feature stage) unless `cfg` says; or a
-        state-dict file; or a folder written by save_pretrained (any backbone)."""
+        """The `effnet_state_dict` of an official Stage B file: `model_v2_stage_b.pt`
+        (EfficientNetV2-S) or v1's `model_stage_b.pt` (V2-L, whose encoder returns (e + 1) / 42:
+        v1_scaling), the variant read off the weights (V2-L has a ninth feature stage) unless `cfg`
+        says; or a state-dict file; or a folder written by save_pretrained (any backbone)."""
         if os.path.isdir(path):
             cfg = CompressorConfig(**read_json(os.path.join(path, "config.json")))
             sd = load_weights_file(path)
@@ -543,8 +551,8 @@ class SemanticCompressor(nn.Module):
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             sd = sd.get("effnet_state_dict", sd)
             v1 = "backbone.8.0.weight" in sd  # EfficientNetV2-L: features 0..8; V2-S: 0..7
-            cfg = cfg or CompressorConfig(backbone="efficientnet_v2_l" if v1 else "efficientnet_v2_s",
-                                          c_latent=sd["mapper.0.weight"].shape[0], v1_scaling=v1)
+            backbone = "efficientnet_v2_l" if v1 else "efficientnet_v2_s"
+            cfg = cfg or CompressorConfig(backbone, sd["mapper.0.weight"].shape[0], v1_scaling=v1)
         with torch.device("meta"):
             model = cls(cfg)
         load_exact(model, sd, what=f"semantic compressor weights from {path}")
@@ -964,9 +972,10 @@ class CompressorAndStageB(nn.Module):
         return diffusion_loss(self.stage_b, latents, effnet=effnet, clip_text=clip_text)
 
     def checkpoint_entries(self, ema):
-        """The weights in a Stage B checkpoint: trained and EMA, of the Stage B and of the compressor."""
+        """A Stage B checkpoint's weights: trained and EMA, of the Stage B and the compressor."""
         return {"model": self.stage_b.state_dict(), "ema": ema.stage_b.state_dict(),
-                "compressor": self.compressor.state_dict(), "compressor_ema": ema.compressor.state_dict()}
+                "compressor": self.compressor.state_dict(),
+                "compressor_ema": ema.compressor.state_dict()}
 
     def restore(self, ckpt, ema, opt, scaler):
         """--resume: the weights of checkpoint_entries, the optimizer and the loss scaler."""
@@ -1005,12 +1014,14 @@ class LatentCache(torch.utils.data.Dataset):
 
 
 def build_compressor(cfg, random_init, rt, logger):
-    """A semantic compressor to train jointly with a Stage B: an EfficientNetV2 backbone starts from torchvision's
-    ImageNet weights, as in the reference, unless random_init (--no_imagenet, or a resumed run)."""
+    """A semantic compressor to train jointly with a Stage B: an EfficientNetV2 backbone starts from
+    torchvision's ImageNet weights, as in the reference, unless random_init (--no_imagenet, or a
+    resumed run)."""
     compressor = SemanticCompressor(cfg)
     if cfg.backbone != "tiny" and not random_init and rt.master:
         if not compressor.load_imagenet_weights():  # rank 0 decides; DDP broadcasts its weights
-            logger.log(f"semantic compressor: ImageNet {cfg.backbone} weights unobtainable (offline?): random init")
+            logger.log(f"semantic compressor: ImageNet {cfg.backbone} weights unobtainable "
+                       f"(offline?): random init")
     return compressor
 
 
@@ -1021,25 +1032,27 @@ def measure_latent_space(compressor, images):
     return {"scale": round(e.std().item(), 4), "shift": round(-e.mean().item(), 4)}
 
 
-# A Stage B checkpoint says which kind of Stage B it holds ("kind"; none: DiffNeXt) and was written by
-STAGE_B_SCRIPTS = {"diffnext": "python stage_b.py --data DIR", "paella": "python stage_b_paella.py --data DIR"}
+# A Stage B checkpoint says which kind of Stage B it holds ("kind"; none: DiffNeXt), written by
+STAGE_B_SCRIPTS = {"diffnext": "python stage_b.py --data DIR",
+                   "paella": "python stage_b_paella.py --data DIR"}
 
 
 def check_kind(ckpt, path, kinds):
-    """The kind of Stage B in a Stage B checkpoint, 'diffnext' (v2) or 'paella' (v1); a one-line error unless it is
-    one of `kinds`."""
+    """The kind of Stage B in a Stage B checkpoint, 'diffnext' (v2) or 'paella' (v1); a one-line
+    error unless it is one of `kinds`."""
     kind = ckpt.get("kind", "diffnext")
     if kind not in kinds:
-        raise CheckpointError(f"{path} holds a {kind} Stage B (written by `{STAGE_B_SCRIPTS[kind]}`), but a "
-                              f"{' or '.join(kinds)} Stage B was expected here")
+        raise CheckpointError(f"{path} holds a {kind} Stage B (written by "
+                              f"`{STAGE_B_SCRIPTS[kind]}`), but a {' or '.join(kinds)} Stage B was "
+                              f"expected here")
     return kind
 
 
 def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encoder"), kinds=None):
-    """Rebuild from a Stage B checkpoint alone what later stages need: the EMA Stage B and semantic compressor (eval,
-    frozen), the text encoder, and the latent-space constants. Returns a dict with `parts`, 'latent_space', 'ckpt'.
-    kinds: {kind: (model class, config class)} of the Stage B kinds the caller can run (default DiffNeXt only;
-    stage_b_paella.STAGE_B_KINDS has both)."""
+    """Rebuild from a Stage B checkpoint alone what later stages need: the EMA Stage B and semantic
+    compressor (eval, frozen), the text encoder, and the latent-space constants. Returns a dict with
+    `parts`, 'latent_space', 'ckpt'. kinds: {kind: (model class, config class)} of the Stage B
+    kinds the caller can run (default DiffNeXt only; stage_b_paella.STAGE_B_KINDS has both)."""
     kinds = kinds or {"diffnext": (StageB, StageBConfig)}
     ckpt = load_checkpoint(path, "stage_b")
     out = {"latent_space": ckpt["latent_space"], "ckpt": ckpt}
@@ -1101,8 +1114,8 @@ def train(args):
                f"{sum(p.numel() for p in compressor.parameters()):,} | text encoder (frozen) "
                f"{sum(p.numel() for p in text_encoder.parameters()):,}")
     if args.cache:
-        trainset = LatentCache(trainset, lambda x: stage_a.encode(x).float(), rt, num_workers=args.num_workers,
-                               verbose=rt.master)
+        trainset = LatentCache(trainset, lambda x: stage_a.encode(x).float(), rt,
+                               num_workers=args.num_workers, verbose=rt.master)
     step = ckpt["step"] if ckpt else 0
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored
@@ -1130,8 +1143,9 @@ def train(args):
 
     def save(metrics, run_state):
         space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)
-        save_checkpoint(ckpt_path, {"stage": "stage_b", "kind": "diffnext", "step": step, "model_config": asdict(cfg),
-                                    "compressor_config": asdict(ccfg)} | raw_model.checkpoint_entries(ema) | {
+        save_checkpoint(ckpt_path, {
+            "stage": "stage_b", "kind": "diffnext", "step": step, "model_config": asdict(cfg),
+            "compressor_config": asdict(ccfg)} | raw_model.checkpoint_entries(ema) | {
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": vars(args),
             "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), **run_state,
             "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)},
@@ -1214,19 +1228,20 @@ def get_args(argv=None):
 
 def add_stage_b_args(group):
     """The flags of both Stage B scripts (stage_b.py and stage_b_paella.py)."""
-    group.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="frozen Stage A checkpoint whose latents "
-                       "Stage B learns")
+    group.add_argument("--stage_a", default="out/stage_a/ckpt.pt",
+                       help="frozen Stage A checkpoint whose latents Stage B learns")
     add_text_encoder_args(group)
-    group.add_argument("--no_imagenet", action="store_true", help="start the EfficientNetV2 backbone from random "
-                       "weights instead of ImageNet")
-    group.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample "
-                       "(CFG)")
-    group.add_argument("--p_zero_effnet", type=float, default=0.05, help="probability of a zeroed semantic latent, "
-                       "per sample")
-    group.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a Stage-C-noised semantic "
-                       "latent (t ~ U(0, 0.5)), per sample")
-    group.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="encode the whole "
-                       "dataset with Stage A once, up front (small datasets; default: per preset, on for tiny)")
+    group.add_argument("--no_imagenet", action="store_true", help="start the EfficientNetV2 "
+                       "backbone from random weights instead of ImageNet")
+    group.add_argument("--p_drop_text", type=float, default=0.05,
+                       help="probability of an empty caption, per sample (CFG)")
+    group.add_argument("--p_zero_effnet", type=float, default=0.05,
+                       help="probability of a zeroed semantic latent, per sample")
+    group.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a "
+                       "Stage-C-noised semantic latent (t ~ U(0, 0.5)), per sample")
+    group.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                       help="encode the whole dataset with Stage A once, up front (small datasets; "
+                       "default: per preset, on for tiny)")
 
 
 if __name__ == "__main__":

@@ -80,14 +80,14 @@ PRESETS = {
         text_encoder={"name": "ViT-bigG-14", "pretrained": "laion2b_s39b_b160k"},
         train=dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000, beta2=0.999,
                    cache=False, steps_c=0)),
-    # the v1 prior as trained (dome272 train_stage_C.py, method §5.1; model_stage_c.pt): the same prior with CLIP
-    # ViT-H-14 text (c_cond 1024, 993,243,680 params), on top of the v1 Paella Stage B (stage_b_paella.py --model
-    # paper), the same recipe at 512 px (12 x 12 latents)
+    # the v1 prior as trained (dome272 train_stage_C.py, method §5.1; model_stage_c.pt): the same
+    # prior with CLIP ViT-H-14 text (c_cond 1024, 993,243,680 params), on top of the v1 Paella
+    # Stage B (stage_b_paella.py --model paper), the same recipe at 512 px (12 x 12 latents)
     "paper_v1": dict(
         model=StageCConfig(c_cond=1024),
         text_encoder={"name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
-        train=dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000, beta2=0.999,
-                   cache=False, steps_c=0)),
+        train=dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000,
+                   beta2=0.999, cache=False, steps_c=0)),
 }
 
 # -----------------------------------------------------------------------------
@@ -278,27 +278,31 @@ def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_ST
 
 
 @torch.no_grad()
-def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, steps=None, guidance_scale=None,
-                   generator=None, progress=False, negative_prompt="", temperature=V1_SAMPLING["temperature"]):
-    """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1]: e = y * scale - shift, then Stage B at the
-    Stage A side int(10.67 h) (LATENT_DIM_SCALE), conditioned on e and its own text encoder's CLIP text, with the
-    defaults of its kind (steps, guidance_scale None). DiffNeXt (v2, method §7.5): DDPM, 12 steps, CFG only when
-    guidance_scale > 1, against zero e and the empty caption; Stage A decodes the latent unquantised. Paella (v1,
-    method §1.4, §4.8): the token sampler, 8 steps, w = 2, `temperature`, against zero e and the negative prompt (as
-    the v1 notebook); Stage A decodes the tokens through its codebook."""
+def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, steps=None,
+                   guidance_scale=None, generator=None, progress=False, negative_prompt="",
+                   temperature=V1_SAMPLING["temperature"]):
+    """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1]: e = y * scale - shift, then
+    Stage B at the Stage A side int(10.67 h) (LATENT_DIM_SCALE), conditioned on e and its own text
+    encoder's CLIP text, with the defaults of its kind (steps, guidance_scale None).
+    DiffNeXt (v2, method §7.5): DDPM, 12 steps, CFG only when guidance_scale > 1, against zero e and
+    the empty caption; Stage A decodes the latent unquantised. Paella (v1, method §1.4, §4.8): the
+    token sampler, 8 steps, w = 2, `temperature`, against zero e and the negative prompt (as the v1
+    notebook); Stage A decodes the tokens through its codebook."""
     e = to_stage_b_space(y, latent_space)
     side = (int(y.shape[-2] * LATENT_DIM_SCALE), int(y.shape[-1] * LATENT_DIM_SCALE))  # 24 -> 256, 3 -> 32
     if isinstance(stage_b, Paella):
         w = V1_SAMPLING["cfg"] if guidance_scale is None else guidance_scale
-        return sample_images(stage_b, stage_a, e, text_encoder_b.encode(prompts),
-                             text_encoder_b.encode([negative_prompt] * len(y)), side, generator, progress,
-                             steps=steps or V1_SAMPLING["steps"], cfg=w, temperature=temperature)
+        negative = text_encoder_b.encode([negative_prompt] * len(y))
+        return sample_images(stage_b, stage_a, e, text_encoder_b.encode(prompts), negative, side,
+                             generator, progress, steps=steps or V1_SAMPLING["steps"], cfg=w,
+                             temperature=temperature)
     guidance_scale = guidance_scale or 0.0
     noise = torch.randn((len(y), stage_b.cfg.c_in, *side), generator=generator, device=y.device)
     cond = {"effnet": e, "clip_text": text_encoder_b.encode(prompts)}
     uncond = {"effnet": torch.zeros_like(e), "clip_text": text_encoder_b.encode([""] * len(y))} \
         if guidance_scale > 1 else None
-    latents = ddpm_sample(stage_b, noise, steps or 12, cond, uncond, guidance_scale, generator, progress)
+    latents = ddpm_sample(stage_b, noise, steps or 12, cond, uncond, guidance_scale, generator,
+                          progress)
     return stage_a.decode(latents).float().clamp(0, 1)
 
 
@@ -313,7 +317,8 @@ def train(args):
     # frozen parts (method §1.1): Stage B's semantic compressor (EMA, eval) gives the target, a CLIP text tower the
     # condition. A random tower ('tiny') is built from the seed on every rank and saved with our checkpoint.
     preview_parts = ("stage_b", "text_encoder") if rt.master else ()  # Stage B's decoder and text: previews only
-    parts_b = load_stage_b(args.stage_b, rt.device, parts=("compressor",) + preview_parts, kinds=STAGE_B_KINDS)
+    parts_b = load_stage_b(args.stage_b, rt.device, parts=("compressor",) + preview_parts,
+                           kinds=STAGE_B_KINDS)
     compressor, latent_space = parts_b["compressor"], parts_b["latent_space"]
     stage_a = load_stage_a(args.stage_a, rt.device) if rt.master else None  # previews decode through B and A
     text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)
@@ -464,9 +469,9 @@ def get_args(argv=None):
     add_common_args(parser, "stage_c", PRESETS)
     g = parser.add_argument_group("stage C")
     g.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="Stage A checkpoint (decodes the previews)")
-    g.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint (stage_b.py or "
-                   "stage_b_paella.py): its frozen semantic compressor gives the training target, its decoder the "
-                   "previews")
+    g.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint "
+                   "(stage_b.py or stage_b_paella.py): its frozen semantic compressor gives the "
+                   "training target, its decoder the previews")
     add_text_encoder_args(g)
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="precompute the frozen text "
                    "embeddings and semantic latents of the whole dataset once (small datasets; default: on for tiny)")
@@ -475,8 +480,8 @@ def get_args(argv=None):
                    "previews")
     g.add_argument("--steps_c", type=int, default=None, help="Stage C DDPM steps of the previews, 0 = the released "
                    "29-step grid DEFAULT_STAGE_C_TIMESTEPS (default: per preset)")
-    g.add_argument("--steps_b", type=int, default=None, help="Stage B steps of the previews (default: its kind's, "
-                   "12 DDPM steps for DiffNeXt, 8 for Paella)")
+    g.add_argument("--steps_b", type=int, default=None, help="Stage B steps of the previews "
+                   "(default: its kind's, 12 DDPM steps for DiffNeXt, 8 for Paella)")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass "
                    "(activation checkpointing): much less memory for the paper size, ~30%% more compute")
     return parser.parse_args(argv)
