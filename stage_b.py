@@ -367,15 +367,7 @@ class StageB(nn.Module):
 
     def init_weights(self):
         """dome272's initialisation, in its order (method §4.6)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):  # (ConvTranspose2d keeps PyTorch's default, as there)
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            if isinstance(m, Attention):  # dome272's nn.MultiheadAttention: xavier over the packed (3C, C) q/k/v
-                bound = math.sqrt(6 / (4 * m.to_q.in_features))
-                for proj in (m.to_q, m.to_k, m.to_v):
-                    nn.init.uniform_(proj.weight, -bound, bound)
+        dome272_init(self)
         for mapper in self.effnet_mappers:
             if mapper is not None:
                 nn.init.normal_(mapper.weight, std=0.02)  # conditionings

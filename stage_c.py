@@ -34,7 +34,7 @@ from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_las
 from stage_a import load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, AttnBlock,
                      ResBlock, TextEncoder, TimestepBlock, add_text_encoder_args,
-                     build_text_encoder, ddpm_sample, diffusion_loss, dome272_to_diffusers,
+                     build_text_encoder, ddpm_sample, diffusion_loss, dome272_init, dome272_to_diffusers,
                      LayerNorm2d, load_stage_b, r_embedding)
 from stage_b_paella import STAGE_B_KINDS, V1_SAMPLING, Paella, sample_images
 
@@ -119,16 +119,7 @@ class StageC(nn.Module):
 
     def init_weights(self):
         """dome272's initialisation of the prior, in its order (method §5.4)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        for attn in (b.attention for b in self.blocks if isinstance(b, AttnBlock)):
-            # dome272's nn.MultiheadAttention draws q/k/v as one packed (3c, c) xavier matrix: a narrower range
-            bound = (6 / (4 * self.cfg.c)) ** 0.5
-            for proj in (attn.to_q, attn.to_k, attn.to_v):
-                nn.init.uniform_(proj.weight, -bound, bound)
+        dome272_init(self)  # xavier everywhere, q/k/v as nn.MultiheadAttention's packed matrix
         nn.init.normal_(self.projection.weight, std=0.02)  # input
         nn.init.normal_(self.cond_mapper[0].weight, std=0.02)  # conditioning
         nn.init.normal_(self.cond_mapper[2].weight, std=0.02)
