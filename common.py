@@ -184,8 +184,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def add_common_args(parser, stage):
-    """The flags every training script shares, with the same names and meanings."""
+def add_common_args(parser, stage, presets=("tiny", "small", "paper")):
+    """The flags every training script shares, with the same names and meanings; --model picks one
+    of `presets`."""
     g = parser.add_argument_group("common")
     g.add_argument("--data", required=True,
                    help="a folder of images (searched recursively; captions from same-stem .txt "
@@ -193,8 +194,8 @@ def add_common_args(parser, stage):
                    "pattern (shards/{00000..00999}.tar), a .tar path or URL, or a text file "
                    "listing them")
     g.add_argument("--out_dir", default=f"out/{stage}", help="where ckpt.pt, log.txt and sample grids go")
-    g.add_argument("--model", default=None, choices=["tiny", "small", "paper"], help="model size preset "
-                   "(default: small; paper, the released sizes, with --pretrained)")
+    g.add_argument("--model", default=None, choices=list(presets), help="model size preset (default: small; "
+                   "paper, the released sizes, with --pretrained)")
     g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: per preset)")
     g.add_argument("--batch_size", type=int, default=None,
                    help="global batch size, split over ranks and --grad_accum (default: per preset)")

@@ -26,6 +26,12 @@ see the README):
 --export writes our checkpoints in that layout, for diffusers' Würstchen pipelines; --pretrained
 reads it back:
     python sample.py --export exported/    |  python sample.py --pretrained exported/ --prompt "..."
+
+A Stage B checkpoint of stage_b_paella.py (v1's token decoder) goes wherever a Stage B goes, and a
+--pretrained folder with the official v1 files (V1_LAYOUT) runs the whole v1 chain, prior -> Paella
+tokens -> Stage A's codebook, with the v1 notebook's settings (method §1.4):
+    python sample.py --stage_b out/stage_b_paella/ckpt.pt --stage_c out/stage_c_paella/ckpt.pt ...
+    python sample.py --pretrained weights_v1/ --prompt "an owl reading a newspaper, oil painting"
 """
 import argparse
 import gc
@@ -40,11 +46,13 @@ import torch
 
 from common import (HelpFormatter, default_dtype, load_checkpoint, merge_lora, pick_device, psnr,
                     read_json, read_lora, run_cli, save_captioned_grid, write_json)
-from stage_a import load_stage_a
-from stage_b import (DECODER_REPO, DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, PRIOR_REPO,
-                     RESOLUTION_MULTIPLE, SCHEDULER, StageB, add_noise, ddpm_sample, frozen, load_stage_b,
-                     open_released, timestep_grid)
+from stage_a import StageA, load_stage_a
+from stage_b import (DECODER_REPO, DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, OPEN_CLIP_TEXT, PRIOR_REPO,
+                     RESOLUTION_MULTIPLE, SCHEDULER, SemanticCompressor, StageB, TextEncoder, add_noise,
+                     ddpm_sample, fetch_clip_weights, frozen, load_stage_b, open_released,
+                     read_pad_token, timestep_grid)
 from stage_b import find_released  # noqa: F401  (sample.find_released, as before the move)
+from stage_b_paella import STAGE_B_KINDS, V1_LATENT_SPACE, V1_SAMPLING, Paella
 from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c, to_stage_c_space
 
 # -----------------------------------------------------------------------------
@@ -66,11 +74,24 @@ class Pipeline:
     image_sizes: dict = None  # 'a' / 'b' / 'c' -> training image side of each stage held
     dtype: torch.dtype = torch.float32  # compute dtype: autocast to it when it is not float32
     loaders: dict = None  # name -> function returning that model on the device (released weights), else None
+    release: str = None  # "v1" for the official v1 files (defaults: CHAIN_DEFAULTS), else None
 
     @property
     def image_size(self):
         """The default output side: the training size of the last stage held (C, else B, else A)."""
         return next(self.image_sizes[k] for k in "cba" if k in self.image_sizes)
+
+
+# What flags left unset take (method §7.6): the released v2 pipelines' settings (also for our
+# checkpoints; steps_c 0 = the 29-step DEFAULT_STAGE_C_TIMESTEPS grid), and for the official v1
+# files the v1 notebook's: prior 60 DDPM steps on the linear grid, guidance 6, its negative prompt
+# (which guides Paella too). Stage B's steps, guidance and temperature default to its kind's
+# (stage_c.decode_stage_c): DiffNeXt 12 steps, no guidance; Paella 8 steps, w = 2, 1.0 -> 0.6.
+CHAIN_DEFAULTS = {
+    None: dict(steps_c=0, guidance_c=4.0, negative_prompt=""),
+    "v1": dict(steps_c=60, guidance_c=6.0,
+               negative_prompt="low resolution, low detail, bad quality, blurry"),
+}
 
 
 def sampling_dtype(device):
@@ -103,7 +124,7 @@ def add_checkpoint(pipe, stage, path):
         pipe.stage_a = load_stage_a(path, pipe.device)
         return
     if stage == "b":
-        parts = load_stage_b(path, pipe.device)
+        parts = load_stage_b(path, pipe.device, kinds=STAGE_B_KINDS)  # DiffNeXt or Paella
         pipe.compressor, pipe.stage_b, pipe.text_encoder_b = (parts[k] for k in ("compressor", "stage_b",
                                                                                 "text_encoder"))
     else:
@@ -182,9 +203,12 @@ def round_size(width, height):
 
 @torch.no_grad()
 def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=1024, seed=0,
-                  steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=12, guidance_b=0.0, progress=True):
-    """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released pipelines' (§7.6); on the
-    released weights a seed gives the image of diffusers' prior then decoder pipeline with that generator."""
+                  steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=None, guidance_b=None,
+                  temperature_b=V1_SAMPLING["temperature"], progress=True):
+    """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released
+    pipelines' (§7.6), Stage B's its kind's; on the released v2 weights a seed gives the image of
+    diffusers' prior then decoder pipeline with that generator. A Paella Stage B samples tokens
+    (temperature_b), guided against the negative prompt too."""
     _, _, latent_hw, _ = round_size(width, height)
     prompts = [p for p in prompts for _ in range(n)]  # n images per prompt, next to each other
     g = torch.Generator(pipe.device).manual_seed(seed)
@@ -196,23 +220,27 @@ def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=102
     torch.randn(y.shape, generator=g, device=pipe.device)
     with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
         return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
-                              steps_b, guidance_b, generator=g, progress=progress)
+                              steps_b, guidance_b, generator=g, progress=progress,
+                              negative_prompt=negative_prompt, temperature=temperature_b)
 
 
 @torch.no_grad()
-def image_variation(pipe, images, prompts=None, seed=0, steps_b=12, guidance_b=0.0, progress=True):
+def image_variation(pipe, images, prompts=None, seed=0, steps_b=None, guidance_b=None,
+                    temperature_b=V1_SAMPLING["temperature"], progress=True):
     """Images (B, 3, H, W) -> new images with the same semantics: semantic compressor -> Stage B -> Stage A."""
     with loaded(pipe, "compressor"):
         y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
     g = torch.Generator(pipe.device).manual_seed(seed)
     with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
         return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
-                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress)
+                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress,
+                              temperature=temperature_b)
 
 
 @torch.no_grad()
-def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed=0, steps_c=DEFAULT_STAGE_C_TIMESTEPS,
-                   guidance_c=4.0, steps_b=12, guidance_b=0.0, progress=True):
+def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed=0,
+                   steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=None, guidance_b=None,
+                   temperature_b=V1_SAMPLING["temperature"], progress=True):
     """Noise each image's Stage C latent to t = strength, then denoise it with the prompt (the rest of the
     Stage C grid below `strength`), then Stage B and A as usual. strength 1 = text-to-image, 0 = variation."""
     with loaded(pipe, "compressor"):
@@ -228,7 +256,8 @@ def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed
         y = ddpm_sample(pipe.stage_c, y, timesteps, cond, uncond, guidance_c, g, progress)
     with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
         return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
-                              steps_b, guidance_b, generator=g, progress=progress)
+                              steps_b, guidance_b, generator=g, progress=progress,
+                              negative_prompt=negative_prompt, temperature=temperature_b)
 
 
 @torch.no_grad()
@@ -256,23 +285,79 @@ def toy_eval(pipe, n=4, seed=0, look="bold", colors=None, **kwargs):
         "chance_shape": 1 / n_shapes, "chance_both": 1 / (n_colors * n_shapes), "images": len(targets)}
 
 # -----------------------------------------------------------------------------
-# the released weights (method §8.1): found and checked by stage_b.open_released, which the training scripts share
+# the released weights (method §8.1): found and checked by stage_b.open_released, which the training scripts share;
+# the official v1 files: found here
+# Würstchen v1 (method §1.4, §8.1): its official files, and the CLIP ViT-H tower both stages read
+V1_FILES = {"stage_c": "model_stage_c.pt", "stage_b": "model_stage_b.pt",
+            "stage_a": "vqgan_f4_v1_500k.pt"}
+V1_LAYOUT = """\
+  {root}/model_stage_c.pt  model_stage_b.pt  vqgan_f4_v1_500k.pt   <- the official v1 files (the
+      Hugging Face repository dome272/wuerstchen): the prior (its EMA weights are used), Paella
+      + the EfficientNetV2-L compressor, the VQGAN
+  {root}/wuerstchen/text_encoder/ and tokenizer/   <- hf download warp-ai/wuerstchen --include
+      "text_encoder/*" "tokenizer/*" --local-dir {root}/wuerstchen   (CLIP ViT-H-14, as v1 used;
+      or --open_clip: open_clip's ViT-H-14 laion2b_s32b_b79k)"""
 
 
 def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, decoder_cfg=None):
     """A Pipeline over the released Würstchen v2 weights (method §8) or an export of ours (export),
     loaded lazily (Pipeline.loaders) in `dtype` (default: sampling_dtype): stage_b.open_released finds
-    them (stage_b.RELEASED_LAYOUT), checks the method's constants and reads the latent space and training sizes
-    (released: 42 / 1, 1024 px); the prior is added here. open_clip_text: the open_clip towers instead
-    of the repositories' transformers text encoders (same weights). decoder_cfg: the StageBConfig of an
-    official model_v2_stage_b.pt that is not the released size."""
+    them (stage_b.RELEASED_LAYOUT), checks the method's constants and reads the latent space and training
+    sizes (released: 42 / 1, 1024 px); the prior is added here. open_clip_text: the open_clip towers
+    instead of the repositories' transformers text encoders (same weights). decoder_cfg: the
+    StageBConfig of an official model_v2_stage_b.pt that is not the released size. A folder that holds
+    v1's model_stage_b.pt (Paella) gives the v1 chain (load_released_v1)."""
+    if root and os.path.exists(os.path.join(root, V1_FILES["stage_b"])):
+        return load_released_v1(root, device, dtype, open_clip_text, decoder_cfg)
     device = torch.device(device)
     dtype = dtype or sampling_dtype(device)
     released = open_released(root, open_clip_text, decoder_cfg)
     builders = released["builders"] | {"stage_c": lambda: StageC.from_pretrained(released["paths"]["stage_c"])}
-    loaders = {k: (lambda build=build: frozen(build(), device, dtype)) for k, build in builders.items()}
     return Pipeline(latent_space=released["latent_space"], device=device, image_sizes=released["image_sizes"],
-                    dtype=dtype, loaders=loaders)
+                    dtype=dtype, loaders=lazy_loaders(builders, device, dtype))
+
+
+def load_released_v1(root, device="cpu", dtype=None, open_clip_text=False, paella_cfg=None):
+    """A Pipeline over the official Würstchen v1 files in `root` (V1_LAYOUT; method §1.4, §8.1): the
+    prior of model_stage_c.pt (EMA weights; CLIP ViT-H text, c_cond 1024), Paella and the
+    EfficientNetV2-L compressor of model_stage_b.pt, and the VQGAN, loaded lazily as load_released
+    does. Both stages read the same CLIP ViT-H text, as in v1: the decoder repository's
+    text_encoder/ (or open_clip's ViT-H-14). v1's compressor returns (e + 1) / 42 itself, the space
+    of its prior and of Paella's condition: e = y (V1_LATENT_SPACE). Its defaults are the v1
+    notebook's (CHAIN_DEFAULTS['v1'], 512 px). paella_cfg: the PaellaConfig of a model_stage_b.pt
+    that is not v1's size."""
+    device = torch.device(device)
+    dtype = dtype or sampling_dtype(device)
+    paths = {k: os.path.join(root, name) for k, name in V1_FILES.items()}
+    decoder = os.path.join(root, DECODER_REPO.split("/")[1])
+    text_folder, tokenizer = (os.path.join(decoder, name) for name in ("text_encoder", "tokenizer"))
+    missing = [k for k, path in paths.items() if not os.path.exists(path)]
+    missing += [] if open_clip_text or os.path.isdir(text_folder) else ["text_encoder"]
+    if missing:
+        raise FileNotFoundError(f"the official Würstchen v1 files are incomplete in {root} "
+                                f"(missing: {', '.join(missing)}); the v1 chain reads:\n"
+                                f"{V1_LAYOUT.format(root=root)}")
+    pad_token = read_pad_token(tokenizer) if os.path.isdir(tokenizer) else "!"
+    weights = fetch_clip_weights(*OPEN_CLIP_TEXT["b"]) if open_clip_text else None
+
+    def text_encoder():  # CLIP ViT-H-14 for both stages
+        if open_clip_text:
+            return TextEncoder(OPEN_CLIP_TEXT["b"][0], weights, pad_token)
+        return TextEncoder("transformers", text_folder, pad_token)
+
+    builders = {"text_encoder_c": text_encoder, "text_encoder_b": text_encoder,
+                "stage_c": lambda: StageC.from_pretrained(paths["stage_c"]),
+                "stage_b": lambda: Paella.from_pretrained(paths["stage_b"], paella_cfg),
+                "stage_a": lambda: StageA.from_pretrained(paths["stage_a"]),
+                "compressor": lambda: SemanticCompressor.from_pretrained(paths["stage_b"])}
+    return Pipeline(latent_space=V1_LATENT_SPACE, device=device, image_sizes={"c": 512, "b": 512},
+                    dtype=dtype, loaders=lazy_loaders(builders, device, dtype), release="v1")
+
+
+def lazy_loaders(builders, device, dtype):
+    """name -> a function that builds the model from its file, on the device, in dtype, frozen:
+    Pipeline.loaders, called by `loaded` when a stage needs the model."""
+    return {k: (lambda build=build: frozen(build(), device, dtype)) for k, build in builders.items()}
 
 # -----------------------------------------------------------------------------
 # export: our models in the released layout, for diffusers' pipelines (and --pretrained)
@@ -288,9 +373,10 @@ def export(pipe, root):
     diffusers ignores). The semantic compressor goes to wuerstchen/semantic_compressor/, which no
     pipeline reads. What diffusers cannot represent is refused by name before anything is written.
     Returns the two folders."""
-    if pipe.stage_b is not None and not isinstance(pipe.stage_b, StageB):
+    if pipe.release == "v1" or pipe.stage_b is not None and not isinstance(pipe.stage_b, StageB):
+        kind = "Paella" if pipe.release == "v1" else type(pipe.stage_b).__name__
         raise ValueError(f"diffusers' WuerstchenDecoderPipeline runs only the DiffNeXt Stage B of "
-                         f"Würstchen v2; this Stage B is a {type(pipe.stage_b).__name__} (a token "
+                         f"Würstchen v2; this Stage B is a {kind} (a token "
                          f"Stage B, as Würstchen v1's Paella, has no diffusers pipeline)")
     if pipe.stage_a is not None and pipe.stage_a.cfg.c_latent != 4:
         raise ValueError(f"diffusers' WuerstchenDecoderPipeline samples 4-channel Stage A latents; "
@@ -370,7 +456,9 @@ def open_pipeline(args, device, dtype, stages="abc"):
             pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
         except FileNotFoundError as e:
             raise SystemExit(f"--pretrained: {e}")
-        print(f"weights in the released layout from {args.pretrained or 'the Hugging Face cache'} "
+        what = "the official Würstchen v1 files (Paella Stage B)" if pipe.release == "v1" else \
+            "weights in the released layout"
+        print(f"{what} from {args.pretrained or 'the Hugging Face cache'} "
               f"({'open_clip' if args.open_clip else 'transformers'} text encoders), "
               f"{str(dtype).removeprefix('torch.')} on {device}, each stage loaded when needed"
               + "".join(f"; Stage {k.upper()} from {path}" for k, path in ours.items() if path))
@@ -389,10 +477,14 @@ def main(args):
         return
     device = pick_device(args.device)
     dtype = sampling_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-    steps_c = args.steps_c if args.steps_c else DEFAULT_STAGE_C_TIMESTEPS
     t0 = time.time()
     stages = "a" if args.reconstruct else "ab" if args.variation else "abc"
     pipe = open_pipeline(args, device, dtype, stages)
+    # flags left unset take the chain's defaults (CHAIN_DEFAULTS)
+    chain = {k: v if getattr(args, k) is None else getattr(args, k)
+             for k, v in CHAIN_DEFAULTS[pipe.release].items()}
+    steps_c = chain["steps_c"] or DEFAULT_STAGE_C_TIMESTEPS
+    guidance_c, negative_prompt = chain["guidance_c"], chain["negative_prompt"]
     width, height, _, note = round_size(args.width or pipe.image_size, args.height or pipe.image_size)
     if note:
         print(note)
@@ -402,11 +494,12 @@ def main(args):
         print(f"Stage A reconstruction PSNR {psnr(out, x):.2f} dB")
         save_outputs(torch.cat([x, out]), args.reconstruct + ["(reconstruction)"] * len(x), args.out_dir, "reconstruct")
         return
-    common = dict(seed=args.seed, steps_b=args.steps_b, guidance_b=args.guidance_b)
+    common = dict(seed=args.seed, steps_b=args.steps_b, guidance_b=args.guidance_b,
+                  temperature_b=tuple(args.temperature_b))
     if args.eval_toy:
         images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy, colors=args.eval_colors,
-                                         steps_c=steps_c, guidance_c=args.guidance_c,
-                                         negative_prompt=args.negative_prompt, **common)
+                                         steps_c=steps_c, guidance_c=guidance_c,
+                                         negative_prompt=negative_prompt, **common)
         print(json.dumps({k: round(v, 3) for k, v in acc.items()}))
         save_outputs(images, captions, args.out_dir, "eval_toy")
         with open(os.path.join(args.out_dir, "eval_toy.json"), "w") as f:
@@ -423,34 +516,43 @@ def main(args):
         if args.init_image:
             x = read_images(args.init_image, width, height)
             prompts = (prompts * len(x))[:len(x)]  # one prompt per input image
-            images = image_to_image(pipe, x, prompts, args.strength, args.negative_prompt, steps_c=steps_c,
-                                    guidance_c=args.guidance_c, **common)
+            images = image_to_image(pipe, x, prompts, args.strength, negative_prompt,
+                                    steps_c=steps_c, guidance_c=guidance_c, **common)
             captions = prompts
         else:
-            images = text_to_image(pipe, prompts, args.negative_prompt, args.n, width, height, steps_c=steps_c,
-                                   guidance_c=args.guidance_c, **common)
+            images = text_to_image(pipe, prompts, negative_prompt, args.n, width, height,
+                                   steps_c=steps_c, guidance_c=guidance_c, **common)
             captions = [p for p in prompts for _ in range(args.n)]
     save_outputs(images, captions, args.out_dir, "samples")
     print(f"{len(images)} images of {images.shape[-1]}x{images.shape[-2]} in {time.time() - t0:.1f}s on {device}")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints or the released v2 weights "
-                                "(text -> C -> B -> A).",
+    p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints or the "
+                                "released v1 / v2 weights (text -> C -> B -> A).",
                                 formatter_class=HelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts_file", help="text file with one prompt per line")
-    p.add_argument("--negative_prompt", default="", help="what Stage C guidance steers away from")
+    p.add_argument("--negative_prompt", default=None, help="what Stage C guidance steers away "
+                   "from, and a Paella Stage B's (default: none; the v1 files: the v1 notebook's)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--width", type=int, default=None, help="image width, rounded to 128-pixel steps "
                    "(default: the training size of the last stage used: C's, else B's, else A's)")
     p.add_argument("--height", type=int, default=None, help="image height, rounded to 128-pixel steps "
                    "(default: as --width)")
-    p.add_argument("--steps_c", type=int, default=0, help="Stage C steps (0 = the released 29-step grid)")
-    p.add_argument("--guidance_c", type=float, default=4.0, help="Stage C classifier-free guidance scale")
-    p.add_argument("--steps_b", type=int, default=12, help="Stage B steps")
-    p.add_argument("--guidance_b", type=float, default=0.0, help="Stage B guidance scale (<= 1 = off, as released)")
+    p.add_argument("--steps_c", type=int, default=None, help="Stage C steps, 0 = the released "
+                   "29-step grid (default: 0; the v1 files: 60)")
+    p.add_argument("--guidance_c", type=float, default=None, help="Stage C classifier-free "
+                   "guidance scale (default: 4; the v1 files: 6)")
+    p.add_argument("--steps_b", type=int, default=None, help="Stage B steps (default: its kind's, "
+                   "12 DDPM steps for DiffNeXt, 8 for Paella)")
+    p.add_argument("--guidance_b", type=float, default=None, help="Stage B guidance scale "
+                   "(default: its kind's, DiffNeXt off as released (<= 1 = off), Paella w = 2 as "
+                   "v1)")
+    p.add_argument("--temperature_b", type=float, nargs=2, default=V1_SAMPLING["temperature"],
+                   metavar=("FIRST", "LAST"), help="a Paella Stage B's sampling temperature, "
+                   "linear from FIRST to LAST over its steps")
     p.add_argument("--variation", nargs="+", help="image(s) to make variations of (no prompt needed)")
     p.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: noise level to start from (0..1)")
@@ -471,7 +573,8 @@ def get_args(argv=None):
     p.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="use the released "
                    "Würstchen v2 weights instead of our checkpoints: from DIR (warp-ai/wuerstchen-prior and "
                    "warp-ai/wuerstchen in DIR/wuerstchen-prior and DIR/wuerstchen, or an --export "
-                   "of ours), or without DIR from the Hugging Face cache")
+                   "of ours), or without DIR from the Hugging Face cache; a DIR with the official "
+                   "v1 files (model_stage_b.pt ...) runs the v1 chain")
     p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text towers (ViT-bigG-14 "
                    "laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of the repositories' text_encoder/ folders")
     p.add_argument("--export", metavar="DIR", help="write the models (our checkpoints, or "

@@ -208,6 +208,17 @@ class StageA(nn.Module):
             h = self.vquantizer(h)[0]
         return self.decode_raw(h)
 
+    def encode_indices(self, x):
+        """Images in [0, 1] -> the codebook indices (B, H/4, W/4) of the quantised encoder output:
+        the tokens that v1's Stage B (Paella) learns to generate."""
+        return self.vquantizer(self.encode_raw(x))[2]
+
+    def decode_indices(self, idx):
+        """Codebook indices (B, H/4, W/4) -> images (B, 3, H, W): the codebook vectors live in the
+        raw latent space (method §2.4), so they are decoded as they are, without scale_factor."""
+        codes = self.vquantizer.embedding(idx)  # (B, h, w, 4)
+        return self.decode_raw(codes.permute(0, 3, 1, 2))  # (B, 4, h, w)
+
     def forward(self, x):
         """Training path of the VQGAN: returns (reconstruction, vq loss, code indices (B, H/4, W/4))."""
         q, vq_loss, idx = self.vquantizer(self.encode_raw(x))

@@ -73,9 +73,11 @@ class StageBConfig:
 @dataclass
 class CompressorConfig:
     """Semantic compressor (method §3.1): a stride-32 backbone, then 1x1 conv + BatchNorm to c_latent channels."""
-    backbone: str = "efficientnet_v2_s"  # torchvision EfficientNetV2-S features, or "tiny" (a patch-embedding stem)
+    # torchvision EfficientNetV2-S features (v2), "efficientnet_v2_l" (v1), or "tiny" (a patch stem)
+    backbone: str = "efficientnet_v2_s"
     c_latent: int = 16
     tiny_width: int = 256  # feature width of the "tiny" backbone
+    v1_scaling: bool = False  # return (e + 1) / 42 as v1's encoder does (Stage C's space, §3.1)
 
 
 # The sizes the method fixes (method §1.5, §7.7): the semantic compressor sees the image at 3/4 of its side with
@@ -251,12 +253,13 @@ class AttnBlock(nn.Module):
 def r_embedding(t, c_r=64, max_positions=10000):
     """Sinusoidal embedding of the continuous timestep t in [0, 1] (method §4.2): (B,) -> (B, c_r).
 
-    t is scaled by 10,000 and embedded with c_r/2 geometric frequencies, sin block first.
+    t is scaled by 10,000 and embedded with c_r // 2 geometric frequencies, sin block first.
     """
     half = c_r // 2
     freqs = torch.exp(-math.log(max_positions) / (half - 1) * torch.arange(half, device=t.device).float())
     angles = (t * max_positions)[:, None] * freqs[None, :]  # (B, half)
-    return torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, c_r)
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, 2 half)
+    return F.pad(emb, (0, c_r % 2))  # (B, c_r): an odd c_r ends in a 0, as the reference pads it
 
 
 class ResBlockStageB(nn.Module):
@@ -296,6 +299,49 @@ class ResBlock(nn.Module):
         return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP runs on (B, H, W, C)
 
 
+def dome272_init(model):
+    """dome272's general initialisation (method §4.6): xavier_uniform for every Conv2d / Linear
+    weight, zero biases, and the attention's q/k/v drawn as nn.MultiheadAttention draws them, as one
+    packed (3C, C) xavier matrix. (The ConvTranspose2d upsamplers keep PyTorch's default, as
+    there.) The models then re-initialise some layers."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            bound = math.sqrt(6 / (4 * m.to_q.in_features))  # xavier bound of a (3C, C) matrix
+            for proj in (m.to_q, m.to_k, m.to_v):
+                nn.init.uniform_(proj.weight, -bound, bound)
+
+
+def unet_levels(c_hidden, blocks, level_config, block):
+    """The U-Net skeleton of DiffNeXt and Paella (method §4.3, §4.8): (down_blocks, up_blocks), one
+    ModuleList per level. Down level i: [downsampler (i > 0): LayerNorm2d, 2x2 stride-2 conv] +
+    blocks[i] x level_config[i]. Up levels, deepest first: blocks[i] x level_config[i] + [upsampler
+    (i > 0): LayerNorm2d, 2x2 stride-2 ConvTranspose]. block(kind, i, c_skip) builds one block of
+    level i; c_skip is the width of the U-Net skip, the down path's output of that level, which the
+    first block of every up level but the deepest takes (else 0)."""
+    n = len(c_hidden)
+    down_blocks, up_blocks = nn.ModuleList(), nn.ModuleList()
+    for i in range(n):
+        level = nn.ModuleList()
+        if i > 0:
+            level.append(nn.Sequential(LayerNorm2d(c_hidden[i - 1]),
+                                       nn.Conv2d(c_hidden[i - 1], c_hidden[i], 2, stride=2)))
+        level.extend(block(kind, i, 0) for _ in range(blocks[i]) for kind in level_config[i])
+        down_blocks.append(level)
+    for i in reversed(range(n)):
+        level = nn.ModuleList(block(kind, i, c_hidden[i] if i < n - 1 and j == k == 0 else 0)
+                              for j in range(blocks[i]) for k, kind in enumerate(level_config[i]))
+        if i > 0:
+            level.append(nn.Sequential(LayerNorm2d(c_hidden[i]),
+                                       nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], 2, 2)))
+        up_blocks.append(level)
+    return down_blocks, up_blocks
+
+
 class StageB(nn.Module):
     """Stage B, the v2 "DiffNeXt" decoder (method §4): a U-Net of ResBlockStageB / TimestepBlock / AttnBlock
     levels that predicts the noise in a noised Stage A latent, conditioned on the semantic latent e (resized
@@ -304,9 +350,9 @@ class StageB(nn.Module):
     def __init__(self, cfg: StageBConfig):
         super().__init__()
         self.cfg = cfg
-        c_hidden, n_levels = cfg.c_hidden, len(cfg.c_hidden)
+        c_hidden = cfg.c_hidden
         # conditioning: text tokens -> c_cond (+ LayerNorm); one 1x1 conv per injected level for e.
-        # effnet_mappers slots: i for down level i, n_levels + j for up_blocks[j] (j = 0 is the deepest level)
+        # effnet_mappers slots: i for down level i, len(c_hidden) + j for up_blocks[j] (0: deepest)
         self.clip_mapper = nn.Linear(cfg.clip_embd, cfg.c_cond)
         self.effnet_mappers = nn.ModuleList([nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if inject else None
                                              for inject in cfg.inject_effnet + cfg.inject_effnet[::-1]])
@@ -315,36 +361,16 @@ class StageB(nn.Module):
                                        nn.Conv2d(cfg.c_in * cfg.patch_size**2, c_hidden[0], kernel_size=1),
                                        LayerNorm2d(c_hidden[0]))
 
-        def block(kind, i, c_skip):
+        def block(kind, i, c_skip):  # ResBlocks of injected levels also take the mapped e
             if kind == "C":
-                return ResBlockStageB(c_hidden[i], c_skip, cfg.kernel_size, cfg.dropout)
+                c_effnet = cfg.c_cond if cfg.inject_effnet[i] else 0
+                return ResBlockStageB(c_hidden[i], c_skip + c_effnet, cfg.kernel_size, cfg.dropout)
             if kind == "T":
                 return TimestepBlock(c_hidden[i], cfg.c_r)
             return AttnBlock(c_hidden[i], cfg.c_cond, cfg.nhead[i], cfg.self_attn, cfg.dropout)
 
-        # down path: level i = [downsampler (i > 0)] + blocks[i] x level_config[i]
-        self.down_blocks = nn.ModuleList()
-        for i in range(n_levels):
-            level = nn.ModuleList()
-            if i > 0:
-                level.append(nn.Sequential(LayerNorm2d(c_hidden[i - 1]),
-                                           nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)))
-            c_effnet = cfg.c_cond if cfg.inject_effnet[i] else 0
-            level.extend(block(kind, i, c_effnet) for _ in range(cfg.blocks[i]) for kind in cfg.level_config[i])
-            self.down_blocks.append(level)
-        # up path, deepest level first: blocks[i] x level_config[i] + [upsampler (i > 0)]. The first block of
-        # every level but the deepest also takes the down path's output of that level (the U-Net skip).
-        self.up_blocks = nn.ModuleList()
-        for i in reversed(range(n_levels)):
-            level = nn.ModuleList()
-            for j in range(cfg.blocks[i]):
-                for k, kind in enumerate(cfg.level_config[i]):
-                    c_skip = c_hidden[i] if i < n_levels - 1 and j == k == 0 else 0
-                    level.append(block(kind, i, c_skip + (cfg.c_cond if cfg.inject_effnet[i] else 0)))
-            if i > 0:
-                level.append(nn.Sequential(LayerNorm2d(c_hidden[i]),
-                                           nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)))
-            self.up_blocks.append(level)
+        self.down_blocks, self.up_blocks = unet_levels(c_hidden, cfg.blocks, cfg.level_config,
+                                                       block)
         # output head: (a, b) at full latent resolution, 2 * c_out channels
         self.clf = nn.Sequential(LayerNorm2d(c_hidden[0]),
                                  nn.Conv2d(c_hidden[0], 2 * cfg.c_out * cfg.patch_size**2, kernel_size=1),
@@ -353,15 +379,7 @@ class StageB(nn.Module):
 
     def init_weights(self):
         """dome272's initialisation, in its order (method §4.6)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):  # (ConvTranspose2d keeps PyTorch's default, as there)
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            if isinstance(m, Attention):  # dome272's nn.MultiheadAttention: xavier over the packed (3C, C) q/k/v
-                bound = math.sqrt(6 / (4 * m.to_q.in_features))
-                for proj in (m.to_q, m.to_k, m.to_v):
-                    nn.init.uniform_(proj.weight, -bound, bound)
+        dome272_init(self)
         for mapper in self.effnet_mappers:
             if mapper is not None:
                 nn.init.normal_(mapper.weight, std=0.02)  # conditionings
@@ -472,25 +490,29 @@ def dome272_to_diffusers(sd):
 class SemanticCompressor(nn.Module):
     """The semantic compressor (paper §3, method §3): image in [0, 1] -> semantic latent e (B, 16, H/42.67, W/42.67).
 
-    A stride-32 backbone (EfficientNetV2-S features, 1280 channels; a patch-embedding stem for 'tiny') on the image
-    resized to 3/4 of its side, then a 1x1 conv to 16 channels (no bias) and a BatchNorm. e is the raw BatchNorm
-    output, the space Stage B is conditioned on; Stage C models y = (e + shift) / scale. Keys match the official
-    EfficientNetEncoder (backbone.*, mapper.0, mapper.1). Constructing never downloads: see load_imagenet_weights.
+    A stride-32 backbone (EfficientNetV2-S features, 1280 channels; V2-L in v1; a patch-embedding
+    stem for 'tiny') on the image resized to 3/4 of its side, then a 1x1 conv to 16 channels (no
+    bias) and a BatchNorm. e is the raw BatchNorm output (v1: (e + 1) / 42, cfg.v1_scaling), the
+    space Stage B is conditioned on; Stage C models y = (e + shift) / scale. Keys match the official
+    EfficientNetEncoder (backbone.*, mapper.0, mapper.1). Constructing never downloads: see
+    load_imagenet_weights.
     """
 
     def __init__(self, cfg: CompressorConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.backbone == "efficientnet_v2_s":
+        if cfg.backbone in ("efficientnet_v2_s", "efficientnet_v2_l"):
             import torchvision
-            self.backbone = torchvision.models.efficientnet_v2_s(weights=None).features  # random until loaded
+            efficientnet = getattr(torchvision.models, cfg.backbone)
+            self.backbone = efficientnet(weights=None).features  # random until loaded
             c_features = 1280
         elif cfg.backbone == "tiny":  # a ViT-style stem, stride 32 like EfficientNet: 32x32 patches -> features
             c_features = cfg.tiny_width
             self.backbone = nn.Sequential(nn.Conv2d(3, c_features, kernel_size=32, stride=32), nn.GELU(),
                                           nn.Conv2d(c_features, c_features, kernel_size=1), nn.GELU())
         else:
-            raise ValueError(f"unknown compressor backbone {cfg.backbone!r} (efficientnet_v2_s | tiny)")
+            raise ValueError(f"unknown compressor backbone {cfg.backbone!r} (efficientnet_v2_s | "
+                             f"efficientnet_v2_l | tiny)")
         self.mapper = nn.Sequential(nn.Conv2d(c_features, cfg.c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(cfg.c_latent))
 
@@ -503,14 +525,17 @@ class SemanticCompressor(nn.Module):
         return self.backbone((x - mean) / std)  # stride 32: 768 px -> 24 x 24
 
     def forward(self, images):  # (B, 3, H, W) in [0, 1] -> e (B, 16, 3H/128, 3W/128) (H, W multiples of 128)
-        return self.mapper(self.features(images))
+        e = self.mapper(self.features(images))
+        return (e + 1) / 42 if self.cfg.v1_scaling else e
 
     def load_imagenet_weights(self):
-        """Fill the EfficientNetV2-S backbone with torchvision's ImageNet weights (downloaded once into the
-        torch hub cache). Returns False, changing nothing, when they cannot be had (no network)."""
-        from torchvision.models import EfficientNet_V2_S_Weights
+        """Fill the EfficientNetV2 backbone with torchvision's ImageNet weights (downloaded once
+        into the torch hub cache). Returns False, changing nothing, when they cannot be had
+        (no network)."""
+        import torchvision
         try:
-            sd = EfficientNet_V2_S_Weights.DEFAULT.get_state_dict(progress=False)
+            weights = torchvision.models.get_model_weights(self.cfg.backbone).DEFAULT
+            sd = weights.get_state_dict(progress=False)
         except Exception:
             return False
         self.backbone.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()
@@ -518,16 +543,20 @@ class SemanticCompressor(nn.Module):
         return True
 
     @classmethod
-    def from_pretrained(cls, path):
-        """The `effnet_state_dict` of the official `model_v2_stage_b.pt` (EfficientNetV2-S) or a
-        state-dict file, or a folder written by save_pretrained (any backbone)."""
+    def from_pretrained(cls, path, cfg=None):
+        """The `effnet_state_dict` of an official Stage B file: `model_v2_stage_b.pt`
+        (EfficientNetV2-S) or v1's `model_stage_b.pt` (V2-L, whose encoder returns (e + 1) / 42:
+        v1_scaling), the variant read off the weights (V2-L has a ninth feature stage) unless `cfg`
+        says; or a state-dict file; or a folder written by save_pretrained (any backbone)."""
         if os.path.isdir(path):
             cfg = CompressorConfig(**read_json(os.path.join(path, "config.json")))
             sd = load_weights_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             sd = sd.get("effnet_state_dict", sd)
-            cfg = CompressorConfig(c_latent=sd["mapper.0.weight"].shape[0])
+            v1 = "backbone.8.0.weight" in sd  # EfficientNetV2-L: features 0..8; V2-S: 0..7
+            backbone = "efficientnet_v2_l" if v1 else "efficientnet_v2_s"
+            cfg = cfg or CompressorConfig(backbone, sd["mapper.0.weight"].shape[0], v1_scaling=v1)
         with torch.device("meta"):
             model = cls(cfg)
         load_exact(model, sd, what=f"semantic compressor weights from {path}")
@@ -822,6 +851,9 @@ def add_finetune_args(group):
 def finetune_defaults(preset, args):
     """The training defaults of a fine-tune (--pretrained): the preset's "finetune" entry, with its LoRA
     learning rate under --lora_rank."""
+    if "finetune" not in preset:
+        raise ValueError(f"--model {args.model}: --pretrained fine-tunes the released v2 weights (or an export of "
+                         f"ours); this preset has no fine-tuning defaults")
     defaults = {k: v for k, v in preset["finetune"].items() if k != "lora_lr"}
     return defaults | ({"lr": preset["finetune"]["lora_lr"]} if args.lora_rank else {})
 
@@ -980,27 +1012,48 @@ class CompressorAndStageB(nn.Module):
         effnet = self.perturb(self.compressor(images))  # (B, 16, h, w)
         return diffusion_loss(self.stage_b, latents, effnet=effnet, clip_text=clip_text)
 
+    def checkpoint_entries(self, ema):
+        """A Stage B checkpoint's weights: trained and EMA, of the Stage B (its LoRA adapters alone when it
+        has them: common.trained_state) and the compressor."""
+        return {"model": trained_state(self.stage_b), "ema": trained_state(ema.stage_b),
+                "compressor": self.compressor.state_dict(),
+                "compressor_ema": ema.compressor.state_dict()}
+
+    def restore(self, ckpt, ema, opt, scaler):
+        """--resume: the weights of checkpoint_entries, the optimizer and the loss scaler. `ema` may be
+        this module itself (fine-tuning keeps no EMA)."""
+        load_trained(self.stage_b, ckpt["model"], "the checkpoint's Stage B")
+        self.compressor.load_state_dict(ckpt["compressor"])
+        if ema is not self:
+            load_trained(ema.stage_b, ckpt["ema"], "the checkpoint's EMA Stage B")
+            ema.compressor.load_state_dict(ckpt["compressor_ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen Stage A latents of a whole (small) dataset, encoded once (encode_dataset) and
-    kept on disk instead of encoded at every step (there is no random augmentation, so they never change).
-    Items are (image, caption, latent): the images are still read, for the compressor. With aspect-ratio
-    buckets the latents come in several shapes, one per bucket (`sizes`, as the dataset's)."""
+    """--cache: the frozen Stage A encoding of a whole (small) dataset, computed once (encode_dataset)
+    and kept on disk (cache_stage_a) instead of at every step (there is no random augmentation, so it
+    never changes): `encode` maps images to the latents (B, 4, H/4, W/4) here, to the tokens (B, H/4,
+    W/4) for Paella. Items are (image, caption, latent): the images are still read, for the compressor.
+    With aspect-ratio buckets the latents come in several shapes, one per bucket (`sizes`, as the
+    dataset's)."""
 
     def __init__(self, dataset, latents):
         self.dataset, self.sizes, self.latents = dataset, sizes_of(dataset), latents
 
     @staticmethod
     @torch.no_grad()
-    def encode_dataset(dataset, stage_a, rt, batch_size=64, num_workers=2, verbose=True):
-        """{"latents": the Stage A latent of every image, on the CPU}: what a LatentCache holds."""
+    def encode_dataset(dataset, encode, rt, batch_size=64, num_workers=2, verbose=True):
+        """{"latents": encode(image) of every image, on the CPU (float32 latents, or tokens)}: what a
+        LatentCache holds."""
         latents = [None] * len(dataset)
         batches = same_size_batches(dataset, batch_size, num_workers)
-        for indices, (images, _) in tqdm(batches, "cache: Stage A latents", disable=not verbose, leave=False):
+        for indices, (images, _) in tqdm(batches, "cache: Stage A encoding", disable=not verbose, leave=False):
             with rt.autocast():
-                encoded = stage_a.encode(images.to(rt.device)).float().cpu()  # (B, 4, H/4, W/4)
+                encoded = encode(images.to(rt.device)).cpu()  # (B, 4, H/4, W/4) or (B, H/4, W/4)
             for i, latent in zip(indices, encoded):
-                latents[i] = latent
+                latents[i] = latent.float() if latent.is_floating_point() else latent
         return {"latents": latents}
 
     def __len__(self):
@@ -1011,6 +1064,31 @@ class LatentCache(torch.utils.data.Dataset):
         return image, caption, self.latents[i]
 
 
+def cache_stage_a(trainset, encode, stage_a, args, rt, logger):
+    """--cache of both Stage B scripts: the LatentCache of `trainset` under Stage A's `encode` (its
+    latents, or Paella's tokens), computed once per dataset and Stage A and kept in out_dir/cache/, which
+    re-runs and --resume read (common.disk_cached)."""
+    from data import dataset_key
+    key = {"data": dataset_key(trainset), "stage_a": weights_fingerprint(stage_a), "encode": encode.__name__}
+    state, path, built = disk_cached(os.path.join(args.out_dir, "cache", "stage_b"), key, lambda: (
+        LatentCache.encode_dataset(trainset, encode, rt, num_workers=args.num_workers, verbose=rt.master)), rt)
+    logger.log(f"cache: {'wrote' if built else 'read'} {path}: the Stage A {encode.__name__} of "
+               f"{len(trainset)} images")
+    return LatentCache(trainset, **state)
+
+
+def build_compressor(cfg, random_init, rt, logger):
+    """A semantic compressor to train jointly with a Stage B: an EfficientNetV2 backbone starts from
+    torchvision's ImageNet weights, as in the reference, unless random_init (--no_imagenet, or a
+    resumed run)."""
+    compressor = SemanticCompressor(cfg)
+    if cfg.backbone != "tiny" and not random_init and rt.master:
+        if not compressor.load_imagenet_weights():  # rank 0 decides; DDP broadcasts its weights
+            logger.log(f"semantic compressor: ImageNet {cfg.backbone} weights unobtainable "
+                       f"(offline?): random init")
+    return compressor
+
+
 @torch.no_grad()
 def measure_latent_space(compressor, images):
     """Constants of Stage C's space y = (e + shift) / scale: y gets zero mean and unit std over `images`."""
@@ -1018,17 +1096,37 @@ def measure_latent_space(compressor, images):
     return {"scale": round(e.std().item(), 4), "shift": round(-e.mean().item(), 4)}
 
 
-def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encoder")):
-    """Rebuild from a Stage B checkpoint alone what later stages need: the EMA Stage B and semantic compressor (eval,
-    frozen), the text encoder, and the latent-space constants. Returns a dict with `parts`, 'latent_space', 'ckpt'."""
+# A Stage B checkpoint says which kind of Stage B it holds ("kind"; none: DiffNeXt), written by
+STAGE_B_SCRIPTS = {"diffnext": "python stage_b.py --data DIR",
+                   "paella": "python stage_b_paella.py --data DIR"}
+
+
+def check_kind(ckpt, path, kinds):
+    """The kind of Stage B in a Stage B checkpoint, 'diffnext' (v2) or 'paella' (v1); a one-line
+    error unless it is one of `kinds`."""
+    kind = ckpt.get("kind", "diffnext")
+    if kind not in kinds:
+        raise CheckpointError(f"{path} holds a {kind} Stage B (written by "
+                              f"`{STAGE_B_SCRIPTS[kind]}`), but a {' or '.join(kinds)} Stage B was "
+                              f"expected here")
+    return kind
+
+
+def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encoder"), kinds=None):
+    """Rebuild from a Stage B checkpoint alone what later stages need: the EMA Stage B and semantic
+    compressor (eval, frozen), the text encoder, and the latent-space constants. Returns a dict with
+    `parts`, 'latent_space', 'ckpt'. kinds: {kind: (model class, config class)} of the Stage B
+    kinds the caller can run (default DiffNeXt only; stage_b_paella.STAGE_B_KINDS has both)."""
+    kinds = kinds or {"diffnext": (StageB, StageBConfig)}
     ckpt = load_checkpoint(path, "stage_b")
     if ckpt.get("lora") and "stage_b" in parts:
         raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): sample with "
                               f"--lora {os.path.join(os.path.dirname(path), LORA_FILE)} on the decoder it adapts")
     out = {"latent_space": ckpt["latent_space"], "ckpt": ckpt}
     if "stage_b" in parts:
+        model, config = kinds[check_kind(ckpt, path, kinds)]
         with torch.device("meta"):
-            out["stage_b"] = StageB(StageBConfig(**ckpt["model_config"]))
+            out["stage_b"] = model(config(**ckpt["model_config"]))
         load_exact(out["stage_b"], ckpt["ema"], what=f"Stage B EMA weights of {path}")
     if "compressor" in parts:
         out["compressor"] = SemanticCompressor(CompressorConfig(**ckpt["compressor_config"]))
@@ -1063,7 +1161,8 @@ RELEASED_LAYOUT = """\
                                                                           model_v3_stage_c.pt ... --local-dir {root}
   With --open_clip the text towers are open_clip's ViT-bigG-14 laion2b_s39b_b160k and ViT-H-14 laion2b_s32b_b79k
   (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
-  from the Hugging Face cache) instead of the text_encoder/ folders."""
+  from the Hugging Face cache) instead of the text_encoder/ folders.
+  sample.py: a folder with the official v1 files runs the v1 chain instead (sample.V1_LAYOUT)."""
 
 
 def find_released(root=None, text_folders=True, compressor=False):
@@ -1183,6 +1282,8 @@ def train(args):
     defaults = finetune_defaults(preset, args) | {"image_size": released["image_sizes"]["b"]} if released \
         else preset["train"]
     rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", defaults)
+    if ckpt:
+        check_kind(ckpt, ckpt_path, ("diffnext",))
     if released:
         build = released["builders"]
         stage_a, compressor = frozen(build["stage_a"](), rt.device), frozen(build["compressor"](), rt.device)
@@ -1191,8 +1292,8 @@ def train(args):
             frozen(build["text_encoder_b"](), rt.device)
     else:
         stage_b = StageB(StageBConfig(**ckpt["model_config"]) if ckpt else preset["model"])
-        compressor = SemanticCompressor(CompressorConfig(**ckpt["compressor_config"]) if ckpt else
-                                        preset["compressor"])
+        compressor = build_compressor(CompressorConfig(**ckpt["compressor_config"]) if ckpt else
+                                      preset["compressor"], args.no_imagenet or ckpt is not None, rt, logger)
         text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)  # frozen
         # frozen Stage A (EMA weights), rebuilt from its checkpoint alone: images -> latents / scale_factor
         stage_a, latent_space = load_stage_a(args.stage_a, rt.device), preset["latent_space"]
@@ -1227,9 +1328,6 @@ def train(args):
 
     # models, EMA and optimizer: compressor + Stage B together (weights stay fp32; autocast does the rest); when
     # fine-tuning only Stage B (or its LoRA adapters) trains
-    if ccfg.backbone == "efficientnet_v2_s" and not ckpt and not released and not args.no_imagenet and rt.master:
-        if not compressor.load_imagenet_weights():  # rank 0 decides; DDP broadcasts its weights
-            logger.log("semantic compressor: ImageNet EfficientNetV2-S weights unobtainable (offline?): random init")
     model = CompressorAndStageB(compressor, stage_b, args.p_zero_effnet, args.p_noise_effnet, latent_space,
                                 train_compressor=not released).to(rt.device)
     channels_last_convs(model.stage_b)  # as its activations: no gradient copies under DDP
@@ -1246,24 +1344,14 @@ def train(args):
                f"{sum(p.numel() for p in text_encoder.parameters()):,} | trained "
                f"{sum(map(torch.numel, trained)):,}{', LoRA ' + str(lora) if lora else ''}")
     if args.cache:  # computed once per dataset and Stage A, on disk: re-runs and --resume read it
-        key = {"data": dataset_key(trainset), "stage_a": weights_fingerprint(stage_a)}
-        state, path, built = disk_cached(os.path.join(args.out_dir, "cache", "stage_b"), key, lambda: (
-            LatentCache.encode_dataset(trainset, stage_a, rt, num_workers=args.num_workers, verbose=rt.master)), rt)
-        trainset = LatentCache(trainset, **state)
-        logger.log(f"cache: {'wrote' if built else 'read'} {path}: {len(trainset)} Stage A latents")
+        trainset = cache_stage_a(trainset, stage_a.encode, stage_a, args, rt, logger)
     step = ckpt["step"] if ckpt else 0
     # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
     # so it comes before the RNG state is restored
     batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
                                args.grad_accum, ckpt and ckpt.get("data"))
     if ckpt:
-        load_trained(model.stage_b, ckpt["model"], f"{ckpt_path} (model)")
-        model.compressor.load_state_dict(ckpt["compressor"])
-        if ema is not model:
-            load_trained(ema.stage_b, ckpt["ema"], f"{ckpt_path} (ema)")
-            ema.compressor.load_state_dict(ckpt["compressor_ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        model.restore(ckpt, ema, opt, scaler)
         restore_rng(ckpt, rt)
         logger.log(f"resumed from {ckpt_path} at step {step}")
     raw_model = model
@@ -1296,9 +1384,8 @@ def train(args):
     def save(metrics, run_state):
         space = latent_space or measure_latent_space(ema.compressor, held_images)
         save_checkpoint(ckpt_path, {
-            "stage": "stage_b", "step": step, "model_config": asdict(cfg), "model": trained_state(raw_model.stage_b),
-            "ema": trained_state(ema.stage_b), "compressor_config": asdict(ccfg),
-            "compressor": raw_model.compressor.state_dict(), "compressor_ema": ema.compressor.state_dict(),
+            "stage": "stage_b", "kind": "diffnext", "step": step, "model_config": asdict(cfg),
+            "compressor_config": asdict(ccfg)} | raw_model.checkpoint_entries(ema) | {
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": vars(args),
             "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), "lora": lora, **run_state,
             "deps": {"pretrained": released["paths"]} if released else {
@@ -1372,20 +1459,29 @@ def get_args(argv=None):
                                      formatter_class=HelpFormatter)
     add_common_args(parser, "stage_b")
     g = parser.add_argument_group("stage B")
-    g.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="frozen Stage A checkpoint whose latents Stage B learns")
-    add_text_encoder_args(g)
-    g.add_argument("--no_imagenet", action="store_true", help="start the EfficientNetV2-S backbone from random weights "
-                   "instead of ImageNet")
-    g.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample (CFG)")
-    g.add_argument("--p_zero_effnet", type=float, default=0.05, help="probability of a zeroed semantic latent, per sample")
-    g.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a Stage-C-noised semantic latent "
-                   "(t ~ U(0, 0.5)), per sample")
+    add_stage_b_args(g)
     g.add_argument("--steps_b", type=int, default=12, help="Stage B DDPM steps of the preview reconstructions")
-    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="encode the whole dataset with "
-                   "Stage A once, kept in out_dir/cache/ for re-runs and --resume (small datasets; default: per "
-                   "preset, on for tiny and when fine-tuning)")
     add_finetune_args(parser.add_argument_group("fine-tuning (--pretrained)"))
     return parser.parse_args(argv)
+
+
+def add_stage_b_args(group):
+    """The flags of both Stage B scripts (stage_b.py and stage_b_paella.py)."""
+    group.add_argument("--stage_a", default="out/stage_a/ckpt.pt",
+                       help="frozen Stage A checkpoint whose latents Stage B learns")
+    add_text_encoder_args(group)
+    group.add_argument("--no_imagenet", action="store_true", help="start the EfficientNetV2 "
+                       "backbone from random weights instead of ImageNet")
+    group.add_argument("--p_drop_text", type=float, default=0.05,
+                       help="probability of an empty caption, per sample (CFG)")
+    group.add_argument("--p_zero_effnet", type=float, default=0.05,
+                       help="probability of a zeroed semantic latent, per sample")
+    group.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a "
+                       "Stage-C-noised semantic latent (t ~ U(0, 0.5)), per sample")
+    group.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                       help="encode the whole dataset with Stage A once, kept in out_dir/cache/ for "
+                       "re-runs and --resume (small datasets; default: per preset, on for tiny and "
+                       "when fine-tuning)")
 
 
 if __name__ == "__main__":

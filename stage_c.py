@@ -38,9 +38,10 @@ from common import (CheckpointError, HelpFormatter, NonFiniteGuard, add_common_a
 from stage_a import load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, LORA_FILE, RESOLUTION_MULTIPLE, AttnBlock,
                      LayerNorm2d, ResBlock, TextEncoder, TimestepBlock, add_finetune_args,
-                     add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss,
+                     add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss, dome272_init,
                      dome272_to_diffusers, finetune_defaults, frozen, load_stage_b, open_released,
                      r_embedding)
+from stage_b_paella import STAGE_B_KINDS, V1_SAMPLING, Paella, sample_images
 
 # -----------------------------------------------------------------------------
 # config
@@ -96,6 +97,14 @@ PRESETS = {
                    cache=False, steps_c=0, grad_checkpointing=False),
         finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.999, ema_decay=0,
                       cache=True, steps_c=0, grad_checkpointing=True)),
+    # the v1 prior as trained (dome272 train_stage_C.py, method §5.1; model_stage_c.pt): the same
+    # prior with CLIP ViT-H-14 text (c_cond 1024, 993,243,680 params), on top of the v1 Paella
+    # Stage B (stage_b_paella.py --model paper), the same recipe at 512 px (12 x 12 latents)
+    "paper_v1": dict(
+        model=StageCConfig(c_cond=1024),
+        text_encoder={"name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
+        train=dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000,
+                   beta2=0.999, cache=False, steps_c=0, grad_checkpointing=False)),
 }
 
 # -----------------------------------------------------------------------------
@@ -127,16 +136,7 @@ class StageC(nn.Module):
 
     def init_weights(self):
         """dome272's initialisation of the prior, in its order (method §5.4)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        for attn in (b.attention for b in self.blocks if isinstance(b, AttnBlock)):
-            # dome272's nn.MultiheadAttention draws q/k/v as one packed (3c, c) xavier matrix: a narrower range
-            bound = (6 / (4 * self.cfg.c)) ** 0.5
-            for proj in (attn.to_q, attn.to_k, attn.to_v):
-                nn.init.uniform_(proj.weight, -bound, bound)
+        dome272_init(self)  # xavier everywhere, q/k/v as nn.MultiheadAttention's packed matrix
         nn.init.normal_(self.projection.weight, std=0.02)  # input
         nn.init.normal_(self.cond_mapper[0].weight, std=0.02)  # conditioning
         nn.init.normal_(self.cond_mapper[2].weight, std=0.02)
@@ -307,18 +307,31 @@ def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_ST
 
 
 @torch.no_grad()
-def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, steps=12, guidance_scale=0.0,
-                   generator=None, progress=False):
-    """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1] (method §7.5): e = y * scale - shift, Stage B
-    samples a Stage A latent of side int(10.67 h) (LATENT_DIM_SCALE) conditioned on e and its own text encoder's CLIP text (CFG only
-    when guidance_scale > 1, against zero e and the empty caption), then Stage A decodes it unquantised."""
+def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, steps=None,
+                   guidance_scale=None, generator=None, progress=False, negative_prompt="",
+                   temperature=V1_SAMPLING["temperature"]):
+    """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1]: e = y * scale - shift, then
+    Stage B at the Stage A side int(10.67 h) (LATENT_DIM_SCALE), conditioned on e and its own text
+    encoder's CLIP text, with the defaults of its kind (steps, guidance_scale None).
+    DiffNeXt (v2, method §7.5): DDPM, 12 steps, CFG only when guidance_scale > 1, against zero e and
+    the empty caption; Stage A decodes the latent unquantised. Paella (v1, method §1.4, §4.8): the
+    token sampler, 8 steps, w = 2, `temperature`, against zero e and the negative prompt (as the v1
+    notebook); Stage A decodes the tokens through its codebook."""
     e = to_stage_b_space(y, latent_space)
     side = (int(y.shape[-2] * LATENT_DIM_SCALE), int(y.shape[-1] * LATENT_DIM_SCALE))  # 24 -> 256, 3 -> 32
+    if isinstance(stage_b, Paella):
+        w = V1_SAMPLING["cfg"] if guidance_scale is None else guidance_scale
+        negative = text_encoder_b.encode([negative_prompt] * len(y))
+        return sample_images(stage_b, stage_a, e, text_encoder_b.encode(prompts), negative, side,
+                             generator, progress, steps=steps or V1_SAMPLING["steps"], cfg=w,
+                             temperature=temperature)
+    guidance_scale = guidance_scale or 0.0
     noise = torch.randn((len(y), stage_b.cfg.c_in, *side), generator=generator, device=y.device)
     cond = {"effnet": e, "clip_text": text_encoder_b.encode(prompts)}
     uncond = {"effnet": torch.zeros_like(e), "clip_text": text_encoder_b.encode([""] * len(y))} \
         if guidance_scale > 1 else None
-    latents = ddpm_sample(stage_b, noise, steps, cond, uncond, guidance_scale, generator, progress)
+    latents = ddpm_sample(stage_b, noise, steps or 12, cond, uncond, guidance_scale, generator,
+                          progress)
     return stage_a.decode(latents).float().clamp(0, 1)
 
 
@@ -337,11 +350,11 @@ def frozen_models(args, released, preset, ckpt, device):
                         frozen(build["text_encoder_c"](), device))
         return (frozen(build["compressor"](), device), text_encoder, released["latent_space"],
                 lambda: {k: frozen(build[k](), device) for k in ("stage_b", "text_encoder_b", "stage_a")})
-    parts_b = load_stage_b(args.stage_b, device, parts=("compressor",))
+    parts_b = load_stage_b(args.stage_b, device, parts=("compressor",), kinds=STAGE_B_KINDS)
     load_checkpoint(args.stage_a, "stage_a")  # a missing or wrong file: said now, not at the first preview
 
-    def decoders():
-        parts = load_stage_b(args.stage_b, device, parts=("stage_b", "text_encoder"))
+    def decoders():  # Stage B of either kind (stage_b.py, stage_b_paella.py)
+        parts = load_stage_b(args.stage_b, device, parts=("stage_b", "text_encoder"), kinds=STAGE_B_KINDS)
         return {"stage_b": parts["stage_b"], "text_encoder_b": parts["text_encoder"],
                 "stage_a": load_stage_a(args.stage_a, device)}
     return (parts_b["compressor"], build_text_encoder(args, preset["text_encoder"], ckpt, device),
@@ -549,11 +562,12 @@ def get_args(argv=None):
                                      "of captioned images, on top of trained Stages A and B, or fine-tune the "
                                      "released prior (--pretrained).",
                                      formatter_class=HelpFormatter)
-    add_common_args(parser, "stage_c")
+    add_common_args(parser, "stage_c", PRESETS)
     g = parser.add_argument_group("stage C")
     g.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="Stage A checkpoint (decodes the previews)")
-    g.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint: its frozen semantic "
-                   "compressor gives the training target, its decoder the previews")
+    g.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint "
+                   "(stage_b.py or stage_b_paella.py): its frozen semantic compressor gives the "
+                   "training target, its decoder the previews")
     add_text_encoder_args(g)
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="compute the frozen text "
                    "embeddings and semantic latents of the whole dataset once, kept in out_dir/cache/ for re-runs "
@@ -564,7 +578,8 @@ def get_args(argv=None):
                    "previews")
     g.add_argument("--steps_c", type=int, default=None, help="Stage C DDPM steps of the previews, 0 = the released "
                    "29-step grid DEFAULT_STAGE_C_TIMESTEPS (default: per preset)")
-    g.add_argument("--steps_b", type=int, default=12, help="Stage B DDPM steps of the previews")
+    g.add_argument("--steps_b", type=int, default=None, help="Stage B steps of the previews "
+                   "(default: its kind's, 12 DDPM steps for DiffNeXt, 8 for Paella)")
     g.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in the backward pass (activation checkpointing): much less memory "
                    "for the paper size, ~30%% more compute (default: per preset; on when fine-tuning paper)")

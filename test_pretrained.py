@@ -419,3 +419,95 @@ def test_sampling_never_picks_float16(released, monkeypatch):
         assert sample.sampling_dtype("cuda") == dtype
         assert sample.load_released(str(root), device="cuda").dtype == dtype
     assert sample.sampling_dtype("cpu") == torch.float32
+
+
+# ---- the v1 chain: the official v1 files (method §1.4, §8.1), tiny and random
+
+# num_labels: the VQGAN's codebook; byt5_embd: the width of the CLIP "ViT-H" below
+V1_PAELLA = dict(c_in=8, c_out=8, num_labels=64, c_cond=32, c_hidden=(16, 32), nhead=(-1, 2),
+                 blocks=(1, 1), level_config=("CT", "CTA"), byt5_embd=48)
+V1_NEGATIVE = "low resolution, low detail, bad quality, blurry"
+
+
+@pytest.fixture(scope="module")
+def released_v1(tmp_path_factory):
+    """DIR with model_stage_c.pt (the prior, CLIP ViT-H width 48: other weights in state_dict than
+    in ema_state_dict), model_stage_b.pt (Paella in the official layout + an EfficientNetV2-L
+    effnet_state_dict, its values from a shared pool so that the file stays small),
+    vqgan_f4_v1_500k.pt, and DIR/wuerstchen/text_encoder + tokenizer (the CLIP ViT-H both v1
+    stages read)."""
+    from stage_a import StageA, StageAConfig
+    from stage_b_paella import PaellaConfig
+    from stage_c import StageC, StageCConfig
+    from test_stage_b import _random_state_dict
+    from test_stage_b_paella import random_official
+    root = tmp_path_factory.mktemp("released_v1")
+    prior_cfg = StageCConfig(**PRIOR | {"c_cond": 48})
+    ema, raw = randomize(StageC(prior_cfg), 11), randomize(StageC(prior_cfg), 12)
+    torch.save({"state_dict": to_dome272(raw.state_dict()),
+                "ema_state_dict": to_dome272(ema.state_dict())}, root / "model_stage_c.pt")
+    with torch.device("meta"):
+        effnet = stage_b.SemanticCompressor(stage_b.CompressorConfig("efficientnet_v2_l"))
+    effnet_sd = _random_state_dict({k: v.shape for k, v in effnet.state_dict().items()}, 13)
+    for k, v in effnet_sd.items():  # BatchNorms: the identity in eval mode
+        if k.endswith("num_batches_tracked"):
+            effnet_sd[k] = torch.tensor(0)
+        elif k.endswith("running_var") or (k.endswith("weight") and v.dim() == 1):
+            effnet_sd[k] = torch.ones_like(v)
+        elif k.endswith(("running_mean", "bias")):
+            effnet_sd[k] = torch.zeros_like(v)
+    paella = random_official(PaellaConfig(**V1_PAELLA), 14)
+    torch.save({"state_dict": paella, "effnet_state_dict": effnet_sd}, root / "model_stage_b.pt")
+    vqgan = randomize(StageA(StageAConfig(c_hidden=32, bottleneck_blocks=1, codebook_size=64)), 15)
+    codebook_renamed = {k.replace("vquantizer.embedding.", "vquantizer.codebook."): v
+                        for k, v in vqgan.state_dict().items()}
+    torch.save({"state_dict": codebook_renamed}, root / "vqgan_f4_v1_500k.pt")
+    clip_text_model("decoder", 16).save_pretrained(root / "wuerstchen" / "text_encoder")
+    write_tokenizer(str(root / "wuerstchen" / "tokenizer"), "!")
+    return root, ema
+
+
+@torch.no_grad()
+def test_v1_chain_from_the_official_files(released_v1, tmp_path, monkeypatch, capsys):
+    from stage_b_paella import Paella, PaellaConfig
+    root, ema = released_v1
+    pipe = sample.load_released(str(root), decoder_cfg=PaellaConfig(**V1_PAELLA))
+    assert pipe.release == "v1" and pipe.image_size == 512
+    assert pipe.latent_space == {"scale": 1.0, "shift": 0.0}  # v1's compressor gives the prior's y
+    prior = pipe.loaders["stage_c"]()  # the file's EMA weights
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in prior.state_dict().items())
+    # the compressor: EfficientNetV2-L read off the weights, returning v1's (e + 1) / 42
+    compressor = pipe.loaders["compressor"]()
+    assert compressor.cfg.backbone == "efficientnet_v2_l" and compressor.cfg.v1_scaling
+    x = torch.rand(1, 3, 128, 128)
+    e = compressor.mapper(compressor.features(x))
+    torch.testing.assert_close(compressor(x), (e + 1) / 42)
+    # an incomplete v1 folder names what is missing
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "model_stage_b.pt").symlink_to(root / "model_stage_b.pt")
+    with pytest.raises(FileNotFoundError, match="missing: stage_c, stage_a, text_encoder"):
+        sample.load_released(str(tmp_path / "v1"))
+    # sample.py --pretrained DIR: the v1 notebook's settings, counted on the models' calls
+    calls = {"stage_c": [], "stage_b": []}
+    for name in calls:
+        def counted(build=pipe.loaders[name], name=name):
+            model = build()
+            model.register_forward_hook(lambda m, args, kwargs, out: calls[name].append(
+                kwargs["clip_text"]), with_kwargs=True)
+            return model
+        pipe.loaders[name] = counted
+    monkeypatch.setattr(sample, "load_released", lambda *args, **kwargs: pipe)
+    sample.main(sample.get_args(["--pretrained", str(root), "--prompt", "a cat", "--width", "128",
+                                 "--height", "128", "--device", "cpu", "--out_dir", str(tmp_path)]))
+    assert "the official Würstchen v1 files (Paella Stage B)" in capsys.readouterr().out
+    assert (tmp_path / "samples_000.png").exists()
+    text_folder = str(root / "wuerstchen" / "text_encoder")
+    negative = TextEncoder("transformers", text_folder).encode([V1_NEGATIVE])
+    # prior: 60 DDPM steps, Paella: 8 steps, both guided against the negative prompt
+    assert len(calls["stage_c"]) == 60 and len(calls["stage_b"]) == 8
+    guided = calls["stage_c"] + calls["stage_b"]
+    assert all(len(c) == 2 and torch.equal(c[1:], negative) for c in guided)
+    assert isinstance(pipe.loaders["stage_b"](), Paella)
+    x = torch.rand(1, 3, 128, 128)  # --variation: V2-L -> Paella -> the VQGAN
+    var = sample.image_variation(pipe, x, steps_b=2, progress=False)
+    assert var.shape == x.shape and torch.isfinite(var).all()

@@ -394,3 +394,17 @@ def test_wrong_checkpoints_name_both_stages(toy_run, tmp_path):
         stage_b.train(_args((data, str(tmp_path / "b.pt")), tmp_path / "out", 1))
     with pytest.raises(FileNotFoundError, match="python stage_a.py"):
         stage_b.train(_args((data, str(tmp_path / "missing.pt")), tmp_path / "out", 1))
+
+
+def test_attention_init_is_dome272s_packed_xavier():
+    """q/k/v are drawn as nn.MultiheadAttention draws its packed (3C, C) in_proj (bound sqrt(6 / 4C)), not as
+    three separate (C, C) xavier matrices (bound sqrt(6 / 2C)): the general init must not overwrite them."""
+    torch.manual_seed(0)
+    model = stage_b.StageB(stage_b.PRESETS["tiny"]["model"])
+    attns = [m for m in model.modules() if isinstance(m, stage_b.Attention)]
+    assert attns
+    for m in attns:
+        c = m.to_q.in_features
+        for proj in (m.to_q, m.to_k, m.to_v):
+            top = proj.weight.abs().max().item()
+            assert top <= (6 / (4 * c)) ** 0.5 and top > 0.9 * (6 / (4 * c)) ** 0.5
