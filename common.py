@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import textwrap
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -871,6 +872,43 @@ class Logger:
             tqdm.write(msg)  # prints above an active progress bar instead of through it
             with open(self.path, "a") as f:
                 f.write(msg + "\n")
+
+
+class Progress:
+    """What a user sees of a training loop, and its cadence: a tqdm bar (rank 0), the log line every
+    --log_every steps with the images per second since the last one, and whether a step is due a
+    preview (--sample_every) or a checkpoint (--save_every); the last step is due all three."""
+
+    def __init__(self, args, rt, logger, step, desc):
+        from tqdm import tqdm
+        self.args, self.rt, self.logger = args, rt, logger
+        self.bar = tqdm(total=args.max_steps, initial=step, desc=desc, dynamic_ncols=True) if rt.master else None
+        self.t0, self.seen = time.time(), 0
+
+    def count(self, n):
+        """n more training images on this rank (every rank sees as many)."""
+        self.seen += n * self.rt.world_size
+
+    def step(self, step):
+        """After the optimizer step that makes `step` steps: (log, preview, checkpoint) due now."""
+        if self.bar:
+            self.bar.update(1)
+        a, last = self.args, step == self.args.max_steps
+        return tuple(step % every == 0 or last for every in (a.log_every, a.sample_every, a.save_every))
+
+    def log(self, step, metrics, lr, skipped=0):
+        self.logger.log(log_line(step, self.args.max_steps, metrics, lr, self.seen / (time.time() - self.t0),
+                                 skipped))
+        self.t0, self.seen = time.time(), 0
+
+    def close(self, done=None):
+        """End of training: the bar closes, the line `done: ...` is logged, DDP's process group ends."""
+        if self.bar:
+            self.bar.close()
+        if done is not None:
+            self.logger.log(f"done: {done}")
+        if self.rt.ddp:
+            dist.destroy_process_group()
 
 
 def log_line(step, max_steps, metrics, lr, img_per_s, skipped=0):

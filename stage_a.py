@@ -18,7 +18,6 @@ Run it:
 """
 import argparse
 import os
-import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 
@@ -27,11 +26,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (HelpFormatter, NonFiniteGuard, add_common_args, ema_decay_at, gather_run_state,
-                    get_lr, holdout_batch, infinite_batches, load_checkpoint, load_exact,
-                    load_weights_file, log_line, no_sync, preset_name, psnr, read_json, recompute_batchnorm,
-                    restore_rng, run_cli, save_checkpoint, save_image_grid, save_weights_file,
-                    set_lr, start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, Progress, add_common_args, ema_decay_at,
+                    gather_run_state, get_lr, holdout_batch, infinite_batches, load_checkpoint,
+                    load_exact, load_weights_file, no_sync, preset_name, psnr, read_json,
+                    recompute_batchnorm, restore_rng, run_cli, save_checkpoint, save_image_grid,
+                    save_weights_file, set_lr, start_run, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -418,11 +417,7 @@ def train(args):
         x0 = next(image_batches(trainset, 64, spread=False)).to(rt.device)
         with torch.no_grad():
             restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x0), counts, rt)
-    pbar = None
-    if rt.master:
-        from tqdm import tqdm
-        pbar = tqdm(total=args.max_steps, initial=step, desc="stage A", dynamic_ncols=True)
-    t0, seen = time.time(), 0
+    progress = Progress(args, rt, logger, step, "stage A")
     model.train()
     while step < args.max_steps:
         lr = get_lr(step, args.lr, args.warmup)
@@ -448,29 +443,24 @@ def train(args):
                     d_loss = discriminator_loss(disc, x, recon.float())
                 scaler_d.scale(d_loss / args.grad_accum).backward()
             counts += torch.bincount(idx.flatten(), minlength=cfg.codebook_size)
-            seen += len(x) * rt.world_size
+            progress.count(len(x))
         optimizers = [(opt, scaler)] + [(opt_d, scaler_d)] * use_gan  # both stepped, or neither
         grad_norm = guard.step(step, loss + d_loss if use_gan else loss, optimizers, args.grad_clip)
         if guard.ok:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
-        if pbar:
-            pbar.update(1)
-        if step % args.log_every == 0 or step == args.max_steps:
+        log, preview, checkpoint = progress.step(step)
+        if log:
             metrics = {"loss": loss.item(), "rec": rec_loss.item(), "vq": vq_loss.item(),
                        "psnr": psnr(recon.detach().float(), x), "codes": (counts > 0).float().mean().item(),
                        "grad_norm": grad_norm.item()}
             if use_gan:
                 metrics |= {"g": g_loss.item(), "d": d_loss.item()}
-            logger.log(log_line(step, args.max_steps, metrics, lr, seen / (time.time() - t0),
-                                guard.skipped))
-            t0, seen = time.time(), 0
+            progress.log(step, metrics, lr, guard.skipped)
         if step % args.restart_every == 0 and step < args.max_steps * RESTART_UNTIL and guard.ok:
             with torch.no_grad():
                 restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x), counts, rt)
             counts.zero_()
-        preview, checkpoint = (step % every == 0 or step == args.max_steps
-                               for every in (args.sample_every, args.save_every))
         if rt.master and (preview or checkpoint):  # the EMA encoder's BatchNorm: its own statistics
             with rt.autocast():
                 recompute_batchnorm(ema, ema.encode_raw, image_batches(trainset), device=rt.device)
@@ -482,15 +472,10 @@ def train(args):
             run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 save(run_state)
-    if pbar:
-        pbar.close()
-    if rt.master:
-        raw_model.eval()
-        logger.log(f"done: held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB (raw weights "
+    raw_model.eval()
+    progress.close(f"held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB (raw weights "
                    f"{holdout_psnr(raw_model):.2f} dB) | scale_factor {raw_model.cfg.scale_factor} | "
-                   f"checkpoint {ckpt_path}")
-    if rt.ddp:
-        dist.destroy_process_group()
+                   f"checkpoint {ckpt_path}" if rt.master else None)
 
 # -----------------------------------------------------------------------------
 # CLI

@@ -27,24 +27,23 @@ import glob
 import math
 import os
 import re
-import time
 import unicodedata
 from copy import deepcopy
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, HelpFormatter, NonFiniteGuard, add_common_args, add_lora,
-                    channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps, finetune_warnings,
-                    gather_run_state, get_lr, holdout_batch, hub_file, infinite_batches, load_checkpoint,
-                    load_exact, load_trained, load_weights_file, log_line, no_sync, preset_name, psnr,
-                    read_json, recompute_batchnorm, restore_rng, run_cli, same_size_batches,
-                    save_checkpoint, save_image_grid, save_lora, save_weights_file, set_lr, sizes_of,
-                    start_run, trained_state, update_ema, weights_fingerprint, write_json, wrap_ddp)
+from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, add_common_args,
+                    add_lora, channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps,
+                    finetune_warnings, gather_run_state, get_lr, holdout_batch, hub_file,
+                    infinite_batches, load_checkpoint, load_exact, load_trained, load_weights_file,
+                    no_sync, preset_name, psnr, read_json, recompute_batchnorm,
+                    restore_rng, run_cli, same_size_batches, save_checkpoint, save_image_grid,
+                    save_lora, save_weights_file, set_lr, sizes_of, start_run, trained_state,
+                    update_ema, weights_fingerprint, wrap_ddp, write_json)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, StageA, load_stage_a
 
 # ---- config
@@ -1309,7 +1308,7 @@ def train(args):
                          f"{args.model} Stage B expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
-    from data import dataset_key, folder_captions, image_batches, open_data
+    from data import folder_captions, image_batches, open_data
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     with torch.no_grad():
@@ -1399,8 +1398,7 @@ def train(args):
     metrics, space = {}, None
     if rt.master and released and step == 0:  # the released decoder on these images, before fine-tuning
         metrics = preview()
-    pbar = tqdm(total=args.max_steps, initial=step, desc="stage B", dynamic_ncols=True) if rt.master else None
-    t0, seen = time.time(), 0
+    progress = Progress(args, rt, logger, step, "stage B")
     model.train()
     while step < args.max_steps:
         lr = get_lr(step, args.lr, args.warmup)
@@ -1418,19 +1416,14 @@ def train(args):
                 loss = model(images, latents, clip_text)
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
-            seen += len(images) * rt.world_size
+            progress.count(len(images))
         grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
         if guard.ok and ema is not raw_model:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
-        if pbar:
-            pbar.update(1)
-        if step % args.log_every == 0 or step == args.max_steps:
-            logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
-                                seen / (time.time() - t0), guard.skipped))
-            t0, seen = time.time(), 0
-        preview_now, checkpoint = (step % every == 0 or step == args.max_steps
-                                   for every in (args.sample_every, args.save_every))
+        log, preview_now, checkpoint = progress.step(step)
+        if log:
+            progress.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr, guard.skipped)
         if rt.master and (preview_now or checkpoint) and raw_model.train_compressor:
             with rt.autocast():  # the EMA compressor's BatchNorms: own statistics
                 recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
@@ -1441,13 +1434,8 @@ def train(args):
             run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 space = save(metrics, run_state)
-    if pbar:
-        pbar.close()
-    if rt.master:
-        logger.log(f"done: held-out reconstruction PSNR {metrics.get('holdout_psnr', float('nan')):.2f} dB | "
+    progress.close(f"held-out reconstruction PSNR {metrics.get('holdout_psnr', float('nan')):.2f} dB | "
                    f"latent space {space} | checkpoint {ckpt_path}")
-    if rt.ddp:
-        dist.destroy_process_group()
 
 
 # ---- CLI

@@ -25,19 +25,17 @@ with SemanticCompressor.from_pretrained("model_stage_b.pt").
 import argparse
 import math
 import os
-import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, NonFiniteGuard, add_common_args, channels_last_convs,
+from common import (HelpFormatter, NonFiniteGuard, Progress, add_common_args, channels_last_convs,
                     ema_decay_at, gather_run_state, get_lr, holdout_batch, infinite_batches,
-                    load_exact, log_line, no_sync, preset_name, psnr, recompute_batchnorm,
+                    load_exact, no_sync, preset_name, psnr, recompute_batchnorm,
                     restore_rng, run_cli, save_checkpoint, save_image_grid, set_lr, start_run,
                     update_ema, wrap_ddp)
 from stage_a import load_stage_a
@@ -469,10 +467,8 @@ def train(args):
 
     with torch.no_grad():  # Paella's ceiling: Stage A decoding the held-out images' own tokens
         stage_a_psnr = psnr(stage_a.decode_indices(held_tokens).float(), held_images)
-    pbar = tqdm(total=args.max_steps, initial=step, desc="stage B (Paella)",
-                dynamic_ncols=True) if rt.master else None
+    progress = Progress(args, rt, logger, step, "stage B (Paella)")
     metrics, space = {}, None
-    t0, seen = time.time(), 0
     model.train()
     while step < args.max_steps:
         lr = get_lr(step, args.lr, args.warmup)
@@ -490,20 +486,15 @@ def train(args):
                 loss, acc = model(images, tokens, clip_text)
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
-            seen += len(images) * rt.world_size
+            progress.count(len(images))
         grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
         if guard.ok:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
-        if pbar:
-            pbar.update(1)
-        if step % args.log_every == 0 or step == args.max_steps:
-            metrics_now = {"loss": loss.item(), "acc": acc.item(), "grad_norm": grad_norm.item()}
-            logger.log(log_line(step, args.max_steps, metrics_now, lr, seen / (time.time() - t0),
-                                guard.skipped))
-            t0, seen = time.time(), 0
-        preview, checkpoint = (step % every == 0 or step == args.max_steps
-                               for every in (args.sample_every, args.save_every))
+        log, preview, checkpoint = progress.step(step)
+        if log:
+            progress.log(step, {"loss": loss.item(), "acc": acc.item(), "grad_norm": grad_norm.item()},
+                         lr, guard.skipped)
         if rt.master and (preview or checkpoint):  # the EMA compressor's BatchNorms: own statistics
             with rt.autocast():
                 recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
@@ -521,14 +512,8 @@ def train(args):
             run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 space = save(metrics, run_state)
-    if pbar:
-        pbar.close()
-    if rt.master:
-        logger.log(f"done: held-out reconstruction PSNR "
-                   f"{metrics.get('holdout_psnr', float('nan')):.2f} dB | latent space {space} | "
-                   f"checkpoint {ckpt_path}")
-    if rt.ddp:
-        dist.destroy_process_group()
+    progress.close(f"held-out reconstruction PSNR {metrics.get('holdout_psnr', float('nan')):.2f} dB | "
+                   f"latent space {space} | checkpoint {ckpt_path}")
 
 # ---- CLI
 

@@ -23,16 +23,16 @@ from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (CheckpointError, HelpFormatter, NonFiniteGuard, add_common_args, add_lora,
-                    channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps, finetune_warnings,
-                    free_memory, gather_run_state, get_lr, holdout_batch, infinite_batches, load_checkpoint,
-                    load_exact, load_trained, load_weights_file, log_line, no_sync, preset_name, read_json,
-                    restore_rng, run_cli, same_size_batches, save_captioned_grid, save_checkpoint, save_lora,
+from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, add_common_args,
+                    add_lora, channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps,
+                    finetune_warnings, free_memory, gather_run_state, get_lr, holdout_batch,
+                    infinite_batches, load_checkpoint, load_exact, load_trained, load_weights_file,
+                    no_sync, preset_name, read_json, restore_rng, run_cli,
+                    same_size_batches, save_captioned_grid, save_checkpoint, save_lora,
                     save_weights_file, set_lr, sizes_of, start_run, trained_state, update_ema,
                     weights_fingerprint, wrap_ddp)
 from stage_a import load_stage_a
@@ -512,8 +512,7 @@ def train(args):
     metrics = {}
     if rt.master and finetune and step == 0:  # the model before fine-tuning, for comparison
         metrics = preview()
-    pbar = tqdm(total=args.max_steps, initial=step, desc="stage C", dynamic_ncols=True) if rt.master else None
-    t0, seen = time.time(), 0
+    progress = Progress(args, rt, logger, step, "stage C")
     model.train()
     while step < args.max_steps:
         lr = get_lr(step, args.lr, args.warmup)
@@ -529,29 +528,21 @@ def train(args):
                 loss = diffusion_loss(model, y, clip_text=clip_text)  # P2-weighted eps MSE, t with the 1.08 stretch
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
-            seen += len(y) * rt.world_size
+            progress.count(len(y))
         grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
         if guard.ok and ema is not raw_model:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
-        if pbar:
-            pbar.update(1)
-        if step % args.log_every == 0 or step == args.max_steps:
-            logger.log(log_line(step, args.max_steps, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
-                                seen / (time.time() - t0), guard.skipped))
-            t0, seen = time.time(), 0
-        if rt.master and (step % args.sample_every == 0 or step == args.max_steps):
+        log, preview_now, checkpoint = progress.step(step)
+        if log:
+            progress.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr, guard.skipped)
+        if rt.master and preview_now:
             metrics = preview()
-        if step % args.save_every == 0 or step == args.max_steps:
+        if checkpoint:
             run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 save(metrics, run_state)
-    if pbar:
-        pbar.close()
-    if rt.master:
-        logger.log(f"done: {' | '.join(f'{k} {v:.3f}' for k, v in metrics.items())} | checkpoint {ckpt_path}")
-    if rt.ddp:
-        dist.destroy_process_group()
+    progress.close(f"{' | '.join(f'{k} {v:.3f}' for k, v in metrics.items())} | checkpoint {ckpt_path}")
 
 # -----------------------------------------------------------------------------
 # CLI
