@@ -3,12 +3,8 @@ Stage A of Würstchen: an f4 VQGAN (method.md §2).
 
     image (B, 3, H, W) in [0, 1]  --encode-->  latent (B, 4, H/4, W/4)  --decode-->  image
 
-The encoder ends in a BatchNorm, so its latents are roughly unit-scale; a vector quantiser with a codebook of
-8192 entries (commitment 0.25) is used while training, and Würstchen v2 decodes the *unquantised* latent
-("Stage A as a VAE"). `StageA.encode` returns the latent divided by `scale_factor` (what Stage B learns) and
-`StageA.decode` multiplies it back, so downstream code never sees the raw scale.
-
-The training machinery every stage shares (runtime, checkpoints, EMA, data order, logging) is in common.py.
+The encoder ends in a BatchNorm (latents roughly unit-scale); the vector quantiser serves training:
+Würstchen v2 decodes the *unquantised* latent ("Stage A as a VAE"). Shared machinery: common.py.
 
 Run it:
     python data.py toy toy                               # a captioned toy dataset, no download
@@ -38,13 +34,14 @@ from common import (HelpFormatter, NonFiniteGuard, Progress, add_common_args, em
 
 @dataclass
 class StageAConfig:
+    """VQGAN hyper-parameters (method §2); the defaults are the released Stage A."""
     c_in: int = 3  # image channels
     c_hidden: int = 384  # width of the deepest level; each level above has half the width
     levels: int = 2  # 2 levels = f4: PixelUnshuffle(2) then one stride-2 conv
     bottleneck_blocks: int = 12  # mixing blocks at the start of the decoder
     c_latent: int = 4  # latent channels
     codebook_size: int = 8192  # VQ codebook entries
-    scale_factor: float = 0.3764  # latent std: encode() divides by it, decode() multiplies (measured when training)
+    scale_factor: float = 0.3764  # latent std, measured in training: encode() / it, decode() * it
     disc_c_hidden: int = 512  # patch discriminator width (training only)
     disc_depth: int = 6  # patch discriminator depth (training only)
 
@@ -54,26 +51,27 @@ DIFFUSERS_NAMES = {"c_in": "in_channels", "c_hidden": "embed_dim", "levels": "le
                    "bottleneck_blocks": "bottleneck_blocks", "c_latent": "latent_channels",
                    "codebook_size": "num_vq_embeddings", "scale_factor": "scale_factor"}
 
-
-# One table: per preset the model config and the training defaults that flags left unset take.
-PRESETS = {
+PRESETS = {  # per preset: the model config and the training defaults that flags left unset take
     # CPU quick start and tests: 128 px toy images -> 4 x 32 x 32 latents in a few CPU minutes
     "tiny": dict(
-        model=StageAConfig(c_hidden=64, bottleneck_blocks=2, codebook_size=1024, disc_c_hidden=64, disc_depth=3),
-        train=dict(image_size=128, batch_size=8, max_steps=500, lr=2e-3, warmup=50, beta2=0.95, disc_start=300)),
+        model=StageAConfig(c_hidden=64, bottleneck_blocks=2, codebook_size=1024, disc_c_hidden=64,
+                           disc_depth=3),
+        train=dict(image_size=128, batch_size=8, max_steps=500, lr=2e-3, warmup=50, beta2=0.95,
+                   disc_start=300)),
     # one-GPU reproduction at 256 px
     "small": dict(
         model=StageAConfig(c_hidden=192, bottleneck_blocks=6, disc_c_hidden=256, disc_depth=4),
-        train=dict(image_size=256, batch_size=32, max_steps=100_000, lr=2e-4, warmup=1000, beta2=0.95,
-                   disc_start=20_000)),
+        train=dict(image_size=256, batch_size=32, max_steps=100_000, lr=2e-4, warmup=1000,
+                   beta2=0.95, disc_start=20_000)),
     # the released architecture (warp-ai/wuerstchen `vqgan`): 18,406,894 parameters
     "paper": dict(
         model=StageAConfig(),
-        train=dict(image_size=256, batch_size=64, max_steps=500_000, lr=1e-4, warmup=10_000, beta2=0.95,
-                   disc_start=100_000)),
+        train=dict(image_size=256, batch_size=64, max_steps=500_000, lr=1e-4, warmup=10_000,
+                   beta2=0.95, disc_start=100_000)),
 }
 DISC_BETAS = (0.5, 0.9)  # AdamW betas of the discriminator, the usual GAN choice
-RESTART_UNTIL = 0.8  # dead codebook entries are restarted during the first 80 % of training, then the codebook settles
+RESTART_UNTIL = 0.8  # dead-code restarts in the first 80 % of training; then the codebook settles
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet input stats
 
 # -----------------------------------------------------------------------------
 # model
@@ -86,34 +84,32 @@ def replicate_pad_by_concat(x):
 
 
 class MixBlock(nn.Module):
-    """ConvNeXt-style mixing residual block of Paella's VQGAN with six learned modulation scalars (§2.2).
-
-    gammas (init 0): h = LN(x) * (1 + g0) + g1; x += DWConv(h) * g2; h = LN(x) * (1 + g3) + g4; x += MLP(h) * g5,
-    so every block starts as the identity.
-    """
+    """ConvNeXt-style residual mixing block of Paella's VQGAN (§2.2); gammas g, init 0 (identity):
+    h = LN(x) * (1 + g0) + g1; x += DWConv(h) * g2; h = LN(x) * (1 + g3) + g4; x += MLP(h) * g5."""
 
     def __init__(self, c, c_mlp):
         super().__init__()
         self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
-        self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
+        self.depthwise = nn.Sequential(nn.ReplicationPad2d(1),
+                                       nn.Conv2d(c, c, kernel_size=3, groups=c))
         self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
         self.channelwise = nn.Sequential(nn.Linear(c, c_mlp), nn.GELU(), nn.Linear(c_mlp, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 
-    def forward(self, x):  # x: (B, C, H, W), fastest in channels_last memory (StageA converts its inputs)
-        # Speed, same maths as the docstring: (1 + g0, g1) and (1 + g3, g4) enter the LayerNorms as their affine
-        # weight and bias, and g2 / g5 scale the weights of the conv / last Linear instead of their outputs, so
-        # the modulations cost no extra pass over the activations; in channels_last memory the permutes are views.
+    def forward(self, x):  # x: (B, C, H, W), fastest channels_last (StageA converts its inputs)
+        # The docstring's maths, faster: (1 + g0, g1), (1 + g3, g4) are the LayerNorms' weight and
+        # bias, g2 / g5 scale the conv / last Linear weights: no extra pass over the activations
         g, C = self.gammas, x.shape[1]
-        h = F.layer_norm(x.permute(0, 2, 3, 1), (C,), (1 + g[0]).expand(C), g[1].expand(C), self.norm1.eps)
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (C,), (1 + g[0]).expand(C), g[1].expand(C),
+                         self.norm1.eps)
         pad, conv = self.depthwise
         h = h.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), a view
-        # torch.compile's replication_pad2d_backward rejects channels-last inputs (torch 2.14): there, pad by
-        # concatenating the edge rows and columns instead (the same values; 3x slower in eager mode, so not here)
+        # torch.compile's replication_pad2d_backward rejects channels-last input (torch 2.14):
+        # there, concatenate the edge rows and columns instead (same values; 3x slower in eager)
         h = replicate_pad_by_concat(h) if torch.compiler.is_compiling() else pad(h)
-        h = F.conv2d(h, conv.weight * g[2], conv.bias * g[2], groups=C)  # (B, C, H, W)
-        x = x + h
-        h = F.layer_norm(x.permute(0, 2, 3, 1), (C,), (1 + g[3]).expand(C), g[4].expand(C), self.norm2.eps)
+        x = x + F.conv2d(h, conv.weight * g[2], conv.bias * g[2], groups=C)  # (B, C, H, W)
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (C,), (1 + g[3]).expand(C), g[4].expand(C),
+                         self.norm2.eps)
         fc1, act, fc2 = self.channelwise  # the MLP runs on (B, H, W, C)
         h = F.linear(act(fc1(h)), fc2.weight * g[5], fc2.bias * g[5])
         return x + h.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
@@ -121,9 +117,7 @@ class MixBlock(nn.Module):
 
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantiser with a straight-through gradient (§2.3).
-
-    Loss = mean((q - sg(z))^2) [codebook] + 0.25 * mean((z - sg(q))^2) [commitment].
-    """
+    Loss = mean((q - sg(z))^2) [codebook] + 0.25 * mean((z - sg(q))^2) [commitment]."""
 
     def __init__(self, codebook_size, c_latent, beta=0.25):
         super().__init__()
@@ -133,47 +127,48 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def indices(self, z_flat):
-        """Index of the nearest codebook vector for each row of z_flat (N, C), in chunks to bound memory."""
+        """Nearest codebook vector's index per row of z_flat (N, C), in chunks to bound memory."""
         codebook = self.embedding.weight.float()
-        return torch.cat([torch.cdist(chunk.float(), codebook).argmin(dim=1) for chunk in z_flat.split(8192)])
+        return torch.cat([torch.cdist(c.float(), codebook).argmin(1) for c in z_flat.split(8192)])
 
     def forward(self, z):  # z: (B, C, H, W)
         B, C, H, W = z.shape
-        z_flat = z.permute(0, 2, 3, 1).reshape(-1, C)  # (B*H*W, C)
-        idx = self.indices(z_flat)
-        q = self.embedding(idx).view(B, H, W, C).permute(0, 3, 1, 2).to(z.dtype)  # back to (B, C, H, W)
+        idx = self.indices(z.permute(0, 2, 3, 1).reshape(-1, C))  # rows (B*H*W, C)
+        q = self.embedding(idx).view(B, H, W, C).permute(0, 3, 1, 2).to(z.dtype)  # (B, C, H, W)
         loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
         q = z + (q - z).detach()  # straight-through estimator
         return q, loss, idx.view(B, H, W)
 
 
 class StageA(nn.Module):
-    """Stage A: the f4 VQGAN of Würstchen (§2.1); key names follow the released weights, so loading is a copy."""
+    """Stage A, the f4 VQGAN (§2.1), with the released weights' key names: loading is a copy."""
 
     def __init__(self, cfg: StageAConfig):
         super().__init__()
         self.cfg = cfg
         c_levels = [cfg.c_hidden // 2**i for i in reversed(range(cfg.levels))]  # e.g. [192, 384]
-        # encoder: PixelUnshuffle(2) -> 1x1 conv -> (MixBlock, stride-2 conv)* -> 1x1 conv to c_latent -> BatchNorm
-        self.in_block = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(cfg.c_in * 4, c_levels[0], kernel_size=1))
+        # encoder: PixelUnshuffle -> 1x1 conv -> (MixBlock, stride-2 conv)* -> 1x1 conv -> BatchNorm
+        self.in_block = nn.Sequential(nn.PixelUnshuffle(2),
+                                      nn.Conv2d(cfg.c_in * 4, c_levels[0], kernel_size=1))
         down = []
-        for i in range(cfg.levels):
+        for i, c in enumerate(c_levels):
             if i > 0:
-                down.append(nn.Conv2d(c_levels[i - 1], c_levels[i], kernel_size=4, stride=2, padding=1))
-            down.append(MixBlock(c_levels[i], c_levels[i] * 4))
+                down.append(nn.Conv2d(c_levels[i - 1], c, kernel_size=4, stride=2, padding=1))
+            down.append(MixBlock(c, c * 4))
         down.append(nn.Sequential(nn.Conv2d(c_levels[-1], cfg.c_latent, kernel_size=1, bias=False),
                                   nn.BatchNorm2d(cfg.c_latent)))
         self.down_blocks = nn.Sequential(*down)
         self.vquantizer = VectorQuantizer(cfg.codebook_size, cfg.c_latent)
-        # decoder: 1x1 conv -> bottleneck MixBlocks -> (ConvTranspose x2, MixBlock)* -> 1x1 conv -> PixelShuffle(2)
+        # decoder: 1x1 conv -> MixBlocks -> (ConvTranspose, MixBlock)* -> 1x1 conv -> PixelShuffle
         up = [nn.Sequential(nn.Conv2d(cfg.c_latent, c_levels[-1], kernel_size=1))]
-        for i in range(cfg.levels):
-            c = c_levels[cfg.levels - 1 - i]
+        for i, c in enumerate(reversed(c_levels)):
             up += [MixBlock(c, c * 4) for _ in range(cfg.bottleneck_blocks if i == 0 else 1)]
             if i < cfg.levels - 1:
-                up.append(nn.ConvTranspose2d(c, c_levels[cfg.levels - 2 - i], kernel_size=4, stride=2, padding=1))
+                up.append(nn.ConvTranspose2d(c, c_levels[cfg.levels - 2 - i], kernel_size=4,
+                                             stride=2, padding=1))
         self.up_blocks = nn.Sequential(*up)
-        self.out_block = nn.Sequential(nn.Conv2d(c_levels[0], cfg.c_in * 4, kernel_size=1), nn.PixelShuffle(2))
+        self.out_block = nn.Sequential(nn.Conv2d(c_levels[0], cfg.c_in * 4, kernel_size=1),
+                                       nn.PixelShuffle(2))
         self.apply(self._init_weights)
 
     @staticmethod
@@ -184,71 +179,64 @@ class StageA(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def encode_raw(self, x):
-        """(B, 3, H, W) in [0, 1] -> the BatchNorm output (B, 4, H/4, W/4), before quantisation and scaling."""
-        x = x.contiguous(memory_format=torch.channels_last)  # speed: MixBlock's permutes become free views
+        """(B, 3, H, W) in [0, 1] -> BatchNorm output (B, 4, H/4, W/4), unquantised, unscaled."""
+        x = x.contiguous(memory_format=torch.channels_last)  # speed: MixBlock's permutes are views
         return self.down_blocks(self.in_block(x))
 
     def decode_raw(self, h):
-        """(B, 4, H/4, W/4) raw latent -> (B, 3, H, W); no output activation (callers clamp to [0, 1])."""
-        h = h.contiguous(memory_format=torch.channels_last)  # speed: MixBlock's permutes become free views
+        """(B, 4, H/4, W/4) raw latent -> (B, 3, H, W); no output activation: callers clamp."""
+        h = h.contiguous(memory_format=torch.channels_last)  # speed: MixBlock's permutes are views
         return self.out_block(self.up_blocks(h))
 
     def encode(self, x, quantize=False):
-        """Images in [0, 1] -> the latent Stage B learns: encoder output (optionally quantised) / scale_factor."""
+        """Images in [0, 1] -> Stage B's latent: encode_raw (quantised if asked) / scale_factor."""
         h = self.encode_raw(x)
-        if quantize:
-            h = self.vquantizer(h)[0]
-        return h / self.cfg.scale_factor
+        return (self.vquantizer(h)[0] if quantize else h) / self.cfg.scale_factor
 
     def decode(self, latents, quantize=False):
-        """Inverse of encode: decode(latents * scale_factor), quantised first if asked (v2 decodes unquantised)."""
+        """Inverse of encode: decode_raw(latents * scale_factor), quantised if asked (not in v2)."""
         h = latents * self.cfg.scale_factor
-        if quantize:
-            h = self.vquantizer(h)[0]
-        return self.decode_raw(h)
+        return self.decode_raw(self.vquantizer(h)[0] if quantize else h)
 
     def encode_indices(self, x):
-        """Images in [0, 1] -> the codebook indices (B, H/4, W/4) of the quantised encoder output:
-        the tokens that v1's Stage B (Paella) learns to generate."""
+        """Images -> codebook indices (B, H/4, W/4): the tokens v1's Stage B (Paella) learns."""
         return self.vquantizer(self.encode_raw(x))[2]
 
     def decode_indices(self, idx):
-        """Codebook indices (B, H/4, W/4) -> images (B, 3, H, W): the codebook vectors live in the
-        raw latent space (method §2.4), so they are decoded as they are, without scale_factor."""
+        """Indices (B, H/4, W/4) -> images; the codes are raw latents (§2.4): no scale_factor."""
         codes = self.vquantizer.embedding(idx)  # (B, h, w, 4)
         return self.decode_raw(codes.permute(0, 3, 1, 2))  # (B, 4, h, w)
 
     def forward(self, x):
-        """Training path of the VQGAN: returns (reconstruction, vq loss, code indices (B, H/4, W/4))."""
+        """Training path: returns (reconstruction, vq loss, code indices (B, H/4, W/4))."""
         q, vq_loss, idx = self.vquantizer(self.encode_raw(x))
         return self.decode_raw(q), vq_loss, idx
 
     @classmethod
     def from_pretrained(cls, path):
-        """Load released weights: a diffusers `PaellaVQModel` folder (warp-ai/wuerstchen, subfolder `vqgan`)
-        or the official `vqgan_f4_v1_500k.pt` (dome272 key names; the codebook is `vquantizer.codebook`)."""
+        """Load a diffusers `PaellaVQModel` folder or dome272's released `vqgan_f4_v1_500k.pt`."""
         if os.path.isdir(path):
             hf = read_json(os.path.join(path, "config.json"))
-            assert hf.get("up_down_scale_factor", 2) == 2 and hf.get("in_channels", 3) == hf.get("out_channels", 3)
+            assert (hf.get("up_down_scale_factor", 2) == 2
+                    and hf.get("in_channels", 3) == hf.get("out_channels", 3))
             cfg = StageAConfig(**{ours: hf[theirs] for ours, theirs in DIFFUSERS_NAMES.items()
                                   if theirs in hf})
             sd = load_weights_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-            sd = sd.get("state_dict", sd)
-            sd = {k.replace("vquantizer.codebook.", "vquantizer.embedding."): v for k, v in sd.items()}
+            sd = {k.replace("vquantizer.codebook.", "vquantizer.embedding."): v
+                  for k, v in sd.get("state_dict", sd).items()}
             n_codes, c_latent = sd["vquantizer.embedding.weight"].shape
-            c_hidden = sd["in_block.1.weight"].shape[0] * 2  # two levels in every released VQGAN
             n_up = len({k.split(".")[1] for k in sd if k.startswith("up_blocks.")})
-            cfg = StageAConfig(c_hidden=c_hidden, bottleneck_blocks=n_up - 3, c_latent=c_latent, codebook_size=n_codes)
+            cfg = StageAConfig(c_hidden=sd["in_block.1.weight"].shape[0] * 2,  # released: 2 levels
+                               bottleneck_blocks=n_up - 3, c_latent=c_latent, codebook_size=n_codes)
         with torch.device("meta"):
             model = cls(cfg)
         load_exact(model, sd, what=f"Stage A weights from {path}")
         return model.eval()
 
     def save_pretrained(self, folder):
-        """The inverse of from_pretrained: a diffusers `PaellaVQModel` folder, with this model's
-        scale_factor."""
+        """Inverse of from_pretrained: a diffusers `PaellaVQModel` folder, with our scale_factor."""
         config = {theirs: getattr(self.cfg, ours) for ours, theirs in DIFFUSERS_NAMES.items()}
         config |= {"_class_name": "PaellaVQModel", "out_channels": self.cfg.c_in,
                    "up_down_scale_factor": 2}
@@ -256,7 +244,7 @@ class StageA(nn.Module):
 
 
 def load_stage_a(path, device="cpu"):
-    """Stage A rebuilt from our checkpoint alone (its config + EMA weights), frozen, in eval mode."""
+    """Stage A from our checkpoint alone (its config + EMA weights), frozen, in eval mode."""
     ckpt = load_checkpoint(path, "stage_a")
     model = StageA(StageAConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema"])
@@ -264,14 +252,12 @@ def load_stage_a(path, device="cpu"):
 
 
 class Discriminator(nn.Module):
-    """Patch discriminator of the reference `vqgan.py` (§2.5): spectral-norm stride-2 convs, InstanceNorm,
-    LeakyReLU(0.2), a 1x1 conv to one logit per patch. The reference ends in a Sigmoid; we return logits and
-    fold the sigmoid into the BCE loss, which is the same maths and safe under autocast."""
+    """Patch discriminator of the reference `vqgan.py` (§2.5): spectral-norm stride-2 convs,
+    InstanceNorm, LeakyReLU(0.2), 1x1 conv to a logit per patch (its Sigmoid is in the BCE loss)."""
 
     def __init__(self, c_in=3, c_hidden=512, depth=6):
         super().__init__()
-        sn = nn.utils.spectral_norm
-        c = c_hidden // 2 ** (depth - 1)
+        sn, c = nn.utils.spectral_norm, c_hidden // 2 ** (depth - 1)
         layers = [sn(nn.Conv2d(c_in, c, kernel_size=3, stride=2, padding=1)), nn.LeakyReLU(0.2)]
         for _ in range(depth - 1):
             layers += [sn(nn.Conv2d(c, min(c * 2, c_hidden), kernel_size=3, stride=2, padding=1)),
@@ -284,12 +270,8 @@ class Discriminator(nn.Module):
         return self.main(x)
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet models' input
-
-
 class PerceptualLoss(nn.Module):
-    """MSE between VGG16 features of two images (a plain perceptual loss). Only built when the ImageNet VGG16
-    weights are already on disk: training never downloads (see README to enable it)."""
+    """Perceptual loss: MSE of VGG16 features, built only from weights already on disk (README)."""
 
     def __init__(self, weights_path):
         super().__init__()
@@ -301,7 +283,7 @@ class PerceptualLoss(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, x, y):
-        return F.mse_loss(self.features((x - self.mean) / self.std), self.features((y - self.mean) / self.std))
+        return F.mse_loss(*(self.features((t - self.mean) / self.std) for t in (x, y)))
 
 
 def vgg16_weights_path():
@@ -319,15 +301,14 @@ def generator_adv_loss(disc, fake):
 
 
 def discriminator_loss(disc, real, fake):
-    """-log sigmoid(D(real)) - log(1 - sigmoid(D(fake))), one forward over both halves (fake is detached)."""
+    """-log sigmoid(D(real)) - log(1 - sigmoid(D(fake))), one forward over both (fake detached)."""
     logits_real, logits_fake = disc(torch.cat([real, fake.detach()])).chunk(2)
     return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
 
 
 @torch.no_grad()
 def restart_dead_codes(vq, z, counts, rt):
-    """Codebook entries unused since the last restart are moved onto random current encoder outputs (a standard
-    VQGAN remedy against codebook collapse; not in the reference code). Rank 0 decides, everyone receives."""
+    """Dead codebook entries -> random current encoder outputs, against collapse; rank 0 decides."""
     dead = counts == 0
     if dead.any():
         z_flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B*h*w, C)
@@ -340,7 +321,7 @@ def restart_dead_codes(vq, z, counts, rt):
 
 @torch.no_grad()
 def measure_scale_factor(model, images):
-    """Std of the raw (unquantised) latents of `images`: the scale that makes StageA.encode roughly unit-variance."""
+    """Std of the raw latents of `images`: the scale that makes StageA.encode ~unit-variance."""
     return round(model.encode_raw(images).float().std().item(), 4)
 
 
@@ -348,55 +329,46 @@ def train(args):
     rt, logger, ckpt_path, ckpt = start_run(args, "stage_a", PRESETS[preset_name(args)]["train"])
     # a copy: the measured scale_factor is written into it, never into the preset table
     cfg = StageAConfig(**ckpt["model_config"]) if ckpt else replace(PRESETS[args.model]["model"])
-    logger.log(f"stage A | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
-               f"world {rt.world_size} | config {asdict(cfg)}")
-
+    logger.log(f"stage A | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')}"
+               f" | world {rt.world_size} | config {asdict(cfg)}")
     # data: images in [0, 1]; a fixed held-out set for previews and the final PSNR
     from data import image_batches, open_data
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, _ = holdout_batch(holdout, rt.device)
-
-    # models, EMA and optimizers (weights stay fp32; autocast does the low-precision compute)
-    # channels-last: the LayerNorms and MLPs run over the channel axis, so this layout avoids permute copies
+    # models, EMA and optimizers (weights stay fp32; autocast does the low-precision compute);
+    # channels-last: the LayerNorms and MLPs run over channels, so no permute copies
     model = StageA(cfg).to(rt.device, memory_format=torch.channels_last)
     disc = Discriminator(cfg.c_in, cfg.disc_c_hidden, cfg.disc_depth).to(rt.device)
     ema = deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=DISC_BETAS, weight_decay=args.weight_decay)
+    adamw = dict(lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), betas=(0.9, args.beta2), **adamw)
+    opt_d = torch.optim.AdamW(disc.parameters(), betas=DISC_BETAS, **adamw)
     scaler, scaler_d = rt.make_scaler(), rt.make_scaler()
     logger.log(f"parameters: Stage A {sum(p.numel() for p in model.parameters()):,} | "
                f"discriminator {sum(p.numel() for p in disc.parameters()):,}")
-    perceptual = None
-    if args.perceptual_weight > 0:
-        if vgg16_weights_path():
-            perceptual = PerceptualLoss(vgg16_weights_path()).to(rt.device)
-        else:
-            logger.log("perceptual loss off: VGG16 ImageNet weights are not in the torch hub cache "
-                       "(see README 'Stage A' to enable it); training goes on without it")
-    step = 0
+    vgg_path = vgg16_weights_path() if args.perceptual_weight > 0 else None
+    perceptual = PerceptualLoss(vgg_path).to(rt.device) if vgg_path else None
+    if args.perceptual_weight > 0 and not vgg_path:
+        logger.log("perceptual loss off: VGG16 ImageNet weights are not in the torch hub cache "
+                   "(see README 'Stage A' to enable it); training goes on without it")
+    step = ckpt["step"] if ckpt else 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["optimizer"])
-        opt_d.load_state_dict(ckpt["optimizer_disc"])
-        scaler.load_state_dict(ckpt["scaler"])
-        scaler_d.load_state_dict(ckpt["scaler_disc"])
-        step = ckpt["step"]
+        for part, key in ((model, "model"), (ema, "ema"), (disc, "disc"), (opt, "optimizer"),
+                          (opt_d, "optimizer_disc"), (scaler, "scaler"), (scaler_d, "scaler_disc")):
+            part.load_state_dict(ckpt[key])
         logger.log(f"resumed from {ckpt_path} at step {step}")
     raw_model, raw_disc = model, disc
-    if args.compile:
-        model = torch.compile(model)
-    model, disc = wrap_ddp(model, rt), wrap_ddp(disc, rt)
+    model, disc = wrap_ddp(torch.compile(model) if args.compile else model, rt), wrap_ddp(disc, rt)
     guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
     def save(run_state):
         cfg_out = asdict(cfg) | {"scale_factor": measure_scale_factor(ema, held_images)}
         ema.cfg.scale_factor = raw_model.cfg.scale_factor = cfg_out["scale_factor"]
         save_checkpoint(ckpt_path, {
-            "stage": "stage_a", "step": step, "model_config": cfg_out, "model": raw_model.state_dict(),
-            "ema": ema.state_dict(), "disc": raw_disc.state_dict(), "optimizer": opt.state_dict(),
-            "optimizer_disc": opt_d.state_dict(), "scaler": scaler.state_dict(), "scaler_disc": scaler_d.state_dict(),
+            "stage": "stage_a", "step": step, "model_config": cfg_out,
+            "model": raw_model.state_dict(), "ema": ema.state_dict(), "disc": raw_disc.state_dict(),
+            "optimizer": opt.state_dict(), "optimizer_disc": opt_d.state_dict(),
+            "scaler": scaler.state_dict(), "scaler_disc": scaler_d.state_dict(),
             "train_config": vars(args), "deps": {"data": os.path.abspath(args.data)}, **run_state,
             "code_counts": counts, "metrics": {"holdout_psnr": holdout_psnr()}})
 
@@ -405,15 +377,15 @@ def train(args):
         return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
 
     gen_params = list(raw_model.parameters())
-    # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
-    # so it comes before the RNG state is restored (the dead-code restarts draw from it after a resume)
+    # the batch stream is a function of the step (exact resume); building it draws from the global
+    # RNG, so it comes before that is restored (dead-code restarts draw from it after a resume)
     batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
                                args.grad_accum, ckpt and ckpt.get("data"))
-    counts = torch.zeros(cfg.codebook_size, device=rt.device)  # code usage since the last dead-code restart
+    counts = torch.zeros(cfg.codebook_size, device=rt.device)  # code usage since the last restart
     if ckpt:
         restore_rng(ckpt, rt)
         counts.copy_(ckpt["code_counts"])
-    else:  # initialise the codebook on encoder outputs of a few images instead of the tiny uniform init
+    else:  # initialise the codebook on encoder outputs of a batch, not the tiny uniform init
         x0 = next(image_batches(trainset, 64, spread=False)).to(rt.device)
         with torch.no_grad():
             restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x0), counts, rt)
@@ -423,7 +395,7 @@ def train(args):
         lr = get_lr(step, args.lr, args.warmup)
         set_lr(opt, lr)
         set_lr(opt_d, lr)
-        use_gan = args.gan_weight > 0 and step >= args.disc_start  # the adversarial term starts after a warm-up
+        use_gan = args.gan_weight > 0 and step >= args.disc_start  # GAN term after a warm-up
         for micro in range(args.grad_accum):
             x = next(batches)[0].to(rt.device, non_blocking=True, memory_format=torch.channels_last)
             sync = micro == args.grad_accum - 1
@@ -433,11 +405,10 @@ def train(args):
                 loss = rec_loss + vq_loss
                 if perceptual is not None:
                     loss = loss + args.perceptual_weight * perceptual(recon.float(), x)
-                if use_gan:  # through the raw discriminator, and backward below only into Stage A's weights
+                if use_gan:  # via the raw discriminator; backward below only into Stage A's weights
                     g_loss = generator_adv_loss(raw_disc, recon.float())
                     loss = loss + args.gan_weight * g_loss
-            # gradients of a mean over micro-batches: divide each micro-batch loss by their count
-            scaler.scale(loss / args.grad_accum).backward(inputs=gen_params)
+            scaler.scale(loss / args.grad_accum).backward(inputs=gen_params)  # the micro-batch mean
             if use_gan:
                 with no_sync(disc, sync), rt.autocast():
                     d_loss = discriminator_loss(disc, x, recon.float())
@@ -452,10 +423,9 @@ def train(args):
         log, preview, checkpoint = progress.step(step)
         if log:
             metrics = {"loss": loss.item(), "rec": rec_loss.item(), "vq": vq_loss.item(),
-                       "psnr": psnr(recon.detach().float(), x), "codes": (counts > 0).float().mean().item(),
-                       "grad_norm": grad_norm.item()}
-            if use_gan:
-                metrics |= {"g": g_loss.item(), "d": d_loss.item()}
+                       "psnr": psnr(recon.detach().float(), x),
+                       "codes": (counts > 0).float().mean().item(), "grad_norm": grad_norm.item()}
+            metrics |= {"g": g_loss.item(), "d": d_loss.item()} if use_gan else {}
             progress.log(step, metrics, lr, guard.skipped)
         if step % args.restart_every == 0 and step < args.max_steps * RESTART_UNTIL and guard.ok:
             with torch.no_grad():
@@ -467,30 +437,32 @@ def train(args):
         if rt.master and preview:
             with torch.no_grad():  # held-out inputs (top) over their EMA reconstructions (bottom)
                 recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
-            save_image_grid(torch.cat([held_images[:8], recon_h]), os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
+            save_image_grid(torch.cat([held_images[:8], recon_h]),
+                            os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
         if checkpoint:
             run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 save(run_state)
     raw_model.eval()
     progress.close(f"held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB (raw weights "
-                   f"{holdout_psnr(raw_model):.2f} dB) | scale_factor {raw_model.cfg.scale_factor} | "
-                   f"checkpoint {ckpt_path}" if rt.master else None)
+                   f"{holdout_psnr(raw_model):.2f} dB) | scale_factor {raw_model.cfg.scale_factor}"
+                   f" | checkpoint {ckpt_path}" if rt.master else None)
 
 # -----------------------------------------------------------------------------
 # CLI
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train Stage A (the f4 VQGAN) of Würstchen on a folder of images.",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description="Train Stage A (the f4 VQGAN) of Würstchen on a "
+                                     "folder of images.", formatter_class=HelpFormatter)
     add_common_args(parser, "stage_a")
     g = parser.add_argument_group("stage A")
-    g.add_argument("--disc_start", type=int, default=None, help="step at which the adversarial loss switches on (default: per preset)")
-    g.add_argument("--gan_weight", type=float, default=0.1, help="weight of the generator's adversarial loss (0 = no GAN)")
+    g.add_argument("--disc_start", type=int, default=None,
+                   help="step at which the adversarial loss switches on (default: per preset)")
+    g.add_argument("--gan_weight", type=float, default=0.1, help="GAN loss weight (0 = no GAN)")
     g.add_argument("--perceptual_weight", type=float, default=0.0,
-                   help="weight of a VGG16 perceptual loss; used only if the VGG16 weights are already on disk")
-    g.add_argument("--restart_every", type=int, default=200, help="steps between dead-codebook-entry restarts")
+                   help="weight of a VGG16 perceptual loss (only if its weights are on disk)")
+    g.add_argument("--restart_every", type=int, default=200, help="steps per dead-code restart")
     return parser.parse_args(argv)
 
 
