@@ -1,27 +1,31 @@
 """
-bench.py: our Stages A, B and C against the implementation users would otherwise pick (diffusers' Würstchen
-modules: PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior + DDPMWuerstchenScheduler), side by side.
+bench.py: our Stages A, B and C against the implementation users would otherwise pick (diffusers'
+Würstchen modules: PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior + DDPMWuerstchenScheduler),
+side by side.
 
-For every stage: build the reference module with random weights (zero-initialised parameters randomised too, so
-the work and the parity check are real), `save_pretrained` it to a temporary folder, load ours with
-`from_pretrained` (the same weights), check that the outputs agree, then time
+For every stage: build the reference module with random weights (zero-initialised parameters
+randomised too, so the work and the parity check are real), `save_pretrained` it to a temporary
+folder, load ours with `from_pretrained` (the same weights), check that the outputs agree, then time
   - a training step: forward + backward + AdamW step, train mode (dropout as the method has it), and
   - a sampling step: one forward under no_grad, eval mode,
-for both, alternating reference and ours after a warm-up, and print median times and the ratio reference / ours.
-`chain` times the whole text-embeddings -> Stage C -> Stage B -> Stage A sampling chain (our ddpm_sample vs a
-plain loop over the diffusers modules and DDPMWuerstchenScheduler, same steps, same noise). `flops` counts the
-FLOPs per training image of the paper models at their latent sizes (the paper's efficiency argument).
+for both, alternating reference and ours after a warm-up, and print median times and the ratio
+reference / ours. `chain` times the whole text-embeddings -> Stage C -> Stage B -> Stage A sampling
+chain (our ddpm_sample vs a plain loop over the diffusers modules and DDPMWuerstchenScheduler, same
+steps, same noise). `flops` counts the FLOPs per training image of the paper models at their latent
+sizes (the paper's efficiency argument).
 
-    python bench.py                   # CPU: reduced widths/depths of the same architectures, fp32, a few minutes;
-                                      # GPU: the paper configs at real shapes, bf16 autocast, with FLOPs per step,
-                                      # TFLOP/s, fraction of peak (--peak_tflops) and peak memory
-    python bench.py --stages c --repeats 21            # one stage, more samples
-    python bench.py --threads 1 --timer cpu            # CPU time of one thread: steady on a busy machine
-    python bench.py --malloc default                   # glibc's allocator as it comes (see keep_freed_memory)
+    python bench.py                           # CPU: the same architectures at reduced width/depth,
+                                              # fp32, a few minutes; GPU: the paper configs at real
+                                              # shapes, bf16 autocast, with FLOPs per step, TFLOP/s,
+                                              # fraction of peak (--peak_tflops) and peak memory
+    python bench.py --stages c --repeats 21   # one stage, more samples
+    python bench.py --threads 1 --timer cpu   # CPU time of one thread: steady on a busy machine
+    python bench.py --malloc default          # glibc's allocator as it comes (keep_freed_memory)
     python bench.py --stages b --b "dict(blocks=[2, 2, 6, 2])" --b_latent 128   # sizes are flags
 
-CPU timings on a shared machine are noisy: the runs alternate and we report medians, but rerun before trusting
-a difference of a few percent. diffusers is a bench/test dependency only (pip install -r requirements-test.txt).
+CPU timings on a shared machine are noisy: the runs alternate and we report medians, but rerun
+before trusting a difference of a few percent. diffusers is a bench/test dependency only (pip
+install -r requirements-test.txt).
 """
 import argparse
 import ctypes
@@ -42,7 +46,8 @@ from PIL import Image
 
 from common import add_lora
 from stage_a import StageA
-from stage_b import DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, StageB, ddpm_sample
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, StageB,
+                     ddpm_sample)
 from stage_c import PRESETS as STAGE_C_PRESETS
 from stage_c import StageC
 
@@ -52,25 +57,28 @@ PAPER_C = STAGE_C_PRESETS["paper"]["model"]  # the released prior's config
 # default sizes: the reference constructors' keyword arguments (diffusers names) and input shapes
 
 DEFAULTS = {
-    # CPU: the paper architectures' structure (levels, block patterns, attention, effnet injection, dropout 0.1)
-    # at reduced width and depth, and smaller latents for Stage B, so the whole bench runs in minutes on 2 cores
+    # CPU: the paper architectures' structure (levels, block patterns, attention, effnet injection,
+    # dropout 0.1) at reduced width and depth, and smaller latents for Stage B, so the whole bench
+    # runs in minutes on 2 cores
     "cpu": dict(
-        a=dict(embed_dim=128, bottleneck_blocks=4, levels=2, latent_channels=4, num_vq_embeddings=8192),
+        a=dict(embed_dim=128, bottleneck_blocks=4, levels=2, latent_channels=4,
+               num_vq_embeddings=8192),
         a_image=128, a_batch=4,
-        b=dict(c_hidden=[64, 128, 256, 256], nhead=[-1, 2, 4, 4], blocks=[1, 1, 3, 1], c_cond=256, clip_embd=256,
-               level_config=["CT", "CTA", "CTA", "CTA"], inject_effnet=[False, True, True, True], dropout=0.1),
+        b=dict(c_hidden=[64, 128, 256, 256], nhead=[-1, 2, 4, 4], blocks=[1, 1, 3, 1], c_cond=256,
+               clip_embd=256, level_config=["CT", "CTA", "CTA", "CTA"],
+               inject_effnet=[False, True, True, True], dropout=0.1),
         b_latent=64, b_effnet=6, b_batch=2,
         c=dict(c_in=16, c=384, c_cond=256, depth=4, nhead=6, dropout=0.1),
         c_latent=24, c_batch=2,
         chain_b_steps=12, chain_batch=1,
     ),
-    # GPU: the released configurations at real shapes (1024 px images: Stage C 16x24x24, Stage B 4x256x256)
+    # GPU: the released configurations at real shapes (1024 px: Stage C 16x24x24, Stage B 4x256x256)
     "cuda": dict(
-        a=dict(),  # PaellaVQModel defaults = the released vqgan (18.4 M params), at its 256 px training size
+        a=dict(),  # PaellaVQModel defaults = the released vqgan (18.4 M), its 256 px training size
         a_image=256, a_batch=16,
         b=dict(),  # WuerstchenDiffNeXt defaults = the released decoder (1.06 B params)
         b_latent=256, b_effnet=24, b_batch=2,
-        c=dict(c_in=16, c=1536, c_cond=1280, depth=32, nhead=24, dropout=0.1),  # the released v2 prior (994 M)
+        c=dict(c_in=16, c=1536, c_cond=1280, depth=32, nhead=24, dropout=0.1),  # v2 prior (994 M)
         c_latent=24, c_batch=8,
         chain_b_steps=12, chain_batch=1,
     ),
@@ -81,10 +89,10 @@ DEFAULTS = {
 
 
 def random_weights_(model, seed):
-    """Fill every floating-point parameter/buffer with seeded random values: std fan_in^-1/2 for weight matrices
-    and convs (activations stay O(1)), 0.02 for biases and the parameters the models zero-initialise (MixBlock
-    gammas, GRN gamma/beta, TimestepBlock mappers: zeros would make blocks identities and parity trivial), a
-    small output head; BatchNorm running_var in [0.5, 1]."""
+    """Fill every floating-point parameter/buffer with seeded random values: std fan_in^-1/2 for
+    weight matrices and convs (activations stay O(1)), 0.02 for biases and the parameters the models
+    zero-initialise (MixBlock gammas, GRN gamma/beta, TimestepBlock mappers: zeros would make blocks
+    identities and parity trivial), a small output head; BatchNorm running_var in [0.5, 1]."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
@@ -94,9 +102,9 @@ def random_weights_(model, seed):
                 p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
             else:
                 fan_in = p[0].numel() if p.dim() > 1 else 1
-                zero_init = "gamma" in name or "beta" in name or name.endswith(".mapper.weight")  # + TimestepBlock
+                zero_init = "gamma" in name or "beta" in name or name.endswith(".mapper.weight")
                 scale = 0.02 if p.dim() == 1 or zero_init else fan_in**-0.5
-                if name.startswith(("out.", "clf.")):  # a small output head keeps Stage C's 1 / |1 - b| tame
+                if name.startswith(("out.", "clf.")):  # keeps Stage C's 1 / |1 - b| tame
                     scale *= 0.02
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
@@ -104,7 +112,8 @@ def random_weights_(model, seed):
 
 @contextmanager
 def no_init(cls):
-    """Skip a diffusers class's own weight init (quadratic in depth for WuerstchenDiffNeXt); we overwrite it."""
+    """Skip a diffusers class's own weight init (quadratic in depth for WuerstchenDiffNeXt); we
+    overwrite it."""
     saved = cls.__dict__.get("_init_weights")
     if saved is not None:
         cls._init_weights = lambda self, m: None
@@ -116,12 +125,14 @@ def no_init(cls):
 
 
 def build_pair(stage, kwargs, seed, tmp):
-    """(reference, ours) with the same random weights: the reference is built, randomised and saved with
-    save_pretrained; ours loads that folder with from_pretrained, exactly as released weights would load."""
-    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+    """(reference, ours) with the same random weights: the reference is built, randomised and saved
+    with save_pretrained; ours loads that folder with from_pretrained, exactly as released weights
+    would load."""
+    from diffusers.pipelines.deprecated.wuerstchen import (PaellaVQModel, WuerstchenDiffNeXt,
+                                                           WuerstchenPrior)
     ref_cls, our_cls = {"a": (PaellaVQModel, StageA), "b": (WuerstchenDiffNeXt, StageB),
                         "c": (WuerstchenPrior, StageC)}[stage]
-    with no_init(ref_cls), torch.device("meta"):  # no memory and no init pass: the weights are drawn below
+    with no_init(ref_cls), torch.device("meta"):  # no memory, no init pass: weights drawn below
         ref = ref_cls(**kwargs)
     ref = random_weights_(ref.to_empty(device="cpu"), seed)
     folder = os.path.join(tmp, stage)
@@ -135,23 +146,25 @@ def n_params(model):
 
 
 def check_close(name, ours, ref, rtol, strict=True):
-    """max |ours - ref| <= rtol * max |ref| (the parity tests check elementwise; this is the bench's sanity check)."""
+    """max |ours - ref| <= rtol * max |ref| (the parity tests check elementwise; this is the bench's
+    sanity check)."""
     ours, ref = ours.float(), ref.float()
     err = (ours - ref).abs().max().item()
     ok = err <= rtol * ref.abs().max().item()
-    print(f"  parity {name:<18} max |ours - ref| {err:.2e} (max |ref| {ref.abs().max().item():.2e}) "
-          f"{'ok' if ok else 'MISMATCH'}")
+    print(f"  parity {name:<18} max |ours - ref| {err:.2e} "
+          f"(max |ref| {ref.abs().max().item():.2e}) {'ok' if ok else 'MISMATCH'}")
     if not ok and strict:
         raise AssertionError(f"{name}: ours and the reference disagree (max abs diff {err:.3e})")
 
 
 def keep_freed_memory():
-    """Stop glibc from handing freed blocks back to the OS (fixed mmap and trim thresholds, Linux only).
+    """Keep glibc from handing freed blocks back to the OS (fixed mmap and trim thresholds; Linux).
 
-    By default glibc returns large freed blocks to the OS under a threshold that moves with the allocation history, so
-    the next step's tensors of that size pay page faults again, or not: timings turn bimodal (the reference's Stage C
-    sampling step here took 160 or 210 ms, run to run). With the thresholds fixed, both implementations reuse their
-    memory and the bench compares arithmetic. Returns whether it took effect."""
+    By default glibc returns large freed blocks to the OS under a threshold that moves with the
+    allocation history, so the next step's tensors of that size pay page faults again, or not:
+    timings turn bimodal (the reference's Stage C sampling step here took 160 or 210 ms, run to
+    run). With the thresholds fixed, both implementations reuse their memory and the bench compares
+    arithmetic. Returns whether it took effect."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, Windows, musl): nothing to fix
@@ -161,10 +174,11 @@ def keep_freed_memory():
 
 
 def time_alternating(fns, warmup, repeats, sync, clock=time.perf_counter):
-    """Median seconds per call of each fn, timed in alternating order (ref, ours, ours, ref, ...) after `warmup`
-    untimed calls each, so slow drifts of a shared machine hit both sides alike. clock: wall time by default;
-    time.process_time (--timer cpu) counts only this process's CPU time, robust to other processes when the
-    bench runs on one thread (with several, threads waiting on each other count too)."""
+    """Median seconds per call of each fn, timed in alternating order (ref, ours, ours, ref, ...)
+    after `warmup` untimed calls each, so slow drifts of a shared machine hit both sides alike.
+    clock: wall time by default; time.process_time (--timer cpu) counts only this process's CPU
+    time, robust to other processes when the bench runs on one thread (with several, threads
+    waiting on each other count too)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -183,16 +197,19 @@ def time_alternating(fns, warmup, repeats, sync, clock=time.perf_counter):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                        _output_padding, _groups, output_mask, out_shape=None, **kwargs):
-    """Each of the input and weight gradients of a conv costs what its forward costs. (torch's own formula ignores
-    `groups` for the weight gradient and counts a depthwise 3x3 conv like a dense one: +23% on Stage C.)"""
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                        transposed, _output_padding, _groups, output_mask, out_shape=None,
+                        **kwargs):
+    """Each of the input and weight gradients of a conv costs what its forward costs. (torch's own
+    formula ignores `groups` for the weight gradient and counts a depthwise 3x3 conv like a dense
+    one: +23% on Stage C.)"""
     from torch.utils.flop_counter import conv_flop_count
-    return conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed) * sum(map(bool, output_mask[:2]))
+    return (conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+            * sum(map(bool, output_mask[:2])))
 
 
 def cpu_flash_flops(query_shape, key_shape, value_shape, *args, **kwargs):
-    """CPU flash attention (not in torch's table: uncounted otherwise): the same count as the GPU kernels."""
+    """CPU flash attention (not in torch's table, so otherwise uncounted): as the GPU kernels."""
     from torch.utils.flop_counter import sdpa_flop_count
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -216,7 +233,8 @@ def count_flops(fn):
 
 def state_bytes(model, optimizer):
     """Bytes of parameters, gradients and optimizer state: what a training step keeps resident."""
-    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters()
+                                                  if p.grad is not None]
     tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -226,27 +244,29 @@ def state_bytes(model, optimizer):
 
 
 class StageBench:
-    """Holds a (reference, ours) pair, their inputs and the step functions of both, in diffusers' and our API."""
+    """A (reference, ours) pair, their inputs and both step functions (diffusers' API and ours)."""
 
     def __init__(self, stage, ref, ours, inputs, args):
         self.stage, self.ref, self.ours, self.inputs, self.args = stage, ref, ours, inputs, args
         self.device = torch.device(args.device)
         self.ctx = (nullcontext() if args.dtype == "float32"
                     else torch.autocast(self.device.type, dtype=getattr(torch, args.dtype)))
-        # the functions timed; --compile compiles each whole call (Stage A's encode/decode are not `forward`)
+        # the functions timed; --compile compiles each whole call, as Stage A's are not `forward`
         self.fwd = {n: partial(self.forward, n) for n in ("ref", "ours")}
         self.smp = {n: partial(self.sample, n) for n in ("ref", "ours")}
         if args.compile in ("ours", "both"):
             for n in (("ours",) if args.compile == "ours" else ("ref", "ours")):
-                # static shapes: the blocks B and C share would otherwise be recompiled with dynamic shapes
-                # when the second stage runs, which inductor (torch 2.14) fails on for Stage B's resizes
-                self.fwd[n], self.smp[n] = (torch.compile(f, dynamic=False) for f in (self.fwd[n], self.smp[n]))
+                # static shapes: the blocks B and C share would otherwise be recompiled with dynamic
+                # shapes when the second stage runs, which inductor (torch 2.14) fails on for Stage
+                # B's resizes
+                self.fwd[n], self.smp[n] = (torch.compile(f, dynamic=False)
+                                            for f in (self.fwd[n], self.smp[n]))
 
     # the two APIs, one call each: returns (output, extra loss)
     def forward(self, which, x):
         inp = self.inputs
         if self.stage == "a":
-            if which == "ref":  # the VQGAN training path: encode, quantise (straight-through), decode
+            if which == "ref":  # VQGAN training path: encode, quantise (straight-through), decode
                 q, vq_loss, _ = self.ref.vquantizer(self.ref.encode(x).latents)
                 return self.ref.decode(q).sample, vq_loss
             recon, vq_loss, _ = self.ours(x)
@@ -272,12 +292,15 @@ class StageBench:
         saved = {k: v for k, v in self.inputs.items()}
         self.inputs = {k: v[:1] for k, v in self.inputs.items()}
         tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # compare in true fp32
+        # compare in true fp32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
             with torch.no_grad():
-                check_close(f"{self.stage}: sample", self.sample("ours", x), self.sample("ref", x), rtol=1e-4)
+                check_close(f"{self.stage}: sample", self.sample("ours", x), self.sample("ref", x),
+                            rtol=1e-4)
                 if self.stage == "a":  # the training path as well (quantised)
-                    check_close("a: train forward", self.forward("ours", x)[0], self.forward("ref", x)[0], rtol=1e-4)
+                    check_close("a: train forward", self.forward("ours", x)[0],
+                                self.forward("ref", x)[0], rtol=1e-4)
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
             self.inputs = saved
@@ -306,39 +329,44 @@ class StageBench:
         return step
 
     def run(self):
-        """Returns result rows: (stage, mode, ref seconds, our seconds, flops per call or None, memory dict)."""
+        """Rows (stage, mode, ref seconds, our seconds, flops per call or None, memory dict)."""
         args, rows = self.args, []
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        # ---- training: fresh optimizers on both, same hyper-parameters
+        # training: fresh optimizers on both, same hyper-parameters
         self.ref.train(), self.ours.train()
         fused = dict(fused=True) if self.device.type == "cuda" else {}
-        # lr 0: AdamW still does all of its work, but the weights stay as loaded, so both sides keep computing
-        # with equal weights (the chain's parity check comes later; their dropout draws differ)
+        # lr 0: AdamW still does all of its work, but the weights stay as loaded, so both sides keep
+        # computing with equal weights (the chain's parity check comes later; their dropout draws
+        # differ)
         opts = {"ref": torch.optim.AdamW(self.ref.parameters(), lr=0.0, **fused),
                 "ours": torch.optim.AdamW(self.ours.parameters(), lr=0.0, **fused)}
         models = {"ref": self.ref, "ours": self.ours}
         fns = {n: self.train_step_fn(n, models[n], opts[n]) for n in ("ref", "ours")}
-        fns["ours"]()  # first step allocates the optimizer state (so that counting FLOPs does not include it)
-        flops = count_flops(self.train_step_fn("ours", self.ours, opts["ours"], eager=True)) if args.flops else None
+        fns["ours"]()  # allocates the optimizer state, so counting FLOPs leaves it out
+        flops = (count_flops(self.train_step_fn("ours", self.ours, opts["ours"], eager=True))
+                 if args.flops else None)
         t = time_alternating(fns, args.warmup, args.repeats, sync, CLOCKS[args.timer])
-        mem = {n: self.peak_memory(fns[n], models[n], opts[n]) for n in fns} if self.device.type == "cuda" else {}
+        mem = ({n: self.peak_memory(fns[n], models[n], opts[n]) for n in fns}
+               if self.device.type == "cuda" else {})
         rows.append((self.stage, "train", t["ref"], t["ours"], flops, mem))
         del opts, fns
         for m in models.values():
             m.zero_grad(set_to_none=True)
-        # ---- sampling
+        # sampling
         self.ref.eval(), self.ours.eval()
         fns = {n: self.sample_step_fn(n) for n in ("ref", "ours")}
         flops = count_flops(self.sample_step_fn("ours", eager=True)) if args.flops else None
         t = time_alternating(fns, args.warmup, args.repeats, sync, CLOCKS[args.timer])
-        mem = {n: self.peak_memory(fns[n], models[n], None) for n in fns} if self.device.type == "cuda" else {}
+        mem = ({n: self.peak_memory(fns[n], models[n], None) for n in fns}
+               if self.device.type == "cuda" else {})
         rows.append((self.stage, "sample", t["ref"], t["ours"], flops, mem))
         return rows
 
     @staticmethod
     def peak_memory(fn, model, opt):
-        """Bytes a step needs on the GPU: the model's resident state (params, grads, AdamW moments) plus the
-        step's peak of activations and temporaries (measured above what was allocated before it)."""
+        """Bytes a step needs on the GPU: the model's resident state (params, grads, AdamW moments)
+        plus the step's peak of activations and temporaries (measured above what was allocated
+        before it)."""
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -349,7 +377,8 @@ class StageBench:
 
 
 def make_inputs(stage, args, kwargs, batch, device):
-    """Random inputs of the stage's real shapes (noised latent, t, conditioning) and a regression target."""
+    """Random inputs of the stage's real shapes (noised latent, t, conditioning) and a regression
+    target."""
     g = torch.Generator().manual_seed(args.seed + 1)
     if stage == "a":
         x = torch.rand(batch, 3, args.a_image, args.a_image, generator=g)
@@ -358,8 +387,8 @@ def make_inputs(stage, args, kwargs, batch, device):
         n = args.b_latent
         inputs = dict(x=torch.randn(batch, kwargs.get("c_in", 4), n, n, generator=g),
                       t=torch.rand(batch, generator=g),
-                      effnet=torch.randn(batch, kwargs.get("effnet_embd", 16), args.b_effnet, args.b_effnet,
-                                         generator=g),
+                      effnet=torch.randn(batch, kwargs.get("effnet_embd", 16), args.b_effnet,
+                                         args.b_effnet, generator=g),
                       clip=torch.randn(batch, 77, kwargs.get("clip_embd", 1024), generator=g))
         inputs["target"] = torch.randn(inputs["x"].shape, generator=g)
     else:
@@ -375,13 +404,15 @@ def make_inputs(stage, args, kwargs, batch, device):
 # the whole sampling chain: text embeddings -> Stage C -> Stage B -> Stage A decode
 
 
-LATENT_SCALE, LATENT_SHIFT = RELEASED_LATENT_SPACE["scale"], RELEASED_LATENT_SPACE["shift"]  # e = 42 y - 1
+# e = 42 y - 1
+LATENT_SCALE, LATENT_SHIFT = RELEASED_LATENT_SPACE["scale"], RELEASED_LATENT_SPACE["shift"]
 
 
 def chain_generators(device, seed):
-    """One noise generator per diffusion stage: the scheduler draws (and discards) noise at the last step, our
-    sampler does not, so a shared stream would drift apart between Stage C and Stage B."""
-    return (torch.Generator(device=device).manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 1))
+    """One noise generator per diffusion stage: the scheduler draws (and discards) noise at the last
+    step, our sampler does not, so a shared stream would drift apart between Stage C and Stage B."""
+    return (torch.Generator(device=device).manual_seed(seed),
+            torch.Generator(device=device).manual_seed(seed + 1))
 
 
 @torch.no_grad()
@@ -389,18 +420,21 @@ def chain_ours(models, inp, args):
     """Our chain: stage_b.ddpm_sample drives both diffusion stages; Stage A decodes."""
     A, B, C = models
     g_c, g_b = chain_generators(inp["noise_c"].device, args.seed)
-    y = ddpm_sample(C, inp["noise_c"], list(DEFAULT_STAGE_C_TIMESTEPS), cond={"clip_text": inp["text_c"]},
-                    uncond={"clip_text": inp["text_c_uncond"]}, guidance_scale=args.guidance, generator=g_c)
+    y = ddpm_sample(C, inp["noise_c"], list(DEFAULT_STAGE_C_TIMESTEPS),
+                    cond={"clip_text": inp["text_c"]}, uncond={"clip_text": inp["text_c_uncond"]},
+                    guidance_scale=args.guidance, generator=g_c)
     effnet = y * LATENT_SCALE - LATENT_SHIFT
-    latents = ddpm_sample(B, inp["noise_b"], args.chain_b_steps, cond={"effnet": effnet, "clip_text": inp["text_b"]},
-                          generator=g_b)  # the decoder runs without guidance, as the released pipeline does
+    latents = ddpm_sample(B, inp["noise_b"], args.chain_b_steps,
+                          cond={"effnet": effnet, "clip_text": inp["text_b"]},
+                          generator=g_b)  # no decoder guidance, as in the released pipeline
     return A.decode(latents).clamp(0, 1)
 
 
 @torch.no_grad()
 def chain_reference(models, inp, args):
-    """The same chain written against diffusers: WuerstchenPrior and WuerstchenDiffNeXt stepped by
-    DDPMWuerstchenScheduler, CFG by batching and lerp, then PaellaVQModel.decode(latents * scale_factor)."""
+    """The same chain written against diffusers: WuerstchenPrior and WuerstchenDiffNeXt stepped
+    by DDPMWuerstchenScheduler, CFG by batching and lerp, then
+    PaellaVQModel.decode(latents * scale_factor)."""
     from diffusers import DDPMWuerstchenScheduler
     A, B, C = models
     g_c, g_b = chain_generators(inp["noise_c"].device, args.seed)
@@ -429,7 +463,7 @@ def bench_chain(pairs, args, sync):
         m.eval()
     g = torch.Generator().manual_seed(args.seed + 2)
     n, h = args.chain_batch, args.b_effnet
-    latent = int(h * LATENT_DIM_SCALE)  # the decoder pipeline's latent_dim_scale: 24x24 semantic -> 256x256 latent
+    latent = int(h * LATENT_DIM_SCALE)  # the decoder pipeline's: 24x24 semantic -> 256x256 latent
     latent -= latent % 2 ** len(ref_b.config.c_hidden)  # U-Net levels need a multiple of 2^levels
     inp = dict(noise_c=torch.randn(n, 16, h, h, generator=g),
                noise_b=torch.randn(n, 4, latent, latent, generator=g),
@@ -439,22 +473,24 @@ def bench_chain(pairs, args, sync):
     inp = {k: v.to(args.device) for k, v in inp.items()}
     ctx = (nullcontext() if args.dtype == "float32"
            else torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.dtype)))
-    if args.compile != "none":  # the two diffusion models' forwards (Stage A decodes once per chain)
+    if args.compile != "none":  # the two diffusion models (Stage A decodes once per chain)
         our_b, our_c = torch.compile(our_b, dynamic=False), torch.compile(our_c, dynamic=False)
         if args.compile == "both":
             ref_b, ref_c = torch.compile(ref_b, dynamic=False), torch.compile(ref_c, dynamic=False)
     fns = {"ref": lambda: chain_reference((ref_a, ref_b, ref_c), inp, args),
            "ours": lambda: chain_ours((our_a, our_b, our_c), inp, args)}
     with ctx:
-        # 41 denoising steps in a row: exact in fp32, only reported under bf16 (rounding differs step by step)
-        check_close("chain: images", fns["ours"](), fns["ref"](), rtol=1e-3, strict=args.dtype == "float32")
-        t = time_alternating(fns, 0, args.chain_repeats, sync, CLOCKS[args.timer])  # the parity run was the warm-up
+        # 41 denoising steps in a row: exact in fp32, only reported under bf16 (rounding differs
+        # step by step); this parity run is also the timing's warm-up
+        check_close("chain: images", fns["ours"](), fns["ref"](), rtol=1e-3,
+                    strict=args.dtype == "float32")
+        t = time_alternating(fns, 0, args.chain_repeats, sync, CLOCKS[args.timer])
     n_c, n_b = len(DEFAULT_STAGE_C_TIMESTEPS) - 1, args.chain_b_steps
     return [("chain", f"C {n_c} steps (CFG) + B {n_b} + A", t["ref"], t["ours"], None, {})]
 
 
 # -----------------------------------------------------------------------------
-# the paper's efficiency argument: FLOPs per training image, counted on the meta device (no memory, no time)
+# the paper's efficiency argument: FLOPs per training image, on the meta device (no memory, no time)
 
 
 def training_flops_per_image(model, *inputs):
@@ -479,25 +515,27 @@ def bench_flops():
                      training_flops_per_image(stage_c, torch.randn(1, 16, 24, 24), t,
                                               torch.randn(1, 77, c_cfg.c_cond))))
         rows.append(("Stage B (decoder), 4x256x256 latent", n_params(stage_b),
-                     training_flops_per_image(stage_b, torch.randn(1, 4, 256, 256), t, torch.randn(1, 16, 24, 24),
+                     training_flops_per_image(stage_b, torch.randn(1, 4, 256, 256), t,
+                                              torch.randn(1, 16, 24, 24),
                                               torch.randn(1, 77, b_cfg.clip_embd))))
-        # the same U-Net on pixels: what training Stage B's architecture directly at 1024 px would cost
+        # the same U-Net on pixels: the cost of training Stage B's architecture at 1024 px directly
         pixel = StageB(StageBConfig(c_in=3, c_out=3))
         rows.append(("Stage B's U-Net on pixels, 3x1024x1024", n_params(pixel),
-                     training_flops_per_image(pixel, torch.randn(1, 3, 1024, 1024), t, torch.randn(1, 16, 24, 24),
+                     training_flops_per_image(pixel, torch.randn(1, 3, 1024, 1024), t,
+                                              torch.randn(1, 16, 24, 24),
                                               torch.randn(1, 77, b_cfg.clip_embd))))
     return rows
 
 
 # -----------------------------------------------------------------------------
-# memory: the largest batch at which the paper-size Stage C trains within a GPU budget (e.g. a 24 GB card), with all
-# weights trained (training or a full fine-tune) or LoRA adapters on the frozen prior (stage_c.py --lora_rank)
+# memory: the largest batch at which the paper-size Stage C trains within a GPU budget (e.g. 24 GB),
+# all weights trained (training, a full fine-tune) or LoRA on the frozen prior (--lora_rank)
 
-LORA_RANK = 4  # the memory rows' LoRA: rank 4 on the attention projections (stage_c.py's default targets)
+LORA_RANK = 4  # the memory rows' LoRA: rank 4 on the attention projections (stage_c.py's defaults)
 
 
 def paper_prior(lora, depth=None):
-    """The paper Stage C (at another depth when given), with LoRA adapters on a frozen base when `lora`."""
+    """The paper Stage C (at `depth` if given), with LoRA adapters on a frozen base when `lora`."""
     model = StageC(dataclasses.replace(PAPER_C, depth=depth or PAPER_C.depth))
     if lora:
         add_lora(model, ["to_q", "to_k", "to_v", "to_out.0"], LORA_RANK, LORA_RANK)
@@ -505,7 +543,8 @@ def paper_prior(lora, depth=None):
 
 
 def stage_c_train_step(model, opt, batch, device, dtype):
-    """One bf16-autocast training step of Stage C at 16x24x24 (what stage_c.py's train() does per micro-step)."""
+    """One bf16-autocast training step of Stage C at 16x24x24 (what stage_c.py's train() does per
+    micro-step)."""
     x, t = torch.randn(batch, 16, 24, 24, device=device), torch.rand(batch, device=device)
     clip = torch.randn(batch, 77, model.cfg.c_cond, device=device)
     with torch.autocast(device.type, dtype=dtype):
@@ -517,13 +556,15 @@ def stage_c_train_step(model, opt, batch, device, dtype):
 
 
 def measure_memory_cuda(args, budget):
-    """Largest power-of-two batch whose training step (AdamW over what trains, bf16 autocast) peaks under
-    `budget` bytes, measured, for all weights and for LoRA, without and with activation checkpointing."""
+    """Largest power-of-two batch whose training step (AdamW over what trains, bf16 autocast) peaks
+    under `budget` bytes, measured, for all weights and for LoRA, without and with activation
+    checkpointing."""
     device, rows = torch.device(args.device), []
     for lora, ckpt in ((False, False), (False, True), (True, False), (True, True)):
         model = paper_prior(lora).to(device).train()
         model.grad_checkpointing = ckpt
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                fused=True)
         best, batch, first = None, 1, None
         while batch <= 256:
             torch.cuda.reset_peak_memory_stats()
@@ -544,11 +585,12 @@ def measure_memory_cuda(args, budget):
 
 
 def estimate_memory_cpu(budget):
-    """No GPU: bytes saved for the backward pass, measured on CPU under bf16 autocast at the paper width with 1 and
-    2 triples and batches 1 and 2, extrapolated to 32 triples; plus, per parameter trained, 18 bytes (fp32 weights,
-    grads and two AdamW moments, and autocast's cached bf16 copy), per frozen parameter 4 (fp32 weights; autocast
-    casts them at each use, and the copies the backward pass needs are among the saved tensors). For all weights
-    and for LoRA. An estimate: allocator slack and temporaries come on top."""
+    """No GPU: bytes saved for the backward pass, measured on CPU under bf16 autocast at the paper
+    width with 1 and 2 triples and batches 1 and 2, extrapolated to 32 triples; plus, per parameter
+    trained, 18 bytes (fp32 weights, grads and two AdamW moments, and autocast's cached bf16 copy),
+    per frozen parameter 4 (fp32 weights; autocast casts them at each use, and the copies the
+    backward pass needs are among the saved tensors). For all weights and for LoRA. An estimate:
+    allocator slack and temporaries come on top."""
 
     def saved(lora, depth, batch, ckpt):
         model = paper_prior(lora, depth).train()
@@ -562,20 +604,22 @@ def estimate_memory_cpu(budget):
             stage_c_train_step(model, None, batch, torch.device("cpu"), torch.bfloat16)
         return sum(storages.values())
 
-    def extrapolate(lora, ckpt):  # -> (batch-independent bytes, bytes per image, bytes per image of one triple)
-        s11, s12, s21, s22 = (saved(lora, d, b, ckpt) for d in (1, 2) for b in (1, 2))  # s{depth}{batch}
+    def extrapolate(lora, ckpt):  # -> (fixed bytes, bytes per image, bytes per image of one triple)
+        s11, s12, s21, s22 = (saved(lora, d, b, ckpt) for d in (1, 2) for b in (1, 2))  # s{d}{b}
         triple = (s22 - s21) - (s12 - s11)
         per_image = (s12 - s11) + (depth - 1) * triple  # the stem and all triples
-        return s11 + (depth - 1) * (s21 - s11) - per_image, per_image, triple  # fixed: bf16 weight copies
+        return s11 + (depth - 1) * (s21 - s11) - per_image, per_image, triple  # fixed: bf16 copies
 
     depth, rows = PAPER_C.depth, []
     for lora in (False, True):
         with torch.device("meta"):
-            state = sum(p.numel() * (18 if p.requires_grad else 4) for p in paper_prior(lora).parameters())
+            state = sum(p.numel() * (18 if p.requires_grad else 4)
+                        for p in paper_prior(lora).parameters())
         fixed, per_image, triple = extrapolate(lora, False)
         fixed_ckpt, per_image_ckpt, _ = extrapolate(lora, True)
-        per_image_ckpt += triple  # one triple's full activations live while it is recomputed in the backward pass
-        for ckpt, fixed_b, image_b in ((False, fixed, per_image), (True, fixed_ckpt, per_image_ckpt)):
+        per_image_ckpt += triple  # one triple's activations live while it is recomputed in backward
+        for ckpt, fixed_b, image_b in ((False, fixed, per_image),
+                                       (True, fixed_ckpt, per_image_ckpt)):
             batch = int((budget - state - fixed_b) // image_b)
             best = (batch, state + fixed_b + batch * image_b) if batch > 0 else None
             rows.append((lora, ckpt, state + fixed_b + image_b, best))
@@ -648,10 +692,12 @@ def fill_defaults(args):
 
 
 def fmt_row(stage, mode, t_ref, t_ours, flops, mem, args):
-    line = f"| {stage:<5} | {mode:<26} | {t_ref * 1e3:10.1f} | {t_ours * 1e3:10.1f} | {t_ref / t_ours:6.2f} |"
+    line = (f"| {stage:<5} | {mode:<26} | {t_ref * 1e3:10.1f} | {t_ours * 1e3:10.1f} "
+            f"| {t_ref / t_ours:6.2f} |")
     if flops:
         unit = 1e12 if args.device.startswith("cuda") else 1e9  # TFLOP/s on a GPU, GFLOP/s on a CPU
-        line += f" {flops / 1e9:10.1f} | {flops / t_ref / unit:7.1f} | {flops / t_ours / unit:7.1f} |"
+        line += (f" {flops / 1e9:10.1f} | {flops / t_ref / unit:7.1f} "
+                 f"| {flops / t_ours / unit:7.1f} |")
         if args.device.startswith("cuda"):
             line += f" {flops / t_ours / 1e12 / args.peak_tflops:6.1%} |"
     if mem:
@@ -679,17 +725,18 @@ def main(args):
     malloc = "fixed" if args.malloc == "fixed" and keep_freed_memory() else "default"
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda"):  # TF32 for fp32 matmuls/convs outside autocast: the usual GPU setting
+    if args.device.startswith("cuda"):  # TF32 for fp32 outside autocast: the usual GPU setting
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     stages = args.stages.split(",")
-    print(f"bench: device {args.device}, dtype {args.dtype}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, warm-up {args.warmup}, repeats {args.repeats} (medians of {args.timer} time, "
-          f"alternating), {malloc} malloc thresholds")
+    print(f"bench: device {args.device}, dtype {args.dtype}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, warm-up {args.warmup}, repeats {args.repeats} (medians of "
+          f"{args.timer} time, alternating), {malloc} malloc thresholds")
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows, pairs = [], {}
     kwargs = {"a": args.a, "b": args.b, "c": args.c}
     batch = {"a": args.a_batch, "b": args.b_batch, "c": args.c_batch}
-    needed = sorted({"a", "b", "c"} & set(stages) | ({"a", "b", "c"} if "chain" in stages else set()))
+    needed = sorted({"a", "b", "c"} & set(stages)
+                    | ({"a", "b", "c"} if "chain" in stages else set()))
     if "loader" in stages:
         print("\n| data | source side | training side | loader workers | images/s |")
         print("|---|---|---|---|---|")
@@ -700,10 +747,13 @@ def main(args):
             ref, ours = build_pair(stage, kwargs[stage], args.seed + i, tmp)
             ref, ours = ref.to(args.device), ours.to(args.device)
             pairs[stage] = (ref, ours)
-            print(f"stage {stage}: {n_params(ours) / 1e6:.1f} M params, config {kwargs[stage] or 'released'}")
+            print(f"stage {stage}: {n_params(ours) / 1e6:.1f} M params, "
+                  f"config {kwargs[stage] or 'released'}")
             if stage not in stages:
                 continue
-            sb = StageBench(stage, ref, ours, make_inputs(stage, args, kwargs[stage], batch[stage], args.device), args)
+            sb = StageBench(stage, ref, ours,
+                            make_inputs(stage, args, kwargs[stage], batch[stage], args.device),
+                            args)
             sb.check_parity()
             rows += sb.run()
     if "chain" in stages:
@@ -717,16 +767,19 @@ def main(args):
         budget = args.mem_budget_gb * 2**30
         cuda = args.device.startswith("cuda")
         how = "measured" if cuda else "estimated on CPU (saved tensors, extrapolated)"
-        print(f"\nPaper Stage C (994 M params) training, AdamW, bf16 autocast, 16x24x24 (1024 px), within "
-              f"{args.mem_budget_gb:g} GB: {how}")
-        print("| trained | activation checkpointing | peak at batch 1 (GiB) | largest batch | its peak (GiB) |\n"
-              "|---|---|---|---|---|")
-        for lora, ckpt, first, best in (measure_memory_cuda(args, budget) if cuda else estimate_memory_cpu(budget)):
+        print(f"\nPaper Stage C (994 M params) training, AdamW, bf16 autocast, 16x24x24 (1024 px), "
+              f"within {args.mem_budget_gb:g} GB: {how}")
+        print("| trained | activation checkpointing | peak at batch 1 (GiB) | largest batch "
+              "| its peak (GiB) |\n|---|---|---|---|---|")
+        for lora, ckpt, first, best in (measure_memory_cuda(args, budget) if cuda
+                                        else estimate_memory_cpu(budget)):
             batch, peak = best if best else ("none fits", float("nan"))
             trained = f"LoRA rank {LORA_RANK} (attention)" if lora else "all weights"
-            print(f"| {trained} | {'yes' if ckpt else 'no'} | {first / 2**30:.1f} | {batch} | {peak / 2**30:.1f} |")
+            print(f"| {trained} | {'yes' if ckpt else 'no'} | {first / 2**30:.1f} | {batch} "
+                  f"| {peak / 2**30:.1f} |")
     if "flops" in stages:
-        print("\nFLOPs per training image (forward + backward, batch 1), paper configs, counted on the meta device:")
+        print("\nFLOPs per training image (forward + backward, batch 1), paper configs, counted on "
+              "the meta device:")
         print("| model | params | TFLOP / image | vs Stage C |\n|---|---|---|---|")
         flops_rows = bench_flops()
         base = flops_rows[0][2]
@@ -740,43 +793,56 @@ def get_args(argv=None):
     p.add_argument("--stages", default=None, help="comma-separated subset of a,b,c,chain,flops,"
                    "memory,loader (default: all but loader; memory, a CPU estimate taking a minute "
                    "there, only on a GPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bfloat16 on a GPU, float32 on CPU")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each implementation before timing")
-    p.add_argument("--repeats", type=int, default=7, help="timed steps of each implementation (median reported)")
-    p.add_argument("--chain_repeats", type=int, default=3, help="timed runs of the whole sampling chain each")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps of each implementation before timing")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="timed steps of each implementation (median reported)")
+    p.add_argument("--chain_repeats", type=int, default=3,
+                   help="timed runs of the whole sampling chain each")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--timer", default="wall", choices=["wall", "cpu"],
-                   help="wall clock, or this process's CPU time (robust on a busy machine with --threads 1)")
+                   help="wall clock, or this process's CPU time (robust on a busy machine with "
+                   "--threads 1)")
     p.add_argument("--compile", default="none", choices=["none", "ours", "both"],
                    help="torch.compile the timed steps of ours, or of both (the fair comparison)")
     p.add_argument("--malloc", default="fixed", choices=["fixed", "default"],
-                   help="fixed: freed memory stays in the process (steady timings, see keep_freed_memory); default: "
-                   "glibc as it comes, where tensors the size of full attention matrices may pay page faults")
+                   help="fixed: freed memory stays in the process (steady timings, see "
+                   "keep_freed_memory); default: glibc as it comes, where tensors the size of full "
+                   "attention matrices may pay page faults")
     p.add_argument("--no_flops", dest="flops", action="store_false",
                    help="skip counting the FLOPs of each timed step (one extra step each)")
     p.add_argument("--mem_budget_gb", type=float, default=24.0,
-                   help="GPU memory budget (GiB) of the `memory` stage, for allocated tensors (CUDA context on top)")
-    p.add_argument("--peak_tflops", type=float, default=989.0,
-                   help="the device's dense peak for --dtype, for the MFU column (H100 SXM bf16: 989)")
-    # sizes (unset: CPU or GPU defaults, see DEFAULTS); model kwargs use diffusers' constructor names
-    p.add_argument("--a", type=eval_dict, default=None, help="PaellaVQModel kwargs, e.g. \"dict(embed_dim=96)\"")
+                   help="GPU memory budget (GiB) of the `memory` stage, for allocated tensors "
+                   "(CUDA context on top)")
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="the device's dense peak for "
+                   "--dtype, for the MFU column (H100 SXM bf16: 989)")
+    # sizes (unset: the CPU or GPU DEFAULTS); model kwargs use diffusers' constructor names
+    p.add_argument("--a", type=eval_dict, default=None,
+                   help="PaellaVQModel kwargs, e.g. \"dict(embed_dim=96)\"")
     p.add_argument("--a_image", type=int, default=None, help="Stage A image side in pixels")
     p.add_argument("--a_batch", type=int, default=None, help="Stage A batch size")
     p.add_argument("--b", type=eval_dict, default=None,
                    help="WuerstchenDiffNeXt kwargs, e.g. \"dict(blocks=[1,1,2,1])\"")
-    p.add_argument("--b_latent", type=int, default=None, help="Stage B latent side (256 for 1024 px images)")
-    p.add_argument("--b_effnet", type=int, default=None, help="semantic latent side fed to Stage B (24 at 1024 px);"
-                   " also the Stage C latent side in the chain")
+    p.add_argument("--b_latent", type=int, default=None,
+                   help="Stage B latent side (256 for 1024 px images)")
+    p.add_argument("--b_effnet", type=int, default=None, help="semantic latent side fed to Stage B "
+                   "(24 at 1024 px); also the Stage C latent side in the chain")
     p.add_argument("--b_batch", type=int, default=None, help="Stage B batch size")
-    p.add_argument("--c", type=eval_dict, default=None, help="WuerstchenPrior kwargs, e.g. \"dict(c=256, depth=2)\"")
-    p.add_argument("--c_latent", type=int, default=None, help="Stage C latent side (24 for 1024 px images)")
+    p.add_argument("--c", type=eval_dict, default=None,
+                   help="WuerstchenPrior kwargs, e.g. \"dict(c=256, depth=2)\"")
+    p.add_argument("--c_latent", type=int, default=None,
+                   help="Stage C latent side (24 for 1024 px images)")
     p.add_argument("--c_batch", type=int, default=None, help="Stage C batch size")
-    p.add_argument("--chain_b_steps", type=int, default=None, help="Stage B sampling steps in the chain (pipeline: 12)")
+    p.add_argument("--chain_b_steps", type=int, default=None,
+                   help="Stage B sampling steps in the chain (pipeline: 12)")
     p.add_argument("--chain_batch", type=int, default=None, help="images per chain run")
-    p.add_argument("--guidance", type=float, default=4.0, help="Stage C classifier-free guidance scale in the chain")
+    p.add_argument("--guidance", type=float, default=4.0,
+                   help="Stage C classifier-free guidance scale in the chain")
     p.add_argument("--loader_sizes", type=eval, default=[(256, 256), (1024, 256), (1024, 1024)],
                    help="loader stage: (source image side, training side) pairs")
     p.add_argument("--loader_images", type=int, default=200,

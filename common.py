@@ -1,11 +1,12 @@
 """
-The training machinery every stage shares, written once (nanochat's common.py): where and how we run (device, DDP,
-precision, BatchNorm over ranks), the common flags and the opening of every train(), the LR and EMA
-functions, the optimizer step with its non-finite guard, atomic self-describing checkpoints that are
-never written from non-finite weights, the exact-resume data order (aspect-ratio buckets and
-tar-shard streams too), the hold-out split, image grids and the log line.
+The training machinery every stage shares, written once (nanochat's common.py): where and how we
+run (device, DDP, precision, BatchNorm over ranks), the common flags and the opening of every
+train(), LR and EMA, the optimizer step with its non-finite guard, atomic self-describing
+checkpoints never written from non-finite weights, the exact-resume data order (aspect-ratio
+buckets and tar-shard streams too), the hold-out split, LoRA and disk caches for fine-tuning, image
+grids and the log line.
 
-Nothing here knows about Würstchen: the method lives in stage_a.py, stage_b.py and stage_c.py, which import this.
+Nothing here knows about Würstchen: the method lives in stage_a.py, stage_b.py and stage_c.py.
 """
 import argparse
 import gc
@@ -46,13 +47,13 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        """bf16/fp16 autocast on accelerators; plain fp32 (no autocast) otherwise. Weights always stay fp32."""
+        """bf16/fp16 autocast on accelerators, no autocast (fp32) otherwise; weights stay fp32."""
         if self.dtype == torch.float32:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def make_scaler(self):
-        # a real GradScaler only for fp16 (gradients underflow without it); a no-op for bf16 and fp32
+        # a real GradScaler only for fp16 (gradients underflow without it); a no-op for bf16, fp32
         return torch.amp.GradScaler(self.device_type, enabled=(self.dtype == torch.float16))
 
 
@@ -60,18 +61,19 @@ def pick_device(device="auto"):
     """'auto' -> cuda, else mps, else cpu; anything else is returned as given."""
     if device != "auto":
         return device
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+            else "cpu")
 
 
 def default_dtype(device):
-    """bf16 on GPUs that support it, else fp16 (with a GradScaler when training); fp32 on CPU and MPS."""
+    """bf16 on GPUs that support it, else fp16 (+ GradScaler when training); fp32 on CPU and MPS."""
     if torch.device(device).type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def setup_runtime(device="auto", dtype="auto", seed=0):
-    """Pick the device and precision, and start DDP when launched by torchrun (RANK in the environment)."""
+    """Pick the device and precision; start DDP under torchrun (RANK in the environment)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     device = pick_device(device)
     rank, local_rank, world_size = 0, 0, 1
@@ -84,16 +86,16 @@ def setup_runtime(device="auto", dtype="auto", seed=0):
             torch.cuda.set_device(device)
     device = torch.device(device)
     dtype = default_dtype(device) if dtype == "auto" else getattr(torch, dtype)
-    if device.type == "cuda":  # TF32 matmuls: ~free speed on Ampere+, precision is ample for training
+    if device.type == "cuda":  # TF32 matmuls: ~free speed on Ampere+, ample precision for training
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed + rank)
-    return Runtime(device=device, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, dtype=dtype)
+    return Runtime(device=device, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
+                   dtype=dtype)
 
 
 class AllReduceSum(torch.autograd.Function):
-    """Sum over ranks, differentiable: the gradient of every rank's input is the sum of every rank's
-    gradient."""
+    """Sum over ranks, differentiable: each rank's input gets the sum of every rank's gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -107,11 +109,10 @@ class AllReduceSum(torch.autograd.Function):
 
 
 class AllRanksBatchNorm(nn.BatchNorm2d):
-    """BatchNorm whose training statistics are those of the global batch, every rank's images
-    together (what SyncBatchNorm does on GPUs, which refuses CPU tensors): mean and variance are
-    summed over ranks with a differentiable all_reduce, so the gradient flows through the statistics
-    as in SyncBatchNorm. Same parameters and buffers as nn.BatchNorm2d; eval mode is plain
-    BatchNorm."""
+    """BatchNorm with the training statistics of the global batch (SyncBatchNorm's job, but it
+    refuses CPU tensors): mean and variance are summed over ranks with a differentiable all_reduce,
+    so the gradient flows through them as in SyncBatchNorm. Same parameters and buffers as
+    nn.BatchNorm2d; eval mode is plain BatchNorm."""
 
     def forward(self, x):
         if not (self.training and dist.is_initialized()):
@@ -134,10 +135,9 @@ class AllRanksBatchNorm(nn.BatchNorm2d):
 
 
 def wrap_ddp(model, rt):
-    """The module under DDP when torchrun started several processes, else unchanged. Under DDP,
-    BatchNorm layers normalise with the statistics of the global batch: SyncBatchNorm on GPUs,
-    AllRanksBatchNorm on the CPU (gloo), where SyncBatchNorm does not run; either way a resume with
-    another world size sees the same statistics."""
+    """The module under DDP when torchrun started several processes, else unchanged. BatchNorm then
+    uses the global batch's statistics (SyncBatchNorm on GPUs, AllRanksBatchNorm on the CPU), so a
+    resume with another world size sees the same statistics."""
     if not rt.ddp:
         return model
     if rt.device_type == "cuda":
@@ -151,8 +151,8 @@ def wrap_ddp(model, rt):
 
 
 def free_memory(device):
-    """On a GPU, give back the memory of models just dropped: collect them (reference cycles too) and empty the
-    allocator's cache. (On the CPU their memory goes back when their last reference does.)"""
+    """On a GPU, give back the memory of models just dropped: collect them (reference cycles too)
+    and empty the allocator's cache. (On the CPU it goes back with their last reference.)"""
     if torch.device(device).type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -171,7 +171,7 @@ def channels_last_convs(model):
 
 
 def no_sync(module, sync):
-    """DDP: skip the gradient all-reduce on micro-steps that are not the last one of an optimizer step."""
+    """DDP: skip the gradient all-reduce on micro-steps other than an optimizer step's last."""
     return module.no_sync() if (not sync and hasattr(module, "no_sync")) else nullcontext()
 
 # -----------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def no_sync(module, sync):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """-h shows each flag's default, except where the default comes from the preset (the help says so)."""
+    """-h shows each flag's default, except where it comes from the preset (the help says so)."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
@@ -194,31 +194,39 @@ def add_common_args(parser, stage, presets=("tiny", "small", "paper")):
                    "files or metadata.jsonl/.csv), or tar shards: a folder of .tar files, a brace "
                    "pattern (shards/{00000..00999}.tar), a .tar path or URL, or a text file "
                    "listing them")
-    g.add_argument("--out_dir", default=f"out/{stage}", help="where ckpt.pt, log.txt and sample grids go")
-    g.add_argument("--model", default=None, choices=list(presets), help="model size preset (default: small; "
-                   "paper, the released sizes, with --pretrained)")
-    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: per preset)")
-    g.add_argument("--batch_size", type=int, default=None,
-                   help="global batch size, split over ranks and --grad_accum (default: per preset)")
+    g.add_argument("--out_dir", default=f"out/{stage}",
+                   help="where ckpt.pt, log.txt and sample grids go")
+    g.add_argument("--model", default=None, choices=list(presets), help="model size preset "
+                   "(default: small; paper, the released sizes, with --pretrained)")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="optimizer steps (default: per preset)")
+    g.add_argument("--batch_size", type=int, default=None, help="global batch size, split over "
+                   "ranks and --grad_accum (default: per preset)")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--image_size", type=int, default=None, help="training resolution (default: per preset)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
-    g.add_argument("--warmup", type=int, default=None, help="linear LR warm-up steps (default: per preset)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="training resolution (default: per preset)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: per preset)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="linear LR warm-up steps (default: per preset)")
     g.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: per preset)")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
-    g.add_argument("--ema_decay", type=float, default=None, help="EMA decay per optimizer step, 0 = no EMA "
-                   "(default: 0.999; 0 when fine-tuning)")
+    g.add_argument("--grad_clip", type=float, default=1.0,
+                   help="clip the global gradient norm to this (0 = off)")
+    g.add_argument("--ema_decay", type=float, default=None, help="EMA decay per optimizer step, "
+                   "0 = no EMA (default: 0.999; 0 when fine-tuning)")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype; auto = bf16 on GPUs that support it, else fp16 (+GradScaler); fp32 on CPU")
+                   help="autocast dtype; auto = bf16 on GPUs that support it, else fp16 "
+                   "(+GradScaler); fp32 on CPU")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--log_every", type=int, default=25, help="steps between log lines")
     g.add_argument("--sample_every", type=int, default=500, help="steps between preview grids")
     g.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
     g.add_argument("--num_workers", type=int, default=2, help="data loader worker processes")
-    g.add_argument("--num_holdout", type=int, default=16, help="images held out of training for previews and metrics")
+    g.add_argument("--num_holdout", type=int, default=16,
+                   help="images held out of training for previews and metrics")
     g.add_argument("--buckets", type=float, nargs="?", const=2.0, default=0.0, metavar="MAX_RATIO",
                    help="aspect-ratio buckets: keep each image's aspect ratio, in batches of one "
                    "of a few sizes of about --image_size^2 pixels, sides multiples of 128, aspect "
@@ -229,13 +237,15 @@ def add_common_args(parser, stage, presets=("tiny", "small", "paper")):
     g.add_argument("--max_nonfinite", type=int, default=5,
                    help="stop after this many optimizer steps in a row skipped for a non-finite "
                    "loss or gradient")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU, slow first step)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (faster on GPU, slow first step)")
     return parser
 
 
 def preset_name(args):
-    """--model, else its default: small, or with --pretrained paper (the released weights' sizes)."""
-    args.model = args.model or ("paper" if getattr(args, "pretrained", None) is not None else "small")
+    """--model, else its default: small, or with --pretrained paper (the released sizes)."""
+    args.model = args.model or ("paper" if getattr(args, "pretrained", None) is not None
+                                else "small")
     return args.model
 
 
@@ -248,13 +258,13 @@ def fill_defaults(args, defaults):
 
 
 def start_run(args, stage, train_defaults):
-    """The opening every stage's train() shares: the preset's training defaults, the runtime, the output folder and
-    its log, and with --resume the checkpoint to continue (of this stage and preset, else a clear error).
-    Returns (rt, logger, ckpt_path, ckpt or None)."""
+    """The opening every stage's train() shares: the preset's training defaults, the runtime, the
+    output folder and its log, and with --resume the checkpoint to continue (of this stage and
+    preset, else a clear error). Returns (rt, logger, ckpt_path, ckpt or None)."""
     from data import shard_list
     if getattr(args, "cache", False) is None and shard_list(args.data):
         args.cache = False  # a stream: nothing to cache up front (the presets' default: folders)
-    if getattr(args, "epochs", None):  # --epochs sets --max_steps once the data is open (epochs_to_steps)
+    if getattr(args, "epochs", None):  # sets --max_steps once the data is open (epochs_to_steps)
         train_defaults = {k: v for k, v in train_defaults.items() if k != "max_steps"}
     fill_defaults(args, {"ema_decay": 0.999} | train_defaults)  # a fine-tune's: 0
     rt = setup_runtime(args.device, args.dtype, args.seed)
@@ -266,16 +276,17 @@ def start_run(args, stage, train_defaults):
         was = ckpt["train_config"]
         for flag, default in (("model", None), ("pretrained", None), ("lora_rank", 0)):
             if was.get(flag, default) != getattr(args, flag, default):
-                raise CheckpointError(f"{ckpt_path} was trained with --{flag} {was.get(flag, default)}, not "
+                raise CheckpointError(f"{ckpt_path} was trained with --{flag} "
+                                      f"{was.get(flag, default)}, not "
                                       f"{getattr(args, flag, default)}: resume it as it was trained"
-                                      + (" (a LoRA run as a LoRA run, a full fine-tune as a full one)"
-                                         if flag == "lora_rank" else ""))
+                                      + (" (a LoRA run as a LoRA run, a full fine-tune as a full "
+                                         "one)" if flag == "lora_rank" else ""))
     return rt, logger, ckpt_path, ckpt
 
 
 def run_cli(main, args):
-    """Run a script's main(args). A user's mistake (a missing or wrong file) prints its one-line message and exits
-    with status 1, without a traceback."""
+    """Run a script's main(args). A user's mistake (a missing or wrong file) prints its one-line
+    message and exits with status 1, without a traceback."""
     try:
         main(args)
     except (FileNotFoundError, CheckpointError, NonFiniteError) as e:
@@ -286,7 +297,8 @@ def run_cli(main, args):
 
 
 def get_lr(step, lr, warmup):
-    """Linear warm-up to `lr`, then constant (method §6.5). A pure function of the step: resume needs nothing else."""
+    """Linear warm-up to `lr`, then constant (method §6.5). A pure function of the step: resume
+    needs nothing else."""
     return lr * min(1.0, (step + 1) / max(1, warmup))
 
 
@@ -296,41 +308,46 @@ def set_lr(optimizer, lr):
 
 
 def epochs_to_steps(args, items):
-    """--epochs (passes over the training images, `items`: a list of them, None for a stream) as --max_steps,
-    unless --max_steps was given."""
+    """--epochs (passes over the training images, `items`: a list of them, None for a stream) as
+    --max_steps, unless --max_steps was given."""
     if items is None:
-        raise ValueError("--epochs needs a folder of images (a stream of tar shards has no known length): "
-                         "give --max_steps")
+        raise ValueError("--epochs needs a folder of images (a stream of tar shards has no known "
+                         "length): give --max_steps")
     if args.max_steps is None:
         args.max_steps = math.ceil(args.epochs * len(items) / args.batch_size)
 
 
 def finetune_warnings(lr, default_lr, passes, n_captioned):
-    """What makes a small-data fine-tune learn nothing, said before it starts (users' reports: "24 images gave
-    no result", a LoRA that "can't learn anything" at lr 1e-6). Returns the warnings' texts."""
+    """What makes a small-data fine-tune learn nothing, said before it starts (users' reports: "24
+    images gave no result", a LoRA that "can't learn anything" at lr 1e-6). Returns the warnings."""
     warnings = []
     if lr < default_lr / 10:
-        warnings.append(f"--lr {lr:g} is over 10x below the fine-tuning default {default_lr:g}: the weights "
-                        f"(LoRA adapters start at zero) will barely move in a short run")
+        warnings.append(f"--lr {lr:g} is over 10x below the fine-tuning default "
+                        f"{default_lr:g}: the weights (LoRA adapters start at zero) will barely "
+                        f"move in a short run")
     if passes < 10:
-        warnings.append(f"each training image is seen only {passes:.1f} times (--max_steps x --batch_size / "
-                        f"images): a small set usually needs 50-200 passes (--epochs)")
+        warnings.append(f"each training image is seen only {passes:.1f} times (--max_steps x "
+                        f"--batch_size / images): a small set usually needs 50-200 passes "
+                        f"(--epochs)")
     if n_captioned == 0:
-        warnings.append("no image has a caption: the fine-tune will be unconditional (every caption empty), "
-                        "so no prompt will call up what it learns; add same-name .txt files or a metadata.jsonl")
+        warnings.append("no image has a caption: the fine-tune will be unconditional (every "
+                        "caption empty), so no prompt will call up what it learns; add same-name "
+                        ".txt files or a metadata.jsonl")
     return warnings
 
 
 def ema_decay_at(step, decay):
-    """EMA warm-up: an average over about `step` steps early on, `decay` later, so short runs get a useful EMA
-    (k-diffusion's EMAWarmup idea; the reference instead copied the weights for its first 5,000 updates)."""
+    """EMA warm-up: an average over about `step` steps early on, `decay` later, so short runs get a
+    useful EMA (k-diffusion's EMAWarmup idea; the reference instead copied the weights for its first
+    5,000 updates)."""
     return min(decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied. BatchNorm statistics copied so
-    belong to the raw weights: recompute_batchnorm gives the EMA model its own before it is used or saved."""
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied. BatchNorm
+    statistics copied so belong to the raw weights: recompute_batchnorm gives the EMA model its own
+    before it is used or saved."""
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         p_ema.lerp_(p.detach(), 1 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
@@ -339,13 +356,12 @@ def update_ema(ema, model, decay):
 
 @torch.no_grad()
 def recompute_batchnorm(module, forward, batches, device="cpu"):
-    """Give the BatchNorms of `module` (an EMA model) the statistics of its own activations. An EMA
-    averages the parameters, but running statistics are not parameters: copied from the raw model
-    they belong to other weights and shift every EMA output (up to 7 dB of Stage A's held-out PSNR
-    in a short run). So, as torch.optim.swa_utils.update_bn does for SWA: reset them, then average
-    the batch statistics of `forward(images)` over `batches` of training images (data.image_batches:
-    512 spread evenly through the dataset), in train mode, with momentum None (a cumulative mean).
-    Draws no random numbers, so exact resume is unaffected."""
+    """Give the BatchNorms of `module` (an EMA model) the statistics of its own activations: copied
+    from the raw model, running statistics belong to other weights and shift every EMA output (up
+    to 7 dB of Stage A's held-out PSNR in a short run). So, as torch.optim.swa_utils.update_bn does
+    for SWA: reset them, then average the batch statistics of `forward(images)` over `batches` of
+    training images (data.image_batches: 512 spread through the dataset), in train mode, momentum
+    None (a cumulative mean). Draws no random numbers: exact resume is unaffected."""
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -362,22 +378,20 @@ def recompute_batchnorm(module, forward, batches, device="cpu"):
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced non-finite numbers: too many skipped steps in a row, or weights that cannot
-    be saved."""
+    """Non-finite training: too many skipped steps in a row, or weights that cannot be saved."""
 
 
 class NonFiniteGuard:
-    """The optimizer step of every stage, with a guard: a step whose loss or gradient norm is
-    non-finite (on any rank: the ranks agree, so they stay in step) changes nothing. Its update is
-    skipped, the buffers of `model` its forward pass moved (BatchNorm statistics) are taken back (a
-    copy is kept after every good step: they are small), and it is counted (`skipped`, in the log
-    line). `max_in_row` such steps in a row stop the run with a NonFiniteError naming the step and
-    the last checkpoint, whose weights are finite (save_checkpoint refuses non-finite ones).
+    """The optimizer step of every stage, guarded: a step whose loss or gradient norm is non-finite
+    (on any rank: the ranks agree, so they stay in step) changes nothing. Its update is skipped, the
+    buffers of `model` its forward pass moved (BatchNorm statistics) are taken back from a copy kept
+    after every good step (they are small), and it is counted (`skipped`, in the log line).
+    `max_in_row` such steps in a row stop the run with a NonFiniteError naming the step and the last
+    checkpoint, whose weights are finite (save_checkpoint refuses non-finite ones).
 
     fp16: the GradScaler already skips steps whose scaled gradients overflowed, and lowers the
-    scale; with a finite loss those are its business and are not counted here (a non-finite loss
-    is). Skipped steps still advance the step counter, so the data order, the LR and exact --resume
-    stay functions of the step."""
+    scale; with a finite loss those are its business, not counted here. Skipped steps still advance
+    the step counter, so the data order, the LR and exact --resume stay functions of the step."""
 
     def __init__(self, rt, ckpt_path, max_in_row=5, model=None):
         self.rt, self.ckpt_path, self.max_in_row = rt, ckpt_path, max_in_row
@@ -437,7 +451,7 @@ class NonFiniteGuard:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint of another stage or preset, or a file that is not a checkpoint of this project."""
+    """A checkpoint of another stage or preset, or a file that is not one of this project's."""
 
 
 HOW_TO_MAKE = {"stage_a": "python stage_a.py --data DIR", "stage_b": "python stage_b.py --data DIR",
@@ -445,8 +459,7 @@ HOW_TO_MAKE = {"stage_a": "python stage_a.py --data DIR", "stage_b": "python sta
 
 
 def nonfinite_entries(obj, prefix=""):
-    """Names of the floating-point tensors in a (nested) checkpoint dict that hold a NaN or an
-    infinity."""
+    """Names of the floating-point tensors in a (nested) checkpoint dict holding a NaN or an inf."""
     if isinstance(obj, dict):
         return [name for k, v in obj.items() for name in nonfinite_entries(v, f"{prefix}{k}.")]
     if isinstance(obj, (list, tuple)):
@@ -469,36 +482,42 @@ def save_checkpoint(path, ckpt):
 
 
 def atomic_write(path, write):
-    """write(tmp) then rename tmp to `path`: a kill at any moment leaves the old file or the new one."""
+    """write(tmp), then rename tmp to `path`: a kill at any time leaves the old or the new file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, stage):
-    """Load a checkpoint of `stage` ('stage_a' | 'stage_b' | 'stage_c') with weights_only=True (a checkpoint never
-    runs code), with one clear error for a missing file, another stage's checkpoint, or a file that is none."""
+    """Load a checkpoint of `stage` ('stage_a' | 'stage_b' | 'stage_c') with weights_only=True (a
+    checkpoint never runs code), with one clear error for a missing file, another stage's
+    checkpoint, or a file that is none."""
     expected = f"a {stage} checkpoint (written by `{HOW_TO_MAKE[stage]}`) was expected"
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no {stage} checkpoint at {path}: train one with `{HOW_TO_MAKE[stage]}` "
-                                f"(it writes out/{stage}/ckpt.pt) or pass its path")
+        raise FileNotFoundError(f"no {stage} checkpoint at {path}: train one with "
+                                f"`{HOW_TO_MAKE[stage]}` (it writes out/{stage}/ckpt.pt) "
+                                f"or pass its path")
     if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file; {expected} (for released or exported "
-                              f"weights in the diffusers layout use sample.py --pretrained DIR)")
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; {expected} (for "
+                              f"released or exported weights in the diffusers layout use "
+                              f"sample.py --pretrained DIR)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # random bytes, a truncated file, a safetensors file, a pickle of arbitrary objects
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}); {expected}") from None
+    except Exception as e:  # random bytes, a truncated or safetensors file, a pickle of any objects
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}); "
+                              f"{expected}") from None
     found = ckpt.get("stage") if isinstance(ckpt, dict) else None
     if found is None:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'stage' entry); {expected}")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'stage' entry); "
+                              f"{expected}")
     if found != stage:
-        raise CheckpointError(f"{path} is a {found} checkpoint, but a {stage} checkpoint was expected here")
+        raise CheckpointError(f"{path} is a {found} checkpoint, but a {stage} checkpoint was "
+                              f"expected here")
     return ckpt
 
 
 def read_json(path):
-    """The JSON object in `path`, or {} when there is no such file (optional config files of released folders)."""
+    """The JSON object in `path`, or {} without such a file (released folders' optional configs)."""
     if path is None or not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -523,8 +542,8 @@ def save_weights_file(folder, sd, config, name="diffusion_pytorch_model.safetens
 
 
 def load_weights_file(folder):
-    """The state dict of a diffusers / transformers `save_pretrained` folder (safetensors, which open_clip already
-    installs, or .bin)."""
+    """The state dict of a diffusers / transformers `save_pretrained` folder (safetensors, which
+    open_clip already installs, or .bin)."""
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
         if os.path.exists(os.path.join(folder, name)):
             from safetensors.torch import load_file
@@ -532,7 +551,8 @@ def load_weights_file(folder):
     for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
         if os.path.exists(os.path.join(folder, name)):
             return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no weights file (diffusion_pytorch_model.safetensors or .bin) in {folder}")
+    raise FileNotFoundError(f"no weights file (diffusion_pytorch_model.safetensors or .bin) in "
+                            f"{folder}")
 
 
 def hub_file(repo, filename):
@@ -550,20 +570,23 @@ def hub_file(repo, filename):
 
 
 def load_exact(model, sd, what):
-    """Load a state dict that must match the model key for key and shape for shape (assign: works from 'meta')."""
+    """Load a state dict that must match the model key for key and shape for shape (assign: works
+    from 'meta')."""
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if missing or unexpected or bad:
-        raise ValueError(f"{what} do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"wrong shapes {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in bad[:5]]}")
-    model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()},
-                          assign=True)
+        raise ValueError(f"{what} do not match the architecture: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, wrong shapes "
+                         f"{[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in bad[:5]]}")
+    model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v
+                           for k, v in sd.items()}, assign=True)
 
 
 def rng_state():
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available()
+                    else torch.empty(0, dtype=torch.uint8)}
 
 
 def set_rng_state(state):
@@ -588,8 +611,7 @@ def gather_run_state(rt, batches):
 
 def restore_rng(ckpt, rt):
     """Each rank continues its own random stream when the world size is the one saved; with another
-    world size there is no such stream to continue, and each rank starts a new one from (seed, step,
-    rank)."""
+    one, each rank starts a new stream from (seed, step, rank)."""
     states = ckpt["rng"]
     if len(states) == rt.world_size:
         set_rng_state(states[rt.rank])
@@ -598,28 +620,30 @@ def restore_rng(ckpt, rt):
         torch.manual_seed((seed * 1_000_003 + ckpt["step"]) * 1009 + rt.rank)
 
 # -----------------------------------------------------------------------------
-# fine-tuning: LoRA adapters on a frozen model (in diffusers' file layout), frozen inputs cached on disk
+# fine-tuning: LoRA adapters on a frozen model (diffusers' layout), frozen inputs cached on disk
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear plus a low-rank update (LoRA, Hu et al. 2021): y = W x + b + s B(A(x)) with A: in -> r,
-    B: r -> out, s = alpha / r. add_lora turns a model's Linear layers into these in place: W and b keep
-    their names and stay frozen, the adapters are the submodules lora_A and lora_B (PEFT's names, so
-    diffusers' LoRA keys). B starts at zero, so an adapted model starts exactly as its base."""
+    """nn.Linear plus a low-rank update (LoRA, Hu et al. 2021): y = W x + b + s B(A(x)) with
+    A: in -> r, B: r -> out, s = alpha / r. add_lora turns a model's Linear layers into these in
+    place: W and b keep their names and stay frozen, the adapters are the submodules lora_A and
+    lora_B (PEFT's names, so diffusers' LoRA keys). B starts at zero: an adapted model starts
+    exactly as its base."""
 
     def forward(self, x):
         return super().forward(x) + self.lora_B(self.lora_A(x)) * self.lora_scale
 
 
 def add_lora(model, targets, rank, alpha):
-    """Freeze `model` and give every nn.Linear named one of `targets`, or ending in '.' + one of them
-    (PEFT's target_modules rule), a rank-`rank` adapter of scale alpha / rank: A initialised as
-    nn.Linear does (PEFT's choice too), B zero. Returns the adapted layers' names."""
+    """Freeze `model` and give every nn.Linear named one of `targets`, or ending in '.' + one of
+    them (PEFT's target_modules rule), a rank-`rank` adapter of scale alpha / rank: A initialised
+    as nn.Linear does (PEFT's choice too), B zero. Returns the adapted layers' names."""
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules()
              if type(m) is nn.Linear and any(n == t or n.endswith("." + t) for t in targets)]
     if not names:
-        raise ValueError(f"LoRA targets {list(targets)}: no nn.Linear layer of the model is named so")
+        raise ValueError(f"LoRA targets {list(targets)}: no nn.Linear layer of the model is "
+                         f"named so")
     for name in names:
         layer = model.get_submodule(name)
         layer.__class__ = LoRALinear
@@ -631,61 +655,69 @@ def add_lora(model, targets, rank, alpha):
 
 
 def lora_weights(model, prefix):
-    """The adapters of `model` in diffusers' LoRA layout: `{prefix}.{layer}.lora_A.weight` (r, in) and
-    `.lora_B.weight` (out, r), the scale alpha / r folded into lora_B (a file without alphas reads as
-    alpha = r, scale 1, in diffusers), float32."""
+    """The adapters of `model` in diffusers' LoRA layout: `{prefix}.{layer}.lora_A.weight` (r, in)
+    and `.lora_B.weight` (out, r), the scale alpha / r folded into lora_B (a file without alphas
+    reads as alpha = r, scale 1, in diffusers), float32."""
     weights = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            weights[f"{prefix}.{name}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
-            weights[f"{prefix}.{name}.lora_B.weight"] = (m.lora_B.weight.detach().float() * m.lora_scale).cpu()
+            weights[f"{prefix}.{name}.lora_A.weight"] = \
+                m.lora_A.weight.detach().float().cpu().contiguous()
+            weights[f"{prefix}.{name}.lora_B.weight"] = \
+                (m.lora_B.weight.detach().float() * m.lora_scale).cpu()
     return weights
 
 
 def save_lora(path, model, prefix, made_for):
-    """The adapters as a LoRA file (pytorch_lora_weights.safetensors: diffusers' load_lora_weights and
-    sample.py --lora read it), written atomically; `made_for` describes the base model in the file's
-    metadata, for the error when the file meets another one."""
+    """The adapters as a LoRA file (pytorch_lora_weights.safetensors: diffusers' load_lora_weights
+    and sample.py --lora read it), written atomically; `made_for` describes the base model in the
+    file's metadata, for the error when the file meets another one."""
     from safetensors.torch import save_file
     metadata = {"format": "pt", "made_for": made_for}
     atomic_write(path, lambda tmp: save_file(lora_weights(model, prefix), tmp, metadata=metadata))
 
 
 def read_lora(path):
-    """(prefix, weights, metadata) of a LoRA file in diffusers' layout ('prior.blocks.2.attention.to_q.lora_A.weight':
-    prefix 'prior')."""
+    """(prefix, weights, metadata) of a LoRA file in diffusers' layout
+    ('prior.blocks.2.attention.to_q.lora_A.weight': prefix 'prior')."""
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         weights, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     prefixes = {k.split(".")[0] for k in weights}
-    if len(prefixes) != 1 or not all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights):
+    if len(prefixes) != 1 or not all(k.endswith((".lora_A.weight", ".lora_B.weight"))
+                                     for k in weights):
         raise ValueError(f"{path} is not a LoRA file of one model in diffusers' layout "
-                         f"('<model>.<layer>.lora_A.weight' / '.lora_B.weight'): keys {sorted(weights)[:3]}")
+                         f"('<model>.<layer>.lora_A.weight' / '.lora_B.weight'): "
+                         f"keys {sorted(weights)[:3]}")
     return prefixes.pop(), weights, metadata
 
 
 @torch.no_grad()
 def merge_lora(model, path, scale=1.0, what="this model"):
-    """Add the updates of the LoRA file at `path` to the weights of `model`: W += scale B A per adapted
-    layer. A file made for another model (a layer this one lacks, other shapes) is refused, naming
-    both: the file with what it was made for, and `what`. Returns the model."""
+    """Add the updates of the LoRA file at `path` to the weights of `model`: W += scale B A per
+    adapted layer (A: (r, in), B: (out, r)). A file made for another model (a layer this one lacks,
+    other shapes) is refused, naming both: the file with what it was made for, and `what`. Returns
+    the model."""
     prefix, weights, metadata = read_lora(path)
     layers = dict(model.named_modules())
     for key in (k for k in weights if k.endswith(".lora_A.weight")):
         name = key[len(prefix) + 1:-len(".lora_A.weight")]
-        A, B = weights[key].float(), weights[key.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
+        A, B = weights[key].float(), weights[key.replace(".lora_A.", ".lora_B.")].float()
         layer = layers.get(name)
         if not isinstance(layer, nn.Linear) or layer.weight.shape != (B.shape[0], A.shape[1]):
-            found = f"{tuple(layer.weight.shape)}" if isinstance(layer, nn.Linear) else "no such Linear layer"
-            raise ValueError(f"the LoRA {path} (made for {metadata.get('made_for', 'an unnamed model')}) does not "
-                             f"fit {what}: its layer {name} is {(B.shape[0], A.shape[1])}, here {found}")
+            found = (f"{tuple(layer.weight.shape)}" if isinstance(layer, nn.Linear)
+                     else "no such Linear layer")
+            raise ValueError(f"the LoRA {path} (made for "
+                             f"{metadata.get('made_for', 'an unnamed model')}) does not fit "
+                             f"{what}: its layer {name} is {(B.shape[0], A.shape[1])}, "
+                             f"here {found}")
         layer.weight.copy_(layer.weight.float() + scale * (B @ A).to(layer.weight.device))
     return model
 
 
 def trained_state(model):
-    """What a checkpoint keeps of `model`: its state dict, or, when it carries LoRA adapters, the adapters
-    alone (its base is the --pretrained weights, loaded again on --resume)."""
+    """What a checkpoint keeps of `model`: its state dict, or, when it carries LoRA adapters, the
+    adapters alone (its base is the --pretrained weights, loaded again on --resume)."""
     sd = model.state_dict()
     lora = any(isinstance(m, LoRALinear) for m in model.modules())
     return {k: v for k, v in sd.items() if ".lora_" in k} if lora else sd
@@ -701,8 +733,8 @@ def load_trained(model, sd, what):
 
 
 def weights_fingerprint(module):
-    """A short hash of a module's weights: every tensor's name, shape and 64 values spread through it
-    (enough to tell two sets of weights apart without hashing gigabytes)."""
+    """A short hash of a module's weights: every tensor's name, shape and 64 values spread through
+    it (enough to tell two sets of weights apart without hashing gigabytes)."""
     h = hashlib.sha1()
     for k, v in module.state_dict().items():
         flat = v.detach().flatten()
@@ -713,10 +745,10 @@ def weights_fingerprint(module):
 
 def disk_cached(stem, key, build, rt):
     """build()'s result (a dict of tensors, lists and numbers) computed once and kept on disk, at
-    `{stem}-{hash of key}.pt`, where `key` (JSON-able) names everything that produced it: the data, the
-    frozen models (weights_fingerprint), the sizes. A re-run or a --resume with the same key reads the
-    file instead of computing it again. Rank 0 builds and writes it (atomically), the other ranks wait
-    and read it. Returns (result, path, whether it was built now)."""
+    `{stem}-{hash of key}.pt`, where `key` (JSON-able) names everything that produced it: the data,
+    the frozen models (weights_fingerprint), the sizes. A re-run or --resume with the same key reads
+    the file instead. Rank 0 builds and writes it (atomically), the other ranks wait and read it.
+    Returns (result, path, whether it was built now)."""
     path = f"{stem}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt"
     built = not os.path.exists(path)
     if built and rt.master:
@@ -731,9 +763,8 @@ def disk_cached(stem, key, build, rt):
 
 
 def sizes_of(dataset):
-    """The (width, height) of every item of a map-style dataset whose items are images of varying
-    sizes (an ImageFolder with aspect-ratio buckets, the stages' caches of one), also through
-    Subsets; None otherwise."""
+    """The (width, height) of every item of a map-style dataset of images of varying sizes (an
+    ImageFolder with aspect-ratio buckets, the stages' caches of one), via Subsets; else None."""
     if isinstance(dataset, torch.utils.data.Subset):
         sizes = sizes_of(dataset.dataset)
         return sizes and [sizes[i] for i in dataset.indices]
@@ -754,7 +785,8 @@ class StepSampler(torch.utils.data.Sampler):
 
     def __init__(self, n, global_batch, seed=0, start=0, rank=0, world_size=1, sizes=None,
                  batch=None):
-        self.n, self.gb, self.seed, self.start, self.rank, self.ws = n, global_batch, seed, start, rank, world_size
+        self.n, self.gb, self.seed, self.start, self.rank, self.ws = \
+            n, global_batch, seed, start, rank, world_size
         self.sizes = sizes if sizes and len(set(sizes)) > 1 else None
         self.batch, self.cached = batch, (None, None)
         self.length = len(self.epoch(0))  # the same for every epoch
@@ -787,10 +819,9 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 class Batches:
-    """The iterator infinite_batches returns: next() gives the next micro-batch. A stream of tar
-    shards also hands over each loader worker's position after each of its batches; the last one
-    consumed per worker is kept in `positions`, and the batches taken in `served`, for the
-    checkpoint (gather_run_state)."""
+    """infinite_batches' iterator of micro-batches. A stream of tar shards also hands over each
+    loader worker's position after each of its batches; the last one consumed per worker is kept in
+    `positions`, and the batches taken in `served`, for the checkpoint (gather_run_state)."""
 
     def __init__(self, loader, stream=None):
         self.it, self.stream, self.positions, self.served = iter(loader), stream, {}, 0
@@ -816,7 +847,8 @@ def infinite_batches(dataset, batch_size, rt, num_workers=2, seed=0, start_step=
     `state` (the checkpoint's "data")."""
     micro = batch_size // (rt.world_size * grad_accum)
     assert micro * rt.world_size * grad_accum == batch_size, \
-        f"--batch_size {batch_size} must divide by world size {rt.world_size} x --grad_accum {grad_accum}"
+        f"--batch_size {batch_size} must divide by world size {rt.world_size} x " \
+        f"--grad_accum {grad_accum}"
     pin, persistent = rt.device_type == "cuda", num_workers > 0
     if isinstance(dataset, torch.utils.data.IterableDataset):
         dataset.start(seed, micro, rt.rank, rt.world_size, max(1, num_workers), state)
@@ -825,15 +857,15 @@ def infinite_batches(dataset, batch_size, rt, num_workers=2, seed=0, start_step=
         return Batches(loader, dataset)
     sampler = StepSampler(len(dataset), micro * rt.world_size, seed, start_step * batch_size,
                           rt.rank, rt.world_size, sizes_of(dataset), batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=num_workers,
-                                         pin_memory=pin, persistent_workers=persistent)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler,
+                                         num_workers=num_workers, pin_memory=pin,
+                                         persistent_workers=persistent)
     return Batches(loader)
 
 
 def same_size_batches(dataset, batch_size, num_workers=2):
     """The whole dataset once, in index order within each image size, as (indices, batch) pairs of
-    at most `batch_size` items of one size (for encoding a dataset up front: the stages' --cache).
-    """
+    at most `batch_size` items of one size (to encode a dataset up front: the stages' --cache)."""
     groups = {}
     for i, size in enumerate(sizes_of(dataset) or [None] * len(dataset)):
         groups.setdefault(size, []).append(i)
@@ -882,7 +914,8 @@ class Progress:
     def __init__(self, args, rt, logger, step, desc):
         from tqdm import tqdm
         self.args, self.rt, self.logger = args, rt, logger
-        self.bar = tqdm(total=args.max_steps, initial=step, desc=desc, dynamic_ncols=True) if rt.master else None
+        self.bar = (tqdm(total=args.max_steps, initial=step, desc=desc, dynamic_ncols=True)
+                    if rt.master else None)
         self.t0, self.seen = time.time(), 0
 
     def count(self, n):
@@ -894,15 +927,16 @@ class Progress:
         if self.bar:
             self.bar.update(1)
         a, last = self.args, step == self.args.max_steps
-        return tuple(step % every == 0 or last for every in (a.log_every, a.sample_every, a.save_every))
+        return tuple(step % every == 0 or last
+                     for every in (a.log_every, a.sample_every, a.save_every))
 
     def log(self, step, metrics, lr, skipped=0):
-        self.logger.log(log_line(step, self.args.max_steps, metrics, lr, self.seen / (time.time() - self.t0),
-                                 skipped))
+        self.logger.log(log_line(step, self.args.max_steps, metrics, lr,
+                                 self.seen / (time.time() - self.t0), skipped))
         self.t0, self.seen = time.time(), 0
 
     def close(self, done=None):
-        """End of training: the bar closes, the line `done: ...` is logged, DDP's process group ends."""
+        """End of training: the bar closes, `done: ...` is logged, DDP's process group ends."""
         if self.bar:
             self.bar.close()
         if done is not None:
@@ -928,22 +962,24 @@ def psnr(x, y):
 def save_image_grid(images, path, nrow):
     """Save (N, 3, H, W) images in [0, 1] as one PNG grid."""
     import torchvision
-    torchvision.utils.save_image(images.float().clamp(0, 1), path, nrow=nrow, padding=2, pad_value=1.0)
+    torchvision.utils.save_image(images.float().clamp(0, 1), path, nrow=nrow, padding=2,
+                                 pad_value=1.0)
 
 
 def save_captioned_grid(images, captions, path, ncol=6):
-    """Save (N, 3, H, W) images in [0, 1] as a PNG grid with each caption written under its image."""
+    """Save (N, 3, H, W) images in [0, 1] as a PNG grid, each caption written under its image."""
     from PIL import Image, ImageDraw, ImageFont
     font = ImageFont.load_default()
     H, W = images.shape[-2:]
-    per_line = max(8, int(W / (font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)))  # characters per line
+    per_line = max(8, int(W / (font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)))  # chars/line
     lines = [textwrap.wrap(c, per_line) or [""] for c in captions]
     line_h, pad = font.getbbox("Ag")[3] + 2, 4
     band = line_h * max(len(l) for l in lines) + pad  # text height under every image
     nrow = math.ceil(len(images) / ncol)
     grid = Image.new("RGB", (ncol * (W + pad) + pad, nrow * (H + band + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
-    pixels = images.float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+    pixels = (images.float().clamp(0, 1).mul(255).round().byte()
+              .permute(0, 2, 3, 1).cpu().numpy())  # (N, H, W, 3)
     for i, (img, text) in enumerate(zip(pixels, lines)):
         x0, y0 = pad + (i % ncol) * (W + pad), pad + (i // ncol) * (H + band + pad)
         grid.paste(Image.fromarray(img), (x0, y0))

@@ -1,25 +1,28 @@
 """
 Sample from Würstchen: text -> Stage C -> Stage B -> Stage A -> PNG (method.md §7).
 
-    prompt --CLIP text--> Stage C (CFG, DDPM) --> y (16, h, w) --e = y*scale - shift--> Stage B (DDPM)
-           --> Stage A latent (4, 10.67h, 10.67w) --Stage A decode (unquantised)--> image (3, 42.67h, 42.67w)
+    prompt --CLIP text--> Stage C (CFG, DDPM) --> y (16, h, w) --e = y*scale - shift-->
+           Stage B (DDPM) --> Stage A latent (4, 10.67h, 10.67w)
+           --Stage A decode (unquantised)--> image (3, 42.67h, 42.67w)
 
-The three models are rebuilt from their checkpoints alone (configs + EMA weights), found where the training
-scripts write them. The same code also does image variation (image -> semantic compressor -> B -> A),
-image-to-image (noise the image's Stage C latent to a strength, denoise with the prompt) and Stage A
-reconstruction (image -> Stage A encode -> decode, to check a Stage A). The default size is the
-checkpoints' training size.
+The three models are rebuilt from their checkpoints alone (configs + EMA weights), found where the
+training scripts write them. The same code also does image variation (image -> semantic compressor
+-> B -> A), image-to-image (noise the image's Stage C latent to a strength, denoise with the
+prompt) and Stage A reconstruction (image -> Stage A encode -> decode, to check a Stage A). The
+default size is the checkpoints' training size.
 
     python sample.py --prompt "a red circle on a blue background" --n 4
     python sample.py --prompts_file prompts.txt --width 1024 --height 1536 --seed 3
-    python sample.py --variation photo.png        |  python sample.py --init_image photo.png --prompt "..." --strength 0.6
-    python sample.py --reconstruct photo.png      |  python sample.py --eval_toy   (prompt following on toy data)
+    python sample.py --variation photo.png
+    python sample.py --init_image photo.png --prompt "..." --strength 0.6
+    python sample.py --reconstruct photo.png
+    python sample.py --eval_toy                   # prompt following on toy data
 
-With --pretrained the same chain runs the released Würstchen v2 weights (warp-ai/wuerstchen-prior: prior + CLIP
-ViT-bigG text; warp-ai/wuerstchen: decoder + VQGAN + CLIP ViT-H text), with the released settings (method §7.6),
-from the Hugging Face cache or from a folder laid out as stage_b.RELEASED_LAYOUT. Each stage is loaded when it is
-needed and freed after, in bf16 on a GPU that has it (1024 px fits in 24 GB), else in fp32 (the CPU: slow,
-see the README):
+With --pretrained the same chain runs the released Würstchen v2 weights (warp-ai/wuerstchen-prior:
+prior + CLIP ViT-bigG text; warp-ai/wuerstchen: decoder + VQGAN + CLIP ViT-H text), with the
+released settings (method §7.6), from the Hugging Face cache or from a folder laid out as
+stage_b.RELEASED_LAYOUT. Each stage is loaded when needed and freed after, in bf16 on a GPU that
+has it (1024 px fits in 24 GB), else in fp32 (the CPU: slow, see the README):
     python sample.py --pretrained --prompt "an owl reading a newspaper, oil painting"
     python sample.py --pretrained weights/ --prompt "..." --width 1536 --height 1024
 
@@ -47,10 +50,10 @@ import torch
 from common import (HelpFormatter, default_dtype, load_checkpoint, merge_lora, pick_device, psnr,
                     read_json, read_lora, run_cli, save_captioned_grid, write_json)
 from stage_a import StageA, load_stage_a
-from stage_b import (DECODER_REPO, DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, OPEN_CLIP_TEXT, PRIOR_REPO,
-                     RESOLUTION_MULTIPLE, SCHEDULER, SemanticCompressor, StageB, TextEncoder, add_noise,
-                     ddpm_sample, fetch_clip_weights, frozen, load_stage_b, open_released,
-                     read_pad_token, timestep_grid)
+from stage_b import (DECODER_REPO, DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, OPEN_CLIP_TEXT,
+                     PRIOR_REPO, RESOLUTION_MULTIPLE, SCHEDULER, SemanticCompressor, StageB,
+                     TextEncoder, add_noise, ddpm_sample, fetch_clip_weights, frozen, load_stage_b,
+                     open_released, read_pad_token, timestep_grid)
 from stage_b import find_released  # noqa: F401  (sample.find_released, as before the move)
 from stage_b_paella import STAGE_B_KINDS, V1_LATENT_SPACE, V1_SAMPLING, Paella
 from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c, to_stage_c_space
@@ -61,8 +64,9 @@ from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c, to_sta
 
 @dataclass
 class Pipeline:
-    """The three stages and their text encoders, frozen: from our checkpoints (all resident), or the released weights
-    (`loaders`: one function per model, called when a stage needs the model; see `loaded`)."""
+    """The three stages and their text encoders, frozen: from our checkpoints (all resident), or the
+    released weights (`loaders`: one function per model, called when a stage needs it; see
+    `loaded`)."""
     stage_a: torch.nn.Module = None
     stage_b: torch.nn.Module = None
     compressor: torch.nn.Module = None
@@ -73,7 +77,7 @@ class Pipeline:
     device: torch.device = torch.device("cpu")
     image_sizes: dict = None  # 'a' / 'b' / 'c' -> training image side of each stage held
     dtype: torch.dtype = torch.float32  # compute dtype: autocast to it when it is not float32
-    loaders: dict = None  # name -> function returning that model on the device (released weights), else None
+    loaders: dict = None  # name -> function returning that model on the device (released weights)
     release: str = None  # "v1" for the official v1 files (defaults: CHAIN_DEFAULTS), else None
 
     @property
@@ -102,8 +106,8 @@ def sampling_dtype(device):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt", stage_c="out/stage_c/ckpt.pt",
-                  device="cpu", stages="abc", dtype=torch.float32):
+def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt",
+                  stage_c="out/stage_c/ckpt.pt", device="cpu", stages="abc", dtype=torch.float32):
     """Build the stages named in `stages` from their checkpoints (EMA weights), with each one's
     training image size; a missing or wrong file names the file and stage. Weights stay float32; a
     bf16 / fp16 `dtype` runs them under autocast."""
@@ -117,36 +121,38 @@ def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt", 
 
 
 def add_checkpoint(pipe, stage, path):
-    """Put the models of our checkpoint of Stage `stage` ('a', 'b' or 'c') into `pipe`, resident (EMA
-    weights), with its training size; over released ones too (sample.py --pretrained DIR --stage_c
-    ckpt.pt). Its latent space must be the pipeline's: a Stage C samples for the Stage B it was trained on."""
+    """Put the models of our checkpoint of Stage `stage` ('a', 'b' or 'c') into `pipe`, resident
+    (EMA weights), with its training size; over released ones too (sample.py --pretrained DIR
+    --stage_c ckpt.pt). Its latent space must be the pipeline's: a Stage C samples for the Stage B
+    it was trained on."""
     if stage == "a":
         pipe.stage_a = load_stage_a(path, pipe.device)
         return
     if stage == "b":
         parts = load_stage_b(path, pipe.device, kinds=STAGE_B_KINDS)  # DiffNeXt or Paella
-        pipe.compressor, pipe.stage_b, pipe.text_encoder_b = (parts[k] for k in ("compressor", "stage_b",
-                                                                                "text_encoder"))
+        pipe.compressor, pipe.stage_b, pipe.text_encoder_b = \
+            (parts[k] for k in ("compressor", "stage_b", "text_encoder"))
     else:
         parts = load_stage_c(path, pipe.device)
         pipe.stage_c, pipe.text_encoder_c = parts["stage_c"], parts["text_encoder"]
     pipe.image_sizes[stage] = parts["ckpt"]["train_config"]["image_size"]
     if pipe.latent_space not in (None, parts["latent_space"]):
         raise ValueError(f"{path} has the latent space {parts['latent_space']}, but the Stage "
-                         f"{'C' if stage == 'b' else 'B'} here has {pipe.latent_space}: a Stage C samples "
-                         f"only for the Stage B it was trained on; pass that one")
+                         f"{'C' if stage == 'b' else 'B'} here has {pipe.latent_space}: a Stage C "
+                         f"samples only for the Stage B it was trained on; pass that one")
     pipe.latent_space = parts["latent_space"]
 
 
 def apply_loras(pipe, paths, scale=1.0):
-    """--lora: merge each LoRA file (diffusers' layout) into the model its keys name (prior: Stage C,
-    decoder: Stage B) with weight `scale`: now for a resident model, at each load for a released one."""
+    """--lora: merge each LoRA file (diffusers' layout) into the model its keys name (prior: Stage
+    C, decoder: Stage B) with weight `scale`: now for a resident model, at each load for a released
+    one."""
     for path in paths:
         prefix, _, _ = read_lora(path)
         name = {"prior": "stage_c", "decoder": "stage_b"}.get(prefix)
         if name is None:
-            raise ValueError(f"{path} is a LoRA for a '{prefix}' model; --lora takes LoRAs of the prior (Stage C) "
-                             f"and the decoder (Stage B)")
+            raise ValueError(f"{path} is a LoRA for a '{prefix}' model; --lora takes LoRAs of the "
+                             f"prior (Stage C) and the decoder (Stage B)")
 
         def merge(model, path=path, prefix=prefix):
             return merge_lora(model, path, scale, f"this pipeline's {prefix} ({asdict(model.cfg)})")
@@ -158,21 +164,22 @@ def apply_loras(pipe, paths, scale=1.0):
 
 @contextmanager
 def loaded(pipe, *names):
-    """Run a block with the named models of `pipe` in memory, under autocast to pipe.dtype. Models from our
-    checkpoints are resident; released ones (pipe.loaders) are loaded here and freed after, so that only one stage
-    is in memory at a time (1024 px in bf16 then fits a 24 GB GPU: prior 2 GB + CLIP-bigG 1.4 GB, then
-    decoder 2.1 GB + CLIP-H 0.7 GB + VQGAN)."""
+    """Run a block with the named models of `pipe` in memory, under autocast to pipe.dtype. Models
+    from our checkpoints are resident; released ones (pipe.loaders) are loaded here and freed after,
+    so only one stage is in memory at a time (1024 px in bf16 then fits a 24 GB GPU: prior 2 GB +
+    CLIP-bigG 1.4 GB, then decoder 2.1 GB + CLIP-H 0.7 GB + VQGAN)."""
     fresh = [n for n in names if getattr(pipe, n) is None and n in (pipe.loaders or {})]
     missing = [n for n in names if getattr(pipe, n) is None and n not in fresh]
     if missing:
         raise ValueError(f"this pipeline has no {', '.join(missing)}" + (
-            " (the released weights hold the semantic compressor only in the official model_v2_stage_b.pt: put it in "
-            "the --pretrained folder; an --export has it in wuerstchen/semantic_compressor/)"
-            if "compressor" in missing else ""))
+            " (the released weights hold the semantic compressor only in the official "
+            "model_v2_stage_b.pt: put it in the --pretrained folder; an --export has it in "
+            "wuerstchen/semantic_compressor/)" if "compressor" in missing else ""))
     for n in fresh:
         setattr(pipe, n, pipe.loaders[n]())
     try:
-        with nullcontext() if pipe.dtype == torch.float32 else torch.autocast(pipe.device.type, pipe.dtype):
+        with (nullcontext() if pipe.dtype == torch.float32
+              else torch.autocast(pipe.device.type, pipe.dtype)):
             yield
     finally:
         for n in fresh:
@@ -187,14 +194,16 @@ def loaded(pipe, *names):
 
 
 def round_size(width, height):
-    """The nearest size the stages produce exactly: the Stage C side n = ceil(side / 42.67) must be a multiple of 3,
-    so that Stage B's latent side int(10.67 n) divides through its down-sampling (128-pixel steps, method §7.7).
-    Returns (width, height, Stage C latent (h, w), a note when the size changed, else None)."""
+    """The nearest size the stages produce exactly: the Stage C side n = ceil(side / 42.67) must be
+    a multiple of 3, so that Stage B's latent side int(10.67 n) divides through its down-sampling
+    (128-pixel steps, method §7.7). Returns (width, height, Stage C latent (h, w), a note when the
+    size changed, else None)."""
     def side(s):
         n = max(3, 3 * round(math.ceil(s / RESOLUTION_MULTIPLE) / 3))
         return int(n * LATENT_DIM_SCALE) * 4, n
     (w, nw), (h, nh) = side(width), side(height)
-    note = None if (w, h) == (width, height) else f"size {width}x{height} rounded to {w}x{h} (128-pixel steps)"
+    note = (None if (w, h) == (width, height)
+            else f"size {width}x{height} rounded to {w}x{h} (128-pixel steps)")
     return w, h, (nh, nw), note
 
 # -----------------------------------------------------------------------------
@@ -213,41 +222,42 @@ def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=102
     prompts = [p for p in prompts for _ in range(n)]  # n images per prompt, next to each other
     g = torch.Generator(pipe.device).manual_seed(seed)
     with loaded(pipe, "text_encoder_c", "stage_c"):
-        y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c, guidance_c,
-                           negative_prompt, generator=g, progress=progress)
-    # DDPMWuerstchenScheduler draws noise at the last step too (and multiplies it by 0): draw it as well, so that
-    # Stage B gets the diffusers pipelines' noise from the same seed
+        y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c,
+                           guidance_c, negative_prompt, generator=g, progress=progress)
+    # DDPMWuerstchenScheduler draws noise at the last step too (and multiplies it by 0): draw it as
+    # well, so that Stage B gets the diffusers pipelines' noise from the same seed
     torch.randn(y.shape, generator=g, device=pipe.device)
     with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
-                              steps_b, guidance_b, generator=g, progress=progress,
+        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
+                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress,
                               negative_prompt=negative_prompt, temperature=temperature_b)
 
 
 @torch.no_grad()
 def image_variation(pipe, images, prompts=None, seed=0, steps_b=None, guidance_b=None,
                     temperature_b=V1_SAMPLING["temperature"], progress=True):
-    """Images (B, 3, H, W) -> new images with the same semantics: semantic compressor -> Stage B -> Stage A."""
+    """Images (B, 3, H, W) -> new images of the same semantics: semantic compressor -> B -> A."""
     with loaded(pipe, "compressor"):
         y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
     g = torch.Generator(pipe.device).manual_seed(seed)
     with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
-                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress,
-                              temperature=temperature_b)
+        return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b,
+                              pipe.latent_space, pipe.stage_a, steps_b, guidance_b, generator=g,
+                              progress=progress, temperature=temperature_b)
 
 
 @torch.no_grad()
 def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed=0,
                    steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=None, guidance_b=None,
                    temperature_b=V1_SAMPLING["temperature"], progress=True):
-    """Noise each image's Stage C latent to t = strength, then denoise it with the prompt (the rest of the
-    Stage C grid below `strength`), then Stage B and A as usual. strength 1 = text-to-image, 0 = variation."""
+    """Noise each image's Stage C latent to t = strength, then denoise it with the prompt (the rest
+    of the Stage C grid below `strength`), then Stage B and A as usual. strength 1 = text-to-image,
+    0 = variation."""
     with loaded(pipe, "compressor"):
         y0 = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
     g = torch.Generator(pipe.device).manual_seed(seed)
     grid = timestep_grid(steps_c) if isinstance(steps_c, int) else list(steps_c)
-    timesteps = [strength] + [t for t in grid if t < strength]  # start at the strength, continue on the grid
+    timesteps = [strength] + [t for t in grid if t < strength]  # the strength, then on the grid
     t0 = torch.full((len(y0),), strength, device=pipe.device)
     y = add_noise(y0, t0, torch.randn(y0.shape, generator=g, device=pipe.device))
     with loaded(pipe, "text_encoder_c", "stage_c"):
@@ -255,14 +265,14 @@ def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed
         uncond = {"clip_text": pipe.text_encoder_c.encode([negative_prompt] * len(prompts))}
         y = ddpm_sample(pipe.stage_c, y, timesteps, cond, uncond, guidance_c, g, progress)
     with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space, pipe.stage_a,
-                              steps_b, guidance_b, generator=g, progress=progress,
+        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
+                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress,
                               negative_prompt=negative_prompt, temperature=temperature_b)
 
 
 @torch.no_grad()
 def stage_a_reconstruction(pipe, images):
-    """Stage A alone: encode -> decode (unquantised, as v2 decodes), for checking a Stage A checkpoint."""
+    """Stage A alone, to check a checkpoint: encode -> decode (unquantised, as v2 decodes)."""
     with loaded(pipe, "stage_a"):
         images = images.to(pipe.device)
         return pipe.stage_a.decode(pipe.stage_a.encode(images)).float().clamp(0, 1)
@@ -270,9 +280,9 @@ def stage_a_reconstruction(pipe, images):
 
 @torch.no_grad()
 def toy_eval(pipe, n=4, seed=0, look="bold", colors=None, **kwargs):
-    """Prompt following on the toy data of `look`: n images for every colour x shape prompt (of the shape
-    colours `colors` when given), read back with data.classify_toy_image. Returns {'colour': acc, 'shape': acc,
-    'both': acc, chance levels, n}."""
+    """Prompt following on the toy data of `look`: n images for every colour x shape prompt (of the
+    shape colours `colors` when given), read back with data.classify_toy_image. Returns (images,
+    captions, {'colour': acc, 'shape': acc, 'both': acc, chance levels, n})."""
     from data import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
     prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts(look, colors)])
     images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
@@ -282,11 +292,11 @@ def toy_eval(pipe, n=4, seed=0, look="bold", colors=None, **kwargs):
     n_colors, n_shapes = len(LOOKS[look]["colors"]), len(LOOKS[look]["shapes"])
     return images, [p for p in prompts for _ in range(n)], {
         "colour": colour, "shape": shape, "both": both, "chance_colour": 1 / n_colors,
-        "chance_shape": 1 / n_shapes, "chance_both": 1 / (n_colors * n_shapes), "images": len(targets)}
+        "chance_shape": 1 / n_shapes, "chance_both": 1 / (n_colors * n_shapes),
+        "images": len(targets)}
 
 # -----------------------------------------------------------------------------
-# the released weights (method §8.1): found and checked by stage_b.open_released, which the training scripts share;
-# the official v1 files: found here
+# the released weights (§8.1): v2's in stage_b.open_released (training shares it), v1's here
 # Würstchen v1 (method §1.4, §8.1): its official files, and the CLIP ViT-H tower both stages read
 V1_FILES = {"stage_c": "model_stage_c.pt", "stage_b": "model_stage_b.pt",
             "stage_a": "vqgan_f4_v1_500k.pt"}
@@ -300,26 +310,28 @@ V1_LAYOUT = """\
 
 
 def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, decoder_cfg=None):
-    """A Pipeline over the released Würstchen v2 weights (method §8) or an export of ours (export),
-    loaded lazily (Pipeline.loaders) in `dtype` (default: sampling_dtype): stage_b.open_released finds
-    them (stage_b.RELEASED_LAYOUT), checks the method's constants and reads the latent space and training
-    sizes (released: 42 / 1, 1024 px); the prior is added here. open_clip_text: the open_clip towers
-    instead of the repositories' transformers text encoders (same weights). decoder_cfg: the
-    StageBConfig of an official model_v2_stage_b.pt that is not the released size. A folder that holds
-    v1's model_stage_b.pt (Paella) gives the v1 chain (load_released_v1)."""
+    """A Pipeline over the released Würstchen v2 weights (method §8) or an export of ours, loaded
+    lazily (Pipeline.loaders) in `dtype` (default: sampling_dtype): stage_b.open_released finds
+    them (stage_b.RELEASED_LAYOUT), checks the method's constants and reads the latent space and
+    training sizes (released: 42 / 1, 1024 px); the prior is added here. open_clip_text: the
+    open_clip towers instead of the repositories' transformers text encoders (same weights).
+    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released size.
+    A folder with v1's model_stage_b.pt (Paella) gives the v1 chain (load_released_v1)."""
     if root and os.path.exists(os.path.join(root, V1_FILES["stage_b"])):
         return load_released_v1(root, device, dtype, open_clip_text, decoder_cfg)
     device = torch.device(device)
     dtype = dtype or sampling_dtype(device)
     released = open_released(root, open_clip_text, decoder_cfg)
-    builders = released["builders"] | {"stage_c": lambda: StageC.from_pretrained(released["paths"]["stage_c"])}
-    return Pipeline(latent_space=released["latent_space"], device=device, image_sizes=released["image_sizes"],
-                    dtype=dtype, loaders=lazy_loaders(builders, device, dtype))
+    builders = released["builders"] | {
+        "stage_c": lambda: StageC.from_pretrained(released["paths"]["stage_c"])}
+    return Pipeline(latent_space=released["latent_space"], device=device,
+                    image_sizes=released["image_sizes"], dtype=dtype,
+                    loaders=lazy_loaders(builders, device, dtype))
 
 
 def load_released_v1(root, device="cpu", dtype=None, open_clip_text=False, paella_cfg=None):
-    """A Pipeline over the official Würstchen v1 files in `root` (V1_LAYOUT; method §1.4, §8.1): the
-    prior of model_stage_c.pt (EMA weights; CLIP ViT-H text, c_cond 1024), Paella and the
+    """A Pipeline over the official Würstchen v1 files in `root` (V1_LAYOUT; method §1.4, §8.1):
+    the prior of model_stage_c.pt (EMA weights; CLIP ViT-H text, c_cond 1024), Paella and the
     EfficientNetV2-L compressor of model_stage_b.pt, and the VQGAN, loaded lazily as load_released
     does. Both stages read the same CLIP ViT-H text, as in v1: the decoder repository's
     text_encoder/ (or open_clip's ViT-H-14). v1's compressor returns (e + 1) / 42 itself, the space
@@ -357,7 +369,8 @@ def load_released_v1(root, device="cpu", dtype=None, open_clip_text=False, paell
 def lazy_loaders(builders, device, dtype):
     """name -> a function that builds the model from its file, on the device, in dtype, frozen:
     Pipeline.loaders, called by `loaded` when a stage needs the model."""
-    return {k: (lambda build=build: frozen(build(), device, dtype)) for k, build in builders.items()}
+    return {k: (lambda build=build: frozen(build(), device, dtype))
+            for k, build in builders.items()}
 
 # -----------------------------------------------------------------------------
 # export: our models in the released layout, for diffusers' pipelines (and --pretrained)
@@ -365,14 +378,14 @@ def lazy_loaders(builders, device, dtype):
 
 def export(pipe, root):
     """Write the models of `pipe` (our checkpoints' EMA weights, or a released or exported folder)
-    as the two folders of stage_b.RELEASED_LAYOUT, weights in safetensors: what diffusers' Würstchen
-    pipelines and `--pretrained` read. Ours where they differ from the released values: the latent
-    space in the prior's model_index.json (latent_mean = scale, latent_std = shift, as the pipeline
-    computes e = y * latent_mean - latent_std), Stage A's scale_factor in vqgan/config.json, the
-    training image sizes as `_train_image_size` in both model_index.json (private keys, which
-    diffusers ignores). The semantic compressor goes to wuerstchen/semantic_compressor/, which no
-    pipeline reads. What diffusers cannot represent is refused by name before anything is written.
-    Returns the two folders."""
+    as the two folders of stage_b.RELEASED_LAYOUT, weights in safetensors: what diffusers'
+    Würstchen pipelines and `--pretrained` read. Ours where they differ from the released values:
+    the latent space in the prior's model_index.json (latent_mean = scale, latent_std = shift, as
+    the pipeline computes e = y * latent_mean - latent_std), Stage A's scale_factor in
+    vqgan/config.json, the training image sizes as `_train_image_size` in both model_index.json
+    (private keys, which diffusers ignores). The semantic compressor goes to
+    wuerstchen/semantic_compressor/, which no pipeline reads. What diffusers cannot represent is
+    refused by name before anything is written. Returns the two folders."""
     if pipe.release == "v1" or pipe.stage_b is not None and not isinstance(pipe.stage_b, StageB):
         kind = "Paella" if pipe.release == "v1" else type(pipe.stage_b).__name__
         raise ValueError(f"diffusers' WuerstchenDecoderPipeline runs only the DiffNeXt Stage B of "
@@ -400,9 +413,9 @@ def export(pipe, root):
 
 
 def write_repo(folder, pipeline, models, text_encoder, **config):
-    """One folder of stage_b.RELEASED_LAYOUT: each model (name -> module) in its subfolder, the CLIP text
-    encoder and tokenizer, the scheduler, and model_index.json with the pipeline's `config`. The
-    models' library is 'wuerstchen', as in the released model_index.json files (the module
+    """One folder of stage_b.RELEASED_LAYOUT: each model (name -> module) in its subfolder, the CLIP
+    text encoder and tokenizer, the scheduler, and model_index.json with the pipeline's `config`.
+    The models' library is 'wuerstchen', as in the released model_index.json files (the module
     diffusers.pipelines.wuerstchen, before diffusers 0.38 moved it)."""
     for name, model in models.items():
         model.save_pretrained(os.path.join(folder, name))
@@ -447,10 +460,12 @@ def save_outputs(images, captions, out_dir, name):
 
 def open_pipeline(args, device, dtype, stages="abc"):
     """Our checkpoints (--stage_a/b/c; only the `stages` needed), or with --pretrained the released
-    weights or an export of ours, where --stage_a/b/c, when given, put ours instead; --lora merged in."""
+    weights or an export of ours, where --stage_a/b/c, when given, put ours instead; --lora merged
+    in."""
     ours = {k: getattr(args, f"stage_{k}") for k in "abc"}
     if args.pretrained is None:
-        pipe = load_pipeline(*(ours[k] or f"out/stage_{k}/ckpt.pt" for k in "abc"), device, stages, dtype)
+        pipe = load_pipeline(*(ours[k] or f"out/stage_{k}/ckpt.pt" for k in "abc"), device, stages,
+                             dtype)
     else:
         try:  # --pretrained "" = the Hugging Face cache
             pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
@@ -485,21 +500,24 @@ def main(args):
              for k, v in CHAIN_DEFAULTS[pipe.release].items()}
     steps_c = chain["steps_c"] or DEFAULT_STAGE_C_TIMESTEPS
     guidance_c, negative_prompt = chain["guidance_c"], chain["negative_prompt"]
-    width, height, _, note = round_size(args.width or pipe.image_size, args.height or pipe.image_size)
+    width, height, _, note = round_size(args.width or pipe.image_size,
+                                        args.height or pipe.image_size)
     if note:
         print(note)
     if args.reconstruct:
         x = read_images(args.reconstruct, width, height).to(device)
         out = stage_a_reconstruction(pipe, x)
         print(f"Stage A reconstruction PSNR {psnr(out, x):.2f} dB")
-        save_outputs(torch.cat([x, out]), args.reconstruct + ["(reconstruction)"] * len(x), args.out_dir, "reconstruct")
+        save_outputs(torch.cat([x, out]), args.reconstruct + ["(reconstruction)"] * len(x),
+                     args.out_dir, "reconstruct")
         return
     common = dict(seed=args.seed, steps_b=args.steps_b, guidance_b=args.guidance_b,
                   temperature_b=tuple(args.temperature_b))
     if args.eval_toy:
-        images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy, colors=args.eval_colors,
-                                         steps_c=steps_c, guidance_c=guidance_c,
-                                         negative_prompt=negative_prompt, **common)
+        images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy,
+                                         colors=args.eval_colors, steps_c=steps_c,
+                                         guidance_c=guidance_c, negative_prompt=negative_prompt,
+                                         **common)
         print(json.dumps({k: round(v, 3) for k, v in acc.items()}))
         save_outputs(images, captions, args.out_dir, "eval_toy")
         with open(os.path.join(args.out_dir, "eval_toy.json"), "w") as f:
@@ -512,7 +530,8 @@ def main(args):
     else:
         prompts = read_prompts(args)
         if not prompts:
-            raise SystemExit("give --prompt \"...\" (repeatable) or --prompts_file FILE (one prompt per line)")
+            raise SystemExit("give --prompt \"...\" (repeatable) or --prompts_file FILE (one "
+                             "prompt per line)")
         if args.init_image:
             x = read_images(args.init_image, width, height)
             prompts = (prompts * len(x))[:len(x)]  # one prompt per input image
@@ -524,7 +543,8 @@ def main(args):
                                    steps_c=steps_c, guidance_c=guidance_c, **common)
             captions = [p for p in prompts for _ in range(args.n)]
     save_outputs(images, captions, args.out_dir, "samples")
-    print(f"{len(images)} images of {images.shape[-1]}x{images.shape[-2]} in {time.time() - t0:.1f}s on {device}")
+    print(f"{len(images)} images of {images.shape[-1]}x{images.shape[-2]} in "
+          f"{time.time() - t0:.1f}s on {device}")
 
 
 def get_args(argv=None):
@@ -537,10 +557,11 @@ def get_args(argv=None):
                    "from, and a Paella Stage B's (default: none; the v1 files: the v1 notebook's)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
-    p.add_argument("--width", type=int, default=None, help="image width, rounded to 128-pixel steps "
-                   "(default: the training size of the last stage used: C's, else B's, else A's)")
-    p.add_argument("--height", type=int, default=None, help="image height, rounded to 128-pixel steps "
-                   "(default: as --width)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width, rounded to 128-pixel steps (default: the training size of "
+                   "the last stage used: C's, else B's, else A's)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height, rounded to 128-pixel steps (default: as --width)")
     p.add_argument("--steps_c", type=int, default=None, help="Stage C steps, 0 = the released "
                    "29-step grid (default: 0; the v1 files: 60)")
     p.add_argument("--guidance_c", type=float, default=None, help="Stage C classifier-free "
@@ -553,30 +574,39 @@ def get_args(argv=None):
     p.add_argument("--temperature_b", type=float, nargs=2, default=V1_SAMPLING["temperature"],
                    metavar=("FIRST", "LAST"), help="a Paella Stage B's sampling temperature, "
                    "linear from FIRST to LAST over its steps")
-    p.add_argument("--variation", nargs="+", help="image(s) to make variations of (no prompt needed)")
+    p.add_argument("--variation", nargs="+",
+                   help="image(s) to make variations of (no prompt needed)")
     p.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")
-    p.add_argument("--strength", type=float, default=0.6, help="image-to-image: noise level to start from (0..1)")
-    p.add_argument("--reconstruct", nargs="+", help="image(s) to pass through Stage A only (encode -> decode)")
-    p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light", "bold_pink"], metavar="LOOK",
-                   help="measure prompt following on the toy vocabulary (of the look: bold, the default, light, "
-                   "or bold_pink: bold and the colour pink)")
-    p.add_argument("--eval_colors", nargs="+", default=None, help="--eval_toy: only the prompts of these shape "
-                   "colours (e.g. pink: the word a fine-tune taught)")
+    p.add_argument("--strength", type=float, default=0.6,
+                   help="image-to-image: noise level to start from (0..1)")
+    p.add_argument("--reconstruct", nargs="+",
+                   help="image(s) to pass through Stage A only (encode -> decode)")
+    p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light", "bold_pink"],
+                   metavar="LOOK", help="measure prompt following on the toy vocabulary (of the "
+                   "look: bold, the default, light, or bold_pink: bold and the colour pink)")
+    p.add_argument("--eval_colors", nargs="+", default=None, help="--eval_toy: only the prompts of "
+                   "these shape colours (e.g. pink: the word a fine-tune taught)")
     for k in "abc":
         p.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint (default: "
-                       f"out/stage_{k}/ckpt.pt; with --pretrained: replaces that stage, e.g. a fine-tuned one)")
-    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file (pytorch_lora_weights.safetensors "
-                   "of a --lora_rank run) merged into the prior (Stage C) or the decoder (Stage B) it was made "
-                   "for, whichever its keys name; repeatable")
-    p.add_argument("--lora_scale", type=float, default=1.0, help="weight of the --lora updates (1 = as trained)")
-    p.add_argument("--out_dir", default="out/samples", help="where the grid and the single images go")
-    p.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="use the released "
-                   "Würstchen v2 weights instead of our checkpoints: from DIR (warp-ai/wuerstchen-prior and "
-                   "warp-ai/wuerstchen in DIR/wuerstchen-prior and DIR/wuerstchen, or an --export "
-                   "of ours), or without DIR from the Hugging Face cache; a DIR with the official "
-                   "v1 files (model_stage_b.pt ...) runs the v1 chain")
-    p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text towers (ViT-bigG-14 "
-                   "laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of the repositories' text_encoder/ folders")
+                       f"out/stage_{k}/ckpt.pt; with --pretrained: replaces that stage, e.g. a "
+                       "fine-tuned one)")
+    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file "
+                   "(pytorch_lora_weights.safetensors of a --lora_rank run) merged into the prior "
+                   "(Stage C) or the decoder (Stage B) it was made for, whichever its keys name; "
+                   "repeatable")
+    p.add_argument("--lora_scale", type=float, default=1.0,
+                   help="weight of the --lora updates (1 = as trained)")
+    p.add_argument("--out_dir", default="out/samples",
+                   help="where the grid and the single images go")
+    p.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="use "
+                   "the released Würstchen v2 weights instead of our checkpoints: from DIR "
+                   "(warp-ai/wuerstchen-prior and warp-ai/wuerstchen in DIR/wuerstchen-prior and "
+                   "DIR/wuerstchen, or an --export of ours), or without DIR from the Hugging Face "
+                   "cache; a DIR with the official v1 files (model_stage_b.pt ...) runs the v1 "
+                   "chain")
+    p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text "
+                   "towers (ViT-bigG-14 laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of "
+                   "the repositories' text_encoder/ folders")
     p.add_argument("--export", metavar="DIR", help="write the models (our checkpoints, or "
                    "--pretrained's) in the released layout, DIR/wuerstchen-prior and "
                    "DIR/wuerstchen, for diffusers' Würstchen pipelines and --pretrained DIR; "

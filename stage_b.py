@@ -1,23 +1,23 @@
 """
-Stage B of Würstchen v2: the semantic compressor and the DiffNeXt latent diffusion decoder (method.md §3, §4, §6, §7).
+Stage B of Würstchen v2: semantic compressor + DiffNeXt diffusion decoder (method.md §3-4, §6-7).
 
-    image (B, 3, S, S) in [0, 1] --SemanticCompressor--> e (B, 16, S/42.67, S/42.67)     (16 x 24 x 24 for 1024 px)
-    noise (B, 4, S/4, S/4) --StageB(x_t, t, e, CLIP text) x N DDPM steps--> Stage A latent --StageA.decode--> image
+    image (B, 3, S, S) --SemanticCompressor--> e (B, 16, S/42.67, S/42.67)  (16x24x24 at 1024 px)
+    noise (B, 4, S/4, S/4) --StageB(x, t, e, text) x N DDPM steps--> latent --StageA.decode--> image
 
-The compressor (EfficientNetV2-S features at 3/4 of the image side + 1x1 conv + BatchNorm) and Stage B (a U-Net
-that predicts the noise in a Stage A latent) train jointly on the frozen Stage A's latents; the text comes from a
-frozen CLIP text tower (open_clip). Stage C later learns to generate e from text, and Stage B turns it into pixels.
+The compressor (EfficientNetV2-S features at 3/4 of the image side + 1x1 conv + BatchNorm) and
+Stage B (a U-Net predicting the noise in a Stage A latent) train jointly on frozen Stage A latents,
+with a frozen CLIP text tower (open_clip). Stage C later generates e from text; Stage B decodes it.
 
 This file also owns the pieces Stage C shares (stage_c.py imports them): the blocks (LayerNorm2d,
-GlobalResponseNorm, Dropout, TimestepBlock, Attention, AttnBlock), the timestep embedding, the cosine noise schedule,
-the P2-weighted loss, the DDPM sampler, the text encoder and the semantic compressor.
+GlobalResponseNorm, Dropout, TimestepBlock, Attention, AttnBlock), the timestep embedding, the
+cosine noise schedule, the P2-weighted loss, the DDPM sampler, the text encoder and the compressor.
 
 Run it (after stage_a.py):
-    python stage_b.py --data toy --model tiny            # CPU, a few minutes
-    python stage_b.py --data ./imgs                      # one GPU, 'small' preset (CLIP ViT-B-32 text weights)
+    python stage_b.py --data toy --model tiny  # CPU, a few minutes
+    python stage_b.py --data ./imgs            # one GPU, 'small' preset (CLIP ViT-B-32 text tower)
     torchrun --standalone --nproc_per_node=8 stage_b.py --data ./imgs --model paper
-Released weights: StageB.from_pretrained(diffusers folder or model_v2_stage_b.pt), SemanticCompressor.from_pretrained;
-where they are: open_released. Fine-tune the released decoder (its compressor frozen) on a folder:
+Released weights: StageB / SemanticCompressor.from_pretrained, found by open_released. Fine-tune
+the released decoder (its compressor frozen) on a folder:
     python stage_b.py --data ./imgs --pretrained weights/ [--lora_rank 16]
 """
 
@@ -46,22 +46,24 @@ from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, ad
                     update_ema, weights_fingerprint, wrap_ddp, write_json)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, StageA, load_stage_a
 
-# ---- config
+# -----------------------------------------------------------------------------
+# config
 
 
 @dataclass
 class StageBConfig:
-    """DiffNeXt hyper-parameters (method §4.1); the defaults are the released v2 decoder (1,055,365,280 params)."""
+    """DiffNeXt hyper-parameters (method §4.1), by default the released v2 decoder (1,055,365,280
+    params). Block kinds: C = ResBlockStageB, T = TimestepBlock, A = AttnBlock."""
     c_in: int = 4  # Stage A latent channels
     c_out: int = 4
     c_r: int = 64  # sinusoidal timestep embedding size
     patch_size: int = 2  # PixelUnshuffle at the input, PixelShuffle at the output
     c_cond: int = 1024  # width of the mapped text tokens and of the injected semantic features
     c_hidden: tuple = (320, 640, 1280, 1280)  # width per level
-    nhead: tuple = (-1, 10, 20, 20)  # attention heads per level (-1: no attention there)
-    blocks: tuple = (4, 4, 14, 4)  # repetitions of level_config per level, same on the down and up path
-    level_config: tuple = ("CT", "CTA", "CTA", "CTA")  # C = ResBlockStageB, T = TimestepBlock, A = AttnBlock
-    inject_effnet: tuple = (False, True, True, True)  # levels that get the semantic latent concatenated
+    nhead: tuple = (-1, 10, 20, 20)  # attention heads per level (-1: no attention)
+    blocks: tuple = (4, 4, 14, 4)  # repeats of level_config per level, on the down and up path
+    level_config: tuple = ("CT", "CTA", "CTA", "CTA")  # block kinds per level, in order
+    inject_effnet: tuple = (False, True, True, True)  # levels that get e concatenated
     effnet_embd: int = 16  # semantic latent channels
     clip_embd: int = 1024  # CLIP text width (ViT-H-14)
     kernel_size: int = 3  # depthwise conv kernel
@@ -71,7 +73,7 @@ class StageBConfig:
 
 @dataclass
 class CompressorConfig:
-    """Semantic compressor (method §3.1): a stride-32 backbone, then 1x1 conv + BatchNorm to c_latent channels."""
+    """Semantic compressor (method §3.1): stride-32 backbone, 1x1 conv + BatchNorm to c_latent."""
     # torchvision EfficientNetV2-S features (v2), "efficientnet_v2_l" (v1), or "tiny" (a patch stem)
     backbone: str = "efficientnet_v2_s"
     c_latent: int = 16
@@ -79,53 +81,55 @@ class CompressorConfig:
     v1_scaling: bool = False  # return (e + 1) / 42 as v1's encoder does (Stage C's space, §3.1)
 
 
-# The sizes the method fixes (method §1.5, §7.7): the semantic compressor sees the image at 3/4 of its side with
-# stride 32, so a Stage C latent cell covers 42.67 px and 10.67 Stage A (f4) latent cells per side.
+# The sizes the method fixes (method §1.5, §7.7): the semantic compressor sees the image at 3/4 of
+# its side with stride 32, so a Stage C latent cell covers 42.67 px and 10.67 Stage A (f4) cells.
 RESOLUTION_MULTIPLE = 42.67  # image side / semantic (Stage C) latent side: 1024 px -> 24
 LATENT_DIM_SCALE = 10.67  # Stage A latent side / semantic latent side: 24 -> int(24 * 10.67) = 256
-RELEASED_LATENT_SPACE = {"scale": 42.0, "shift": 1.0}  # the released v2: Stage C models y = (e + 1) / 42 (§3.3)
+RELEASED_LATENT_SPACE = {"scale": 42.0, "shift": 1.0}  # released v2: y = (e + 1) / 42 (§3.3)
 CONTEXT_LENGTH = 77  # CLIP text tokens (padded and truncated to this)
 
-# One table: per preset the DiffNeXt config, the semantic compressor, the text tower (open_clip architecture and
-# pretrained tag; "tiny" is a small random tower built here), Stage C's latent space (None: measured at the end of
-# training, so that y has unit variance), the training defaults that flags left unset take, and those of a
-# fine-tune (--pretrained; why: the README, "Fine-tune the released model").
+# Per preset: the DiffNeXt config, the semantic compressor, the text tower (open_clip architecture
+# and pretrained tag; "tiny": a small random tower built here), Stage C's latent space (None:
+# measured at the end of training, so that y has unit variance), the training defaults for flags
+# left unset, and those of a fine-tune (--pretrained; why: README, "Fine-tune the released model").
 PRESETS = {
-    # CPU quick start and tests: 128 px toy images -> 4x32x32 Stage A latents, 16x3x3 semantic latents
+    # CPU quick start and tests: 128 px toy images -> 4x32x32 Stage A and 16x3x3 semantic latents
     "tiny": dict(
         model=StageBConfig(c_cond=64, c_hidden=(32, 64, 128), nhead=(-1, 2, 4), blocks=(1, 1, 2),
-                           level_config=("CT", "CTA", "CTA"), inject_effnet=(False, True, True), clip_embd=64,
-                           dropout=0.0),
+                           level_config=("CT", "CTA", "CTA"), inject_effnet=(False, True, True),
+                           clip_embd=64, dropout=0.0),
         compressor=CompressorConfig(backbone="tiny"),
         text_encoder={"name": "tiny", "pretrained": None},
         latent_space=None,
-        train=dict(image_size=128, batch_size=16, max_steps=3000, lr=5e-4, warmup=100, beta2=0.95, cache=True),
-        finetune=dict(batch_size=16, epochs=100, lr=1e-4, lora_lr=1e-3, warmup=20, beta2=0.95, ema_decay=0,
-                      cache=True)),
+        train=dict(image_size=128, batch_size=16, max_steps=3000, lr=5e-4, warmup=100, beta2=0.95,
+                   cache=True),
+        finetune=dict(batch_size=16, epochs=100, lr=1e-4, lora_lr=1e-3, warmup=20, beta2=0.95,
+                      ema_decay=0, cache=True)),
     # one-GPU reproduction at 256-512 px (40 M params; CLIP ViT-B-32 text, 512 wide)
     "small": dict(
-        model=StageBConfig(c_cond=384, c_hidden=(128, 256, 384, 384), nhead=(-1, 4, 6, 6), blocks=(2, 2, 4, 2),
-                           clip_embd=512),
+        model=StageBConfig(c_cond=384, c_hidden=(128, 256, 384, 384), nhead=(-1, 4, 6, 6),
+                           blocks=(2, 2, 4, 2), clip_embd=512),
         compressor=CompressorConfig(),
         text_encoder={"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
         latent_space=None,
-        train=dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000, beta2=0.95,
-                   cache=False),
-        finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.95, ema_decay=0,
-                      cache=True)),
-    # the released warp-ai/wuerstchen `decoder` (WuerstchenDiffNeXt); the v1 Stage B recipe (method §6.5)
+        train=dict(image_size=256, batch_size=64, max_steps=200_000, lr=1e-4, warmup=5_000,
+                   beta2=0.95, cache=False),
+        finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.95,
+                      ema_decay=0, cache=True)),
+    # the released warp-ai/wuerstchen `decoder` (WuerstchenDiffNeXt); the v1 Stage B recipe (§6.5)
     "paper": dict(
         model=StageBConfig(),
         compressor=CompressorConfig(),
         text_encoder={"name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
         latent_space=RELEASED_LATENT_SPACE,
-        train=dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000, beta2=0.95,
-                   cache=False),
-        finetune=dict(batch_size=4, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.95, ema_decay=0,
-                      cache=True)),
+        train=dict(image_size=1024, batch_size=384, max_steps=1_000_000, lr=1e-4, warmup=10_000,
+                   beta2=0.95, cache=False),
+        finetune=dict(batch_size=4, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.95,
+                      ema_decay=0, cache=True)),
 }
 
-# ---- model
+# -----------------------------------------------------------------------------
+# model
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -140,7 +144,7 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GlobalResponseNorm(nn.Module):
-    """ConvNeXt-V2 Global Response Normalisation on channels-last input (method §4.2). Textbook form:
+    """ConvNeXt-V2 Global Response Normalisation on channels-last input (method §4.2). Textbook:
     g = torch.norm(x, dim=(1, 2)); n = g / (g.mean(-1) + 1e-6); out = gamma * (x * n) + beta + x."""
 
     def __init__(self, c):
@@ -149,27 +153,27 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
 
     def forward(self, x):  # x: (B, H, W, C)
-        # g: (B, 1, 1, C), the L2 norm over space per channel, as a sum of squares: torch.norm reduces over these
-        # strided dims ~10x slower on the CPU. A channel of exact zeros (GELU gives them) has norm 0 and, as in
-        # torch.norm, gradient 0: sqrt's own gradient there would be inf * 0 = NaN
+        # g: (B, 1, 1, C), the L2 norm over space per channel, as a sum of squares: torch.norm
+        # reduces over these strided dims ~10x slower on the CPU. A channel of exact zeros (GELU
+        # gives them) has norm 0 and, as in torch.norm, gradient 0: sqrt's would be inf * 0 = NaN
         ss = (x * x).sum(dim=(1, 2), keepdim=True)
         g = torch.where(ss > 0, ss, 1.0).sqrt() * (ss > 0)
         n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)  # divisive normalisation across channels
-        return torch.addcmul(self.beta, x, self.gamma * n + 1)  # gamma * (x * n) + beta + x, in one pass over x
+        return torch.addcmul(self.beta, x, self.gamma * n + 1)  # gamma * x * n + beta + x, one pass
 
 
 def keep_mask(shape, p):
-    """CPU booleans, True with probability 1 - p (p rounded to a multiple of 2^-15). Every 64-bit draw of the generator
-    gives four 15-bit uniform integers: ~2.5x cheaper than torch.rand(shape) >= p, ~5x cheaper than bernoulli_."""
+    """CPU booleans, True with probability 1 - p (p rounded to a multiple of 2^-15): four 15-bit
+    uniform integers per 64-bit draw: ~2.5x cheaper than torch.rand >= p, ~5x than bernoulli_."""
     n = math.prod(shape)
     draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # uniform in [0, 2^63)
-    lanes = draws.view(torch.int16)[:n] & 0x7FFF  # (4 * draws,) 15-bit lanes, each uniform in [0, 2^15)
+    lanes = draws.view(torch.int16)[:n] & 0x7FFF  # (4 * draws,) 15-bit lanes, uniform in [0, 2^15)
     return (lanes >= round(p * 2**15)).view(shape)
 
 
 def dropout(x, p, training=True):
-    """F.dropout: zero each entry with probability p and scale the rest by 1 / (1 - p). On the CPU the mask comes
-    from keep_mask (F.dropout draws it with the slower bernoulli_ there); elsewhere F.dropout's fused kernel."""
+    """F.dropout: zero each entry with probability p, scale the rest by 1 / (1 - p); on the CPU with
+    keep_mask's mask (F.dropout uses the slower bernoulli_ there), else F.dropout's fused kernel."""
     if not training or p == 0:
         return x
     if x.device.type != "cpu":
@@ -178,14 +182,14 @@ def dropout(x, p, training=True):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout through `dropout` (it holds the MLPs' parameter-free slot, so key names stay diffusers')."""
+    """nn.Dropout through `dropout`, in the MLPs' parameter-free slot (so keys stay diffusers')."""
 
     def forward(self, x):
         return dropout(x, self.p, self.training)
 
 
 class TimestepBlock(nn.Module):
-    """Timestep conditioning: x * (1 + a) + b with (a, b) a linear map of the t-embedding (method §4.2)."""
+    """Timestep conditioning (method §4.2): x * (1 + a) + b with (a, b) = Linear(t-embedding)."""
 
     def __init__(self, c, c_r):
         super().__init__()
@@ -199,9 +203,9 @@ class TimestepBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with biased q/k/v/out projections.
 
-    Named as diffusers names it (to_q, to_k, to_v, to_out.0) so the released weights load 1:1 (method §8.2).
-    Dropout acts on the attention probabilities, as in dome272's nn.MultiheadAttention (the code that
-    trained the released model); diffusers puts it after the output projection instead (same in eval mode).
+    Named as diffusers names it (to_q, to_k, to_v, to_out.0): the released weights load 1:1 (§8.2).
+    Dropout acts on the attention probabilities, as in dome272's nn.MultiheadAttention (the code
+    that trained the released model); diffusers applies it after to_out instead (same in eval).
     """
 
     def __init__(self, c, nhead, dropout=0.0):
@@ -210,7 +214,7 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(c, c)
         self.to_k = nn.Linear(c, c)
         self.to_v = nn.Linear(c, c)
-        self.to_out = nn.Sequential(nn.Linear(c, c))  # a Sequential only for the key name 'to_out.0'
+        self.to_out = nn.Sequential(nn.Linear(c, c))  # a Sequential only for the key 'to_out.0'
 
     def forward(self, x, kv):  # x: (B, N, C) queries, kv: (B, M, C) keys/values
         def heads(z):  # (B, L, C) -> (B, nhead, L, C / nhead)
@@ -218,16 +222,18 @@ class Attention(nn.Module):
 
         q, k, v = heads(self.to_q(x)), heads(self.to_k(kv)), heads(self.to_v(kv))
         if self.training and self.dropout > 0 and q.device.type == "cpu":
-            # the CPU has no fused attention with dropout; SDPA would fall back to this with a slower mask draw
-            w = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, nhead, N, M) probabilities
+            # no fused CPU attention with dropout: SDPA would fall back to this, with a slower mask
+            # draw; w: (B, nhead, N, M) probabilities
+            w = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
             out = dropout(w, self.dropout) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+            out = F.scaled_dot_product_attention(q, k, v,
+                                                 dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, nhead, N, C / nhead) -> (B, N, C)
 
 
 class AttnBlock(nn.Module):
-    """Pre-norm attention of the image tokens over [image tokens ; mapped text tokens] (method §4.2).
+    """Pre-norm attention of image tokens over [image tokens ; mapped text tokens] (method §4.2).
 
     With self_attn=True (all released configs) the key/value sequence is the normed image tokens
     followed by kv_mapper(cond), so one attention does both self- and cross-attention.
@@ -255,35 +261,37 @@ def r_embedding(t, c_r=64, max_positions=10000):
     t is scaled by 10,000 and embedded with c_r // 2 geometric frequencies, sin block first.
     """
     half = c_r // 2
-    freqs = torch.exp(-math.log(max_positions) / (half - 1) * torch.arange(half, device=t.device).float())
+    freqs = torch.exp(-math.log(max_positions) / (half - 1)
+                      * torch.arange(half, device=t.device).float())
     angles = (t * max_positions)[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, 2 half)
     return F.pad(emb, (0, c_r % 2))  # (B, c_r): an odd c_r ends in a 0, as the reference pads it
 
 
 class ResBlockStageB(nn.Module):
-    """DiffNeXt's ConvNeXt block ("C", method §4.2): depthwise conv -> LayerNorm2d -> concat the skip tensor ->
-    channels-last MLP (Linear, GELU, GRN, Dropout, Linear) -> residual. The skip joins *after* the conv."""
+    """DiffNeXt's ConvNeXt block ("C", method §4.2): depthwise conv -> LayerNorm2d -> concat the
+    skip -> channels-last MLP (Linear, GELU, GRN, Dropout, Linear) -> residual. The skip joins
+    *after* the conv."""
 
     def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
         self.norm = LayerNorm2d(c)
-        self.channelwise = nn.Sequential(nn.Linear(c + c_skip, 4 * c), nn.GELU(), GlobalResponseNorm(4 * c),
-                                         Dropout(dropout), nn.Linear(4 * c, c))
+        self.channelwise = nn.Sequential(nn.Linear(c + c_skip, 4 * c), nn.GELU(),
+                                         GlobalResponseNorm(4 * c), Dropout(dropout),
+                                         nn.Linear(4 * c, c))
 
     def forward(self, x, skip=None):  # x: (B, C, H, W), skip: (B, C_skip, H, W) or None
         h = self.norm(self.depthwise(x))
         if skip is not None:
             h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H, W)
-        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP runs on (B, H, W, C)
+        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP: (B, H, W, C)
 
 
 class ResBlock(nn.Module):
-    """ConvNeXt block of the prior ("C" in method §4.2, dome272 `ResBlock`): [concat skip] -> depthwise conv
-    (groups = c, so a skip of width c gives every group 2 input channels) -> LayerNorm2d -> channels-last MLP
-    (Linear 4c, GELU, GRN, Dropout, Linear) -> residual. Unlike Stage B's block, the skip joins *before* the conv
-    (the prior itself passes none)."""
+    """ConvNeXt block of the prior ("C" in method §4.2, dome272 `ResBlock`): as ResBlockStageB, but
+    the skip joins *before* the depthwise conv (groups = c, so a skip of width c gives every group 2
+    input channels; the prior itself passes none)."""
 
     def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0):
         super().__init__()
@@ -295,7 +303,7 @@ class ResBlock(nn.Module):
     def forward(self, x, skip=None):  # x: (B, C, H, W), skip: (B, C_skip, H, W) or None
         h = x if skip is None else torch.cat([x, skip], dim=1)  # (B, C + C_skip, H, W)
         h = self.norm(self.depthwise(h))  # (B, C, H, W)
-        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP runs on (B, H, W, C)
+        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP: (B, H, W, C)
 
 
 def dome272_init(model):
@@ -316,12 +324,12 @@ def dome272_init(model):
 
 
 def unet_levels(c_hidden, blocks, level_config, block):
-    """The U-Net skeleton of DiffNeXt and Paella (method §4.3, §4.8): (down_blocks, up_blocks), one
-    ModuleList per level. Down level i: [downsampler (i > 0): LayerNorm2d, 2x2 stride-2 conv] +
-    blocks[i] x level_config[i]. Up levels, deepest first: blocks[i] x level_config[i] + [upsampler
-    (i > 0): LayerNorm2d, 2x2 stride-2 ConvTranspose]. block(kind, i, c_skip) builds one block of
-    level i; c_skip is the width of the U-Net skip, the down path's output of that level, which the
-    first block of every up level but the deepest takes (else 0)."""
+    """The U-Net skeleton of DiffNeXt and Paella (method §4.3, §4.8): (down_blocks, up_blocks),
+    one ModuleList per level. Down level i: [downsampler (i > 0): LayerNorm2d, 2x2 stride-2 conv]
+    + blocks[i] x level_config[i]. Up levels, deepest first: blocks[i] x level_config[i] +
+    [upsampler (i > 0): LayerNorm2d, 2x2 stride-2 ConvTranspose]. block(kind, i, c_skip) builds
+    one block of level i; c_skip is the width of the U-Net skip, the down path's output of that
+    level, which the first block of every up level but the deepest takes (else 0)."""
     n = len(c_hidden)
     down_blocks, up_blocks = nn.ModuleList(), nn.ModuleList()
     for i in range(n):
@@ -342,9 +350,9 @@ def unet_levels(c_hidden, blocks, level_config, block):
 
 
 class StageB(nn.Module):
-    """Stage B, the v2 "DiffNeXt" decoder (method §4): a U-Net of ResBlockStageB / TimestepBlock / AttnBlock
-    levels that predicts the noise in a noised Stage A latent, conditioned on the semantic latent e (resized
-    bicubically and concatenated at every level that takes it) and on CLIP text tokens (attention)."""
+    """Stage B, the v2 "DiffNeXt" decoder (method §4): a U-Net of ResBlockStageB / TimestepBlock /
+    AttnBlock levels predicting the noise in a noised Stage A latent, conditioned on e (resized
+    bicubically and concatenated at the levels that take it) and on CLIP text tokens (attention)."""
 
     def __init__(self, cfg: StageBConfig):
         super().__init__()
@@ -353,11 +361,13 @@ class StageB(nn.Module):
         # conditioning: text tokens -> c_cond (+ LayerNorm); one 1x1 conv per injected level for e.
         # effnet_mappers slots: i for down level i, len(c_hidden) + j for up_blocks[j] (0: deepest)
         self.clip_mapper = nn.Linear(cfg.clip_embd, cfg.c_cond)
-        self.effnet_mappers = nn.ModuleList([nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if inject else None
-                                             for inject in cfg.inject_effnet + cfg.inject_effnet[::-1]])
+        self.effnet_mappers = nn.ModuleList(
+            [nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if inject else None
+             for inject in cfg.inject_effnet + cfg.inject_effnet[::-1]])
         self.seq_norm = nn.LayerNorm(cfg.c_cond, elementwise_affine=False, eps=1e-6)
         self.embedding = nn.Sequential(nn.PixelUnshuffle(cfg.patch_size),
-                                       nn.Conv2d(cfg.c_in * cfg.patch_size**2, c_hidden[0], kernel_size=1),
+                                       nn.Conv2d(cfg.c_in * cfg.patch_size**2, c_hidden[0],
+                                                 kernel_size=1),
                                        LayerNorm2d(c_hidden[0]))
 
         def block(kind, i, c_skip):  # ResBlocks of injected levels also take the mapped e
@@ -372,7 +382,8 @@ class StageB(nn.Module):
                                                        block)
         # output head: (a, b) at full latent resolution, 2 * c_out channels
         self.clf = nn.Sequential(LayerNorm2d(c_hidden[0]),
-                                 nn.Conv2d(c_hidden[0], 2 * cfg.c_out * cfg.patch_size**2, kernel_size=1),
+                                 nn.Conv2d(c_hidden[0], 2 * cfg.c_out * cfg.patch_size**2,
+                                           kernel_size=1),
                                  nn.PixelShuffle(cfg.patch_size))
         self.init_weights()
 
@@ -392,14 +403,14 @@ class StageB(nn.Module):
                 nn.init.zeros_(m.mapper.weight)
 
     def _run_level(self, level, x, r_embed, clip, effnet, effnet_mapper, skip=None):
-        """One U-Net level. Every ResBlock gets [U-Net skip (first block only) ; mapped semantic latent]."""
+        """One U-Net level. Every ResBlock gets [U-Net skip (first block only) ; mapped e]."""
         effnet_c = None
         for block in level:
             if isinstance(block, ResBlockStageB):
-                if effnet_mapper is not None and effnet_c is None:  # once per level, at the level's resolution
-                    e = F.interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic", antialias=True,
-                                      align_corners=True)  # (B, 16, h, w) -> (B, 16, H, W)
-                    e = e.to(effnet.dtype, memory_format=torch.channels_last)  # as the blocks' activations
+                if effnet_mapper is not None and effnet_c is None:  # once per level, at its size
+                    e = F.interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic",
+                                      antialias=True, align_corners=True)  # -> (B, 16, H, W)
+                    e = e.to(effnet.dtype, memory_format=torch.channels_last)  # as the activations
                     effnet_c = effnet_mapper(e)  # (B, c_cond, H, W)
                 if skip is not None and effnet_c is not None:
                     extra = torch.cat([skip, effnet_c], dim=1)  # (B, C_skip + c_cond, H, W)
@@ -421,15 +432,15 @@ class StageB(nn.Module):
         Returns the predicted noise (B, 4, H, W) = (x - a) / b' (method §4.5)."""
         r_embed = r_embedding(t, self.cfg.c_r)  # (B, c_r)
         clip = self.seq_norm(self.clip_mapper(clip_text))  # (B, 77, c_cond)
-        # (B, 4, H, W) -> (B, c_hidden[0], H/2, W/2), channels-last from here on: the blocks' permutes to (B, H, W, C)
-        # for LayerNorm and the MLPs become views (no copies), as do the attention's token sequences
+        # (B, 4, H, W) -> (B, c_hidden[0], H/2, W/2), channels-last from here on: the permutes to
+        # (B, H, W, C) (LayerNorm, MLPs) and the attention's token sequences are views, not copies
         h = self.embedding(x.contiguous(memory_format=torch.channels_last))
         level_outputs = []
         for i, level in enumerate(self.down_blocks):
             h = self._run_level(level, h, r_embed, clip, effnet, self.effnet_mappers[i])
             level_outputs.append(h)
         n = len(self.down_blocks)
-        for j, level in enumerate(self.up_blocks):  # level n - 1 - j; no U-Net skip at the deepest (j = 0)
+        for j, level in enumerate(self.up_blocks):  # level n - 1 - j; no U-Net skip at j = 0
             skip = level_outputs[n - 1 - j] if j > 0 else None
             h = self._run_level(level, h, r_embed, clip, effnet, self.effnet_mappers[n + j], skip)
         a, b = self.clf(h).float().chunk(2, dim=1)  # (B, 2 * c_out, H, W) -> 2 x (B, c_out, H, W)
@@ -438,14 +449,15 @@ class StageB(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, cfg=None):
-        """Load released weights (method §8.1-8.4): a diffusers `WuerstchenDiffNeXt.save_pretrained` folder
-        (config.json + safetensors/bin; warp-ai/wuerstchen subfolder `decoder`), or the official
-        `model_v2_stage_b.pt` (dome272 keys, the released config unless `cfg` says otherwise).
-        Its `effnet_state_dict` loads with SemanticCompressor.from_pretrained(path)."""
+        """Load released weights (method §8.1-8.4): a folder of diffusers' `WuerstchenDiffNeXt`
+        (save_pretrained: config.json + safetensors/bin; warp-ai/wuerstchen subfolder `decoder`), or
+        the official `model_v2_stage_b.pt` (dome272 keys, the released config unless `cfg` says
+        otherwise). Its `effnet_state_dict` loads with SemanticCompressor.from_pretrained(path)."""
         if os.path.isdir(path):
             hf = read_json(os.path.join(path, "config.json"))
             fields = StageBConfig.__dataclass_fields__
-            cfg = StageBConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in fields})
+            cfg = StageBConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in hf.items()
+                                  if k in fields})
             sd = load_weights_file(path)
         else:
             cfg = cfg or StageBConfig()
@@ -473,7 +485,7 @@ class StageB(nn.Module):
 
 
 def dome272_to_diffusers(sd):
-    """Official key names -> ours/diffusers' (method §8.2): each packed nn.MultiheadAttention becomes
+    """Official key names -> ours/diffusers' (method §8.2): a packed nn.MultiheadAttention becomes
     to_q/to_k/to_v (in_proj split in three row blocks, in that order) and to_out.0 (out_proj)."""
     out = {}
     for k, v in sd.items():
@@ -487,7 +499,7 @@ def dome272_to_diffusers(sd):
 
 
 class SemanticCompressor(nn.Module):
-    """The semantic compressor (paper §3, method §3): image in [0, 1] -> semantic latent e (B, 16, H/42.67, W/42.67).
+    """The semantic compressor (paper, method §3): image in [0, 1] -> e (B, 16, H/42.67, W/42.67).
 
     A stride-32 backbone (EfficientNetV2-S features, 1280 channels; V2-L in v1; a patch-embedding
     stem for 'tiny') on the image resized to 3/4 of its side, then a 1x1 conv to 16 channels (no
@@ -505,17 +517,18 @@ class SemanticCompressor(nn.Module):
             efficientnet = getattr(torchvision.models, cfg.backbone)
             self.backbone = efficientnet(weights=None).features  # random until loaded
             c_features = 1280
-        elif cfg.backbone == "tiny":  # a ViT-style stem, stride 32 like EfficientNet: 32x32 patches -> features
+        elif cfg.backbone == "tiny":  # a ViT-style stem of stride 32: 32x32 patches -> features
             c_features = cfg.tiny_width
-            self.backbone = nn.Sequential(nn.Conv2d(3, c_features, kernel_size=32, stride=32), nn.GELU(),
-                                          nn.Conv2d(c_features, c_features, kernel_size=1), nn.GELU())
+            self.backbone = nn.Sequential(
+                nn.Conv2d(3, c_features, kernel_size=32, stride=32), nn.GELU(),
+                nn.Conv2d(c_features, c_features, kernel_size=1), nn.GELU())
         else:
             raise ValueError(f"unknown compressor backbone {cfg.backbone!r} (efficientnet_v2_s | "
                              f"efficientnet_v2_l | tiny)")
         self.mapper = nn.Sequential(nn.Conv2d(c_features, cfg.c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(cfg.c_latent))
 
-    def features(self, images):  # (B, 3, H, W) in [0, 1] -> backbone features (B, 1280, 3H/128, 3W/128)
+    def features(self, images):  # (B, 3, H, W) in [0, 1] -> features (B, 1280, 3H/128, 3W/128)
         H, W = images.shape[-2:]
         x = F.interpolate(images, size=(3 * H // 4, 3 * W // 4), mode="bilinear", antialias=True,
                           align_corners=False)  # 1024 px -> 768 px
@@ -523,7 +536,7 @@ class SemanticCompressor(nn.Module):
         std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return self.backbone((x - mean) / std)  # stride 32: 768 px -> 24 x 24
 
-    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> e (B, 16, 3H/128, 3W/128) (H, W multiples of 128)
+    def forward(self, images):  # -> e (B, 16, 3H/128, 3W/128); H, W multiples of 128
         e = self.mapper(self.features(images))
         return (e + 1) / 42 if self.cfg.v1_scaling else e
 
@@ -569,15 +582,15 @@ class SemanticCompressor(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Frozen CLIP text tower: prompts -> hidden states of the last layer after ln_final, all 77 positions,
-    (B, 77, width) (method §4.4, §5.5), computed as the released pipelines compute them: CLIPTokenizerFast
-    (padding to 77, truncation) and CLIPTextModel with the tokenizer's attention mask, so that the padding
-    positions, which Stages B and C read, attend only to the prompt. Only the text parts are kept in memory.
+    """Frozen CLIP text tower (method §4.4, §5.5): prompts -> last hidden states after ln_final,
+    (B, 77, width), as the released pipelines compute them: CLIPTokenizerFast (padding to 77,
+    truncation), then CLIPTextModel with the tokenizer's attention mask, so the padding positions
+    (Stages B and C read them) attend only to the prompt. Only the text parts are kept in memory.
 
-    name: an open_clip architecture ('ViT-H-14' for Stage B, 'ViT-bigG-14' for Stage C), 'tiny' (a small random
-    tower for tests and CPU runs) or 'transformers' (the architecture of a transformers CLIPTextModel folder);
-    pretrained: an open_clip tag or weights file, the CLIPTextModel folder (such as the released text_encoder/),
-    or None (random weights, which then must be saved with the checkpoint: see checkpoint_entry());
+    name: an open_clip architecture ('ViT-H-14' for Stage B, 'ViT-bigG-14' for Stage C), 'tiny' (a
+    small random tower for tests and CPU runs) or 'transformers' (a CLIPTextModel folder's config);
+    pretrained: an open_clip tag or weights file, the CLIPTextModel folder (e.g. the released
+    text_encoder/), or None (random weights, saved with the checkpoint: checkpoint_entry());
     pad_token: the tokenizer's pad token ('!' in the LAION towers' tokenizers; see read_pad_token).
     """
 
@@ -586,35 +599,42 @@ class TextEncoder(nn.Module):
     def __init__(self, name="tiny", pretrained=None, pad_token="!"):
         super().__init__()
         import open_clip
-        self.spec = {"name": name, "pretrained": pretrained} | ({"pad_token": pad_token} if pad_token != "!" else {})
+        self.spec = {"name": name, "pretrained": pretrained} | ({"pad_token": pad_token}
+                                                                if pad_token != "!" else {})
         if name == "tiny":
-            tower = open_clip.transformer.TextTransformer(**self.TINY, output_dim=self.TINY["width"])
+            tower = open_clip.transformer.TextTransformer(**self.TINY,
+                                                          output_dim=self.TINY["width"])
         elif name == "transformers":
             tower, sd = clip_text_from_transformers(pretrained)
         else:
             weights = fetch_clip_weights(name, pretrained) if pretrained else None
             tower = open_clip.create_model(name, pretrained=weights).eval()
-        self.token_embedding, self.positional_embedding = tower.token_embedding, tower.positional_embedding
+        self.token_embedding, self.positional_embedding = (tower.token_embedding,
+                                                           tower.positional_embedding)
         self.transformer, self.ln_final = tower.transformer, tower.ln_final
         if name == "transformers":
             load_exact(self, sd, what=f"CLIP text weights from {pretrained}")
-        if self.token_embedding.num_embeddings != 49408 or len(self.positional_embedding) != CONTEXT_LENGTH:
-            raise ValueError(f"{name}: not a CLIP BPE text tower with 77 positions, which TextEncoder tokenises for")
-        self.width, self.heads = self.ln_final.normalized_shape[0], self.transformer.resblocks[0].attn.num_heads
-        # the CLIP byte-level BPE (vocabulary and merges shipped with open_clip); the special tokens by their
-        # Hugging Face names, the pad token one of them: CLIPTokenizerFast also matches it inside a prompt
+        if (self.token_embedding.num_embeddings != 49408
+                or len(self.positional_embedding) != CONTEXT_LENGTH):
+            raise ValueError(f"{name}: not a CLIP BPE text tower with 77 positions, which "
+                             f"TextEncoder tokenises for")
+        self.width, self.heads = (self.ln_final.normalized_shape[0],
+                                  self.transformer.resblocks[0].attn.num_heads)
+        # the CLIP byte-level BPE (open_clip ships it); the special tokens by Hugging Face name, the
+        # pad token among them: CLIPTokenizerFast matches it inside a prompt too
         self.bpe = clip_bpe()
-        self.special = {"<|startoftext|>": self.bpe.sot_token_id, "<|endoftext|>": self.bpe.eot_token_id}
+        self.special = {"<|startoftext|>": self.bpe.sot_token_id,
+                        "<|endoftext|>": self.bpe.eot_token_id}
         self.special[pad_token] = self.special.get(pad_token, self.bpe.encoder.get(pad_token))
         if self.special[pad_token] is None:
             raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
         self.pad_token, self.pad_id = pad_token, self.special[pad_token]
-        self.special_pattern = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")  # for tokenize()
+        self.special_pattern = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
         self.eval().requires_grad_(False)
 
     @classmethod
     def from_spec(cls, spec):
-        """Rebuild from a checkpoint's 'text_encoder' entry (random towers carry their weights in it)."""
+        """Rebuild from a checkpoint's 'text_encoder' entry (random towers carry their weights)."""
         encoder = cls(spec["name"], spec["pretrained"], spec.get("pad_token", "!"))
         if "state_dict" in spec:
             encoder.load_state_dict(spec["state_dict"])
@@ -655,27 +675,29 @@ class TextEncoder(nn.Module):
         write_clip_tokenizer(tokenizer_folder, self.pad_token)
 
     def checkpoint_entry(self):
-        """What a checkpoint stores: the spec, plus the weights when they are random (not re-creatable)."""
-        return self.spec | ({"state_dict": self.state_dict()} if self.spec["pretrained"] is None else {})
+        """What a checkpoint stores: the spec, plus the weights if random (not re-creatable)."""
+        return self.spec | ({"state_dict": self.state_dict()} if self.spec["pretrained"] is None
+                            else {})
 
     def tokenize(self, prompts):
-        """list of B strings -> ids (B, 77) and keep (B, 77) bool (True up to the end-of-text token): what
-        CLIPTokenizerFast(padding="max_length", max_length=77, truncation=True) returns as input_ids and
-        attention_mask. Its text normalisation is NFC + whitespace runs -> one space + lowercase (open_clip's own
-        tokenizer also fixes unicode with ftfy and unescapes HTML: other ids for some prompts)."""
+        """list of B strings -> ids (B, 77) and keep (B, 77) bool (True up to end-of-text): what
+        CLIPTokenizerFast(padding="max_length", max_length=77, truncation=True) returns as input_ids
+        and attention_mask. Normalisation: NFC, whitespace runs -> one space, lowercase (open_clip's
+        tokenizer also applies ftfy and unescapes HTML: other ids for some prompts)."""
         ids = torch.full((len(prompts), CONTEXT_LENGTH), self.pad_id, dtype=torch.long)
         keep = torch.zeros(len(prompts), CONTEXT_LENGTH, dtype=torch.bool)
         for i, prompt in enumerate(prompts):
             tokens = []
-            for piece in self.special_pattern.split(prompt):  # special tokens (the pad token too) are matched in the raw text
+            for piece in self.special_pattern.split(prompt):  # special tokens match in the raw text
                 if piece in self.special:
                     tokens.append(self.special[piece])
                     continue
                 text = re.sub(r"\s+", " ", unicodedata.normalize("NFC", piece)).lower()
-                for word in self.bpe.pat.findall(text):  # letters | one digit | punctuation runs | 's 't ...
+                for word in self.bpe.pat.findall(text):  # letters | 1 digit | punctuation | 's 't
                     word = "".join(self.bpe.byte_encoder[b] for b in word.encode("utf-8"))
                     tokens += [self.bpe.encoder[t] for t in self.bpe.bpe(word).split(" ")]
-            tokens = [self.bpe.sot_token_id] + tokens[:CONTEXT_LENGTH - 2] + [self.bpe.eot_token_id]  # keeps the ends
+            tokens = ([self.bpe.sot_token_id] + tokens[:CONTEXT_LENGTH - 2]
+                      + [self.bpe.eot_token_id])  # truncated, keeping the ends
             ids[i, :len(tokens)], keep[i, :len(tokens)] = torch.tensor(tokens), True
         return ids, keep
 
@@ -685,10 +707,12 @@ class TextEncoder(nn.Module):
         ids, keep = (t.to(self.positional_embedding.device) for t in self.tokenize(prompts))
         B, L = ids.shape
         x = self.token_embedding(ids) + self.positional_embedding  # (B, 77, width)
-        # additive attention mask: causal, and no query attends to the padding after the end-of-text token
+        # additive attention mask (B * heads, 77, 77), one per (sample, head): causal, and no query
+        # attends to the padding after the end-of-text token
         causal = torch.full((L, L), float("-inf"), device=x.device).triu(1)  # (77, 77)
-        padding = torch.zeros(B, 1, 1, L, device=x.device).masked_fill(~keep[:, None, None, :], float("-inf"))
-        mask = (causal + padding).expand(B, self.heads, L, L).reshape(B * self.heads, L, L)  # one per (b, head)
+        padding = torch.zeros(B, 1, 1, L, device=x.device).masked_fill(~keep[:, None, None, :],
+                                                                        float("-inf"))
+        mask = (causal + padding).expand(B, self.heads, L, L).reshape(B * self.heads, L, L)
         x = self.transformer(x, attn_mask=mask)
         return self.ln_final(x).float()
 
@@ -705,7 +729,7 @@ CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1"
 
 @functools.cache
 def clip_bpe():
-    """open_clip's CLIP byte-level BPE (vocabulary and merges), read once per process (~0.1 s each time)."""
+    """open_clip's CLIP byte-level BPE (vocabulary and merges), read once per process (~0.1 s)."""
     import open_clip
     return open_clip.tokenizer.SimpleTokenizer()
 
@@ -717,10 +741,10 @@ def clip_activations():
 
 
 def clip_text_from_transformers(folder):
-    """A transformers CLIPTextModel folder (config.json + model.safetensors or pytorch_model.bin; the released
-    text_encoder/) -> (an open_clip text tower of its architecture on the meta device, its weights under open_clip's
-    names: CLIP_NAMES, CLIP_LAYER_NAMES). transformers itself is not needed (safetensors comes with
-    open_clip)."""
+    """A transformers CLIPTextModel folder (config.json + model.safetensors or pytorch_model.bin;
+    the released text_encoder/) -> (an open_clip text tower of its architecture on the meta device,
+    its weights under open_clip's names: CLIP_NAMES, CLIP_LAYER_NAMES). transformers itself is not
+    needed (safetensors comes with open_clip)."""
     import open_clip
     hf = read_json(os.path.join(folder, "config.json"))
     act, acts = hf.get("hidden_act", "quick_gelu"), clip_activations()  # CLIPTextConfig's default
@@ -730,14 +754,16 @@ def clip_text_from_transformers(folder):
     with torch.device("meta"):  # no memory, no init: the weights are assigned when loaded
         tower = open_clip.transformer.TextTransformer(
             context_length=hf["max_position_embeddings"], vocab_size=hf["vocab_size"], width=width,
-            heads=hf["num_attention_heads"], layers=hf["num_hidden_layers"], mlp_ratio=hf["intermediate_size"] / width,
-            output_dim=None, act_layer=acts[act], norm_layer=lambda n: open_clip.transformer.LayerNorm(n, eps=eps))
+            heads=hf["num_attention_heads"], layers=hf["num_hidden_layers"],
+            mlp_ratio=hf["intermediate_size"] / width, output_dim=None, act_layer=acts[act],
+            norm_layer=lambda n: open_clip.transformer.LayerNorm(n, eps=eps))
     theirs = {k.removeprefix("text_model."): v for k, v in load_weights_file(folder).items()}
     sd = {ours: theirs[name] for name, ours in CLIP_NAMES.items()}
     for i in range(hf["num_hidden_layers"]):
         src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
-            sd[f"{dst}attn.in_proj_{kind}"] = torch.cat([theirs[f"{src}self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            sd[f"{dst}attn.in_proj_{kind}"] = torch.cat([theirs[f"{src}self_attn.{n}_proj.{kind}"]
+                                                         for n in "qkv"])
             sd |= {f"{dst}{ours}.{kind}": theirs[f"{src}{name}.{kind}"]
                    for name, ours in CLIP_LAYER_NAMES.items()}
     return tower, sd
@@ -781,8 +807,8 @@ def write_clip_tokenizer(folder, pad_token):
 
 
 def read_pad_token(folder):
-    """The pad token of a CLIP tokenizer folder (special_tokens_map.json / tokenizer_config.json; the released
-    ones: '!'), after checking that it is the CLIP BPE with 77 positions that TextEncoder tokenises with."""
+    """The pad token of a CLIP tokenizer folder (special_tokens_map.json / tokenizer_config.json;
+    released: '!'), after checking it is TextEncoder's CLIP BPE with 77 positions."""
     spec = read_json(os.path.join(folder, "special_tokens_map.json")) | read_json(
         os.path.join(folder, "tokenizer_config.json"))
     pad = spec.get("pad_token", "<|endoftext|>")  # CLIPTokenizer's default
@@ -790,15 +816,17 @@ def read_pad_token(folder):
     vocab = read_json(os.path.join(folder, "vocab.json")) or read_json(
         os.path.join(folder, "tokenizer.json")).get("model", {}).get("vocab", {})
     ours = clip_bpe().encoder
-    if (len(vocab) != 49408 or any(ours.get(t, i) != i for t, i in vocab.items() if not t.startswith("<|"))
+    if (len(vocab) != 49408
+            or any(ours.get(t, i) != i for t, i in vocab.items() if not t.startswith("<|"))
             or spec.get("model_max_length", CONTEXT_LENGTH) != CONTEXT_LENGTH):
-        raise ValueError(f"{folder} is not the CLIP BPE tokenizer with 77 positions that TextEncoder implements")
+        raise ValueError(f"{folder} is not the CLIP BPE tokenizer with 77 positions that "
+                         f"TextEncoder implements")
     return pad
 
 
 def fetch_clip_weights(name, pretrained):
-    """Local path of open_clip weights: `pretrained` itself if it is a file, else the Hugging Face cache
-    (downloaded into it first when online). Fails at once, naming the file to fetch, when it cannot be had."""
+    """Local path of open_clip weights: `pretrained` itself if a file, else the Hugging Face cache
+    (downloaded into it first when online). Fails at once, naming the file, if it cannot be had."""
     if os.path.isfile(pretrained):
         return pretrained
     import open_clip
@@ -812,67 +840,73 @@ def fetch_clip_weights(name, pretrained):
         return hub_file(repo, filename)
     except Exception as e:
         raise RuntimeError(
-            f"cannot fetch the CLIP text encoder weights {name} / {pretrained} ({type(e).__name__}; offline?). "
-            f"Download https://huggingface.co/{repo}/resolve/main/{filename} (`huggingface-cli download {repo} "
-            f"{filename}` fills the Hugging Face cache, ~/.cache/huggingface/hub) on a machine with network, or "
-            f"pass the downloaded file's path as the text encoder's pretrained weights") from None
+            f"cannot fetch the CLIP text encoder weights {name} / {pretrained} "
+            f"({type(e).__name__}; offline?). Download https://huggingface.co/{repo}/resolve/main/"
+            f"{filename} (`huggingface-cli download {repo} {filename}` fills the Hugging Face "
+            f"cache, ~/.cache/huggingface/hub) on a machine with network, or pass the downloaded "
+            f"file's path as the text encoder's pretrained weights") from None
 
 
 def add_text_encoder_args(group):
     """The text-tower flags of the training scripts (Stages B and C)."""
-    group.add_argument("--text_encoder", default=None, help="open_clip text architecture, or 'tiny' (a small random "
-                       "tower) (default: per preset)")
-    group.add_argument("--text_pretrained", default=None, help="open_clip pretrained tag or weights file, 'none' for "
-                       "random weights (default: per preset)")
+    group.add_argument("--text_encoder", default=None, help="open_clip text architecture, or "
+                       "'tiny' (a small random tower) (default: per preset)")
+    group.add_argument("--text_pretrained", default=None, help="open_clip pretrained tag or "
+                       "weights file, 'none' for random weights (default: per preset)")
 
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA file (load_lora_weights' default)
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 
 
 def add_finetune_args(group):
     """The fine-tuning flags of the training scripts (Stages B and C)."""
-    group.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="fine-tune the "
-                       "released Würstchen v2 weights from DIR (as sample.py --pretrained reads it; an export of "
-                       "ours too), or without DIR from the Hugging Face cache; their semantic compressor stays "
-                       "frozen. The preset (--model, default paper) then only sets the training defaults")
-    group.add_argument("--lora_rank", type=int, default=0, help="train LoRA adapters of this rank on the frozen "
-                       "--pretrained model instead of all its weights (0: full fine-tune)")
-    group.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale = alpha / rank (default: alpha "
-                       "= rank, scale 1)")
+    group.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR",
+                       help="fine-tune the released Würstchen v2 weights from DIR (as sample.py "
+                       "--pretrained reads it; an export of ours too), or without DIR from the "
+                       "Hugging Face cache; their semantic compressor stays frozen. The preset "
+                       "(--model, default paper) then only sets the training defaults")
+    group.add_argument("--lora_rank", type=int, default=0,
+                       help="train LoRA adapters of this rank on the frozen --pretrained model "
+                       "instead of all its weights (0: full fine-tune)")
+    group.add_argument("--lora_alpha", type=float, default=None,
+                       help="LoRA scale = alpha / rank (default: alpha = rank, scale 1)")
     group.add_argument("--lora_targets", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"],
-                       help="the Linear layers that get adapters, by name or name ending (PEFT's target_modules): "
-                       "the attention projections, as diffusers' prior LoRA script; add channelwise.0 "
-                       "channelwise.4 for the channel MLPs, cond_mapper.0 cond_mapper.2 for Stage C's text mapper")
-    group.add_argument("--epochs", type=float, default=None, help="passes over the training images: sets "
-                       "--max_steps (default when fine-tuning: per preset)")
+                       help="the Linear layers that get adapters, by name or name ending "
+                       "(PEFT's target_modules): the attention projections, as diffusers' prior "
+                       "LoRA script; add channelwise.0 channelwise.4 for the channel MLPs, "
+                       "cond_mapper.0 cond_mapper.2 for Stage C's text mapper")
+    group.add_argument("--epochs", type=float, default=None, help="passes over the training "
+                       "images: sets --max_steps (default when fine-tuning: per preset)")
 
 
 def finetune_defaults(preset, args):
-    """The training defaults of a fine-tune (--pretrained): the preset's "finetune" entry, with its LoRA
-    learning rate under --lora_rank."""
+    """The training defaults of a fine-tune (--pretrained): the preset's "finetune" entry, with its
+    LoRA learning rate under --lora_rank."""
     if "finetune" not in preset:
-        raise ValueError(f"--model {args.model}: --pretrained fine-tunes the released v2 weights (or an export of "
-                         f"ours); this preset has no fine-tuning defaults")
+        raise ValueError(f"--model {args.model}: --pretrained fine-tunes the released v2 weights "
+                         f"(or an export of ours); this preset has no fine-tuning defaults")
     defaults = {k: v for k, v in preset["finetune"].items() if k != "lora_lr"}
     return defaults | ({"lr": preset["finetune"]["lora_lr"]} if args.lora_rank else {})
 
 
 def build_text_encoder(args, preset_spec, ckpt, device):
-    """The frozen text tower of a training run: the checkpoint's when resuming, else the flags' or the preset's.
-    A random tower is built from the seed, so every rank builds the same one (and the checkpoint saves it)."""
+    """The frozen text tower of a run: the checkpoint's when resuming, else the flags' or preset's.
+    A random tower is seeded, so every rank builds the same one (the checkpoint saves it)."""
     spec = ckpt["text_encoder"] if ckpt else {
         "name": args.text_encoder or preset_spec["name"],
-        "pretrained": None if args.text_pretrained == "none" else args.text_pretrained or preset_spec["pretrained"]}
+        "pretrained": (None if args.text_pretrained == "none"
+                       else args.text_pretrained or preset_spec["pretrained"])}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         return TextEncoder.from_spec(spec).to(device)
 
 
-# ---- diffusion / loss
+# -----------------------------------------------------------------------------
+# diffusion / loss
 
 
 def alpha_bar(t, s=0.008):
-    """Cosine schedule \\bar{\\alpha}(t) for continuous t in [0, 1] (t = 1 is pure noise), method §6.1.
+    """Cosine schedule \\bar{\\alpha}(t) (method §6.1), continuous t in [0, 1] (1: pure noise).
 
     cos^2((t + s) / (1 + s) * pi/2) / cos^2(s / (1 + s) * pi/2), clamped to [1e-4, 0.9999].
     """
@@ -902,10 +936,10 @@ def p2_weight(t, k=1.0, gamma=1.0):
 
 
 def diffusion_loss(model, x0, generator=None, return_per_sample=False, **cond):
-    """P2-weighted noise-prediction MSE (method §6.3): per-sample mean over (C, H, W), then batch mean.
+    """P2-weighted noise-prediction MSE (method §6.3): per-sample mean over (C, H, W), batch mean.
 
-    cond is passed to the model by keyword (e.g. effnet=..., clip_text=...). With return_per_sample the
-    result is (loss, per-sample weighted losses (B,), t (B,)), e.g. to log the loss by noise level.
+    cond is passed to the model by keyword (e.g. effnet=..., clip_text=...). return_per_sample gives
+    (loss, per-sample weighted losses (B,), t (B,)), e.g. to log the loss by noise level.
     """
     t = sample_t(x0.shape[0], x0.device, generator)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -915,10 +949,11 @@ def diffusion_loss(model, x0, generator=None, return_per_sample=False, **cond):
     return (loss, per_sample, t) if return_per_sample else loss
 
 
-# ---- sampling
+# -----------------------------------------------------------------------------
+# sampling
 
-# The prior's timestep grid of the released pipelines (method §7.2): 20 dense steps over the noisiest third,
-# then 10 over the rest; 30 values, 29 model evaluations.
+# The prior's timestep grid of the released pipelines (method §7.2): 20 dense steps over the
+# noisiest third, then 10 over the rest; 30 values, 29 model evaluations.
 DEFAULT_STAGE_C_TIMESTEPS = (
     torch.linspace(1.0, 2 / 3, 20, dtype=torch.float64).tolist()
     + torch.linspace(2 / 3, 0.0, 11, dtype=torch.float64).tolist()[1:]
@@ -926,7 +961,7 @@ DEFAULT_STAGE_C_TIMESTEPS = (
 
 
 def timestep_grid(steps):
-    """DDPMWuerstchenScheduler's default grid: linspace(1, 0, steps + 1), i.e. `steps` model evaluations."""
+    """DDPMWuerstchenScheduler's default grid, linspace(1, 0, steps + 1): `steps` model calls."""
     return torch.linspace(1.0, 0.0, steps + 1).tolist()
 
 
@@ -948,13 +983,14 @@ def ddpm_step(x, eps, t, t_prev, generator=None):
 
 
 @torch.no_grad()
-def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, generator=None, progress=False):
+def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, generator=None,
+                progress=False):
     """Ancestral DDPM sampling from `noise` (x at t = 1) with an eps-predicting model (method §7).
 
     timesteps: an int (number of steps on the default grid) or a descending list ending at 0, e.g.
-    DEFAULT_STAGE_C_TIMESTEPS. cond / uncond: keyword dicts for the model, e.g. {'effnet': ..., 'clip_text':
-    ...}. Classifier-free guidance runs cond and uncond as one batch and lerps the predictions,
-    eps = eps_u + w (eps_c - eps_u), only when guidance_scale > 1, as the diffusers pipelines do.
+    DEFAULT_STAGE_C_TIMESTEPS. cond / uncond: keyword dicts for the model, e.g. {'effnet': ...}.
+    Classifier-free guidance, only when guidance_scale > 1 as in the diffusers pipelines, runs cond
+    and uncond as one batch and lerps the predictions: eps = eps_u + w (eps_c - eps_u).
     """
     if isinstance(timesteps, int):
         timesteps = timestep_grid(timesteps)
@@ -964,7 +1000,7 @@ def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, 
     x = noise
     steps = list(zip(timesteps[:-1], timesteps[1:]))
     for t, t_prev in tqdm(steps, disable=not progress, desc="ddpm", leave=False):
-        t_batch = torch.full((x.shape[0] * (2 if guided else 1),), t, device=x.device)  # (B,) or (2B,)
+        t_batch = torch.full((x.shape[0] * (2 if guided else 1),), t, device=x.device)  # (B or 2B,)
         eps = model(torch.cat([x, x]) if guided else x, t_batch, **cond)
         if guided:
             eps_cond, eps_uncond = eps.chunk(2)
@@ -973,11 +1009,12 @@ def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, 
     return x
 
 
-# ---- training
+# -----------------------------------------------------------------------------
+# training
 
 class CompressorAndStageB(nn.Module):
-    """The semantic compressor and Stage B trained jointly as one module (dome272's `Wrapper`, method §3.4), so a
-    single DDP wrapper, optimizer and EMA cover both. forward returns the P2-weighted diffusion loss."""
+    """The compressor and Stage B, trained jointly as one module (dome272's `Wrapper`, §3.4): one
+    DDP wrapper, optimizer and EMA cover both. forward returns the P2-weighted diffusion loss."""
 
     def __init__(self, compressor, stage_b, p_zero_effnet, p_noise_effnet, latent_space=None,
                  train_compressor=True):
@@ -987,17 +1024,18 @@ class CompressorAndStageB(nn.Module):
         self.compressor.requires_grad_(train_compressor)
 
     def train(self, mode=True):
-        """A frozen compressor (fine-tuning) stays in eval mode: its BatchNorm statistics fix Stage C's space."""
+        """A frozen compressor stays in eval mode: its BatchNorm statistics fix Stage C's space."""
         super().train(mode)
         self.compressor.train(mode and self.train_compressor)
         return self
 
     def perturb(self, e):
-        """Conditioning dropout on the semantic latent e (method §3.4, §6.4), drawn per sample (v1 drew once per
-        batch; per sample, as Stable Cascade does, gives every batch a mix): zeroed with p_zero (the
-        unconditional input of CFG), else with p_noise noised by the Stage C diffusion at t ~ U(0, 0.5) in Stage C's
-        space y = (e + shift) / scale, so that Stage B tolerates imperfect Stage C samples. Without fixed constants
-        the space is standardised with the batch's own statistics (what the end-of-training measurement gives)."""
+        """Conditioning dropout on the semantic latent e (method §3.4, §6.4), drawn per sample (v1
+        drew once per batch; per sample, as Stable Cascade does, gives every batch a mix): zeroed
+        with p_zero (the unconditional input of CFG), else with p_noise noised by the Stage C
+        diffusion at t ~ U(0, 0.5) in Stage C's space y = (e + shift) / scale, so that Stage B
+        tolerates imperfect Stage C samples. Without fixed constants the space is standardised with
+        the batch's own statistics (what the end-of-training measurement gives)."""
         B = e.shape[0]
         space = self.latent_space or {"scale": e.detach().std(), "shift": -e.detach().mean()}
         y = (e + space["shift"]) / space["scale"]
@@ -1012,15 +1050,15 @@ class CompressorAndStageB(nn.Module):
         return diffusion_loss(self.stage_b, latents, effnet=effnet, clip_text=clip_text)
 
     def checkpoint_entries(self, ema):
-        """A Stage B checkpoint's weights: trained and EMA, of the Stage B (its LoRA adapters alone when it
-        has them: common.trained_state) and the compressor."""
+        """A Stage B checkpoint's weights: trained and EMA, of the Stage B (its LoRA adapters alone
+        when it has them: common.trained_state) and the compressor."""
         return {"model": trained_state(self.stage_b), "ema": trained_state(ema.stage_b),
                 "compressor": self.compressor.state_dict(),
                 "compressor_ema": ema.compressor.state_dict()}
 
     def restore(self, ckpt, ema, opt, scaler):
-        """--resume: the weights of checkpoint_entries, the optimizer and the loss scaler. `ema` may be
-        this module itself (fine-tuning keeps no EMA)."""
+        """--resume: the weights of checkpoint_entries, the optimizer and the loss scaler. `ema` may
+        be this module itself (fine-tuning keeps no EMA)."""
         load_trained(self.stage_b, ckpt["model"], "the checkpoint's Stage B")
         self.compressor.load_state_dict(ckpt["compressor"])
         if ema is not self:
@@ -1031,12 +1069,11 @@ class CompressorAndStageB(nn.Module):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen Stage A encoding of a whole (small) dataset, computed once (encode_dataset)
-    and kept on disk (cache_stage_a) instead of at every step (there is no random augmentation, so it
-    never changes): `encode` maps images to the latents (B, 4, H/4, W/4) here, to the tokens (B, H/4,
-    W/4) for Paella. Items are (image, caption, latent): the images are still read, for the compressor.
-    With aspect-ratio buckets the latents come in several shapes, one per bucket (`sizes`, as the
-    dataset's)."""
+    """--cache: a (small) dataset's frozen Stage A encoding, computed once (encode_dataset, kept
+    on disk by cache_stage_a) instead of at every step: no random augmentation, so it never changes.
+    `encode` gives the latents (B, 4, H/4, W/4) here, the tokens (B, H/4, W/4) for Paella. Items are
+    (image, caption, latent): the images are still read, for the compressor. With aspect-ratio
+    buckets the latents come in several shapes, one per bucket (`sizes`, as the dataset's)."""
 
     def __init__(self, dataset, latents):
         self.dataset, self.sizes, self.latents = dataset, sizes_of(dataset), latents
@@ -1044,11 +1081,12 @@ class LatentCache(torch.utils.data.Dataset):
     @staticmethod
     @torch.no_grad()
     def encode_dataset(dataset, encode, rt, batch_size=64, num_workers=2, verbose=True):
-        """{"latents": encode(image) of every image, on the CPU (float32 latents, or tokens)}: what a
-        LatentCache holds."""
+        """{"latents": encode(image) of every image, on the CPU (float32 latents, or tokens)}: what
+        a LatentCache holds."""
         latents = [None] * len(dataset)
         batches = same_size_batches(dataset, batch_size, num_workers)
-        for indices, (images, _) in tqdm(batches, "cache: Stage A encoding", disable=not verbose, leave=False):
+        for indices, (images, _) in tqdm(batches, "cache: Stage A encoding", disable=not verbose,
+                                         leave=False):
             with rt.autocast():
                 encoded = encode(images.to(rt.device)).cpu()  # (B, 4, H/4, W/4) or (B, H/4, W/4)
             for i, latent in zip(indices, encoded):
@@ -1064,13 +1102,14 @@ class LatentCache(torch.utils.data.Dataset):
 
 
 def cache_stage_a(trainset, encode, stage_a, args, rt, logger):
-    """--cache of both Stage B scripts: the LatentCache of `trainset` under Stage A's `encode` (its
-    latents, or Paella's tokens), computed once per dataset and Stage A and kept in out_dir/cache/, which
-    re-runs and --resume read (common.disk_cached)."""
+    """--cache of both Stage B scripts: `trainset`'s LatentCache under `encode`, computed once per
+    dataset and Stage A into out_dir/cache/, read by re-runs and --resume (common.disk_cached)."""
     from data import dataset_key
-    key = {"data": dataset_key(trainset), "stage_a": weights_fingerprint(stage_a), "encode": encode.__name__}
+    key = {"data": dataset_key(trainset), "stage_a": weights_fingerprint(stage_a),
+           "encode": encode.__name__}
     state, path, built = disk_cached(os.path.join(args.out_dir, "cache", "stage_b"), key, lambda: (
-        LatentCache.encode_dataset(trainset, encode, rt, num_workers=args.num_workers, verbose=rt.master)), rt)
+        LatentCache.encode_dataset(trainset, encode, rt, num_workers=args.num_workers,
+                                   verbose=rt.master)), rt)
     logger.log(f"cache: {'wrote' if built else 'read'} {path}: the Stage A {encode.__name__} of "
                f"{len(trainset)} images")
     return LatentCache(trainset, **state)
@@ -1090,7 +1129,7 @@ def build_compressor(cfg, random_init, rt, logger):
 
 @torch.no_grad()
 def measure_latent_space(compressor, images):
-    """Constants of Stage C's space y = (e + shift) / scale: y gets zero mean and unit std over `images`."""
+    """Constants of Stage C's space y = (e + shift) / scale: y of mean 0 and std 1 over `images`."""
     e = compressor(images).float()
     return {"scale": round(e.std().item(), 4), "shift": round(-e.mean().item(), 4)}
 
@@ -1119,8 +1158,9 @@ def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encod
     kinds = kinds or {"diffnext": (StageB, StageBConfig)}
     ckpt = load_checkpoint(path, "stage_b")
     if ckpt.get("lora") and "stage_b" in parts:
-        raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): sample with "
-                              f"--lora {os.path.join(os.path.dirname(path), LORA_FILE)} on the decoder it adapts")
+        raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): "
+                              f"sample with --lora {os.path.join(os.path.dirname(path), LORA_FILE)}"
+                              f" on the decoder it adapts")
     out = {"latent_space": ckpt["latent_space"], "ckpt": ckpt}
     if "stage_b" in parts:
         model, config = kinds[check_kind(ckpt, path, kinds)]
@@ -1137,45 +1177,52 @@ def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encod
     return out
 
 
-# ---- the released weights (method §8.1): where they are, checked; what sampling and fine-tuning build from them
+# -----------------------------------------------------------------------------
+# the released weights (method §8.1): where they are, checked, and the models built from them
 
 PRIOR_REPO, DECODER_REPO = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
-OFFICIAL_FILES = {"stage_c": "model_v3_stage_c.pt", "stage_b": "model_v2_stage_b.pt", "stage_a": "vqgan_f4_v1_500k.pt"}
-# the semantic compressor of the released v2 (EfficientNetV2-S, `effnet_state_dict`), as diffusers' prior fine-tuning
-# scripts fetch it: no diffusers repository holds it
+OFFICIAL_FILES = {"stage_c": "model_v3_stage_c.pt", "stage_b": "model_v2_stage_b.pt",
+                  "stage_a": "vqgan_f4_v1_500k.pt"}
+# the semantic compressor of the released v2 (EfficientNetV2-S, `effnet_state_dict`), as diffusers'
+# prior fine-tuning scripts fetch it: no diffusers repository holds it
 COMPRESSOR_FILE = ("dome272/wuerstchen", "model_v2_stage_b.pt")
-# the open_clip towers with the weights of the repositories' text_encoder/ folders (--open_clip), for Stages C and B
-OPEN_CLIP_TEXT = {"c": ("ViT-bigG-14", "laion2b_s39b_b160k"), "b": ("ViT-H-14", "laion2b_s32b_b79k")}
+# the open_clip towers with the weights of the text_encoder/ folders (--open_clip), Stages C and B
+OPEN_CLIP_TEXT = {"c": ("ViT-bigG-14", "laion2b_s39b_b160k"),
+                  "b": ("ViT-H-14", "laion2b_s32b_b79k")}
 # the schedule's constants (alpha_bar) as scheduler_config.json states them
 SCHEDULER = {"_class_name": "DDPMWuerstchenScheduler", "s": 0.008, "scaler": 1.0}
 RELEASED_LAYOUT = """\
-  {root}/wuerstchen-prior/   <- hf download warp-ai/wuerstchen-prior --local-dir {root}/wuerstchen-prior
-      model_index.json  prior/  text_encoder/  tokenizer/  scheduler/
-  {root}/wuerstchen/         <- hf download warp-ai/wuerstchen --local-dir {root}/wuerstchen
-      model_index.json  decoder/  vqgan/  text_encoder/  tokenizer/  scheduler/
+  {root}/wuerstchen-prior/  model_index.json  prior/  text_encoder/  tokenizer/  scheduler/
+      <- hf download warp-ai/wuerstchen-prior --local-dir {root}/wuerstchen-prior
+  {root}/wuerstchen/  model_index.json  decoder/  vqgan/  text_encoder/  tokenizer/  scheduler/
       (and in an --export of ours: semantic_compressor/)
-  Instead of prior/, decoder/ and vqgan/, the official files may lie in {root} itself (model_v2_stage_b.pt also
-  holds the semantic compressor that --variation, --init_image and fine-tuning need):
-      model_v3_stage_c.pt  model_v2_stage_b.pt  vqgan_f4_v1_500k.pt   <- hf download dome272/wuerstchen
-                                                                          model_v3_stage_c.pt ... --local-dir {root}
-  With --open_clip the text towers are open_clip's ViT-bigG-14 laion2b_s39b_b160k and ViT-H-14 laion2b_s32b_b79k
-  (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
-  from the Hugging Face cache) instead of the text_encoder/ folders.
+      <- hf download warp-ai/wuerstchen --local-dir {root}/wuerstchen
+  Instead of prior/, decoder/ and vqgan/, the official files may lie in {root} itself
+  (model_v2_stage_b.pt also holds the semantic compressor that --variation, --init_image and
+  fine-tuning need):
+      model_v3_stage_c.pt  model_v2_stage_b.pt  vqgan_f4_v1_500k.pt
+      <- hf download dome272/wuerstchen model_v3_stage_c.pt ... --local-dir {root}
+  With --open_clip the text towers are open_clip's ViT-bigG-14 laion2b_s39b_b160k and ViT-H-14
+  laion2b_s32b_b79k (open_clip_pytorch_model.bin of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k and
+  laion/CLIP-ViT-H-14-laion2B-s32B-b79K, from the Hugging Face cache) instead of the text_encoder/
+  folders.
   sample.py: a folder with the official v1 files runs the v1 chain instead (sample.V1_LAYOUT)."""
 
 
 def find_released(root=None, text_folders=True, compressor=False):
-    """Paths of the released components in `root` (RELEASED_LAYOUT) or, when root is None, in the Hugging Face cache
-    (downloaded into it first when online; the compressor, when asked for, from COMPRESSOR_FILE). Anything missing
-    -> FileNotFoundError saying what to download and where, at once: offline, huggingface_hub's snapshot_download
-    gives up after one failed request, without retries."""
+    """Paths of the released components in `root` (RELEASED_LAYOUT) or, when root is None, in the
+    Hugging Face cache (downloaded into it first when online; the compressor, when asked for, from
+    COMPRESSOR_FILE). Anything missing -> FileNotFoundError saying what to download and where, at
+    once (offline, huggingface_hub's snapshot_download gives up after one request, no retries)."""
     if root is None:
         try:
             prior, decoder = hub_snapshot(PRIOR_REPO), hub_snapshot(DECODER_REPO)
         except Exception as e:  # offline and not cached, or no such repository
-            raise FileNotFoundError(released_help(None, [f"{PRIOR_REPO} and {DECODER_REPO} ({type(e).__name__})"]))
+            raise FileNotFoundError(released_help(
+                None, [f"{PRIOR_REPO} and {DECODER_REPO} ({type(e).__name__})"]))
     else:
-        prior, decoder = (os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
+        prior, decoder = (os.path.join(root, repo.split("/")[1])
+                          for repo in (PRIOR_REPO, DECODER_REPO))
 
     def first(*paths):
         return next((p for p in paths if p and os.path.exists(p)), None)
@@ -1190,9 +1237,10 @@ def find_released(root=None, text_folders=True, compressor=False):
             paths["compressor"] = hub_file(*COMPRESSOR_FILE)
         except Exception:  # named below
             pass
-    for k, repo in (("c", prior), ("b", decoder)):  # text_encoder_c, tokenizer_c, scheduler_c, index_c, ..._b
+    for k, repo in (("c", prior), ("b", decoder)):  # text_encoder_c, tokenizer_c, ..., index_b
         for part, name in (("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
-                           ("scheduler", "scheduler/scheduler_config.json"), ("index", "model_index.json")):
+                           ("scheduler", "scheduler/scheduler_config.json"),
+                           ("index", "model_index.json")):
             paths[f"{part}_{k}"] = first(os.path.join(repo, name))
     needed = (["stage_c", "stage_b", "stage_a"] + ["compressor"] * compressor
               + (["text_encoder_c", "text_encoder_b"] if text_folders else []))
@@ -1203,24 +1251,27 @@ def find_released(root=None, text_folders=True, compressor=False):
 
 
 def hub_snapshot(repo):
-    """The repository's folder in the Hugging Face cache, downloaded first when online: configs, tokenizer and
-    safetensors weights (pytorch .bin weights only for folders without safetensors; no fp16 copies)."""
+    """The repository's folder in the Hugging Face cache, downloaded first when online: configs,
+    tokenizer, safetensors weights (.bin only for folders without safetensors; no fp16 copies)."""
     from huggingface_hub import snapshot_download
-    folder = snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors"], ignore_patterns=["*fp16*"])
+    folder = snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                               ignore_patterns=["*fp16*"])
     bare = [f"{d}/*.bin" for d in ("prior", "decoder", "vqgan", "text_encoder")
-            if os.path.isdir(os.path.join(folder, d)) and not glob.glob(os.path.join(folder, d, "*.safetensors"))]
+            if os.path.isdir(os.path.join(folder, d))
+            and not glob.glob(os.path.join(folder, d, "*.safetensors"))]
     return snapshot_download(repo, allow_patterns=bare) if bare else folder
 
 
 def released_help(root, missing):
     where = root or "DIR"
     repo, name = COMPRESSOR_FILE
-    return (f"the released Würstchen v2 weights were not found (missing: {', '.join(missing)}). On a machine with "
-            f"network, download the two repositories (about 3.1 B parameters in all) and pass their folder, "
-            f"`python sample.py --pretrained {where} --prompt ...`:\n{RELEASED_LAYOUT.format(root=where)}\n"
-            f"Or fill the Hugging Face cache (~/.cache/huggingface/hub) with `hf download {PRIOR_REPO}` and "
-            f"`hf download {DECODER_REPO}` (and, to fine-tune, `hf download {repo} {name}`: the semantic "
-            f"compressor) and pass --pretrained without a folder.")
+    return (f"the released Würstchen v2 weights were not found (missing: {', '.join(missing)}). "
+            f"On a machine with network, download the two repositories (about 3.1 B parameters in "
+            f"all) and pass their folder, `python sample.py --pretrained {where} --prompt ...`:\n"
+            f"{RELEASED_LAYOUT.format(root=where)}\n"
+            f"Or fill the Hugging Face cache (~/.cache/huggingface/hub) with `hf download "
+            f"{PRIOR_REPO}` and `hf download {DECODER_REPO}` (and, to fine-tune, `hf download "
+            f"{repo} {name}`: the semantic compressor) and pass --pretrained without a folder.")
 
 
 def frozen(model, device, dtype=torch.float32):
@@ -1229,83 +1280,95 @@ def frozen(model, device, dtype=torch.float32):
 
 
 def open_released(root=None, open_clip_text=False, decoder_cfg=None, compressor=False):
-    """The released Würstchen v2 weights (method §8) or an export of ours, found by find_released (the semantic
-    compressor required with `compressor`) and checked against the constants the method fixes; nothing is loaded
-    yet. Returns {"builders": name -> function that builds that model (float32, on the CPU): text_encoder_c,
-    text_encoder_b, stage_b, stage_a, and compressor when there is one; "paths"; "latent_space": y = (e + shift)
-    / scale, from the prior's model_index.json (released: 42 and 1); "image_sizes": the training sizes of Stages
-    C and B (released: 1024)}. The prior (stage_c.py) loads from paths["stage_c"]. open_clip_text: the open_clip
-    towers instead of the repositories' transformers text encoders (the same weights). decoder_cfg: the
+    """The released Würstchen v2 weights (method §8) or an export of ours, found by find_released
+    (the semantic compressor required with `compressor`) and checked against the constants the
+    method fixes; nothing is loaded yet. Returns {"builders": name -> a function building that
+    model (float32, CPU): text_encoder_c, text_encoder_b, stage_b, stage_a, and compressor if there
+    is one; "paths"; "latent_space": y = (e + shift) / scale, from the prior's model_index.json
+    (released: 42 and 1); "image_sizes": the training sizes of Stages C and B (released: 1024)}.
+    The prior (stage_c.py) loads from paths["stage_c"]. open_clip_text: the open_clip towers instead
+    of the repositories' transformers text encoders (the same weights). decoder_cfg: the
     StageBConfig of an official model_v2_stage_b.pt that is not the released size."""
     paths = find_released(root, text_folders=not open_clip_text, compressor=compressor)
     prior_index, decoder_index = read_json(paths["index_c"]), read_json(paths["index_b"])
-    # the constants the method (round_size, decode_stage_c, alpha_bar) hard-codes, as the repositories state them
-    checks = {"resolution_multiple": (prior_index.get("resolution_multiple", RESOLUTION_MULTIPLE), RESOLUTION_MULTIPLE),
-              "latent_dim_scale": (decoder_index.get("latent_dim_scale", LATENT_DIM_SCALE), LATENT_DIM_SCALE)}
+    # constants the method hard-codes (round_size, decode_stage_c, alpha_bar), per the repositories
+    checks = {"resolution_multiple": (prior_index.get("resolution_multiple", RESOLUTION_MULTIPLE),
+                                      RESOLUTION_MULTIPLE),
+              "latent_dim_scale": (decoder_index.get("latent_dim_scale", LATENT_DIM_SCALE),
+                                   LATENT_DIM_SCALE)}
     for k in "cb":
         sched = read_json(paths[f"scheduler_{k}"])
         found = {key: sched.get(key, SCHEDULER[key]) for key in ("s", "scaler")}
         checks[f"scheduler {k}"] = (found, {key: SCHEDULER[key] for key in found})
     wrong = {k: found for k, (found, ours) in checks.items() if found != ours}
     if wrong:
-        raise ValueError(f"these weights use other constants than Würstchen v2 and this code: {wrong}")
-    # the tokenizers' pad tokens (LAION's '!' when there is no tokenizer folder); open_clip weights found now, not later
-    pad_tokens = {k: read_pad_token(paths[f"tokenizer_{k}"]) if paths[f"tokenizer_{k}"] else "!" for k in "cb"}
+        raise ValueError(f"these weights use other constants than Würstchen v2 and this code: "
+                         f"{wrong}")
+    # pad tokens (LAION's '!' without a tokenizer folder); open_clip weights found now, not later
+    pad_tokens = {k: read_pad_token(paths[f"tokenizer_{k}"]) if paths[f"tokenizer_{k}"] else "!"
+                  for k in "cb"}
     weights = {k: fetch_clip_weights(*OPEN_CLIP_TEXT[k]) for k in "cb"} if open_clip_text else {}
 
-    def text_encoder(k):  # the repository's transformers CLIPTextModel, or the open_clip tower with its weights
+    def text_encoder(k):  # the repository's CLIPTextModel, or the open_clip tower with its weights
         if open_clip_text:
             return TextEncoder(OPEN_CLIP_TEXT[k][0], weights[k], pad_tokens[k])
         return TextEncoder("transformers", paths[f"text_encoder_{k}"], pad_tokens[k])
 
-    builders = {"text_encoder_c": lambda: text_encoder("c"), "text_encoder_b": lambda: text_encoder("b"),
+    builders = {"text_encoder_c": lambda: text_encoder("c"),
+                "text_encoder_b": lambda: text_encoder("b"),
                 "stage_b": lambda: StageB.from_pretrained(paths["stage_b"], decoder_cfg),
                 "stage_a": lambda: StageA.from_pretrained(paths["stage_a"])}
     if paths["compressor"]:
         builders["compressor"] = lambda: SemanticCompressor.from_pretrained(paths["compressor"])
-    # the prior pipeline's e = latent_mean * y - latent_std: Stage C's space y = (e + 1) / 42 (method §3.3)
+    # the prior pipeline's e = latent_mean * y - latent_std: y = (e + 1) / 42 (method §3.3)
     latent_space = {"scale": prior_index.get("latent_mean", RELEASED_LATENT_SPACE["scale"]),
                     "shift": prior_index.get("latent_std", RELEASED_LATENT_SPACE["shift"])}
     image_sizes = {"c": prior_index.get("_train_image_size", 1024),  # released: 1024 px
                    "b": decoder_index.get("_train_image_size", 1024)}
-    return {"builders": builders, "paths": paths, "latent_space": latent_space, "image_sizes": image_sizes}
+    return {"builders": builders, "paths": paths, "latent_space": latent_space,
+            "image_sizes": image_sizes}
 
 
 def train(args):
     preset = PRESETS[preset_name(args)]
-    # --pretrained: fine-tune the released (or exported) decoder on these images; their semantic compressor stays
-    # frozen, so the latent space Stage C samples in does not move
-    released = open_released(args.pretrained or None, compressor=True) if args.pretrained is not None else None
+    # --pretrained: fine-tune the released (or exported) decoder on these images; their semantic
+    # compressor stays frozen, so the latent space Stage C samples in does not move
+    released = (open_released(args.pretrained or None, compressor=True)
+                if args.pretrained is not None else None)
     if args.lora_rank and not released:
         raise ValueError("--lora_rank adapts a pretrained Stage B: give --pretrained [DIR]")
-    defaults = finetune_defaults(preset, args) | {"image_size": released["image_sizes"]["b"]} if released \
-        else preset["train"]
+    defaults = (finetune_defaults(preset, args) | {"image_size": released["image_sizes"]["b"]}
+                if released else preset["train"])
     rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", defaults)
     if ckpt:
         check_kind(ckpt, ckpt_path, ("diffnext",))
     if released:
         build = released["builders"]
-        stage_a, compressor = frozen(build["stage_a"](), rt.device), frozen(build["compressor"](), rt.device)
+        stage_a, compressor = (frozen(build["stage_a"](), rt.device),
+                               frozen(build["compressor"](), rt.device))
         stage_b, latent_space = build["stage_b"]().requires_grad_(True), released["latent_space"]
         text_encoder = build_text_encoder(args, None, ckpt, rt.device) if ckpt else \
             frozen(build["text_encoder_b"](), rt.device)
     else:
         stage_b = StageB(StageBConfig(**ckpt["model_config"]) if ckpt else preset["model"])
         compressor = build_compressor(CompressorConfig(**ckpt["compressor_config"]) if ckpt else
-                                      preset["compressor"], args.no_imagenet or ckpt is not None, rt, logger)
+                                      preset["compressor"], args.no_imagenet or ckpt is not None,
+                                      rt, logger)
         text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)  # frozen
-        # frozen Stage A (EMA weights), rebuilt from its checkpoint alone: images -> latents / scale_factor
+        # frozen Stage A (EMA weights) from its checkpoint alone: images -> latents / scale_factor
         stage_a, latent_space = load_stage_a(args.stage_a, rt.device), preset["latent_space"]
     cfg, ccfg = stage_b.cfg, compressor.cfg
-    logger.log(f"stage B | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
-               f"world {rt.world_size} | {'fine-tune of --pretrained ' + args.pretrained if released else 'config'}"
-               f" {asdict(cfg)} | compressor {asdict(ccfg)}{' (frozen)' * bool(released)} | "
+    logger.log(f"stage B | preset {args.model} | {rt.device} "
+               f"{str(rt.dtype).replace('torch.', '')} | world {rt.world_size} | "
+               f"{'fine-tune of --pretrained ' + args.pretrained if released else 'config'} "
+               f"{asdict(cfg)} | compressor {asdict(ccfg)}{' (frozen)' * bool(released)} | "
                f"text {text_encoder.spec['name']} / {text_encoder.spec['pretrained']}")
     if stage_a.cfg.c_latent != cfg.c_in:
-        raise ValueError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, Stage B expects {cfg.c_in}")
+        raise ValueError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, "
+                         f"Stage B expects {cfg.c_in}")
     if text_encoder.width != cfg.clip_embd:
-        raise ValueError(f"text encoder {text_encoder.spec['name']} is {text_encoder.width} wide; the "
-                         f"{args.model} Stage B expects clip_embd {cfg.clip_embd}")
+        raise ValueError(f"text encoder {text_encoder.spec['name']} is {text_encoder.width} wide; "
+                         f"the {args.model} Stage B expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
     from data import folder_captions, image_batches, open_data
@@ -1315,38 +1378,42 @@ def train(args):
         held_latents = stage_a.encode(held_images)  # (N, 4, S/4, S/4)
     multiple = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
     if held_latents.shape[-1] % multiple:
-        raise ValueError(f"--image_size {args.image_size} gives {held_latents.shape[-1]} px latents; Stage B "
-                         f"needs a multiple of {multiple} (image size a multiple of {4 * multiple})")
+        raise ValueError(f"--image_size {args.image_size} gives {held_latents.shape[-1]} px "
+                         f"latents; Stage B needs a multiple of {multiple} (image size a multiple "
+                         f"of {4 * multiple})")
     captions = folder_captions(trainset) if args.epochs or released else None  # None for tar shards
     if args.epochs:
         epochs_to_steps(args, captions)
-    if released and captions is not None:  # what makes a small-data fine-tune learn nothing, said now
+    if released and captions is not None:  # what makes a small fine-tune learn nothing, said now
         passes = args.max_steps * args.batch_size / len(captions)
         for warning in finetune_warnings(args.lr, defaults["lr"], passes, sum(map(bool, captions))):
             logger.log(f"warning: {warning}")
 
-    # models, EMA and optimizer: compressor + Stage B together (weights stay fp32; autocast does the rest); when
-    # fine-tuning only Stage B (or its LoRA adapters) trains
-    model = CompressorAndStageB(compressor, stage_b, args.p_zero_effnet, args.p_noise_effnet, latent_space,
-                                train_compressor=not released).to(rt.device)
+    # models, EMA and optimizer: compressor + Stage B together (weights stay fp32; autocast does the
+    # rest); when fine-tuning only Stage B (or its LoRA adapters) trains
+    model = CompressorAndStageB(compressor, stage_b, args.p_zero_effnet, args.p_noise_effnet,
+                                latent_space, train_compressor=not released).to(rt.device)
     channels_last_convs(model.stage_b)  # as its activations: no gradient copies under DDP
     lora = None
     if args.lora_rank:  # the base stays frozen; adapters start at zero: step 0 is the base model
-        add_lora(model.stage_b, args.lora_targets, args.lora_rank, args.lora_alpha or args.lora_rank)
-        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank, "targets": args.lora_targets}
-    ema = deepcopy(model).eval().requires_grad_(False) if args.ema_decay else model  # fine-tuning: no EMA
+        add_lora(model.stage_b, args.lora_targets, args.lora_rank,
+                 args.lora_alpha or args.lora_rank)
+        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
+                "targets": args.lora_targets}
+    ema = deepcopy(model).eval().requires_grad_(False) if args.ema_decay else model  # 0: no EMA
     trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2),
+                            weight_decay=args.weight_decay)
     scaler = rt.make_scaler()
-    logger.log(f"parameters: Stage B {sum(p.numel() for p in model.stage_b.parameters()):,} | semantic compressor "
-               f"{sum(p.numel() for p in compressor.parameters()):,} | text encoder (frozen) "
-               f"{sum(p.numel() for p in text_encoder.parameters()):,} | trained "
-               f"{sum(map(torch.numel, trained)):,}{', LoRA ' + str(lora) if lora else ''}")
+    logger.log(f"parameters: Stage B {sum(p.numel() for p in model.stage_b.parameters()):,} | "
+               f"semantic compressor {sum(p.numel() for p in compressor.parameters()):,} | "
+               f"text encoder (frozen) {sum(p.numel() for p in text_encoder.parameters()):,} | "
+               f"trained {sum(map(torch.numel, trained)):,}{', LoRA ' + str(lora) if lora else ''}")
     if args.cache:  # computed once per dataset and Stage A, on disk: re-runs and --resume read it
         trainset = cache_stage_a(trainset, stage_a.encode, stage_a, args, rt, logger)
     step = ckpt["step"] if ckpt else 0
-    # the batch stream is a function of the step (exact resume); making its iterator draws from the global RNG,
-    # so it comes before the RNG state is restored
+    # the batch stream is a function of the step (exact resume); making its iterator draws from the
+    # global RNG, so it comes before the RNG state is restored
     batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
                                args.grad_accum, ckpt and ckpt.get("data"))
     if ckpt:
@@ -1359,15 +1426,16 @@ def train(args):
     model = wrap_ddp(model, rt)  # under DDP, the compressor's BatchNorms see the global batch
     guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
     with torch.no_grad():
-        stage_a_psnr = psnr(stage_a.decode(held_latents).float(), held_images)  # the ceiling for Stage B
+        stage_a_psnr = psnr(stage_a.decode(held_latents).float(), held_images)  # Stage B's ceiling
 
     @torch.no_grad()
     def preview():
-        """The path a user cares about, on the held-out images: image -> semantic compressor -> Stage B sampling
-        -> Stage A decode (EMA); a grid of inputs (top) and reconstructions, and the PSNR."""
+        """The path a user cares about, on the held-out images: image -> compressor -> Stage B
+        sampling -> Stage A decode (EMA); a grid (inputs on top, then reconstructions), the PSNR."""
         g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
         noise = torch.randn(held_latents.shape, generator=g, device=rt.device)
-        cond = {"effnet": ema.compressor(held_images), "clip_text": text_encoder.encode(held_captions)}
+        cond = {"effnet": ema.compressor(held_images),
+                "clip_text": text_encoder.encode(held_captions)}
         ema.eval()
         with rt.autocast():
             recon = stage_a.decode(ddpm_sample(ema.stage_b, noise, args.steps_b, cond, generator=g))
@@ -1375,8 +1443,9 @@ def train(args):
         path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
         save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)
         metrics = {"holdout_psnr": psnr(recon, held_images), "stage_a_psnr": stage_a_psnr}
-        logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB (image -> compressor -> "
-                   f"Stage B, {args.steps_b} steps -> Stage A; Stage A alone {stage_a_psnr:.2f} dB)")
+        logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB (image -> "
+                   f"compressor -> Stage B, {args.steps_b} steps -> Stage A; Stage A alone "
+                   f"{stage_a_psnr:.2f} dB)")
         model.train()
         return metrics
 
@@ -1385,8 +1454,9 @@ def train(args):
         save_checkpoint(ckpt_path, {
             "stage": "stage_b", "kind": "diffnext", "step": step, "model_config": asdict(cfg),
             "compressor_config": asdict(ccfg)} | raw_model.checkpoint_entries(ema) | {
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": vars(args),
-            "latent_space": space, "text_encoder": text_encoder.checkpoint_entry(), "lora": lora, **run_state,
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "train_config": vars(args), "latent_space": space,
+            "text_encoder": text_encoder.checkpoint_entry(), "lora": lora, **run_state,
             "deps": {"pretrained": released["paths"]} if released else {
                 "stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)},
             "metrics": metrics})
@@ -1396,7 +1466,7 @@ def train(args):
         return space
 
     metrics, space = {}, None
-    if rt.master and released and step == 0:  # the released decoder on these images, before fine-tuning
+    if rt.master and released and step == 0:  # the released decoder, before fine-tuning
         metrics = preview()
     progress = Progress(args, rt, logger, step, "stage B")
     model.train()
@@ -1406,7 +1476,7 @@ def train(args):
         for micro in range(args.grad_accum):
             images, captions, *cached = next(batches)  # cached: [Stage A latents] with --cache
             images = images.to(rt.device, non_blocking=True)
-            drop = torch.rand(len(captions)) < args.p_drop_text  # CFG dropout: empty caption, per sample
+            drop = torch.rand(len(captions)) < args.p_drop_text  # CFG: empty caption, per sample
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             with torch.no_grad(), rt.autocast():
                 # (B, 4, S/4, S/4): unquantised Stage A latents / scale_factor
@@ -1423,7 +1493,8 @@ def train(args):
         step += 1
         log, preview_now, checkpoint = progress.step(step)
         if log:
-            progress.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr, guard.skipped)
+            progress.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
+                         guard.skipped)
         if rt.master and (preview_now or checkpoint) and raw_model.train_compressor:
             with rt.autocast():  # the EMA compressor's BatchNorms: own statistics
                 recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
@@ -1434,21 +1505,24 @@ def train(args):
             run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 space = save(metrics, run_state)
-    progress.close(f"held-out reconstruction PSNR {metrics.get('holdout_psnr', float('nan')):.2f} dB | "
-                   f"latent space {space} | checkpoint {ckpt_path}")
+    progress.close(f"held-out reconstruction PSNR "
+                   f"{metrics.get('holdout_psnr', float('nan')):.2f} dB | latent space {space} | "
+                   f"checkpoint {ckpt_path}")
 
 
-# ---- CLI
+# -----------------------------------------------------------------------------
+# CLI
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train Stage B of Würstchen (semantic compressor + DiffNeXt decoder) "
-                                     "on a folder of images, on top of a trained Stage A.",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description="Train Stage B of Würstchen (semantic "
+                                     "compressor + DiffNeXt decoder) on a folder of images, on top "
+                                     "of a trained Stage A.", formatter_class=HelpFormatter)
     add_common_args(parser, "stage_b")
     g = parser.add_argument_group("stage B")
     add_stage_b_args(g)
-    g.add_argument("--steps_b", type=int, default=12, help="Stage B DDPM steps of the preview reconstructions")
+    g.add_argument("--steps_b", type=int, default=12,
+                   help="Stage B DDPM steps of the preview reconstructions")
     add_finetune_args(parser.add_argument_group("fine-tuning (--pretrained)"))
     return parser.parse_args(argv)
 
@@ -1467,9 +1541,9 @@ def add_stage_b_args(group):
     group.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a "
                        "Stage-C-noised semantic latent (t ~ U(0, 0.5)), per sample")
     group.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
-                       help="encode the whole dataset with Stage A once, kept in out_dir/cache/ for "
-                       "re-runs and --resume (small datasets; default: per preset, on for tiny and "
-                       "when fine-tuning)")
+                       help="encode the whole dataset with Stage A once, kept in out_dir/cache/ "
+                       "for re-runs and --resume (small datasets; default: per preset, on for tiny "
+                       "and when fine-tuning)")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ from stage_b import (AttnBlock, CompressorAndStageB, CompressorConfig, Dropout, 
                      dome272_init, dome272_to_diffusers, measure_latent_space, r_embedding,
                      sample_t, unet_levels)
 
-# ---- config
+# -----------------------------------------------------------------------------
+# config
 
 
 @dataclass
@@ -114,7 +115,8 @@ PRESETS = {
                    beta2=0.95, cache=False)),
 }
 
-# ---- model
+# -----------------------------------------------------------------------------
+# model
 
 
 class FeedForwardBlock(nn.Module):
@@ -258,7 +260,8 @@ class Paella(nn.Module):
 # the kinds of Stage B a checkpoint can hold ("kind"), for stage_b.load_stage_b (Stage C, sample.py)
 STAGE_B_KINDS = {"diffnext": (StageB, StageBConfig), "paella": (Paella, PaellaConfig)}
 
-# ---- corruption and loss
+# -----------------------------------------------------------------------------
+# corruption and loss
 
 
 def corrupt(tokens, t, num_labels, replacement=None, generator=None):
@@ -302,7 +305,8 @@ class CompressorAndPaella(CompressorAndStageB):
         effnet = self.perturb(self.compressor(images))  # (B, 16, h, w)
         return token_loss(self.stage_b, tokens, effnet=effnet, clip_text=clip_text)
 
-# ---- sampling
+# -----------------------------------------------------------------------------
+# sampling
 
 
 def linear_schedule(value, steps):
@@ -380,7 +384,8 @@ def sample_images(model, stage_a, effnet, clip_text, uncond_clip_text, token_hw,
                            progress=progress, **sampling)
     return stage_a.decode_indices(tokens).float().clamp(0, 1)
 
-# ---- training
+# -----------------------------------------------------------------------------
+# training
 
 
 def train(args):
@@ -493,8 +498,8 @@ def train(args):
         step += 1
         log, preview, checkpoint = progress.step(step)
         if log:
-            progress.log(step, {"loss": loss.item(), "acc": acc.item(), "grad_norm": grad_norm.item()},
-                         lr, guard.skipped)
+            progress.log(step, {"loss": loss.item(), "acc": acc.item(),
+                                "grad_norm": grad_norm.item()}, lr, guard.skipped)
         if rt.master and (preview or checkpoint):  # the EMA compressor's BatchNorms: own statistics
             with rt.autocast():
                 recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
@@ -512,10 +517,12 @@ def train(args):
             run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 space = save(metrics, run_state)
-    progress.close(f"held-out reconstruction PSNR {metrics.get('holdout_psnr', float('nan')):.2f} dB | "
+    progress.close(f"held-out reconstruction PSNR "
+                   f"{metrics.get('holdout_psnr', float('nan')):.2f} dB | "
                    f"latent space {space} | checkpoint {ckpt_path}")
 
-# ---- CLI
+# -----------------------------------------------------------------------------
+# CLI
 
 
 def get_args(argv=None):

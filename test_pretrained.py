@@ -1,9 +1,10 @@
-"""sample.py --pretrained on tiny random versions of every released component, in the released layouts: the diffusers
-pipeline folders of warp-ai/wuerstchen-prior and warp-ai/wuerstchen (prior / decoder / vqgan, transformers CLIP text
-models, CLIP tokenizers, scheduler, model_index.json) and the official dome272 .pt files. Our chain must give the
-image of diffusers' own pipelines from the same seed, our text encoder the hidden states of transformers'
-CLIPTextModel, and a missing download must fail at once with instructions. And the other direction, sample.py
---export: our checkpoints in that layout must give our image in diffusers' pipelines and in --pretrained."""
+"""sample.py --pretrained on tiny random versions of every released component, in the released
+layouts: the diffusers pipeline folders of warp-ai/wuerstchen-prior and warp-ai/wuerstchen (prior /
+decoder / vqgan, transformers CLIP text models, CLIP tokenizers, scheduler, model_index.json) and
+the official dome272 .pt files. Our chain must give the image of diffusers' own pipelines from the
+same seed, our text encoder the hidden states of transformers' CLIPTextModel, and a missing
+download must fail at once with instructions. And the other direction, sample.py --export: our
+checkpoints in that layout must give our image in diffusers' pipelines and in --pretrained."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests
@@ -21,22 +22,29 @@ import sample
 import stage_b
 from stage_b import DEFAULT_STAGE_C_TIMESTEPS, StageBConfig, TextEncoder
 
-# tiny stand-ins for the released sizes (method §4.1, §5.1); text widths 64 ("bigG", prior) and 48 ("ViT-H", decoder)
-PRIOR = dict(c_in=16, c=128, c_cond=64, c_r=64, depth=2, nhead=2, dropout=0.1)  # 64-dim heads, as released
-DECODER = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=32, c_hidden=[16, 32, 32], nhead=[-1, 2, 2],
-               blocks=[1, 1, 1], level_config=["CT", "CTA", "CTA"], inject_effnet=[False, True, True], effnet_embd=16,
-               clip_embd=48, kernel_size=3, dropout=0.1)
-DECODER_CFG = StageBConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in DECODER.items()})  # for the .pt
-VQGAN = dict(levels=2, bottleneck_blocks=1, embed_dim=32, latent_channels=4, num_vq_embeddings=64, scale_factor=0.3764)
+# -----------------------------------------------------------------------------
+# the released layouts: tiny random stand-ins; diffusers' pipelines are the reference
+# tiny stand-ins for the released sizes (method §4.1, §5.1): the prior's heads 64-dim as released,
+# text widths 64 ("bigG", prior) and 48 ("ViT-H", decoder)
+PRIOR = dict(c_in=16, c=128, c_cond=64, c_r=64, depth=2, nhead=2, dropout=0.1)
+DECODER = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=32, c_hidden=[16, 32, 32],
+               nhead=[-1, 2, 2], blocks=[1, 1, 1], level_config=["CT", "CTA", "CTA"],
+               inject_effnet=[False, True, True], effnet_embd=16, clip_embd=48, kernel_size=3,
+               dropout=0.1)
+DECODER_CFG = StageBConfig(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in DECODER.items()})  # for the .pt
+VQGAN = dict(levels=2, bottleneck_blocks=1, embed_dim=32, latent_channels=4, num_vq_embeddings=64,
+             scale_factor=0.3764)
 TEXT = {"prior": dict(hidden_size=64, intermediate_size=256, num_attention_heads=2),
         "decoder": dict(hidden_size=48, intermediate_size=192, num_attention_heads=3)}
-PROMPTS = ["A red fox in the snow!", "", "an  owl, reading \u201cThe Times\u201d &amp; caf\u00e9 ＡＢＣ",
+PROMPTS = ["A red fox in the snow!", "",
+           "an  owl, reading \u201cThe Times\u201d &amp; caf\u00e9 ＡＢＣ",
            " ".join(["word"] * 100)]  # padding + '!', empty, unicode / HTML, > 77 tokens
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models: one thread is several times faster than two on a busy shared CPU (OpenMP spin-waits)."""
+    """Tiny models: one thread is several times faster than two on a busy CPU (OpenMP spin-waits)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -44,12 +52,13 @@ def one_thread():
 
 
 def randomize(model, seed):
-    """Every parameter random (also those initialised to zero), at scales that keep activations O(1)."""
+    """Every parameter random (those initialised to zero too), at scales keeping activations O(1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             fan_in = p[0].numel() if p.dim() > 1 else 1
-            scale = 0.1 * fan_in**-0.5 if name.startswith(("out.", "clf.")) else fan_in**-0.5 if p.dim() > 1 else 0.1
+            scale = (0.1 * fan_in**-0.5 if name.startswith(("out.", "clf."))
+                     else fan_in**-0.5 if p.dim() > 1 else 0.1)
             mean = 1.0 if p.dim() == 1 and name.endswith("weight") else 0.0  # norm scales around 1
             p.copy_(torch.randn(p.shape, generator=g) * scale + mean)
     return model.eval()
@@ -67,18 +76,20 @@ def write_tokenizer(folder, pad_token):
 def clip_text_model(which, seed):
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=49408, num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu",
-                         layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, **TEXT[which])
+    cfg = CLIPTextConfig(vocab_size=49408, num_hidden_layers=2, max_position_embeddings=77,
+                         hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=49406,
+                         eos_token_id=49407, **TEXT[which])
     return randomize(CLIPTextModel(cfg), seed)
 
 
 def to_dome272(sd):
-    """diffusers keys -> the official .pt layout (packed nn.MultiheadAttention in_proj / out_proj)."""
+    """diffusers keys -> the official .pt layout (packed MultiheadAttention in_proj / out_proj)."""
     out = {}
     for k, v in sd.items():
         if ".attention.to_q." in k:
             prefix, kind = k.split(".to_q.")
-            out[f"{prefix}.attn.in_proj_{kind}"] = torch.cat([sd[f"{prefix}.to_{n}.{kind}"] for n in "qkv"])
+            out[f"{prefix}.attn.in_proj_{kind}"] = torch.cat([sd[f"{prefix}.to_{n}.{kind}"]
+                                                              for n in "qkv"])
         elif ".attention.to_out.0." in k:
             out[k.replace(".to_out.0.", ".attn.out_proj.")] = v
         elif ".attention.to_k." not in k and ".attention.to_v." not in k:
@@ -88,30 +99,34 @@ def to_dome272(sd):
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
-    """DIR/wuerstchen-prior + DIR/wuerstchen written by diffusers' save_pretrained, and OFFICIAL with the dome272 .pt
-    files (+ the text encoder and tokenizer folders, which the .pt files do not have), all from the same weights."""
+    """DIR/wuerstchen-prior + DIR/wuerstchen written by diffusers' save_pretrained, and OFFICIAL with
+    the dome272 .pt files (+ the text encoder and tokenizer folders, which the .pt files do not
+    have), all from the same weights."""
     from diffusers import DDPMWuerstchenScheduler
-    from diffusers.pipelines.deprecated.wuerstchen import (PaellaVQModel, WuerstchenDecoderPipeline, WuerstchenDiffNeXt,
-                                                           WuerstchenPrior, WuerstchenPriorPipeline)
+    from diffusers.pipelines.deprecated.wuerstchen import (PaellaVQModel, WuerstchenDecoderPipeline,
+                                                           WuerstchenDiffNeXt, WuerstchenPrior,
+                                                           WuerstchenPriorPipeline)
     root, official = tmp_path_factory.mktemp("released"), tmp_path_factory.mktemp("official")
-    prior, decoder, vqgan = (randomize(WuerstchenPrior(**PRIOR), 1), randomize(WuerstchenDiffNeXt(**DECODER), 2),
+    prior, decoder, vqgan = (randomize(WuerstchenPrior(**PRIOR), 1),
+                             randomize(WuerstchenDiffNeXt(**DECODER), 2),
                              randomize(PaellaVQModel(**VQGAN), 3))
-    # the LAION tokenizers pad with '!'; the decoder's pads with EOS here, to show that the pad token is read
+    # the LAION tokenizers pad with '!'; the decoder's pads with EOS here, to show the pad token is read
     pad_tokens = {"wuerstchen-prior": "!", "wuerstchen": "<|endoftext|>"}
-    WuerstchenPriorPipeline(write_tokenizer(str(root / "tok_c"), "!"), clip_text_model("prior", 4), prior,
-                            DDPMWuerstchenScheduler(), latent_mean=42.0, latent_std=1.0,
+    WuerstchenPriorPipeline(write_tokenizer(str(root / "tok_c"), "!"), clip_text_model("prior", 4),
+                            prior, DDPMWuerstchenScheduler(), latent_mean=42.0, latent_std=1.0,
                             resolution_multiple=42.67).save_pretrained(root / "wuerstchen-prior")
-    WuerstchenDecoderPipeline(write_tokenizer(str(root / "tok_b"), "<|endoftext|>"), clip_text_model("decoder", 5),
-                              decoder, DDPMWuerstchenScheduler(), vqgan,
-                              latent_dim_scale=10.67).save_pretrained(root / "wuerstchen")
-    for repo, pad_token in pad_tokens.items():  # released folders also hold vocab.json, merges.txt, special_tokens_map
+    WuerstchenDecoderPipeline(write_tokenizer(str(root / "tok_b"), "<|endoftext|>"),
+                              clip_text_model("decoder", 5), decoder, DDPMWuerstchenScheduler(),
+                              vqgan, latent_dim_scale=10.67).save_pretrained(root / "wuerstchen")
+    for repo, pad_token in pad_tokens.items():  # vocab.json, merges.txt, ... as released
         write_tokenizer(str(root / repo / "tokenizer"), pad_token)
     compressor = stage_b.SemanticCompressor(stage_b.CompressorConfig())  # EfficientNetV2-S, random
     torch.save({"ema_state_dict": to_dome272(prior.state_dict())}, official / "model_v3_stage_c.pt")
-    torch.save({"state_dict": to_dome272(decoder.state_dict()), "effnet_state_dict": compressor.state_dict()},
-               official / "model_v2_stage_b.pt")
+    torch.save({"state_dict": to_dome272(decoder.state_dict()),
+                "effnet_state_dict": compressor.state_dict()}, official / "model_v2_stage_b.pt")
     torch.save({"state_dict": {k.replace("vquantizer.embedding.", "vquantizer.codebook."): v
-                               for k, v in vqgan.state_dict().items()}}, official / "vqgan_f4_v1_500k.pt")
+                               for k, v in vqgan.state_dict().items()}},
+               official / "vqgan_f4_v1_500k.pt")
     for repo in ("wuerstchen-prior", "wuerstchen"):
         for part in ("text_encoder", "tokenizer"):
             shutil.copytree(root / repo / part, official / repo / part)
@@ -131,15 +146,18 @@ def reference_pipelines(root):
             index = json.load(f)
         return index, dict(tokenizer=CLIPTokenizer.from_pretrained(root / repo / "tokenizer"),
                            text_encoder=CLIPTextModel.from_pretrained(root / repo / "text_encoder"),
-                           scheduler=DDPMWuerstchenScheduler.from_pretrained(root / repo / "scheduler"))
+                           scheduler=DDPMWuerstchenScheduler.from_pretrained(
+                               root / repo / "scheduler"))
     index, common = parts("wuerstchen-prior")
-    prior = W.WuerstchenPriorPipeline(prior=W.WuerstchenPrior.from_pretrained(root / "wuerstchen-prior" / "prior"),
-                                      latent_mean=index["latent_mean"], latent_std=index["latent_std"],
-                                      resolution_multiple=index["resolution_multiple"], **common)
+    prior = W.WuerstchenPriorPipeline(
+        prior=W.WuerstchenPrior.from_pretrained(root / "wuerstchen-prior" / "prior"),
+        latent_mean=index["latent_mean"], latent_std=index["latent_std"],
+        resolution_multiple=index["resolution_multiple"], **common)
     index, common = parts("wuerstchen")
-    decoder = W.WuerstchenDecoderPipeline(decoder=W.WuerstchenDiffNeXt.from_pretrained(root / "wuerstchen" / "decoder"),
-                                          vqgan=W.PaellaVQModel.from_pretrained(root / "wuerstchen" / "vqgan"),
-                                          latent_dim_scale=index["latent_dim_scale"], **common)
+    decoder = W.WuerstchenDecoderPipeline(
+        decoder=W.WuerstchenDiffNeXt.from_pretrained(root / "wuerstchen" / "decoder"),
+        vqgan=W.PaellaVQModel.from_pretrained(root / "wuerstchen" / "vqgan"),
+        latent_dim_scale=index["latent_dim_scale"], **common)
     for pipe in (prior, decoder):
         pipe.set_progress_bar_config(disable=True)
     return prior, decoder
@@ -150,10 +168,11 @@ def reference_images(root, prompt, width, height, seed, negative_prompt=None, de
     one generator through both, as WuerstchenCombinedPipeline does."""
     prior, decoder = reference_pipelines(root)
     g = torch.Generator().manual_seed(seed)
-    embeddings = prior(prompt, height=height, width=width, timesteps=DEFAULT_STAGE_C_TIMESTEPS, guidance_scale=4.0,
-                       negative_prompt=negative_prompt, generator=g, output_type="pt").image_embeddings
-    return decoder(embeddings, prompt, num_inference_steps=12, guidance_scale=decoder_guidance, generator=g,
-                   output_type="pt").images
+    embeddings = prior(prompt, height=height, width=width, timesteps=DEFAULT_STAGE_C_TIMESTEPS,
+                       guidance_scale=4.0, negative_prompt=negative_prompt, generator=g,
+                       output_type="pt").image_embeddings
+    return decoder(embeddings, prompt, num_inference_steps=12, guidance_scale=decoder_guidance,
+                   generator=g, output_type="pt").images
 
 
 @torch.no_grad()
@@ -162,47 +181,56 @@ def test_chain_equals_the_diffusers_pipelines(released):
     ref = reference_images(root, PROMPTS[0], 256, 128, seed=3)
     pipe = sample.load_released(str(root))
     ours = sample.text_to_image(pipe, [PROMPTS[0]], width=256, height=128, seed=3, progress=False)
-    assert ours.shape == ref.shape == (1, 3, 128, 256) and 0.05 < ours.std() and ref.std() > 0.05  # not a flat image
+    assert (ours.shape == ref.shape == (1, 3, 128, 256) and 0.05 < ours.std()
+            and ref.std() > 0.05)  # not a flat image
     assert (ours - ref).abs().max() < 1e-4
     assert all(getattr(pipe, n) is None for n in pipe.loaders)  # every stage was freed after use
     # the official .pt files hold the same weights: the same image
     pt = sample.load_released(str(official), decoder_cfg=DECODER_CFG)
     from_pt = sample.text_to_image(pt, [PROMPTS[0]], width=256, height=128, seed=3, progress=False)
     assert (from_pt - ours).abs().max() < 1e-5
-    # a negative prompt for the prior and guidance in the decoder too (against "" and zero semantic latents)
-    ref = reference_images(root, PROMPTS[2], 128, 128, seed=4, negative_prompt="blurry", decoder_guidance=2.0)
-    ours = sample.text_to_image(pipe, [PROMPTS[2]], "blurry", width=128, height=128, seed=4, guidance_b=2.0,
-                                progress=False)
+    # a negative prompt for the prior, guidance in the decoder too (against "" and zero semantic
+    # latents)
+    ref = reference_images(root, PROMPTS[2], 128, 128, seed=4, negative_prompt="blurry",
+                           decoder_guidance=2.0)
+    ours = sample.text_to_image(pipe, [PROMPTS[2]], "blurry", width=128, height=128, seed=4,
+                                guidance_b=2.0, progress=False)
     assert (ours - ref).abs().max() < 1e-4
 
 
 @torch.no_grad()
 def test_official_compressor_bf16_and_cli(released, tmp_path, capsys):
     _, official = released
-    pipe = sample.load_released(str(official), dtype=torch.bfloat16, decoder_cfg=DECODER_CFG)  # autocast, on the CPU
-    img = sample.text_to_image(pipe, ["a cat"], width=128, height=128, steps_c=3, steps_b=2, progress=False)
+    pipe = sample.load_released(str(official), dtype=torch.bfloat16,
+                                decoder_cfg=DECODER_CFG)  # autocast, on the CPU
+    img = sample.text_to_image(pipe, ["a cat"], width=128, height=128, steps_c=3, steps_b=2,
+                               progress=False)
     assert img.shape == (1, 3, 128, 128) and torch.isfinite(img).all()
-    x = torch.rand(1, 3, 128, 128)  # model_v2_stage_b.pt's semantic compressor: variations of an image
+    x = torch.rand(1, 3, 128, 128)  # model_v2_stage_b.pt's semantic compressor: image variations
     assert sample.image_variation(pipe, x, steps_b=2, progress=False).shape == x.shape
     root, _ = released
-    sample.main(sample.get_args(["--pretrained", str(root), "--prompt", "a cat", "--width", "128", "--height", "128",
-                                 "--steps_c", "2", "--steps_b", "2", "--device", "cpu", "--out_dir", str(tmp_path)]))
-    assert "transformers text encoders" in capsys.readouterr().out and (tmp_path / "samples_000.png").exists()
-    with pytest.raises(ValueError, match="semantic compressor"):  # the diffusers repositories have none
+    sample.main(sample.get_args(["--pretrained", str(root), "--prompt", "a cat", "--width", "128",
+                                 "--height", "128", "--steps_c", "2", "--steps_b", "2",
+                                 "--device", "cpu", "--out_dir", str(tmp_path)]))
+    assert ("transformers text encoders" in capsys.readouterr().out
+            and (tmp_path / "samples_000.png").exists())
+    with pytest.raises(ValueError, match="semantic compressor"):  # diffusers' repositories: none
         sample.image_variation(sample.load_released(str(root)), x, steps_b=2, progress=False)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("pad_token", ["!", "<|endoftext|>"])
 def test_text_encoder_equals_transformers(tmp_path, pad_token):
-    """transformers CLIPTextModel folder -> TextEncoder (open_clip structure): same tokens, attention mask and
-    hidden states as CLIPTokenizer + CLIPTextModel(attention_mask=...), the released pipelines' encode_prompt."""
+    """transformers CLIPTextModel folder -> TextEncoder (open_clip structure): same tokens,
+    attention mask and hidden states as CLIPTokenizer + CLIPTextModel(attention_mask=...), the
+    released pipelines' encode_prompt."""
     tokenizer = write_tokenizer(str(tmp_path / "tokenizer"), pad_token)
     model = clip_text_model("decoder", 6)
     model.save_pretrained(tmp_path / "text_encoder")
     assert stage_b.read_pad_token(str(tmp_path / "tokenizer")) == pad_token
     ours = TextEncoder("transformers", str(tmp_path / "text_encoder"), pad_token)
-    tokens = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    tokens = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                       return_tensors="pt")
     ids, keep = ours.tokenize(PROMPTS)
     assert torch.equal(ids, tokens.input_ids) and torch.equal(keep, tokens.attention_mask.bool())
     ref = model(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
@@ -237,39 +265,44 @@ def test_open_clip_tower_equals_transformers(tmp_path):
 
 
 def test_missing_weights_fail_at_once(tmp_path, monkeypatch):
-    """No folder and nothing in the Hugging Face cache: a message with what to download and where, in well under a
-    second (HF_HUB_OFFLINE); a folder without the weights names what is missing."""
+    """No folder and nothing in the Hugging Face cache: a message with what to download and where,
+    in well under a second (HF_HUB_OFFLINE); a folder without the weights names what is missing."""
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     t0 = time.time()
-    with pytest.raises(SystemExit, match="hf download warp-ai/wuerstchen-prior --local-dir DIR/wuerstchen-prior"):
+    with pytest.raises(SystemExit, match="hf download warp-ai/wuerstchen-prior "
+                                         "--local-dir DIR/wuerstchen-prior"):
         sample.main(sample.get_args(["--pretrained", "--prompt", "a cat", "--device", "cpu"]))
     assert time.time() - t0 < 2
-    with pytest.raises(FileNotFoundError, match="missing: stage_c, stage_b, stage_a, text_encoder_c") as e:
+    with pytest.raises(FileNotFoundError,
+                       match="missing: stage_c, stage_b, stage_a, text_encoder_c") as e:
         sample.find_released(str(tmp_path))
     assert f"{tmp_path}/wuerstchen/" in str(e.value)
 
 
 def test_no_network_fails_at_once_without_offline_flag(tmp_path):
-    """The same without HF_HUB_OFFLINE, against an endpoint that refuses connections: one request, no retry loop,
-    for the diffusers repositories and for the open_clip text weights alike."""
+    """The same without HF_HUB_OFFLINE, against an endpoint that refuses connections: one request,
+    no retry loop, for the diffusers repositories and for the open_clip text weights alike."""
     code = ("import time, open_clip, sample, stage_b\n"
-            "for f in (lambda: sample.find_released(None), lambda: stage_b.fetch_clip_weights('ViT-H-14', "
-            "'laion2b_s32b_b79k')):\n"
+            "for f in (lambda: sample.find_released(None), "
+            "lambda: stage_b.fetch_clip_weights('ViT-H-14', 'laion2b_s32b_b79k')):\n"
             "    t = time.time()\n"
             "    try: f()\n"
-            "    except (FileNotFoundError, RuntimeError) as e: print(round(time.time() - t, 2), str(e)[:60])\n")
-    env = os.environ | {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+            "    except (FileNotFoundError, RuntimeError) as e: "
+            "print(round(time.time() - t, 2), str(e)[:60])\n")
+    env = os.environ | {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+                        "HF_HUB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
     lines = out.stdout.splitlines()
     assert len(lines) == 2, out.stdout + out.stderr
-    assert "released Würstchen v2 weights were not found" in lines[0] and "CLIP text encoder" in lines[1]
-    assert all(float(line.split()[0]) < 3 for line in lines), lines  # huggingface_hub's retries would take ~25 s
+    assert ("released Würstchen v2 weights were not found" in lines[0]
+            and "CLIP text encoder" in lines[1])
+    assert all(float(line.split()[0]) < 3 for line in lines), lines  # retrying would take ~25 s
 
 
 def test_hugging_face_cache(released, tmp_path, monkeypatch):
-    """Without a folder, the repositories come from the Hugging Face cache (here filled by hand, offline)."""
+    """No folder: the repositories come from the Hugging Face cache (filled by hand, offline)."""
     import huggingface_hub.constants
     root, _ = released
     for repo in (sample.PRIOR_REPO, sample.DECODER_REPO):
@@ -279,7 +312,8 @@ def test_hugging_face_cache(released, tmp_path, monkeypatch):
         (cached / "refs" / "main").write_text("0123abc")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     paths = sample.find_released(None)
-    assert paths["stage_c"] == str(tmp_path / "models--warp-ai--wuerstchen-prior" / "snapshots" / "0123abc" / "prior")
+    assert paths["stage_c"] == str(tmp_path / "models--warp-ai--wuerstchen-prior" / "snapshots"
+                                   / "0123abc" / "prior")
     assert paths["tokenizer_b"].startswith(str(tmp_path / "models--warp-ai--wuerstchen"))
 
 # -----------------------------------------------------------------------------
@@ -421,7 +455,8 @@ def test_sampling_never_picks_float16(released, monkeypatch):
     assert sample.sampling_dtype("cpu") == torch.float32
 
 
-# ---- the v1 chain: the official v1 files (method §1.4, §8.1), tiny and random
+# -----------------------------------------------------------------------------
+# the v1 chain: the official v1 files (method §1.4, §8.1), tiny and random
 
 # num_labels: the VQGAN's codebook; byt5_embd: the width of the CLIP "ViT-H" below
 V1_PAELLA = dict(c_in=8, c_out=8, num_labels=64, c_cond=32, c_hidden=(16, 32), nhead=(-1, 2),
