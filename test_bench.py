@@ -1,4 +1,5 @@
-"""Tests for bench.py: the side-by-side machinery at tiny sizes (parity, one timed step each), the FLOP counts."""
+"""Tests for bench.py: the side-by-side machinery at tiny sizes (parity, one timed step each),
+the FLOP counts."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests
@@ -10,7 +11,7 @@ import bench
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models: one intra-op thread is as fast, and steadier on a shared CPU (as in test_stage_c.py)."""
+    """Tiny models: one intra-op thread is as fast and steadier on a busy CPU (see test_stage_c)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -28,10 +29,12 @@ TINY = {
 @pytest.mark.parametrize("stage", ["a", "b", "c"])
 def test_stage_bench_tiny(stage, tmp_path):
     args = bench.fill_defaults(bench.get_args(["--warmup", "0", "--repeats", "1", "--a_image", "32",
-                                               "--b_latent", "16", "--b_effnet", "2", "--c_latent", "4"]))
+                                               "--b_latent", "16", "--b_effnet", "2",
+                                               "--c_latent", "4"]))
     ref, ours = bench.build_pair(stage, TINY[stage], 0, str(tmp_path))
     batch = 2
-    sb = bench.StageBench(stage, ref, ours, bench.make_inputs(stage, args, TINY[stage], batch, "cpu"), args)
+    sb = bench.StageBench(stage, ref, ours,
+                          bench.make_inputs(stage, args, TINY[stage], batch, "cpu"), args)
     sb.check_parity()  # raises on a mismatch
     rows = sb.run()
     assert [r[1] for r in rows] == ["train", "sample"]
@@ -39,7 +42,7 @@ def test_stage_bench_tiny(stage, tmp_path):
 
 
 def test_flop_count_fixes():
-    # a depthwise conv's weight gradient costs what its forward costs (torch's own formula counts it as dense)
+    # a depthwise conv's weight gradient costs what its forward does (torch's formula: as if dense)
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
     x = torch.randn(1, 8, 5, 5, requires_grad=True)
     fwd = bench.count_flops(lambda: conv(x))
@@ -47,13 +50,14 @@ def test_flop_count_fixes():
     assert bench.count_flops(lambda: conv(x).sum().backward()) == 3 * fwd
     # CPU flash attention is counted like the GPU kernels: 2 matmuls of 2 * B * h * N * M * d
     q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 7, 4)
-    assert bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k)) == 2 * 2 * 2 * 6 * 7 * 4
+    assert (bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k))
+            == 2 * 2 * 2 * 6 * 7 * 4)
 
 
 def test_paper_stage_c_training_flops_per_image():
     cfg = bench.PAPER_C
     with torch.device("meta"):
-        flops = bench.training_flops_per_image(bench.StageC(cfg), torch.randn(1, 16, 24, 24), torch.rand(1),
-                                               torch.randn(1, 77, cfg.c_cond))
+        flops = bench.training_flops_per_image(bench.StageC(cfg), torch.randn(1, 16, 24, 24),
+                                               torch.rand(1), torch.randn(1, 77, cfg.c_cond))
     # ~6 x 994 M params x 576 tokens, plus attention over 576 + 77 keys: 3.46 TFLOP
     assert 3.3e12 < flops < 3.6e12

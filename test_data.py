@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from data import (COLORS, LOOKS, SHAPES, ImageFolder, backgrounds, classify_toy_image, make_toy_image, toy_look,
-                  toy_prompts, write_toy_dataset)
+from data import (COLORS, LOOKS, SHAPES, ImageFolder, backgrounds, classify_toy_image,
+                  make_toy_image, toy_look, toy_prompts, write_toy_dataset)
 
 CAPTION = re.compile(r"a (\w+) (\w+) on a (\w+) background")
 
@@ -41,7 +41,8 @@ def test_toy_dataset_is_balanced_captioned_and_deterministic(tmp_path):
     write_toy_dataset(tmp_path / "b", n=40, size=32, seed=0)
     write_toy_dataset(tmp_path / "c", n=40, size=32, seed=1)
     names = sorted(os.listdir(tmp_path / "a"))
-    assert names == sorted([f"{i:05d}.png" for i in range(40)] + [f"{i:05d}.txt" for i in range(40)])
+    assert names == sorted([f"{i:05d}.png" for i in range(40)]
+                           + [f"{i:05d}.txt" for i in range(40)])
     # Same seed, same bytes; another seed, other images.
     assert all(read(tmp_path / "a" / f) == read(tmp_path / "b" / f) for f in names)
     assert any(read(tmp_path / "a" / f) != read(tmp_path / "c" / f) for f in names)
@@ -58,7 +59,7 @@ def test_toy_dataset_is_balanced_captioned_and_deterministic(tmp_path):
 
 
 def test_toy_set_of_some_colours(tmp_path):
-    """data.py toy --colors: only shapes of those colours (the fine-tuning demonstration's new word)."""
+    """data.py toy --colors: only shapes of those colours (the fine-tuning demo's new word)."""
     write_toy_dataset(tmp_path, n=6, size=32, look="bold_pink", colors=["pink"])
     captions = [p.read_text().strip() for p in sorted(tmp_path.glob("*.txt"))]
     assert len(captions) == 6 and all(c.startswith("a pink ") for c in captions)
@@ -76,7 +77,7 @@ def test_imagefolder_reads_toy_set(tmp_path, capsys):
         assert 0 <= image.min() and image.max() <= 1 and image.max() > 0.5  # [0, 1], not [-1, 1]
         assert caption == (tmp_path / f"{i:05d}.txt").read_text().strip()
         color, shape, _ = CAPTION.fullmatch(caption).groups()
-        assert classify_toy_image(image) == (color, shape)  # still readable after the bicubic resize
+        assert classify_toy_image(image) == (color, shape)  # still readable after bicubic resize
     ImageFolder(str(tmp_path), 24, verbose=False)
     assert capsys.readouterr().out == ""  # non-master DDP ranks stay quiet
 
@@ -84,9 +85,12 @@ def test_imagefolder_reads_toy_set(tmp_path, capsys):
 def test_light_look_is_its_own_vocabulary_anywhere_in_the_frame(tmp_path):
     write_toy_dataset(tmp_path, n=36, size=128, seed=0, look="light")
     captions = [(tmp_path / f"{i:05d}.txt").read_text().strip() for i in range(36)]
-    assert captions[0] == "an orange disc on a cream background" or captions[0].startswith("an orange disc on a")
-    assert toy_look(captions) == "light" and toy_look(captions + ["a red circle on a blue background"]) is None
-    assert toy_look([p for p, _, _ in toy_prompts()]) == "bold" and toy_look(["a photo of a cat"]) is None
+    assert (captions[0] == "an orange disc on a cream background"
+            or captions[0].startswith("an orange disc on a"))
+    assert (toy_look(captions) == "light"
+            and toy_look(captions + ["a red circle on a blue background"]) is None)
+    assert (toy_look([p for p, _, _ in toy_prompts()]) == "bold"
+            and toy_look(["a photo of a cat"]) is None)
     centres = []
     for i in range(36):
         x = np.asarray(Image.open(tmp_path / f"{i:05d}.png"), dtype=np.float32)
@@ -108,12 +112,16 @@ def test_toy_prompts_cover_every_pair():
         assert (c, s) == (color, shape) and background in COLORS and background != color
     assert toy_prompts() == prompts
     light = toy_prompts("light")
-    assert {(c, s) for _, c, s in light} == {(c, s) for c in LOOKS["light"]["colors"] for s in LOOKS["light"]["shapes"]}
-    # bold_pink: the bold look and one new colour word; its prompts of bold's colours are bold's but for backgrounds
+    assert {(c, s) for _, c, s in light} == {(c, s) for c in LOOKS["light"]["colors"]
+                                             for s in LOOKS["light"]["shapes"]}
+    # bold_pink: the bold look plus one new colour word; its prompts in bold's colours are bold's,
+    # backgrounds aside
     pink = toy_prompts("bold_pink", ["pink"])
-    assert [p for p, _, _ in pink] == ["a pink circle on a red background", "a pink square on a green background",
+    assert [p for p, _, _ in pink] == ["a pink circle on a red background",
+                                       "a pink square on a green background",
                                        "a pink triangle on a blue background"]
-    assert toy_look([p for p, _, _ in pink]) == "bold_pink" and toy_look([p for p, _, _ in prompts]) == "bold"
+    assert (toy_look([p for p, _, _ in pink]) == "bold_pink"
+            and toy_look([p for p, _, _ in prompts]) == "bold")
 
 
 # ---- toy classifier
@@ -134,7 +142,8 @@ def test_classifier_accuracy_clean_noisy_blurred(look, size):
             "clean": x,
             "noise": (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1),
             # downscale 2x then upscale: soft edges like a decoder's output
-            "blur": F.interpolate(F.interpolate(x[None], scale_factor=0.5, mode="bilinear", antialias=True),
+            "blur": F.interpolate(F.interpolate(x[None], scale_factor=0.5, mode="bilinear",
+                                                antialias=True),
                                   size=size, mode="bicubic")[0].clamp(0, 1),
         }
         for name, image in variants.items():
@@ -172,7 +181,8 @@ def test_messy_folder(tmp_path, capsys):
     save_bytes(tmp_path / "gray.png", noise.convert("L"), "PNG")
     save_bytes(tmp_path / "bits.bmp", noise.convert("1"), "BMP")
     save_bytes(tmp_path / "sub" / "palette.gif", noise.convert("P"), "GIF")
-    save_bytes(tmp_path / "sub" / "cmyk.JPG", Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG")  # red
+    save_bytes(tmp_path / "sub" / "cmyk.JPG", Image.new("CMYK", (40, 40), (0, 255, 255, 0)),
+               "JPEG")  # red
     rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent red: must come out white
     save_bytes(tmp_path / "sub" / "deeper" / "rgba.png", rgba, "PNG")
     save_bytes(tmp_path / "sub" / "deeper" / "la.webp", noise.convert("LA"), "WEBP")
@@ -196,7 +206,8 @@ def test_messy_folder(tmp_path, capsys):
 
     dataset = ImageFolder(str(tmp_path), 16)
     out = capsys.readouterr().out
-    assert out.count("\n") == 1 and out.startswith(f"data: 11 images in {tmp_path}, 1 with .txt captions")
+    assert (out.count("\n") == 1
+            and out.startswith(f"data: 11 images in {tmp_path}, 1 with .txt captions"))
     assert "skipped 3 unreadable files" in out and "zero.png (zero bytes)" in out
     assert os.path.join("sub", "text.jpg") + " (not an image)" in out
     reasons = {os.path.relpath(p, tmp_path): why for p, why in dataset.skipped}
@@ -218,13 +229,16 @@ def test_messy_folder(tmp_path, capsys):
 
     by_name = dict(zip(names, items))
     assert by_name["rgb.jpg"][1] == "a noisy photo" and by_name["gray.png"][1] == ""
-    assert torch.allclose(by_name[os.path.join("sub", "deeper", "rgba.png")][0], torch.ones(3, 16, 16))
-    assert torch.allclose(by_name[os.path.join("sub", "transparent_palette.png")][0], torch.ones(3, 16, 16))
+    assert torch.allclose(by_name[os.path.join("sub", "deeper", "rgba.png")][0],
+                          torch.ones(3, 16, 16))
+    assert torch.allclose(by_name[os.path.join("sub", "transparent_palette.png")][0],
+                          torch.ones(3, 16, 16))
     red = by_name[os.path.join("sub", "cmyk.JPG")][0].mean((1, 2))
     assert red[0] > 0.8 and red[1] < 0.2 and red[2] < 0.2
-    for name in ("deep16.png", "deep16.tif"):  # a ramp, not clipped to white: dark left, bright right
+    for name in ("deep16.png", "deep16.tif"):  # a ramp, not clipped white: dark left, bright right
         deep = by_name[name][0]
-        assert 0.4 < deep.mean() < 0.6 and deep[:, :, 0].max() < 0.1 and deep[:, :, -1].min() > 0.9, name
+        assert (0.4 < deep.mean() < 0.6 and deep[:, :, 0].max() < 0.1
+                and deep[:, :, -1].min() > 0.9), name
 
 
 def test_missing_and_empty_folders(tmp_path):
@@ -246,7 +260,8 @@ def test_resize_and_center_crop(tmp_path):
     Image.fromarray(wide).save(tmp_path / "wide.png")
     Image.fromarray(wide.transpose(1, 0, 2)).save(tmp_path / "tall.png")  # red / green / blue
     Image.new("RGB", (5, 7), (0, 0, 255)).save(tmp_path / "tiny.png")  # smaller than size: upscaled
-    big = Image.fromarray(wide).resize((900, 300), Image.Resampling.NEAREST)  # JPEG decoded at reduced scale
+    # a JPEG decoded at reduced scale
+    big = Image.fromarray(wide).resize((900, 300), Image.Resampling.NEAREST)
     big.save(tmp_path / "wide_big.jpg", quality=95)
     dataset = ImageFolder(tmp_path, 24, verbose=False)  # a pathlib.Path works too
     names = [os.path.basename(p) for p in dataset.paths]
@@ -254,7 +269,8 @@ def test_resize_and_center_crop(tmp_path):
     for i in (0, 2, 3):  # only the green middle third survives the centre crop
         r, g, b = dataset[i][0].mean((1, 2))
         assert g > 0.85 and r < 0.15 and b < 0.15
-    assert torch.allclose(dataset[1][0], torch.tensor([0.0, 0.0, 1.0])[:, None, None].expand(3, 24, 24))
+    assert torch.allclose(dataset[1][0],
+                          torch.tensor([0.0, 0.0, 1.0])[:, None, None].expand(3, 24, 24))
 
 
 # ---- command line

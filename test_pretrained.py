@@ -44,7 +44,7 @@ PROMPTS = ["A red fox in the snow!", "",
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models: one thread is several times faster than two on a busy CPU (OpenMP spin-waits)."""
+    """Tiny models: 1 thread is several times faster than 2 on a busy CPU (OpenMP spin-waits)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -52,7 +52,7 @@ def one_thread():
 
 
 def randomize(model, seed):
-    """Every parameter random (those initialised to zero too), at scales keeping activations O(1)."""
+    """Every parameter random (zero-initialised ones too), at scales keeping activations O(1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -99,9 +99,9 @@ def to_dome272(sd):
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
-    """DIR/wuerstchen-prior + DIR/wuerstchen written by diffusers' save_pretrained, and OFFICIAL with
-    the dome272 .pt files (+ the text encoder and tokenizer folders, which the .pt files do not
-    have), all from the same weights."""
+    """DIR/wuerstchen-prior + DIR/wuerstchen written by diffusers' save_pretrained, and OFFICIAL
+    with the dome272 .pt files (+ the text encoder and tokenizer folders, which the .pt files do
+    not have), all from the same weights."""
     from diffusers import DDPMWuerstchenScheduler
     from diffusers.pipelines.deprecated.wuerstchen import (PaellaVQModel, WuerstchenDecoderPipeline,
                                                            WuerstchenDiffNeXt, WuerstchenPrior,
@@ -110,7 +110,7 @@ def released(tmp_path_factory):
     prior, decoder, vqgan = (randomize(WuerstchenPrior(**PRIOR), 1),
                              randomize(WuerstchenDiffNeXt(**DECODER), 2),
                              randomize(PaellaVQModel(**VQGAN), 3))
-    # the LAION tokenizers pad with '!'; the decoder's pads with EOS here, to show the pad token is read
+    # the LAION tokenizers pad with '!'; the decoder's pads with EOS here: the pad token is read
     pad_tokens = {"wuerstchen-prior": "!", "wuerstchen": "<|endoftext|>"}
     WuerstchenPriorPipeline(write_tokenizer(str(root / "tok_c"), "!"), clip_text_model("prior", 4),
                             prior, DDPMWuerstchenScheduler(), latent_mean=42.0, latent_std=1.0,

@@ -18,8 +18,9 @@ from common import load_checkpoint, save_checkpoint
 from stage_a import PRESETS, StageA, StageAConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = ["--model", "tiny", "--device", "cpu", "--num_workers", "0", "--image_size", "64", "--batch_size", "4",
-        "--log_every", "1", "--sample_every", "2", "--num_holdout", "4", "--disc_start", "1"]
+FAST = ["--model", "tiny", "--device", "cpu", "--num_workers", "0", "--image_size", "64",
+        "--batch_size", "4", "--log_every", "1", "--sample_every", "2", "--num_holdout", "4",
+        "--disc_start", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def toy(tmp_path_factory):
 
 
 def randomize(module, seed=0):
-    """Random values everywhere (zero-initialised gammas would make every block the identity and parity trivial)."""
+    """Random values everywhere (zero-initialised gammas would make every block the identity, parity
+    trivial)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.state_dict().items():
@@ -44,16 +46,18 @@ def test_paper_parameter_count():
 
 
 def assert_parity(ours, ref):
-    """fp32 parity up to rounding: 1e-5 relative, plus 1e-5 of the output's largest magnitude. These random weights
-    give outputs up to ~400, where one float32 ulp is 3e-5 and the reference itself is 4e-4 off a float64 run, so a
-    plain atol=1e-5 would demand bit-identical arithmetic (ruling out channels_last memory or MixBlock's fused
-    modulations, which bench.py measures as speed-ups)."""
+    """fp32 parity up to rounding: 1e-5 relative, plus 1e-5 of the output's largest magnitude.
+    These random weights give outputs up to ~400, where one float32 ulp is 3e-5 and the reference
+    itself is 4e-4 off a float64 run, so a plain atol=1e-5 would demand bit-identical arithmetic
+    (ruling out channels_last memory or MixBlock's fused modulations, which bench.py measures as
+    speed-ups)."""
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("config", [
     dict(),  # the released architecture
-    dict(embed_dim=96, levels=2, bottleneck_blocks=3, latent_channels=4, num_vq_embeddings=256, scale_factor=0.5),
+    dict(embed_dim=96, levels=2, bottleneck_blocks=3, latent_channels=4, num_vq_embeddings=256,
+         scale_factor=0.5),
 ])
 def test_parity_with_reference(tmp_path, config):
     from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import PaellaVQModel
@@ -70,7 +74,8 @@ def test_parity_with_reference(tmp_path, config):
         quantized = ref.decode(latents * ref.config.scale_factor, force_not_quantize=False).sample
         assert_parity(ours.decode(latents, quantize=True), quantized)
     # the official .pt layout: same weights, codebook under its old name
-    sd = {k.replace("vquantizer.embedding.", "vquantizer.codebook."): v for k, v in ref.state_dict().items()}
+    sd = {k.replace("vquantizer.embedding.", "vquantizer.codebook."): v
+          for k, v in ref.state_dict().items()}
     torch.save({"state_dict": sd}, tmp_path / "vqgan.pt")
     ours_pt = StageA.from_pretrained(str(tmp_path / "vqgan.pt"))
     with torch.no_grad():
@@ -91,8 +96,9 @@ def test_shapes_and_quantizer():
 
 
 def test_mixblock_compiles_and_matches_eager():
-    """`--compile` trains: torch.compile of a mixing block on channels-last input, forward and backward (torch
-    2.14's compiled replication-pad backward rejects channels-last strides; MixBlock pads differently there)."""
+    """`--compile` trains: torch.compile of a mixing block on channels-last input, forward and
+    backward (torch 2.14's compiled replication-pad backward rejects channels-last strides; MixBlock
+    pads differently there)."""
     torch.manual_seed(0)
     block = stage_a.MixBlock(8, 16)
     with torch.no_grad():
@@ -109,7 +115,7 @@ def test_mixblock_compiles_and_matches_eager():
 def test_overfit_one_batch():
     torch.manual_seed(0)
     model = StageA(StageAConfig(c_hidden=32, bottleneck_blocks=1, codebook_size=64))
-    x = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4), size=32, mode="bilinear")  # smooth images
+    x = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4), size=32, mode="bilinear")  # smooth
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
@@ -124,16 +130,20 @@ def test_overfit_one_batch():
 
 def test_train_writes_checkpoint_grid_and_resumes_exactly(toy, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    restart = ["--restart_every", "3"]  # a dead-code restart after the resume point draws from the restored RNG
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(a), "--max_steps", "4", "--save_every", "4"]
-                                   + restart + FAST))
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "2", "--save_every", "2"]
-                                   + restart + FAST))
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "4", "--save_every", "4",
-                                    "--resume"] + restart + FAST))
-    assert PRESETS["tiny"]["model"] == StageAConfig(c_hidden=64, bottleneck_blocks=2, codebook_size=1024,
-                                                    disc_c_hidden=64, disc_depth=3)  # runs never change a preset
-    ck_a, ck_b = load_checkpoint(str(a / "ckpt.pt"), "stage_a"), load_checkpoint(str(b / "ckpt.pt"), "stage_a")
+    # a dead-code restart after the resume point draws from the restored RNG
+    restart = ["--restart_every", "3"]
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(a), "--max_steps", "4",
+                                    "--save_every", "4"] + restart + FAST))
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "2",
+                                    "--save_every", "2"] + restart + FAST))
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(b), "--max_steps", "4",
+                                    "--save_every", "4", "--resume"] + restart + FAST))
+    # runs never change a preset
+    assert PRESETS["tiny"]["model"] == StageAConfig(c_hidden=64, bottleneck_blocks=2,
+                                                    codebook_size=1024, disc_c_hidden=64,
+                                                    disc_depth=3)
+    ck_a, ck_b = (load_checkpoint(str(a / "ckpt.pt"), "stage_a"),
+                  load_checkpoint(str(b / "ckpt.pt"), "stage_a"))
     assert ck_a["step"] == ck_b["step"] == 4
     for k in ck_a["model"]:  # an interrupted + resumed run equals an uninterrupted one
         torch.testing.assert_close(ck_a["model"][k], ck_b["model"][k], msg=k)
@@ -144,28 +154,32 @@ def test_train_writes_checkpoint_grid_and_resumes_exactly(toy, tmp_path):
 
 
 def test_ema_batchnorm_has_the_statistics_of_its_own_weights(toy, tmp_path):
-    """The EMA averages parameters; its BatchNorm running statistics must be those of the EMA encoder's own
-    activations on the training images, not the raw model's (issue #13: a pink background in every sample)."""
+    """The EMA averages parameters; its BatchNorm running statistics must be those of the EMA
+    encoder's own activations on the training images, not the raw model's (issue #13: a pink
+    background in every sample)."""
     from common import split_holdout
     from data import ImageFolder
     out = tmp_path / "bn"
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out), "--max_steps", "6", "--save_every", "6",
-                                    "--lr", "1e-2", "--gan_weight", "0"] + FAST))  # raw and EMA weights drift apart
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out), "--max_steps", "6",
+                                    "--save_every", "6", "--lr", "1e-2", "--gan_weight", "0"]
+                                   + FAST))  # raw and EMA weights drift apart
     ckpt = load_checkpoint(str(out / "ckpt.pt"), "stage_a")
-    ema, raw = StageA(StageAConfig(**ckpt["model_config"])), StageA(StageAConfig(**ckpt["model_config"]))
+    ema, raw = (StageA(StageAConfig(**ckpt["model_config"])),
+                StageA(StageAConfig(**ckpt["model_config"])))
     ema.load_state_dict(ckpt["ema"])
     raw.load_state_dict(ckpt["model"])
     trainset, _ = split_holdout(ImageFolder(toy, 64, verbose=False), 4)
-    x = torch.stack([trainset[i][0] for i in range(len(trainset))])  # every training image (44 < one batch)
+    # every training image (44 < one batch)
+    x = torch.stack([trainset[i][0] for i in range(len(trainset))])
     with torch.no_grad():
         conv, bn = ema.down_blocks[-1]
-        h = conv(ema.down_blocks[:-1](ema.in_block(x)))  # (N, 4, 16, 16): what the BatchNorm normalises
+        h = conv(ema.down_blocks[:-1](ema.in_block(x)))  # (N, 4, 16, 16): what BatchNorm normalises
     mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3))  # unbiased, as BatchNorm's running_var
     torch.testing.assert_close(bn.running_mean, mean, rtol=0, atol=1e-4 * var.sqrt().max().item())
     torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=0)
     raw_bn = raw.down_blocks[-1][1]  # the statistics the EMA copied before the fix were far off
-    assert not torch.allclose(raw_bn.running_var, var, rtol=0.1) or not torch.allclose(raw_bn.running_mean, mean,
-                                                                                        atol=0.1 * var.sqrt().max())
+    assert (not torch.allclose(raw_bn.running_var, var, rtol=0.1)
+            or not torch.allclose(raw_bn.running_mean, mean, atol=0.1 * var.sqrt().max()))
 
 
 def test_wrong_and_missing_checkpoint(tmp_path):
@@ -183,7 +197,7 @@ def test_sigkill_then_resume(toy, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     ckpt = out / "ckpt.pt"
     deadline = time.time() + 120
-    while time.time() < deadline:  # wait for a few checkpoints, then kill without warning, likely mid-save
+    while time.time() < deadline:  # a few checkpoints, then kill without warning, likely mid-save
         if ckpt.exists() and load_checkpoint(str(ckpt), "stage_a")["step"] >= 3:
             break
         time.sleep(0.2)
@@ -191,8 +205,9 @@ def test_sigkill_then_resume(toy, tmp_path):
     proc.wait()
     step = load_checkpoint(str(ckpt), "stage_a")["step"]  # loads: the file is never half-written
     assert step >= 3
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out), "--max_steps", str(step + 2),
-                                    "--save_every", "100", "--resume"] + FAST))
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out),
+                                    "--max_steps", str(step + 2), "--save_every", "100", "--resume"]
+                                   + FAST))
     assert load_checkpoint(str(ckpt), "stage_a")["step"] == step + 2
     assert f"resumed from {ckpt} at step {step}" in (out / "log.txt").read_text()
 
@@ -208,7 +223,8 @@ def test_bad_files_are_skipped_and_counted(toy, tmp_path, capsys):
     Image.new("L", (80, 64), 128).save(data / "gray.png")
     Image.new("RGBA", (64, 80), (255, 0, 0, 128)).save(data / "rgba.png")
     Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(data / "cmyk.jpg")
-    stage_a.train(stage_a.get_args(["--data", str(data), "--out_dir", str(tmp_path / "o"), "--max_steps", "2"] + FAST))
+    stage_a.train(stage_a.get_args(["--data", str(data), "--out_dir", str(tmp_path / "o"),
+                                    "--max_steps", "2"] + FAST))
     out = capsys.readouterr().out
     assert "skipped" in out and ("3 unreadable" in out or "skipped 3" in out), out
     assert (tmp_path / "o" / "ckpt.pt").exists()

@@ -1,4 +1,5 @@
-"""Tests for stage_b.py: shared blocks, schedule, sampler parity with diffusers, model parity, training."""
+"""Tests for stage_b.py: shared blocks, schedule, sampler parity with diffusers, model parity,
+training."""
 
 import os
 from dataclasses import asdict
@@ -31,8 +32,8 @@ def test_schedule_values():
     expected = torch.tensor([0.9999, 0.847, 0.494, 0.246, 0.144, 0.0241, 1e-4])  # method §6.1
     torch.testing.assert_close(alpha_bar(t), expected, atol=1e-3, rtol=2e-2)
     torch.testing.assert_close(p2_weight(t), 1 - alpha_bar(t))  # k = gamma = 1
-    torch.testing.assert_close(p2_weight(torch.tensor([0.25, 0.5, 0.9])), torch.tensor([0.153, 0.506, 0.976]),
-                               atol=2e-3, rtol=0)
+    torch.testing.assert_close(p2_weight(torch.tensor([0.25, 0.5, 0.9])),
+                               torch.tensor([0.153, 0.506, 0.976]), atol=2e-3, rtol=0)
 
 
 def test_sample_t_and_embedding():
@@ -47,7 +48,8 @@ def test_sample_t_and_embedding():
 def test_timestep_grids():
     assert len(DEFAULT_STAGE_C_TIMESTEPS) == 30
     assert DEFAULT_STAGE_C_TIMESTEPS[0] == 1.0 and DEFAULT_STAGE_C_TIMESTEPS[-1] == 0.0
-    assert abs(DEFAULT_STAGE_C_TIMESTEPS[19] - 2 / 3) < 1e-12 and abs(DEFAULT_STAGE_C_TIMESTEPS[20] - 0.6) < 1e-12
+    assert (abs(DEFAULT_STAGE_C_TIMESTEPS[19] - 2 / 3) < 1e-12
+            and abs(DEFAULT_STAGE_C_TIMESTEPS[20] - 0.6) < 1e-12)
     assert timestep_grid(12) == torch.linspace(1, 0, 13).tolist()
 
 
@@ -96,7 +98,7 @@ def test_ddpm_sample_cfg_lerps():
 
     noise = torch.zeros(1, 1, 2, 2)
     cond, uncond = {"c": torch.ones(1, 1, 1, 1)}, {"c": torch.zeros(1, 1, 1, 1)}
-    # with w > 1 the model sees a batch of 2 and eps = 0 + w * (1 - 0); t_prev = 0 so no noise is added
+    # with w > 1 the model sees a batch of 2 and eps = 0 + w * (1 - 0); t_prev = 0: no noise added
     out = ddpm_sample(model, noise, [1.0, 0.0], cond, uncond, guidance_scale=3.0)
     alpha = alpha_bar(torch.tensor(1.0)) / alpha_bar(torch.tensor(0.0))
     expected = -(1 - alpha) * 3.0 / (1 - alpha_bar(torch.tensor(1.0))).sqrt() / alpha.sqrt()
@@ -111,16 +113,18 @@ def test_attn_block_and_loss():
     x, cond = torch.randn(2, 32, 5, 3), torch.randn(2, 7, 16)
     assert block(x, cond).shape == x.shape
     g = torch.Generator().manual_seed(0)
-    loss, per_sample, t = diffusion_loss(lambda x, t, c: x * 0 + c, torch.randn(4, 4, 8, 8), generator=g,
-                                         return_per_sample=True, c=torch.zeros(()))
+    loss, per_sample, t = diffusion_loss(lambda x, t, c: x * 0 + c, torch.randn(4, 4, 8, 8),
+                                         generator=g, return_per_sample=True, c=torch.zeros(()))
     assert per_sample.shape == t.shape == (4,) and torch.isfinite(loss)
     torch.testing.assert_close(loss, per_sample.mean())
 
 
 def test_grn_matches_reference_with_zero_channels():
-    """GRN (sum-of-squares norm) == diffusers' GlobalResponseNorm (torch.norm), values and gradients, including
-    channels of exact zeros (GELU produces them; a plain sqrt gave NaN gradients there and NaN training)."""
-    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import GlobalResponseNorm as RefGRN
+    """GRN (sum-of-squares norm) == diffusers' GlobalResponseNorm (torch.norm), values and
+    gradients, including channels of exact zeros (GELU produces them; a plain sqrt gave NaN
+    gradients there and NaN training)."""
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import (
+        GlobalResponseNorm as RefGRN)
     torch.manual_seed(0)
     ours = stage_b.GlobalResponseNorm(8)
     ours.gamma.data.normal_(), ours.beta.data.normal_()
@@ -152,15 +156,16 @@ def test_dropout_keep_mask_rate_and_scaling():
     y = stage_b.dropout(x, 0.25)
     dropped = y == 0
     assert abs(dropped.float().mean().item() - 0.25) < 0.01
-    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)  # kept entries scaled by 1 / (1 - p)
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)  # kept ones scaled by 1 / (1 - p)
     y.sum().backward()
     torch.testing.assert_close(x.grad, (~dropped).float() / 0.75)
     assert stage_b.dropout(x, 0.25, training=False) is x and stage_b.dropout(x, 0.0) is x
 
 
 def test_attention_dropout_on_probabilities_is_unbiased():
-    """Train mode on the CPU takes the explicit path (dropout on the attention probabilities): each draw differs,
-    their mean is the eval-mode (SDPA) output, and p = 0 gives exactly the eval output."""
+    """Train mode on the CPU takes the explicit path (dropout on the attention probabilities): each
+    draw differs, their mean is the eval-mode (SDPA) output, and p = 0 gives exactly the eval
+    output."""
     torch.manual_seed(0)
     attn = stage_b.Attention(16, nhead=2, dropout=0.3)
     x, kv = torch.randn(2, 6, 16), torch.randn(2, 9, 16)
@@ -178,8 +183,9 @@ def test_attention_dropout_on_probabilities_is_unbiased():
 
 
 def _random_state_dict(shapes, seed):
-    """Random weights for `shapes` as views into one shared pool of N(0, 0.02^2) values at random offsets: a
-    1 B-parameter state dict in ~100 MB that saves (as .bin, storage shared) and loads in well under a second."""
+    """Random weights for `shapes` as views into one shared pool of N(0, 0.02^2) values at random
+    offsets: a 1 B-parameter state dict in ~100 MB that saves (as .bin, storage shared) and loads in
+    well under a second."""
     g = torch.Generator().manual_seed(seed)
     pool = torch.randn(max(s.numel() for s in shapes.values()) + 1_000_003, generator=g) * 0.02
     offsets = torch.randint(0, 1_000_000, (len(shapes),), generator=g).tolist()
@@ -187,13 +193,15 @@ def _random_state_dict(shapes, seed):
 
 
 def _diffnext(monkeypatch, seed, shared=False, **kwargs):
-    """A diffusers WuerstchenDiffNeXt with random weights (built on 'meta': its own init is quadratic in depth)."""
+    """A diffusers WuerstchenDiffNeXt with random weights (built on 'meta': its own init is
+    quadratic in depth)."""
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt
     monkeypatch.setattr(WuerstchenDiffNeXt, "_init_weights", lambda self, m: None)
     with torch.device("meta"):
         ref = WuerstchenDiffNeXt(**kwargs)
     sd = _random_state_dict({k: v.shape for k, v in ref.state_dict().items()}, seed)
-    ref.load_state_dict(sd if shared else {k: v.clone() for k, v in sd.items()}, assign=True)  # safetensors: no sharing
+    # safetensors: no sharing
+    ref.load_state_dict(sd if shared else {k: v.clone() for k, v in sd.items()}, assign=True)
     return ref.eval()
 
 
@@ -204,8 +212,9 @@ def _inputs(cfg, latent_hw, effnet_hw, n_text=77, batch=1, seed=0):
             torch.randn(batch, n_text, cfg.clip_embd, generator=g))
 
 
-SMALL_KW = dict(c_cond=48, c_hidden=[16, 32, 48], nhead=[-1, 2, 3], blocks=[1, 2, 1], level_config=["CT", "CTA", "CTA"],
-                inject_effnet=[False, True, True], clip_embd=40, kernel_size=5, dropout=0.1)
+SMALL_KW = dict(c_cond=48, c_hidden=[16, 32, 48], nhead=[-1, 2, 3], blocks=[1, 2, 1],
+                level_config=["CT", "CTA", "CTA"], inject_effnet=[False, True, True], clip_embd=40,
+                kernel_size=5, dropout=0.1)
 
 
 @torch.no_grad()
@@ -216,7 +225,8 @@ def test_stage_b_parity_small_config(monkeypatch, tmp_path):
     assert not ours.training and ours.cfg.kernel_size == 5 and ours.cfg.c_hidden == (16, 32, 48)
     for latent_hw, effnet_hw in [((16, 16), (3, 3)), ((16, 24), (2, 5))]:
         x, t, effnet, clip = _inputs(ours.cfg, latent_hw, effnet_hw, batch=2)
-        torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5,
+                                   rtol=1e-5)
 
 
 @torch.no_grad()
@@ -228,7 +238,8 @@ def test_stage_b_parity_paper_config(monkeypatch, tmp_path):
     assert sum(p.numel() for p in ours.parameters()) == 1_055_365_280
     for latent_hw, effnet_hw in [((16, 16), (2, 2)), ((16, 32), (2, 3))]:
         x, t, effnet, clip = _inputs(ours.cfg, latent_hw, effnet_hw)
-        torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5,
+                                   rtol=1e-5)
 
 
 def _to_dome272(sd):
@@ -252,11 +263,14 @@ def test_stage_b_and_compressor_load_official_pt(monkeypatch, tmp_path):
     compressor = stage_b.SemanticCompressor(stage_b.CompressorConfig())  # EfficientNetV2-S, random
     compressor.mapper[1].running_mean.uniform_(-1, 1)  # make the BatchNorm statistics non-trivial
     path = str(tmp_path / "model_v2_stage_b.pt")
-    torch.save({"state_dict": _to_dome272(ref.state_dict()), "effnet_state_dict": compressor.state_dict()}, path)
-    cfg = stage_b.StageBConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in SMALL_KW.items()})
+    torch.save({"state_dict": _to_dome272(ref.state_dict()),
+                "effnet_state_dict": compressor.state_dict()}, path)
+    cfg = stage_b.StageBConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in SMALL_KW.items()})
     ours = stage_b.StageB.from_pretrained(path, cfg)
     x, t, effnet, clip = _inputs(cfg, (16, 8), (2, 1))
-    torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5,
+                               rtol=1e-5)
     loaded = stage_b.SemanticCompressor.from_pretrained(path)
     images = torch.rand(1, 3, 128, 128)
     torch.testing.assert_close(loaded(images), compressor.eval()(images))
@@ -270,7 +284,8 @@ def test_semantic_compressor_shapes():
     assert tiny(torch.rand(1, 3, 256, 384)).shape == (1, 16, 6, 9)
     effnet = stage_b.SemanticCompressor(stage_b.CompressorConfig()).eval()
     n_backbone = sum(p.numel() for p in effnet.backbone.parameters())
-    assert n_backbone + sum(p.numel() for p in effnet.mapper.parameters()) == 20_198_000  # method §8.6 (with BN affine)
+    # method §8.6 (with BN affine)
+    assert n_backbone + sum(p.numel() for p in effnet.mapper.parameters()) == 20_198_000
     with torch.no_grad():
         assert effnet(torch.rand(1, 3, 256, 256)).shape == (1, 16, 6, 6)  # 1024 px gives 24 x 24
 
@@ -280,8 +295,8 @@ def test_text_encoder():
     out = enc.encode(["a red circle on a blue background", ""])
     assert out.shape == (2, 77, 64) and torch.isfinite(out).all()
     assert not any(p.requires_grad for p in enc.parameters())
-    assert all(k.split(".")[0] in {"token_embedding", "positional_embedding", "transformer", "ln_final"}
-               for k in enc.state_dict())
+    assert all(k.split(".")[0] in {"token_embedding", "positional_embedding", "transformer",
+                                   "ln_final"} for k in enc.state_dict())
     torch.manual_seed(123)  # a random tower is reproduced from its state dict
     other = stage_b.TextEncoder("tiny")
     other.load_state_dict(enc.state_dict())
@@ -289,7 +304,8 @@ def test_text_encoder():
 
 
 def test_text_encoder_offline_fails_fast():
-    with pytest.raises(RuntimeError, match="huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+    with pytest.raises(RuntimeError,
+                       match="huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
         stage_b.TextEncoder(**stage_b.PRESETS["paper"]["text_encoder"])
 
 
@@ -301,20 +317,23 @@ def _tiny_inputs(batch=2, seed=0):
 
 
 def test_shapes_finite_loss_and_gradients():
-    model = stage_b.CompressorAndStageB(stage_b.SemanticCompressor(stage_b.PRESETS["tiny"]["compressor"]),
-                                        stage_b.StageB(stage_b.PRESETS["tiny"]["model"]), p_zero_effnet=0.5, p_noise_effnet=0.5)
+    model = stage_b.CompressorAndStageB(
+        stage_b.SemanticCompressor(stage_b.PRESETS["tiny"]["compressor"]),
+        stage_b.StageB(stage_b.PRESETS["tiny"]["model"]), p_zero_effnet=0.5, p_noise_effnet=0.5)
     latents, _, _, clip = _tiny_inputs(batch=4)
     images = torch.rand(4, 3, 128, 128)
     assert model.compressor(images).shape == (4, 16, 3, 3)
     x, t, effnet, _ = _tiny_inputs(batch=4)
     assert model.stage_b(x, t, effnet, clip).shape == x.shape
-    torch.nn.init.normal_(model.stage_b.clf[1].weight, std=0.02)  # zero at init: nothing upstream gets gradients
+    # zero at init: nothing upstream would get gradients
+    torch.nn.init.normal_(model.stage_b.clf[1].weight, std=0.02)
     loss = model(images, latents, clip)
     loss.backward()
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert model.compressor.mapper[0].weight.grad.abs().sum() > 0  # trained jointly: gradients reach the compressor
+    # trained jointly: gradients reach the compressor
+    assert model.compressor.mapper[0].weight.grad.abs().sum() > 0
 
 
 def test_overfit_one_batch():
@@ -324,7 +343,8 @@ def test_overfit_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):  # the same t and noise every step: a fixed regression target
-        loss = diffusion_loss(model, x0, generator=torch.Generator().manual_seed(0), effnet=effnet, clip_text=clip)
+        loss = diffusion_loss(model, x0, generator=torch.Generator().manual_seed(0), effnet=effnet,
+                              clip_text=clip)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -342,16 +362,17 @@ def toy_run(tmp_path_factory):
     torch.manual_seed(0)
     a = StageA(A_PRESETS["tiny"]["model"])
     a_path = str(root / "stage_a.pt")
-    save_checkpoint(a_path, {"stage": "stage_a", "step": 0, "model_config": asdict(a.cfg), "model": a.state_dict(),
-                             "ema": a.state_dict()})
+    save_checkpoint(a_path, {"stage": "stage_a", "step": 0, "model_config": asdict(a.cfg),
+                             "model": a.state_dict(), "ema": a.state_dict()})
     return str(root / "toy"), a_path
 
 
 def _args(toy_run, out_dir, steps, *extra):
     data, a_path = toy_run
-    return stage_b.get_args(["--data", data, "--stage_a", a_path, "--out_dir", str(out_dir), "--model", "tiny",
-                             "--device", "cpu", "--num_workers", "0", "--image_size", "64", "--batch_size", "4",
-                             "--num_holdout", "4", "--log_every", "1", "--sample_every", "2", "--steps_b", "3",
+    return stage_b.get_args(["--data", data, "--stage_a", a_path, "--out_dir", str(out_dir),
+                             "--model", "tiny", "--device", "cpu", "--num_workers", "0",
+                             "--image_size", "64", "--batch_size", "4", "--num_holdout", "4",
+                             "--log_every", "1", "--sample_every", "2", "--steps_b", "3",
                              "--max_steps", str(steps), "--save_every", str(steps), *extra])
 
 
@@ -362,43 +383,52 @@ def test_train_checkpoint_and_exact_resume(toy_run, tmp_path):
     ck_a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)  # primitives and tensors only
     ck_b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert ck_a["stage"] == "stage_b" and ck_a["step"] == ck_b["step"] == 3
-    for part in ("model", "compressor", "ema"):  # an interrupted + resumed run equals an uninterrupted one
+    for part in ("model", "compressor", "ema"):  # interrupted + resumed run == uninterrupted one
         for k in ck_a[part]:
             torch.testing.assert_close(ck_a[part][k], ck_b[part][k], msg=f"{part} {k}")
     assert ck_a["deps"]["stage_a"] == os.path.abspath(toy_run[1])
     assert ck_a["latent_space"]["scale"] > 0 and "state_dict" in ck_a["text_encoder"]
-    assert (tmp_path / "a" / "samples_0000002.png").exists() and "held-out PSNR" in (tmp_path / "a" / "log.txt").read_text()
+    assert ((tmp_path / "a" / "samples_0000002.png").exists()
+            and "held-out PSNR" in (tmp_path / "a" / "log.txt").read_text())
     # the checkpoint alone rebuilds Stage B, the compressor and the (random) text encoder
     built = stage_b.load_stage_b(str(tmp_path / "a" / "ckpt.pt"))
     e = built["compressor"](torch.rand(2, 3, 64, 64))
     clip = built["text_encoder"].encode(["a red circle on a blue background", ""])
-    assert e.shape == (2, 16, 1, 1) and built["stage_b"](torch.randn(2, 4, 16, 16), torch.rand(2), e, clip).shape == (2, 4, 16, 16)
-    # the EMA compressor's BatchNorm has the statistics of its own activations on the training images (issue #13)
+    assert (e.shape == (2, 16, 1, 1)
+            and built["stage_b"](torch.randn(2, 4, 16, 16), torch.rand(2), e, clip).shape
+            == (2, 4, 16, 16))
+    # the EMA compressor's BatchNorm has the statistics of its own activations on the training
+    # images (issue #13)
     from common import split_holdout
     from data import ImageFolder
     trainset, _ = split_holdout(ImageFolder(toy_run[0], 64, verbose=False), 4)
     compressor = built["compressor"]
     with torch.no_grad():
-        h = compressor.mapper[0](compressor.features(torch.stack([trainset[i][0] for i in range(len(trainset))])))
+        h = compressor.mapper[0](compressor.features(
+            torch.stack([trainset[i][0] for i in range(len(trainset))])))
     bn = compressor.mapper[1]
-    torch.testing.assert_close(bn.running_mean, h.mean(dim=(0, 2, 3)), rtol=0, atol=1e-4 * h.std().item())
+    torch.testing.assert_close(bn.running_mean, h.mean(dim=(0, 2, 3)), rtol=0,
+                               atol=1e-4 * h.std().item())
     torch.testing.assert_close(bn.running_var, h.var(dim=(0, 2, 3)), rtol=1e-4, atol=0)
 
 
 def test_wrong_checkpoints_name_both_stages(toy_run, tmp_path):
     data, a_path = toy_run
-    with pytest.raises(ValueError, match="stage_a checkpoint, but a stage_b checkpoint was expected"):
+    with pytest.raises(ValueError,
+                       match="stage_a checkpoint, but a stage_b checkpoint was expected"):
         stage_b.load_stage_b(a_path)
     save_checkpoint(str(tmp_path / "b.pt"), {"stage": "stage_b"})
-    with pytest.raises(ValueError, match="stage_b checkpoint, but a stage_a checkpoint was expected"):
+    with pytest.raises(ValueError,
+                       match="stage_b checkpoint, but a stage_a checkpoint was expected"):
         stage_b.train(_args((data, str(tmp_path / "b.pt")), tmp_path / "out", 1))
     with pytest.raises(FileNotFoundError, match="python stage_a.py"):
         stage_b.train(_args((data, str(tmp_path / "missing.pt")), tmp_path / "out", 1))
 
 
 def test_attention_init_is_dome272s_packed_xavier():
-    """q/k/v are drawn as nn.MultiheadAttention draws its packed (3C, C) in_proj (bound sqrt(6 / 4C)), not as
-    three separate (C, C) xavier matrices (bound sqrt(6 / 2C)): the general init must not overwrite them."""
+    """q/k/v are drawn as nn.MultiheadAttention draws its packed (3C, C) in_proj (bound
+    sqrt(6 / 4C)), not as three separate (C, C) xavier matrices (bound sqrt(6 / 2C)): the general
+    init must not overwrite them."""
     torch.manual_seed(0)
     model = stage_b.StageB(stage_b.PRESETS["tiny"]["model"])
     attns = [m for m in model.modules() if isinstance(m, stage_b.Attention)]
