@@ -1,10 +1,11 @@
 """
-Stage C of Würstchen: the text-conditional diffusion prior (paper §3 "Stage C", method.md §5-§7).
+Stage C of Würstchen: the text-conditional diffusion prior (paper §3 "Stage C", method.md §5-7).
 
-Stage C is where text meets image. It learns p(y | text) in the 42x-compressed semantic space of Stage B's frozen
-semantic compressor: y = (e + shift) / scale, e = compressor(image) (B, 16, H/42.67, W/42.67), i.e. 16 x 24 x 24
-for a 1024 px image (16 x 3 x 3 for the 128 px toy images). It is a stack of ConvNeXt / timestep / attention
-blocks without any down-sampling, trained with Stage B's P2-weighted noise-prediction loss.
+Stage C is where text meets image. It learns p(y | text) in the 42x-compressed semantic space of
+Stage B's frozen semantic compressor: y = (e + shift) / scale, e = compressor(image)
+(B, 16, H/42.67, W/42.67), i.e. 16 x 24 x 24 for a 1024 px image (16 x 3 x 3 for the 128 px toy
+images). It is a stack of ConvNeXt / timestep / attention blocks without any down-sampling,
+trained with Stage B's P2-weighted noise-prediction loss.
 
     prompt --CLIP text--> (B, 77, c_cond) --Stage C, DDPM + CFG--> y (B, 16, h, w)
            --e = y * scale - shift--> Stage B --> Stage A decode --> image (B, 3, H, W)
@@ -12,8 +13,9 @@ blocks without any down-sampling, trained with Stage B's P2-weighted noise-predi
 Run it (after Stages A and B, whose checkpoints it reads from out/stage_a and out/stage_b):
     python stage_c.py --data toy --model tiny            # CPU, a few minutes
     python stage_c.py --data ./imgs                      # one GPU, default 'small' preset
-    torchrun --standalone --nproc_per_node=8 stage_c.py --data ./imgs --model paper --grad_checkpointing
-Fine-tune the released prior (or an export of ours) on a folder, all weights or LoRA adapters (one GPU):
+    torchrun --standalone --nproc_per_node=8 stage_c.py --data ./imgs --model paper \\
+        --grad_checkpointing
+Fine-tune the released prior (or our export) on a folder, all weights or LoRA adapters (one GPU):
     python stage_c.py --data ./imgs --pretrained weights/ [--lora_rank 16]
 """
 import argparse
@@ -36,11 +38,11 @@ from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, ad
                     save_weights_file, set_lr, sizes_of, start_run, trained_state, update_ema,
                     weights_fingerprint, wrap_ddp)
 from stage_a import load_stage_a
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, LORA_FILE, RESOLUTION_MULTIPLE, AttnBlock,
-                     LayerNorm2d, ResBlock, TextEncoder, TimestepBlock, add_finetune_args,
-                     add_text_encoder_args, build_text_encoder, ddpm_sample, diffusion_loss, dome272_init,
-                     dome272_to_diffusers, finetune_defaults, frozen, load_stage_b, open_released,
-                     r_embedding)
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, LORA_FILE, RESOLUTION_MULTIPLE,
+                     AttnBlock, LayerNorm2d, ResBlock, TextEncoder, TimestepBlock,
+                     add_finetune_args, add_text_encoder_args, build_text_encoder, ddpm_sample,
+                     diffusion_loss, dome272_init, dome272_to_diffusers, finetune_defaults, frozen,
+                     load_stage_b, open_released, r_embedding)
 from stage_b_paella import STAGE_B_KINDS, V1_SAMPLING, Paella, sample_images
 
 # -----------------------------------------------------------------------------
@@ -49,7 +51,7 @@ from stage_b_paella import STAGE_B_KINDS, V1_SAMPLING, Paella, sample_images
 
 @dataclass
 class StageCConfig:
-    """Prior hyper-parameters (method §5.1); the defaults are the released v2 prior (993,636,896 params)."""
+    """Prior hyper-parameters (method §5.1); defaults: released v2 prior (993,636,896 params)."""
     c_in: int = 16  # semantic latent channels
     c: int = 1536  # width of every block (no down-sampling anywhere)
     c_cond: int = 1280  # CLIP text width (ViT-bigG-14)
@@ -59,44 +61,47 @@ class StageCConfig:
     dropout: float = 0.1  # MLP and attention-probability dropout
 
 
-# One table: per preset the prior's config, its text tower (open_clip architecture and pretrained tag; c_cond
-# follows the tower's width; "tiny" is a small random tower), the training defaults that flags left unset take,
-# and those of a fine-tune (--pretrained: the README's small-data recipe, "Fine-tune the released model").
-# Fine-tuning: lr 10x below the pretraining lr for all weights (the prior already knows; a high lr on a few
-# images overwrites it), LoRA 10x higher than that (its adapters start at zero; 1e-4 as diffusers' and Stable
-# Cascade's LoRA scripts), 100 passes over the images (diffusers' LoRA default), no EMA (short runs: it lags, and a
-# second copy of the paper prior costs 4 GB), the v1 recipe's 5 % caption dropout kept (CFG keeps working)
+# One table: per preset the prior's config, its text tower (open_clip architecture and pretrained
+# tag; c_cond follows the tower's width; "tiny" is a small random tower), the training defaults for
+# flags left unset, and those of a fine-tune (--pretrained: the README's small-data recipe,
+# "Fine-tune the released model"). Fine-tuning: lr 10x below the pretraining lr for all weights (the
+# prior already knows; a high lr on a few images overwrites it), LoRA 10x higher than that (its
+# adapters start at zero; 1e-4 as diffusers' and Stable Cascade's LoRA scripts), 100 passes over
+# the images (diffusers' LoRA default), no EMA (short runs: it lags, and a second copy of the paper
+# prior costs 4 GB), the v1 recipe's 5 % caption dropout kept (CFG keeps working)
 PRESETS = {
-    # CPU quick start and tests: 16 x 3 x 3 latents of 128 px toy images, text from the tiny random tower (64 wide).
-    # Narrow and shallow: the step count, not the width, decides how soon it follows prompts. ~2.5 CPU minutes:
-    # attending to the few caption tokens among 77 takes ~1000 steps (colour), shape ~3000: many cheap steps, a high
-    # LR and AdamW beta2 0.95 (faster to adapt than the reference's 0.999 in such short runs)
+    # CPU quick start and tests: 16 x 3 x 3 latents of 128 px toy images, text from the tiny random
+    # tower (64 wide). Narrow and shallow: the step count, not the width, decides how soon it
+    # follows prompts. ~2.5 CPU minutes: attending to the few caption tokens among 77 takes ~1000
+    # steps (colour), shape ~3000: many cheap steps, a high LR and AdamW beta2 0.95 (faster to adapt
+    # than the reference's 0.999 in such short runs)
     "tiny": dict(
         model=StageCConfig(c=64, c_cond=64, depth=2, nhead=4, dropout=0.0),
         text_encoder={"name": "tiny", "pretrained": None},
-        train=dict(image_size=128, batch_size=64, max_steps=3000, lr=3e-3, warmup=50, beta2=0.95, cache=True,
-                   steps_c=20, grad_checkpointing=False),
-        finetune=dict(batch_size=16, epochs=100, lr=1e-3, lora_lr=3e-3, warmup=20, beta2=0.95, ema_decay=0,
-                      cache=True, steps_c=20, grad_checkpointing=False)),
+        train=dict(image_size=128, batch_size=64, max_steps=3000, lr=3e-3, warmup=50, beta2=0.95,
+                   cache=True, steps_c=20, grad_checkpointing=False),
+        finetune=dict(batch_size=16, epochs=100, lr=1e-3, lora_lr=3e-3, warmup=20, beta2=0.95,
+                      ema_decay=0, cache=True, steps_c=20, grad_checkpointing=False)),
     # one-GPU reproduction (126 M params): CLIP ViT-B-32 text (512 wide), as Stage B's small preset
     "small": dict(
         model=StageCConfig(c=768, c_cond=512, depth=16, nhead=12),
         text_encoder={"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
-        train=dict(image_size=256, batch_size=256, max_steps=200_000, lr=1e-4, warmup=5_000, beta2=0.999,
-                   cache=False, steps_c=0, grad_checkpointing=False),
-        finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.999, ema_decay=0,
-                      cache=True, steps_c=0, grad_checkpointing=False)),
-    # the released warp-ai/wuerstchen-prior `prior` (WuerstchenPrior), CLIP ViT-bigG-14 text (method §5.5). The v1
-    # Stage C script (method §6.5): AdamW 1e-4 with default betas, 10k warm-up, global batch 1280, 1.5M updates
-    # budgeted; v2 was trained at 512 px (12 x 12) first, then at 1024 px and above. Fine-tuning it on one 24 GB
-    # GPU: activation checkpointing on (bench.py --stages memory)
+        train=dict(image_size=256, batch_size=256, max_steps=200_000, lr=1e-4, warmup=5_000,
+                   beta2=0.999, cache=False, steps_c=0, grad_checkpointing=False),
+        finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.999,
+                      ema_decay=0, cache=True, steps_c=0, grad_checkpointing=False)),
+    # the released warp-ai/wuerstchen-prior `prior` (WuerstchenPrior), CLIP ViT-bigG-14 text
+    # (method §5.5). The v1 Stage C script (method §6.5): AdamW 1e-4 with default betas, 10k
+    # warm-up, global batch 1280, 1.5M updates budgeted; v2 was trained at 512 px (12 x 12) first,
+    # then at 1024 px and above. Fine-tuning it on one 24 GB GPU: activation checkpointing on
+    # (bench.py --stages memory)
     "paper": dict(
         model=StageCConfig(),
         text_encoder={"name": "ViT-bigG-14", "pretrained": "laion2b_s39b_b160k"},
-        train=dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000, beta2=0.999,
-                   cache=False, steps_c=0, grad_checkpointing=False),
-        finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.999, ema_decay=0,
-                      cache=True, steps_c=0, grad_checkpointing=True)),
+        train=dict(image_size=512, batch_size=1280, max_steps=1_500_000, lr=1e-4, warmup=10_000,
+                   beta2=0.999, cache=False, steps_c=0, grad_checkpointing=False),
+        finetune=dict(batch_size=8, epochs=100, lr=1e-5, lora_lr=1e-4, warmup=100, beta2=0.999,
+                      ema_decay=0, cache=True, steps_c=0, grad_checkpointing=True)),
     # the v1 prior as trained (dome272 train_stage_C.py, method §5.1; model_stage_c.pt): the same
     # prior with CLIP ViT-H-14 text (c_cond 1024, 993,243,680 params), on top of the v1 Paella
     # Stage B (stage_b_paella.py --model paper), the same recipe at 512 px (12 x 12 latents)
@@ -112,25 +117,29 @@ PRESETS = {
 
 
 class StageC(nn.Module):
-    """Stage C, the Würstchen prior (paper §3, method §5): text-conditional noise prediction on semantic latents.
+    """Stage C prior (paper §3, method §5): text-conditional noise prediction on semantic latents.
 
-    projection (1x1 conv c_in -> c) -> depth x [ResBlock, TimestepBlock, AttnBlock over [image tokens ; text]]
-    -> LayerNorm2d -> 1x1 conv to (a, b) -> predicted noise (x_t - a) / (|1 - b| + 1e-5) (method §5.3).
-    Key names are diffusers' `WuerstchenPrior` names (blocks.{3k, 3k+1, 3k+2}), so its weights load 1:1.
+    projection (1x1 conv c_in -> c) -> depth x [ResBlock, TimestepBlock, AttnBlock over
+    [image tokens ; text]] -> LayerNorm2d -> 1x1 conv to (a, b) -> predicted noise
+    (x_t - a) / (|1 - b| + 1e-5) (method §5.3). Key names are diffusers' `WuerstchenPrior` names
+    (blocks.{3k, 3k+1, 3k+2}), so its weights load 1:1.
     """
 
     def __init__(self, cfg: StageCConfig):
         super().__init__()
         self.cfg = cfg
-        self.grad_checkpointing = False  # activation checkpointing per triple: recompute in backward, less memory
+        # activation checkpointing per triple: recompute in backward, less memory
+        self.grad_checkpointing = False
         self.projection = nn.Conv2d(cfg.c_in, cfg.c, kernel_size=1)
-        # text tokens -> the width of the blocks (no LayerNorm on the sequence here, unlike Stage B's seq_norm)
-        self.cond_mapper = nn.Sequential(nn.Linear(cfg.c_cond, cfg.c), nn.LeakyReLU(0.2), nn.Linear(cfg.c, cfg.c))
+        # text tokens -> the blocks' width (no LayerNorm on the sequence, unlike Stage B's seq_norm)
+        self.cond_mapper = nn.Sequential(nn.Linear(cfg.c_cond, cfg.c), nn.LeakyReLU(0.2),
+                                         nn.Linear(cfg.c, cfg.c))
         self.blocks = nn.ModuleList()
         for _ in range(cfg.depth):
             self.blocks.append(ResBlock(cfg.c, dropout=cfg.dropout))
             self.blocks.append(TimestepBlock(cfg.c, cfg.c_r))
-            self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead, self_attn=True, dropout=cfg.dropout))
+            self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead, self_attn=True,
+                                         dropout=cfg.dropout))
         self.out = nn.Sequential(LayerNorm2d(cfg.c), nn.Conv2d(cfg.c, 2 * cfg.c_in, kernel_size=1))
         self.init_weights()
 
@@ -140,7 +149,7 @@ class StageC(nn.Module):
         nn.init.normal_(self.projection.weight, std=0.02)  # input
         nn.init.normal_(self.cond_mapper[0].weight, std=0.02)  # conditioning
         nn.init.normal_(self.cond_mapper[2].weight, std=0.02)
-        nn.init.zeros_(self.out[1].weight)  # output: a = 0, b = 0 at init, so the net starts as eps_hat = x_t
+        nn.init.zeros_(self.out[1].weight)  # output: a = 0, b = 0 at init, so eps_hat = x_t
         for block in self.blocks:
             if isinstance(block, ResBlock):
                 block.channelwise[-1].weight.data *= (1 / self.cfg.depth) ** 0.5
@@ -153,11 +162,11 @@ class StageC(nn.Module):
         return attn(timestep(res(x), r_embed), cond)
 
     def forward(self, x, t, clip_text):
-        """x: noised latent x_t (B, c_in, h, w), any h, w; t: (B,) in [0, 1]; clip_text: (B, 77, c_cond).
-        Returns the predicted noise (B, c_in, h, w), float32."""
+        """x: noised latent x_t (B, c_in, h, w), any h, w; t: (B,) in [0, 1]; clip_text:
+        (B, 77, c_cond). Returns the predicted noise (B, c_in, h, w), float32."""
         r_embed = r_embedding(t, self.cfg.c_r)  # (B, c_r)
         cond = self.cond_mapper(clip_text)  # (B, 77, c)
-        # (B, c_in, h, w) -> (B, c, h, w), channels-last: the blocks' permutes to (B, h, w, c) become views
+        # (B, c_in, h, w) -> (B, c, h, w) channels-last: blocks' permutes to (B, h, w, c) are views
         h = self.projection(x.contiguous(memory_format=torch.channels_last))
         for k in range(self.cfg.depth):
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -165,18 +174,21 @@ class StageC(nn.Module):
             else:
                 h = self._triple(k, h, r_embed, cond)
         a, b = self.out(h).float().chunk(2, dim=1)  # (B, 2 c_in, h, w) -> 2 x (B, c_in, h, w)
-        # a plays sqrt(abar) x0_hat and |1 - b| plays sqrt(1 - abar) (the source notes x0_hat = a / sqrt(1-(1-b)^2))
+        # a plays sqrt(abar) x0_hat and |1 - b| plays sqrt(1 - abar) (the source notes
+        # x0_hat = a / sqrt(1-(1-b)^2))
         return (x.float() - a) / ((1 - b).abs() + 1e-5)
 
     @classmethod
     def from_pretrained(cls, path, cfg=None):
-        """Load released weights (method §8.1-8.3): a diffusers `WuerstchenPrior.save_pretrained` folder (config.json
-        + safetensors/bin; warp-ai/wuerstchen-prior subfolder `prior`) or an official dome272 checkpoint such as
-        `model_v3_stage_c.pt` (its `ema_state_dict`, as the converter uses; packed attention is split into q/k/v).
-        For a .pt file the sizes are read off the weights, with 64-dim heads as in every release unless `cfg` says."""
+        """Load released weights (method §8.1-8.3): a diffusers `WuerstchenPrior.save_pretrained`
+        folder (config.json + safetensors/bin; warp-ai/wuerstchen-prior subfolder `prior`) or an
+        official dome272 checkpoint such as `model_v3_stage_c.pt` (its `ema_state_dict`, as the
+        converter uses; packed attention is split into q/k/v). For a .pt file the sizes are read off
+        the weights, with 64-dim heads as in every release unless `cfg` says."""
         if os.path.isdir(path):
             hf = read_json(os.path.join(path, "config.json"))
-            cfg = StageCConfig(**{k: v for k, v in hf.items() if k in StageCConfig.__dataclass_fields__})
+            cfg = StageCConfig(**{k: v for k, v in hf.items()
+                                  if k in StageCConfig.__dataclass_fields__})
             sd = load_weights_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -192,31 +204,34 @@ class StageC(nn.Module):
         return model.eval()
 
     def save_pretrained(self, folder):
-        """The inverse of from_pretrained: a diffusers `WuerstchenPrior` folder (the same config names)."""
+        """Inverse of from_pretrained: a diffusers `WuerstchenPrior` folder (same config names)."""
         config = {"_class_name": "WuerstchenPrior"} | asdict(self.cfg)
         save_weights_file(folder, self.state_dict(), config)
 
 
 # -----------------------------------------------------------------------------
-# diffusion / loss (schedule, t sampling and the P2-weighted loss are Stage B's: stage_b.diffusion_loss)
+# diffusion / loss (schedule, t sampling and P2-weighted loss are Stage B's: stage_b.diffusion_loss)
 
 
 def to_stage_c_space(e, latent_space):
-    """Semantic compressor output e -> Stage C's latent y = (e + shift) / scale (method §3.3; 42 and 1 for paper)."""
+    """Semantic compressor output e -> Stage C's latent y = (e + shift) / scale (method §3.3; 42
+    and 1 for paper)."""
     return (e.float() + latent_space["shift"]) / latent_space["scale"]
 
 
 def to_stage_b_space(y, latent_space):
-    """Stage C latent y -> the e-space Stage B is conditioned on: e = y * scale - shift (the pipeline's 42 y - 1)."""
+    """Stage C latent y -> the e-space Stage B is conditioned on: e = y * scale - shift (the
+    pipeline's 42 y - 1)."""
     return y * latent_space["scale"] - latent_space["shift"]
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen models' outputs for a whole (small) dataset, computed once (encode_dataset) and
-    kept on disk, so that a training step costs only the prior and the frozen models need not stay in
-    memory. Items are (y (16, h, w), caption index); `text` holds one embedding per distinct caption plus
-    the empty caption last (`empty_index`), which caption dropout swaps in. With aspect-ratio buckets the
-    latents come in several shapes, one per bucket (`sizes`, as the dataset's)."""
+    """--cache: the frozen models' outputs for a whole (small) dataset, computed once
+    (encode_dataset) and kept on disk, so that a training step costs only the prior and the frozen
+    models need not stay in memory. Items are (y (16, h, w), caption index); `text` holds one
+    embedding per distinct caption plus the empty caption last (`empty_index`), which caption
+    dropout swaps in. With aspect-ratio buckets the latents come in several shapes, one per bucket
+    (`sizes`, as the dataset's)."""
 
     def __init__(self, latents, text_index, text, sizes=None):
         self.latents, self.text_index, self.text, self.sizes = latents, text_index, text, sizes
@@ -224,23 +239,24 @@ class LatentCache(torch.utils.data.Dataset):
 
     @staticmethod
     @torch.no_grad()
-    def encode_dataset(dataset, compressor, text_encoder, latent_space, batch_size=64, num_workers=2,
-                       verbose=True):
-        """What a LatentCache holds, as a dict of its arguments: the semantic latent of every image and the
-        text embedding of every distinct caption, on the CPU."""
+    def encode_dataset(dataset, compressor, text_encoder, latent_space, batch_size=64,
+                       num_workers=2, verbose=True):
+        """What a LatentCache holds, as a dict of its arguments: the semantic latent of every image
+        and the text embedding of every distinct caption, on the CPU."""
         device, n = next(compressor.parameters()).device, len(dataset)
         latents, captions = [None] * n, [None] * n  # latents: (16, h, w) each
         batches = same_size_batches(dataset, batch_size, num_workers)
-        for indices, (images, caps) in tqdm(batches, "cache: semantic latents", disable=not verbose, leave=False):
+        for indices, (images, caps) in tqdm(batches, "cache: semantic latents", disable=not verbose,
+                                            leave=False):
             y = to_stage_c_space(compressor(images.to(device)), latent_space).cpu()  # (B, 16, h, w)
             for i, y_i, caption in zip(indices, y, caps):
                 latents[i], captions[i] = y_i, caption
         distinct = sorted(set(captions) - {""}) + [""]
         index = {c: i for i, c in enumerate(distinct)}
         text = torch.cat([text_encoder.encode(distinct[i:i + batch_size]).cpu()
-                          for i in range(0, len(distinct), batch_size)])  # (distinct + 1, 77, c_cond)
-        return {"latents": latents, "text_index": torch.tensor([index[c] for c in captions]), "text": text,
-                "sizes": sizes_of(dataset)}
+                          for i in range(0, len(distinct), batch_size)])  # (distinct+1, 77, c_cond)
+        return {"latents": latents, "text_index": torch.tensor([index[c] for c in captions]),
+                "text": text, "sizes": sizes_of(dataset)}
 
     def __len__(self):
         return len(self.latents)
@@ -250,8 +266,8 @@ class LatentCache(torch.utils.data.Dataset):
 
 
 class PromptTable:
-    """A text encoder's embeddings of a fixed set of prompts, looked up by prompt (`encode`, as the encoder's):
-    all that the previews need once the encoder has left memory."""
+    """A text encoder's embeddings of a fixed set of prompts, looked up by prompt (`encode`, as the
+    encoder's): all that the previews need once the encoder has left memory."""
 
     def __init__(self, text_encoder, prompts):
         self.index = {p: i for i, p in enumerate(sorted(set(prompts)))}
@@ -263,9 +279,10 @@ class PromptTable:
 
 @torch.no_grad()
 def training_inputs(batch, drop, compressor, text_encoder, latent_space, cache=None):
-    """One loader batch -> (y (B, 16, h, w), clip_text (B, 77, c_cond)), both float32. Samples marked in `drop`
-    (bool (B,)) get the empty caption: the classifier-free-guidance dropout of method §6.4. With `cache`, the batch
-    is (y, caption index) from LatentCache; else (images, captions), run through the frozen models."""
+    """One loader batch -> (y (B, 16, h, w), clip_text (B, 77, c_cond)), both float32. Samples
+    marked in `drop` (bool (B,)) get the empty caption: the classifier-free-guidance dropout of
+    method §6.4. With `cache`, the batch is (y, caption index) from LatentCache; else (images,
+    captions), run through the frozen models."""
     if cache is not None:
         y, text_index = batch
         text_index = torch.where(drop, cache.empty_index, text_index)
@@ -273,36 +290,42 @@ def training_inputs(batch, drop, compressor, text_encoder, latent_space, cache=N
     images, captions = batch
     device = next(compressor.parameters()).device
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    return to_stage_c_space(compressor(images.to(device)), latent_space), text_encoder.encode(captions).float()
+    return (to_stage_c_space(compressor(images.to(device)), latent_space),
+            text_encoder.encode(captions).float())
 
 # -----------------------------------------------------------------------------
 # sampling
 
 
 def load_stage_c(path, device="cpu"):
-    """Rebuild from a Stage C checkpoint alone what sampling needs: the EMA prior and its text encoder (eval, frozen)
-    and the latent-space constants of the Stage B it was trained on. Returns a dict with those and 'ckpt'."""
+    """Rebuild from a Stage C checkpoint alone what sampling needs: the EMA prior and its text
+    encoder (eval, frozen) and the latent-space constants of the Stage B it was trained on. Returns
+    a dict with those and 'ckpt'."""
     ckpt = load_checkpoint(path, "stage_c")
     if ckpt.get("lora"):
-        raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): sample with "
-                              f"--lora {os.path.join(os.path.dirname(path), LORA_FILE)} on the prior it adapts")
+        raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): "
+                              f"sample with --lora {os.path.join(os.path.dirname(path), LORA_FILE)}"
+                              " on the prior it adapts")
     with torch.device("meta"):
         model = StageC(StageCConfig(**ckpt["model_config"]))
     load_exact(model, ckpt["ema"], what=f"Stage C EMA weights of {path}")
-    return {"stage_c": model.to(device).eval().requires_grad_(False), "latent_space": ckpt["latent_space"],
+    return {"stage_c": model.to(device).eval().requires_grad_(False),
+            "latent_space": ckpt["latent_space"],
             "text_encoder": TextEncoder.from_spec(ckpt["text_encoder"]).to(device), "ckpt": ckpt}
 
 
 @torch.no_grad()
-def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_STAGE_C_TIMESTEPS, guidance_scale=4.0,
-                   negative_prompt="", generator=None, progress=False):
-    """Prompts -> Stage C latents y (B, 16, h, w) (method §7.4, before its e = 42 y - 1): CLIP text, x ~ N(0, I),
-    DDPM on `timesteps` (an int = that many steps on the linear grid) with classifier-free guidance against the
-    negative prompt ("" = the unconditional embedding it was trained with). Defaults: the released settings."""
+def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_STAGE_C_TIMESTEPS,
+                   guidance_scale=4.0, negative_prompt="", generator=None, progress=False):
+    """Prompts -> Stage C latents y (B, 16, h, w) (method §7.4, before its e = 42 y - 1): CLIP
+    text, x ~ N(0, I), DDPM on `timesteps` (an int = that many steps on the linear grid) with
+    classifier-free guidance against the negative prompt ("" = the unconditional embedding it was
+    trained with). Defaults: the released settings."""
     device = next(model.parameters()).device
     cond = {"clip_text": text_encoder.encode(prompts)}  # (B, 77, c_cond)
     uncond = {"clip_text": text_encoder.encode([negative_prompt] * len(prompts))}
-    noise = torch.randn((len(prompts), model.cfg.c_in, *latent_hw), generator=generator, device=device)
+    noise = torch.randn((len(prompts), model.cfg.c_in, *latent_hw), generator=generator,
+                        device=device)
     return ddpm_sample(model, noise, timesteps, cond, uncond, guidance_scale, generator, progress)
 
 
@@ -310,15 +333,16 @@ def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_ST
 def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, steps=None,
                    guidance_scale=None, generator=None, progress=False, negative_prompt="",
                    temperature=V1_SAMPLING["temperature"]):
-    """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1]: e = y * scale - shift, then
-    Stage B at the Stage A side int(10.67 h) (LATENT_DIM_SCALE), conditioned on e and its own text
-    encoder's CLIP text, with the defaults of its kind (steps, guidance_scale None).
-    DiffNeXt (v2, method §7.5): DDPM, 12 steps, CFG only when guidance_scale > 1, against zero e and
-    the empty caption; Stage A decodes the latent unquantised. Paella (v1, method §1.4, §4.8): the
-    token sampler, 8 steps, w = 2, `temperature`, against zero e and the negative prompt (as the v1
-    notebook); Stage A decodes the tokens through its codebook."""
+    """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1]: e = y * scale - shift,
+    then Stage B at the Stage A side int(10.67 h) (LATENT_DIM_SCALE), conditioned on e and its own
+    text encoder's CLIP text, with the defaults of its kind (steps, guidance_scale None).
+    DiffNeXt (v2, method §7.5): DDPM, 12 steps, CFG only when guidance_scale > 1, against zero e
+    and the empty caption; Stage A decodes the latent unquantised. Paella (v1, method §1.4, §4.8):
+    the token sampler, 8 steps, w = 2, `temperature`, against zero e and the negative prompt (as the
+    v1 notebook); Stage A decodes the tokens through its codebook."""
     e = to_stage_b_space(y, latent_space)
-    side = (int(y.shape[-2] * LATENT_DIM_SCALE), int(y.shape[-1] * LATENT_DIM_SCALE))  # 24 -> 256, 3 -> 32
+    side = (int(y.shape[-2] * LATENT_DIM_SCALE),
+            int(y.shape[-1] * LATENT_DIM_SCALE))  # 24 -> 256, 3 -> 32
     if isinstance(stage_b, Paella):
         w = V1_SAMPLING["cfg"] if guidance_scale is None else guidance_scale
         negative = text_encoder_b.encode([negative_prompt] * len(y))
@@ -340,21 +364,25 @@ def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, s
 
 
 def frozen_models(args, released, preset, ckpt, device):
-    """The frozen models of a Stage C run (method §1.1): the semantic compressor (target) and the CLIP text tower
-    (condition) with the latent space y = (e + shift) / scale, and a function that loads the models that decode
-    the previews (Stage B, its text tower, Stage A). From the released or exported weights (--pretrained), else
-    from our Stage B and A checkpoints. Returns (compressor, text encoder, latent space, preview loader)."""
+    """The frozen models of a Stage C run (method §1.1): the semantic compressor (target) and the
+    CLIP text tower (condition) with the latent space y = (e + shift) / scale, and a function that
+    loads the models that decode the previews (Stage B, its text tower, Stage A). From the released
+    or exported weights (--pretrained), else from our Stage B and A checkpoints. Returns
+    (compressor, text encoder, latent space, preview loader)."""
     if released:
         build = released["builders"]
-        text_encoder = (build_text_encoder(args, None, ckpt, device) if ckpt else  # resumed: the checkpoint's
+        # resumed: the checkpoint's text tower
+        text_encoder = (build_text_encoder(args, None, ckpt, device) if ckpt else
                         frozen(build["text_encoder_c"](), device))
         return (frozen(build["compressor"](), device), text_encoder, released["latent_space"],
-                lambda: {k: frozen(build[k](), device) for k in ("stage_b", "text_encoder_b", "stage_a")})
+                lambda: {k: frozen(build[k](), device)
+                         for k in ("stage_b", "text_encoder_b", "stage_a")})
     parts_b = load_stage_b(args.stage_b, device, parts=("compressor",), kinds=STAGE_B_KINDS)
-    load_checkpoint(args.stage_a, "stage_a")  # a missing or wrong file: said now, not at the first preview
+    load_checkpoint(args.stage_a, "stage_a")  # missing or wrong: said now, not at the first preview
 
     def decoders():  # Stage B of either kind (stage_b.py, stage_b_paella.py)
-        parts = load_stage_b(args.stage_b, device, parts=("stage_b", "text_encoder"), kinds=STAGE_B_KINDS)
+        parts = load_stage_b(args.stage_b, device, parts=("stage_b", "text_encoder"),
+                             kinds=STAGE_B_KINDS)
         return {"stage_b": parts["stage_b"], "text_encoder_b": parts["text_encoder"],
                 "stage_a": load_stage_a(args.stage_a, device)}
     return (parts_b["compressor"], build_text_encoder(args, preset["text_encoder"], ckpt, device),
@@ -363,29 +391,37 @@ def frozen_models(args, released, preset, ckpt, device):
 
 def train(args):
     preset = PRESETS[preset_name(args)]
-    # --pretrained: the released (or exported) weights, found now; fine-tuning starts from their prior
-    released = open_released(args.pretrained or None, compressor=True) if args.pretrained is not None else None
+    # --pretrained: released (or exported) weights, found now; fine-tuning starts from their prior
+    released = (open_released(args.pretrained or None, compressor=True)
+                if args.pretrained is not None else None)
     finetune = released is not None and args.init == "pretrained"
     if args.lora_rank and not finetune:
-        raise ValueError("--lora_rank adapts a pretrained prior: give --pretrained [DIR] (and no --init scratch)")
+        raise ValueError("--lora_rank adapts a pretrained prior: give --pretrained [DIR] "
+                         "(and no --init scratch)")
     defaults = finetune_defaults(preset, args) if finetune else preset["train"]
     if released:  # the size their Stage C was trained at (released: 1024 px)
         defaults = defaults | {"image_size": released["image_sizes"]["c"]}
     rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", defaults)
 
-    # frozen parts: the semantic compressor gives the target, a CLIP text tower the condition (a random 'tiny'
-    # tower is built from the seed on every rank and saved with our checkpoint); Stage B and A decode previews
-    compressor, text_encoder, latent_space, decoders = frozen_models(args, released, preset, ckpt, rt.device)
+    # frozen parts: the semantic compressor gives the target, a CLIP text tower the condition (a
+    # random 'tiny' tower is built from the seed on every rank and saved with our checkpoint);
+    # Stage B and A decode previews
+    compressor, text_encoder, latent_space, decoders = frozen_models(args, released, preset, ckpt,
+                                                                     rt.device)
     text_entry, text_width = text_encoder.checkpoint_entry(), text_encoder.width
-    source = f"--pretrained {args.pretrained or '(Hugging Face cache)'}" if released else args.stage_b
-    logger.log(f"stage C | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
-               f"world {rt.world_size} | {'fine-tune' if finetune else 'from scratch'} | "
+    source = (f"--pretrained {args.pretrained or '(Hugging Face cache)'}" if released
+              else args.stage_b)
+    logger.log(f"stage C | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')} "
+               f"| world {rt.world_size} | {'fine-tune' if finetune else 'from scratch'} | "
                f"text {text_encoder.spec['name']} / {text_encoder.spec['pretrained']} "
-               f"| latent space y = (e + {latent_space['shift']}) / {latent_space['scale']} from {source}")
+               f"| latent space y = (e + {latent_space['shift']}) / {latent_space['scale']} "
+               f"from {source}")
     logger.log(f"training config: {vars(args)}")
 
-    # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data: every colour x shape)
-    from data import dataset_key, folder_captions, open_data, toy_look, toy_prompt_following, toy_prompts
+    # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data:
+    # every colour x shape)
+    from data import (dataset_key, folder_captions, open_data, toy_look, toy_prompt_following,
+                      toy_prompts)
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     look = toy_look(held_captions)  # a toy look's vocabulary, else None
@@ -400,30 +436,35 @@ def train(args):
     if args.epochs:
         epochs_to_steps(args, captions)
     cache = None
-    if args.cache:  # computed once per dataset and frozen models, on disk: re-runs and --resume read it
+    if args.cache:  # once per dataset and frozen models, on disk: re-runs and --resume read it
         key = {"data": dataset_key(trainset), "compressor": weights_fingerprint(compressor),
-               "text_encoder": [text_encoder.spec, weights_fingerprint(text_encoder)], "space": latent_space}
+               "text_encoder": [text_encoder.spec, weights_fingerprint(text_encoder)],
+               "space": latent_space}
         t0 = time.time()
         with rt.autocast():
-            state, path, built = disk_cached(os.path.join(args.out_dir, "cache", "stage_c"), key, lambda: (
-                LatentCache.encode_dataset(trainset, compressor, text_encoder, latent_space,
-                                           num_workers=args.num_workers, verbose=rt.master)), rt)
+            state, path, built = disk_cached(
+                os.path.join(args.out_dir, "cache", "stage_c"), key,
+                lambda: LatentCache.encode_dataset(trainset, compressor, text_encoder, latent_space,
+                                                   num_workers=args.num_workers, verbose=rt.master),
+                rt)
             text_encoder = PromptTable(text_encoder, prompts + [""])  # the previews' prompts
         cache = LatentCache(**state)
         cache.text = cache.text.to(rt.device)
         shapes = ", ".join(map(str, sorted({tuple(y.shape) for y in cache.latents})))
         std = torch.cat([y.flatten() for y in cache.latents]).std()
-        logger.log(f"cache: {'wrote' if built else 'read'} {path}: {len(cache)} semantic latents {shapes} "
-                   f"(std {std:.3f}, ~1 expected), {len(cache.text)} distinct captions (with the empty one), "
-                   f"{time.time() - t0:.1f} s; the compressor and the text tower leave memory")
+        logger.log(f"cache: {'wrote' if built else 'read'} {path}: {len(cache)} semantic latents "
+                   f"{shapes} (std {std:.3f}, ~1 expected), {len(cache.text)} distinct captions "
+                   f"(with the empty one), {time.time() - t0:.1f} s; the compressor and the text "
+                   "tower leave memory")
         compressor = None
         free_memory(rt.device)
-    if finetune and captions is not None:  # what makes a small-data fine-tune learn nothing, said now
+    # what makes a small-data fine-tune learn nothing, said now
+    if finetune and captions is not None:
         passes = args.max_steps * args.batch_size / len(captions)
         for warning in finetune_warnings(args.lr, defaults["lr"], passes, sum(map(bool, captions))):
             logger.log(f"warning: {warning}")
 
-    # the prior: the released one (fine-tuning; with LoRA its frozen base), or a new one of the preset's width
+    # the prior: released (fine-tuning; with LoRA its frozen base), or new, of the preset's width
     if finetune:
         model = StageC.from_pretrained(released["paths"]["stage_c"]).requires_grad_(True)
     else:
@@ -435,15 +476,18 @@ def train(args):
     lora = None
     if args.lora_rank:  # the base stays frozen; adapters start at zero: step 0 is the base model
         add_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha or args.lora_rank)
-        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank, "targets": args.lora_targets}
-    # EMA (off when fine-tuning: --ema_decay 0 keeps no copy) and AdamW (weight decay 0.01, method §6.5) over
-    # what is trained: all weights, or the LoRA adapters
+        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
+                "targets": args.lora_targets}
+    # EMA (off when fine-tuning: --ema_decay 0 keeps no copy) and AdamW (weight decay 0.01,
+    # method §6.5) over what is trained: all weights, or the LoRA adapters
     ema = deepcopy(model).eval().requires_grad_(False) if args.ema_decay else model
     trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2),
+                            weight_decay=args.weight_decay)
     scaler = rt.make_scaler()
     logger.log(f"parameters: Stage C {sum(p.numel() for p in model.parameters()):,} "
-               f"({sum(map(torch.numel, trained)):,} trained{', LoRA ' + str(lora) if lora else ''})")
+               f"({sum(map(torch.numel, trained)):,} trained"
+               f"{', LoRA ' + str(lora) if lora else ''})")
     step = 0
     if ckpt:
         load_trained(model, ckpt["model"], f"{ckpt_path} (model)")
@@ -461,8 +505,9 @@ def train(args):
 
     @torch.no_grad()
     def preview():
-        """Fixed prompts and noise -> EMA Stage C (CFG) -> Stage B -> Stage A; the grid and, on toy data, accuracy.
-        Stage B and A are loaded for it and freed after; the training's random stream is left as it was."""
+        """Fixed prompts and noise -> EMA Stage C (CFG) -> Stage B -> Stage A; the grid and, on toy
+        data, accuracy. Stage B and A are loaded for it and freed after; the training's random
+        stream is left as it was."""
         g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
         timesteps = args.steps_c or DEFAULT_STAGE_C_TIMESTEPS
         with torch.random.fork_rng(devices=[]):  # building a random text tower draws from it
@@ -482,9 +527,10 @@ def train(args):
             hw = (round(h / RESOLUTION_MULTIPLE), round(w / RESOLUTION_MULTIPLE))
             _, images = draw(prompts[:6], hw)
             save_captioned_grid(images, prompts[:6], path.replace(".png", f"_{w}x{h}.png"))
-        metrics = {"y_std": y.float().std().item()}  # ~1 when the prior's samples match the data's spread
+        metrics = {"y_std": y.float().std().item()}  # ~1 when the samples match the data's spread
         if toy_targets:
-            metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(images, toy_targets, look)
+            metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(
+                images, toy_targets, look)
         logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         del dec
         free_memory(rt.device)
@@ -493,20 +539,22 @@ def train(args):
 
     def save(metrics, run_state):
         save_checkpoint(ckpt_path, {
-            "stage": "stage_c", "step": step, "model_config": asdict(cfg), "model": trained_state(raw_model),
-            "ema": trained_state(ema), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "stage": "stage_c", "step": step, "model_config": asdict(cfg),
+            "model": trained_state(raw_model), "ema": trained_state(ema),
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "train_config": vars(args), "text_encoder": text_entry, "lora": lora,
             "latent_space": latent_space, **run_state, "metrics": metrics,
             "deps": {"pretrained": released["paths"]} if released else {
                 "stage_b": os.path.abspath(args.stage_b), "stage_a": os.path.abspath(args.stage_a),
                 "data": os.path.abspath(args.data)}})
-        if lora:  # the adapters in diffusers' LoRA format, for sample.py --lora and load_lora_weights
+        if lora:  # adapters in diffusers' LoRA format, for sample.py --lora and load_lora_weights
             save_lora(os.path.join(args.out_dir, LORA_FILE), ema, "prior",
                       f"the Stage C prior {released['paths']['stage_c']} {asdict(cfg)}")
 
     # the cache is indexed in memory: no loader workers needed
-    batches = infinite_batches(cache if cache else trainset, args.batch_size, rt, 0 if cache else args.num_workers,
-                               args.seed, step, args.grad_accum, ckpt and ckpt.get("data"))
+    batches = infinite_batches(cache if cache else trainset, args.batch_size, rt,
+                               0 if cache else args.num_workers, args.seed, step, args.grad_accum,
+                               ckpt and ckpt.get("data"))
     if ckpt:  # after building the loader, which draws its base seed from this RNG in every run
         restore_rng(ckpt, rt)
     metrics = {}
@@ -519,13 +567,15 @@ def train(args):
         set_lr(opt, lr)
         for micro in range(args.grad_accum):
             batch = next(batches)
-            # CFG dropout per sample (the v1 script drops the whole batch's captions at once with p = 0.05; per sample
-            # has the same rate and gives every batch a mix, which matters for small batches)
+            # CFG dropout per sample (the v1 script drops whole batches' captions with p = 0.05; per
+            # sample has the same rate and gives every batch a mix, which matters for small batches)
             drop = torch.rand(len(batch[0])) < args.p_drop_text
             with rt.autocast():
-                y, clip_text = training_inputs(batch, drop, compressor, text_encoder, latent_space, cache)
+                y, clip_text = training_inputs(batch, drop, compressor, text_encoder, latent_space,
+                                               cache)
             with no_sync(model, micro == args.grad_accum - 1), rt.autocast():
-                loss = diffusion_loss(model, y, clip_text=clip_text)  # P2-weighted eps MSE, t with the 1.08 stretch
+                # P2-weighted eps MSE, t with the 1.08 stretch
+                loss = diffusion_loss(model, y, clip_text=clip_text)
             # gradients of a mean over micro-batches: divide each micro-batch loss by their count
             scaler.scale(loss / args.grad_accum).backward()
             progress.count(len(y))
@@ -535,49 +585,56 @@ def train(args):
         step += 1
         log, preview_now, checkpoint = progress.step(step)
         if log:
-            progress.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr, guard.skipped)
+            progress.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
+                         guard.skipped)
         if rt.master and preview_now:
             metrics = preview()
         if checkpoint:
             run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
             if rt.master:
                 save(metrics, run_state)
-    progress.close(f"{' | '.join(f'{k} {v:.3f}' for k, v in metrics.items())} | checkpoint {ckpt_path}")
+    progress.close(f"{' | '.join(f'{k} {v:.3f}' for k, v in metrics.items())} "
+                   f"| checkpoint {ckpt_path}")
 
 # -----------------------------------------------------------------------------
 # CLI
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train Stage C of Würstchen (the text-conditional prior) on a folder "
-                                     "of captioned images, on top of trained Stages A and B, or fine-tune the "
-                                     "released prior (--pretrained).",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Train Stage C of Würstchen (the text-conditional prior) on a folder of "
+        "captioned images, on top of trained Stages A and B, or fine-tune the released prior "
+        "(--pretrained).",
+        formatter_class=HelpFormatter)
     add_common_args(parser, "stage_c", PRESETS)
     g = parser.add_argument_group("stage C")
-    g.add_argument("--stage_a", default="out/stage_a/ckpt.pt", help="Stage A checkpoint (decodes the previews)")
+    g.add_argument("--stage_a", default="out/stage_a/ckpt.pt",
+                   help="Stage A checkpoint (decodes the previews)")
     g.add_argument("--stage_b", default="out/stage_b/ckpt.pt", help="Stage B checkpoint "
                    "(stage_b.py or stage_b_paella.py): its frozen semantic compressor gives the "
                    "training target, its decoder the previews")
     add_text_encoder_args(g)
-    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="compute the frozen text "
-                   "embeddings and semantic latents of the whole dataset once, kept in out_dir/cache/ for re-runs "
-                   "and --resume; the frozen models then leave memory (folders; default: on for tiny and when "
-                   "fine-tuning)")
-    g.add_argument("--p_drop_text", type=float, default=0.05, help="probability of an empty caption, per sample (CFG)")
-    g.add_argument("--guidance_c", type=float, default=4.0, help="Stage C classifier-free guidance scale of the "
-                   "previews")
-    g.add_argument("--steps_c", type=int, default=None, help="Stage C DDPM steps of the previews, 0 = the released "
-                   "29-step grid DEFAULT_STAGE_C_TIMESTEPS (default: per preset)")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute the frozen text embeddings and semantic latents of the whole "
+                   "dataset once, kept in out_dir/cache/ for re-runs and --resume; the frozen "
+                   "models then leave memory (folders; default: on for tiny and when fine-tuning)")
+    g.add_argument("--p_drop_text", type=float, default=0.05,
+                   help="probability of an empty caption, per sample (CFG)")
+    g.add_argument("--guidance_c", type=float, default=4.0,
+                   help="Stage C classifier-free guidance scale of the previews")
+    g.add_argument("--steps_c", type=int, default=None, help="Stage C DDPM steps of the previews, "
+                   "0 = the released 29-step grid DEFAULT_STAGE_C_TIMESTEPS (default: per preset)")
     g.add_argument("--steps_b", type=int, default=None, help="Stage B steps of the previews "
                    "(default: its kind's, 12 DDPM steps for DiffNeXt, 8 for Paella)")
     g.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in the backward pass (activation checkpointing): much less memory "
-                   "for the paper size, ~30%% more compute (default: per preset; on when fine-tuning paper)")
+                   help="recompute activations in the backward pass (activation checkpointing): "
+                   "much less memory for the paper size, ~30%% more compute (default: per preset; "
+                   "on when fine-tuning paper)")
     f = parser.add_argument_group("fine-tuning (--pretrained)")
     add_finetune_args(f)
-    f.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"], help="with --pretrained: "
-                   "fine-tune their prior, or train a new prior of the preset's width in their latent space")
+    f.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"],
+                   help="with --pretrained: fine-tune their prior, or train a new prior of the "
+                   "preset's width in their latent space")
     return parser.parse_args(argv)
 
 
