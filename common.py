@@ -863,6 +863,19 @@ def infinite_batches(dataset, batch_size, rt, num_workers=2, seed=0, start_step=
     return Batches(loader)
 
 
+def resume_batches(dataset, args, rt, step, ckpt, num_workers=None):
+    """The training batches from `step` on, then (on --resume) the checkpoint's RNG state. The
+    order is a function of the step (exact resume); building the loader draws from the global RNG
+    in every run, so the state is restored after it and a resumed run draws the numbers an
+    uninterrupted one does (noise, dropout, Stage A's dead-code restarts)."""
+    workers = args.num_workers if num_workers is None else num_workers
+    batches = infinite_batches(dataset, args.batch_size, rt, workers, args.seed, step,
+                               args.grad_accum, ckpt and ckpt.get("data"))
+    if ckpt:
+        restore_rng(ckpt, rt)
+    return batches
+
+
 def same_size_batches(dataset, batch_size, num_workers=2):
     """The whole dataset once, in index order within each image size, as (indices, batch) pairs of
     at most `batch_size` items of one size (to encode a dataset up front: the stages' --cache)."""

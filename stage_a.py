@@ -23,10 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (HelpFormatter, NonFiniteGuard, Progress, add_common_args, ema_decay_at,
-                    gather_run_state, get_lr, holdout_batch, infinite_batches, load_checkpoint,
-                    load_exact, load_weights_file, no_sync, preset_name, psnr, read_json,
-                    recompute_batchnorm, restore_rng, run_cli, save_checkpoint, save_image_grid,
-                    save_weights_file, set_lr, start_run, update_ema, wrap_ddp)
+                    gather_run_state, get_lr, holdout_batch, load_checkpoint, load_exact,
+                    load_weights_file, no_sync, preset_name, psnr, read_json, recompute_batchnorm,
+                    resume_batches, run_cli, save_checkpoint, save_image_grid, save_weights_file,
+                    set_lr, start_run, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -377,13 +377,9 @@ def train(args):
         return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
 
     gen_params = list(raw_model.parameters())
-    # the batch stream is a function of the step (exact resume); building it draws from the global
-    # RNG, so it comes before that is restored (dead-code restarts draw from it after a resume)
-    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
-                               args.grad_accum, ckpt and ckpt.get("data"))
+    batches = resume_batches(trainset, args, rt, step, ckpt)  # then the RNG state of a --resume
     counts = torch.zeros(cfg.codebook_size, device=rt.device)  # code usage since the last restart
     if ckpt:
-        restore_rng(ckpt, rt)
         counts.copy_(ckpt["code_counts"])
     else:  # initialise the codebook on encoder outputs of a batch, not the tiny uniform init
         x0 = next(image_batches(trainset, 64, spread=False)).to(rt.device)

@@ -39,11 +39,11 @@ from tqdm import tqdm
 from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, add_common_args,
                     add_lora, channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps,
                     finetune_warnings, gather_run_state, get_lr, holdout_batch, hub_file,
-                    infinite_batches, load_checkpoint, load_exact, load_trained, load_weights_file,
-                    no_sync, preset_name, psnr, read_json, recompute_batchnorm,
-                    restore_rng, run_cli, same_size_batches, save_checkpoint, save_image_grid,
-                    save_lora, save_weights_file, set_lr, sizes_of, start_run, trained_state,
-                    update_ema, weights_fingerprint, wrap_ddp, write_json)
+                    load_checkpoint, load_exact, load_trained, load_weights_file, no_sync,
+                    preset_name, psnr, read_json, recompute_batchnorm, resume_batches, run_cli,
+                    same_size_batches, save_checkpoint, save_image_grid, save_lora,
+                    save_weights_file, set_lr, sizes_of, start_run, trained_state, update_ema,
+                    weights_fingerprint, wrap_ddp, write_json)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, StageA, load_stage_a
 
 # -----------------------------------------------------------------------------
@@ -1412,13 +1412,9 @@ def train(args):
     if args.cache:  # computed once per dataset and Stage A, on disk: re-runs and --resume read it
         trainset = cache_stage_a(trainset, stage_a.encode, stage_a, args, rt, logger)
     step = ckpt["step"] if ckpt else 0
-    # the batch stream is a function of the step (exact resume); making its iterator draws from the
-    # global RNG, so it comes before the RNG state is restored
-    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
-                               args.grad_accum, ckpt and ckpt.get("data"))
+    batches = resume_batches(trainset, args, rt, step, ckpt)
     if ckpt:
         model.restore(ckpt, ema, opt, scaler)
-        restore_rng(ckpt, rt)
         logger.log(f"resumed from {ckpt_path} at step {step}")
     raw_model = model
     if args.compile:

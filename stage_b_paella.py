@@ -34,10 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (HelpFormatter, NonFiniteGuard, Progress, add_common_args, channels_last_convs,
-                    ema_decay_at, gather_run_state, get_lr, holdout_batch, infinite_batches,
-                    load_exact, no_sync, preset_name, psnr, recompute_batchnorm,
-                    restore_rng, run_cli, save_checkpoint, save_image_grid, set_lr, start_run,
-                    update_ema, wrap_ddp)
+                    ema_decay_at, gather_run_state, get_lr, holdout_batch, load_exact, no_sync,
+                    preset_name, psnr, recompute_batchnorm, resume_batches, run_cli,
+                    save_checkpoint, save_image_grid, set_lr, start_run, update_ema, wrap_ddp)
 from stage_a import load_stage_a
 from stage_b import (AttnBlock, CompressorAndStageB, CompressorConfig, Dropout, GlobalResponseNorm,
                      LayerNorm2d, ResBlock, StageB, StageBConfig, TimestepBlock, add_stage_b_args,
@@ -435,13 +434,9 @@ def train(args):
     if args.cache:
         trainset = cache_stage_a(trainset, stage_a.encode_indices, stage_a, args, rt, logger)
     step = ckpt["step"] if ckpt else 0
-    # the batch stream is a function of the step (exact resume); making its iterator draws from the
-    # global RNG, so it comes before the RNG state is restored
-    batches = infinite_batches(trainset, args.batch_size, rt, args.num_workers, args.seed, step,
-                               args.grad_accum, ckpt and ckpt.get("data"))
+    batches = resume_batches(trainset, args, rt, step, ckpt)
     if ckpt:
         model.restore(ckpt, ema, opt, scaler)
-        restore_rng(ckpt, rt)
         logger.log(f"resumed from {ckpt_path} at step {step}")
     raw_model = model
     if args.compile:

@@ -32,11 +32,10 @@ from tqdm import tqdm
 from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, add_common_args,
                     add_lora, channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps,
                     finetune_warnings, free_memory, gather_run_state, get_lr, holdout_batch,
-                    infinite_batches, load_checkpoint, load_exact, load_trained, load_weights_file,
-                    no_sync, preset_name, read_json, restore_rng, run_cli,
-                    same_size_batches, save_captioned_grid, save_checkpoint, save_lora,
-                    save_weights_file, set_lr, sizes_of, start_run, trained_state, update_ema,
-                    weights_fingerprint, wrap_ddp)
+                    load_checkpoint, load_exact, load_trained, load_weights_file, no_sync,
+                    preset_name, read_json, resume_batches, run_cli, same_size_batches,
+                    save_captioned_grid, save_checkpoint, save_lora, save_weights_file, set_lr,
+                    sizes_of, start_run, trained_state, update_ema, weights_fingerprint, wrap_ddp)
 from stage_a import load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, LORA_FILE, RESOLUTION_MULTIPLE,
                      AttnBlock, LayerNorm2d, ResBlock, TextEncoder, TimestepBlock,
@@ -552,11 +551,7 @@ def train(args):
                       f"the Stage C prior {released['paths']['stage_c']} {asdict(cfg)}")
 
     # the cache is indexed in memory: no loader workers needed
-    batches = infinite_batches(cache if cache else trainset, args.batch_size, rt,
-                               0 if cache else args.num_workers, args.seed, step, args.grad_accum,
-                               ckpt and ckpt.get("data"))
-    if ckpt:  # after building the loader, which draws its base seed from this RNG in every run
-        restore_rng(ckpt, rt)
+    batches = resume_batches(cache or trainset, args, rt, step, ckpt, 0 if cache else None)
     metrics = {}
     if rt.master and finetune and step == 0:  # the model before fine-tuning, for comparison
         metrics = preview()

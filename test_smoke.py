@@ -255,7 +255,7 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run(chain, stage, tmp_path, mo
     and 5 in a row stop the run (--max_nonfinite 2), and the checkpoint on disk is finite, with the
     weights of step 3."""
     module, poisoned, saved = STAGES[stage], {2, 4, 5}, []
-    make_batches, save = module.infinite_batches, module.save_checkpoint
+    make_batches, save = module.resume_batches, module.save_checkpoint
 
     class Poisoned:
         def __init__(self, batches):
@@ -274,7 +274,7 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run(chain, stage, tmp_path, mo
         saved.append({k: v.clone() for k, v in ckpt["model"].items()})
         save(path, ckpt)
 
-    monkeypatch.setattr(module, "infinite_batches", lambda *a, **k: Poisoned(make_batches(*a, **k)))
+    monkeypatch.setattr(module, "resume_batches", lambda *a, **k: Poisoned(make_batches(*a, **k)))
     monkeypatch.setattr(module, "save_checkpoint", keep_and_save)
     ckpt_path = tmp_path / "ckpt.pt"
     stop = rf"stopping at step 5: 2 steps in a row .*\(3 in all\).*{ckpt_path} \(step 4\)"
