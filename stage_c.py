@@ -524,14 +524,14 @@ def train(args):
         save_captioned_grid(images, prompts, path)
         for w, h in other_sizes:  # one row of the first prompts per other bucket size
             hw = (round(h / RESOLUTION_MULTIPLE), round(w / RESOLUTION_MULTIPLE))
-            _, images = draw(prompts[:6], hw)
-            save_captioned_grid(images, prompts[:6], path.replace(".png", f"_{w}x{h}.png"))
+            _, row = draw(prompts[:6], hw)
+            save_captioned_grid(row, prompts[:6], path.replace(".png", f"_{w}x{h}.png"))
         metrics = {"y_std": y.float().std().item()}  # ~1 when the samples match the data's spread
         if toy_targets:
             metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(
                 images, toy_targets, look)
         logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        del dec
+        dec.clear()  # Stage B and A freed
         free_memory(rt.device)
         model.train()
         return metrics

@@ -224,9 +224,14 @@ def mixed(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_buckets_train_every_stage(chain, mixed, stage, tmp_path, capsys):
+def test_buckets_train_every_stage(chain, mixed, stage, tmp_path, capsys, monkeypatch):
     """--buckets at 256 px: 128x512, 256x256 and 512x128 batches (a mixed batch would not even
-    stack), the caches of Stages B and C per size, Stage C previews at every size."""
+    stack), the caches of Stages B and C per size, Stage C previews at every size, its toy
+    accuracy read on the main grid (not on the last size's row of 6)."""
+    import data
+    read, toy_read = [], data.toy_prompt_following
+    monkeypatch.setattr(data, "toy_prompt_following", lambda images, targets, look:
+                        read.append((len(images), len(targets))) or toy_read(images, targets, look))
     argv = stage_argv(chain, stage, tmp_path, "--data", mixed, "--image_size", "256",
                       "--buckets", "4")
     cache = [] if stage == "stage_a" else ["--cache"]  # Stage A has no cache
@@ -240,6 +245,7 @@ def test_buckets_train_every_stage(chain, mixed, stage, tmp_path, capsys):
             assert (tmp_path / f"samples_0000002{name}.png").exists(), name
         with Image.open(tmp_path / "samples_0000002_512x128.png") as grid:
             assert grid.width > grid.height
+        assert read and all(n == m == 18 for n, m in read), read  # 18 toy prompts
 
 
 def test_sampling_at_every_bucket_size(chain):
