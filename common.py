@@ -9,6 +9,7 @@ grids and the log line.
 Nothing here knows about Würstchen: the method lives in stage_a.py, stage_b.py and stage_c.py.
 """
 import argparse
+import datetime
 import gc
 import hashlib
 import json
@@ -80,11 +81,15 @@ def setup_runtime(device="auto", dtype="auto", seed=0):
     if ddp:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # a long timeout: with --cache, rank 0 encodes the dataset while the others wait
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=2))
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:  # cuda:N without torchrun too: the
+        torch.cuda.set_device(device)  # RNG state saved and restored is then this GPU's
     dtype = default_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     if device.type == "cuda":  # TF32 matmuls: ~free speed on Ampere+, ample precision for training
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -337,9 +342,9 @@ def finetune_warnings(lr, default_lr, passes, n_captioned):
 
 
 def ema_decay_at(step, decay):
-    """EMA warm-up: an average over about `step` steps early on, `decay` later, so short runs get a
-    useful EMA (k-diffusion's EMAWarmup idea; the reference instead copied the weights for its first
-    5,000 updates)."""
+    """EMA warm-up: decay (1 + step) / (10 + step), an average over the last ~(10 + step) / 9
+    steps early on, then `decay` (0.999 from step ~9,000: ~1,000 steps), so short runs get a useful
+    EMA (k-diffusion's EMAWarmup idea; the reference copied the weights for 5,000 updates)."""
     return min(decay, (1 + step) / (10 + step))
 
 

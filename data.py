@@ -224,6 +224,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if buckets:
             self.sizes = assign_buckets(dims, bucket_sizes(size, buckets), min_per_bucket)
         self.bad = set()  # indices that passed the scan but failed to decode later (per process)
+        self.held = set()  # held-out indices (open_data): stand-ins never cross the split
         if verbose:
             print(self.report())
 
@@ -256,11 +257,13 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         """(image, caption) of sample i. A file that fails to decode is counted and replaced by the
-        next readable sample of the same size, so a truncated download costs one duplicate instead
-        of a crashed run."""
+        next readable sample of the same size on the same side of the hold-out split, so a
+        truncated download costs one duplicate instead of a crashed run."""
+        def peer(j):
+            return self.sizes[j] == self.sizes[i] and (j in self.held) == (i in self.held)
         for j in range(i, i + len(self.paths)):
             j %= len(self.paths)
-            if j in self.bad or self.sizes[j] != self.sizes[i]:
+            if j in self.bad or not peer(j):
                 continue
             try:
                 return load_image(self.paths[j], self.sizes[j]), self.caption(j)
@@ -270,8 +273,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 self.skipped.append((self.paths[j], describe(e)))
                 if self.verbose:
                     print(f"data: skipping unreadable {self.paths[j]} ({describe(e)})")
-        raise RuntimeError(f"data: none of the {len(self.paths)} images in {self.root!r} could be "
-                           f"decoded")
+        side = "held-out" if i in self.held else "training"
+        raise RuntimeError(f"data: none of the {sum(map(peer, range(len(self.paths))))} {side} "
+                           f"images of size {self.sizes[i][0]}x{self.sizes[i][1]} in "
+                           f"{self.root!r} could be decoded")
 
 
 # -----------------------------------------------------------------------------
@@ -577,6 +582,7 @@ def open_data(args, verbose=True):
         return stream, stream.holdout(max(1, args.num_holdout))
     dataset = ImageFolder(args.data, args.image_size, verbose, args.buckets, args.batch_size)
     trainset, holdout = split_holdout(dataset, args.num_holdout)
+    dataset.held = set(holdout.indices)
     if args.buckets:
         square = copy.copy(dataset)
         square.sizes = [(args.image_size, args.image_size)] * len(dataset)

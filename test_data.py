@@ -530,3 +530,26 @@ def test_shard_buckets(tmp_path):
     stream.start(seed=0, micro=2, rank=0, world=1, workers=1)
     sizes = [tuple(images.shape[:-3:-1]) for images, _, _ in islice(iter(stream), 12)]  # (w, h)
     assert Counter(sizes) == {(128, 512): 4, (256, 256): 4, (512, 128): 4}
+
+
+def test_a_stand_in_never_crosses_the_holdout_split(tmp_path):
+    """An image that fails to decode is replaced from its own side of the hold-out split: a
+    training image's stand-in is never a held-out image (which would then be trained on), nor the
+    reverse (a training image in the held-out metrics)."""
+    from argparse import Namespace
+    from data import open_data
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        noise = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / f"{i:02d}.jpg", quality=95)
+    args = Namespace(data=str(tmp_path), image_size=16, buckets=None, batch_size=4, num_holdout=2)
+    trainset, holdout = open_data(args, verbose=False)
+    assert holdout.indices == [0, 10]
+    dataset = trainset.dataset
+    want_9, want_10 = dataset[11][0], dataset[0][0]  # the next image on each one's own side
+    for i in (9, 10):  # cut short: passes the scan, fails to decode
+        jpeg = (tmp_path / f"{i:02d}.jpg").read_bytes()
+        (tmp_path / f"{i:02d}.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    assert torch.equal(trainset[trainset.indices.index(9)][0], want_9)  # not held-out 10
+    assert torch.equal(holdout[1][0], want_10)  # not training 11
+    assert len(dataset.skipped) == 2
