@@ -234,16 +234,18 @@ def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=102
 
 
 @torch.no_grad()
-def image_variation(pipe, images, prompts=None, seed=0, steps_b=None, guidance_b=None,
-                    temperature_b=V1_SAMPLING["temperature"], progress=True):
-    """Images (B, 3, H, W) -> new images of the same semantics: semantic compressor -> B -> A."""
+def image_variation(pipe, images, prompts=None, negative_prompt="", seed=0, steps_b=None,
+                    guidance_b=None, temperature_b=V1_SAMPLING["temperature"], progress=True):
+    """Images (B, 3, H, W) -> new images of the same semantics: semantic compressor -> B -> A
+    (Stage B's text: `prompts`, one per image, else empty)."""
     with loaded(pipe, "compressor"):
         y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
     g = torch.Generator(pipe.device).manual_seed(seed)
     with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
         return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b,
                               pipe.latent_space, pipe.stage_a, steps_b, guidance_b, generator=g,
-                              progress=progress, temperature=temperature_b)
+                              progress=progress, negative_prompt=negative_prompt,
+                              temperature=temperature_b)
 
 
 @torch.no_grad()
@@ -279,13 +281,14 @@ def stage_a_reconstruction(pipe, images):
 
 
 @torch.no_grad()
-def toy_eval(pipe, n=4, seed=0, look="bold", colors=None, **kwargs):
+def toy_eval(pipe, n=4, seed=0, look="bold", colors=None, width=128, height=128, **kwargs):
     """Prompt following on the toy data of `look`: n images for every colour x shape prompt (of the
     shape colours `colors` when given), read back with data.classify_toy_image. Returns (images,
     captions, {'colour': acc, 'shape': acc, 'both': acc, chance levels, n})."""
     from data import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
     prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts(look, colors)])
-    images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=128, height=128, **kwargs)
+    images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=width, height=height,
+                           **kwargs)
     targets = [t for t in targets for _ in range(n)]
     colour, shape = toy_prompt_following(images, targets, look)
     both = sum(classify_toy_image(img, look) == t for img, t in zip(images, targets)) / len(targets)
@@ -443,7 +446,7 @@ def read_prompts(args):
 
 def read_images(paths, width, height):
     from data import load_image
-    return torch.stack([load_image(p, min(width, height)) for p in paths])
+    return torch.stack([load_image(p, (width, height)) for p in paths])
 
 
 def save_outputs(images, captions, out_dir, name):
@@ -515,33 +518,39 @@ def main(args):
                   temperature_b=tuple(args.temperature_b))
     if args.eval_toy:
         images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy,
-                                         colors=args.eval_colors, steps_c=steps_c,
-                                         guidance_c=guidance_c, negative_prompt=negative_prompt,
-                                         **common)
+                                         colors=args.eval_colors, width=width, height=height,
+                                         steps_c=steps_c, guidance_c=guidance_c,
+                                         negative_prompt=negative_prompt, **common)
         print(json.dumps({k: round(v, 3) for k, v in acc.items()}))
         save_outputs(images, captions, args.out_dir, "eval_toy")
         with open(os.path.join(args.out_dir, "eval_toy.json"), "w") as f:
             json.dump(acc, f, indent=1)
         return
-    if args.variation:
-        x = read_images(args.variation, width, height)
-        images = image_variation(pipe, x, **common)
-        captions = [f"variation of {os.path.basename(p)}" for p in args.variation]
+    prompts = read_prompts(args)
+    if args.variation or args.init_image:
+        paths = args.variation or args.init_image
+        if args.init_image and not prompts:
+            raise SystemExit("--init_image needs --prompt \"...\" or --prompts_file FILE")
+        # every (image, prompt) pair, cycling the shorter list; --n of each: (N * n, 3, H, W)
+        pairs = [(k % len(paths), prompts[k % len(prompts)] if prompts else "")
+                 for k in range(max(len(paths), len(prompts)))]
+        x = read_images(paths, width, height)[[i for i, _ in pairs]].repeat_interleave(args.n, 0)
+        texts = [p for _, p in pairs for _ in range(args.n)]
+        if args.variation:
+            images = image_variation(pipe, x, texts, negative_prompt, **common)
+            captions = [f"variation of {os.path.basename(paths[i])}" + (f": {p}" if p else "")
+                        for i, p in pairs for _ in range(args.n)]
+        else:
+            images = image_to_image(pipe, x, texts, args.strength, negative_prompt,
+                                    steps_c=steps_c, guidance_c=guidance_c, **common)
+            captions = texts
     else:
-        prompts = read_prompts(args)
         if not prompts:
             raise SystemExit("give --prompt \"...\" (repeatable) or --prompts_file FILE (one "
                              "prompt per line)")
-        if args.init_image:
-            x = read_images(args.init_image, width, height)
-            prompts = (prompts * len(x))[:len(x)]  # one prompt per input image
-            images = image_to_image(pipe, x, prompts, args.strength, negative_prompt,
-                                    steps_c=steps_c, guidance_c=guidance_c, **common)
-            captions = prompts
-        else:
-            images = text_to_image(pipe, prompts, negative_prompt, args.n, width, height,
-                                   steps_c=steps_c, guidance_c=guidance_c, **common)
-            captions = [p for p in prompts for _ in range(args.n)]
+        images = text_to_image(pipe, prompts, negative_prompt, args.n, width, height,
+                               steps_c=steps_c, guidance_c=guidance_c, **common)
+        captions = [p for p in prompts for _ in range(args.n)]
     save_outputs(images, captions, args.out_dir, "samples")
     print(f"{len(images)} images of {images.shape[-1]}x{images.shape[-2]} in "
           f"{time.time() - t0:.1f}s on {device}")
@@ -553,9 +562,10 @@ def get_args(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts_file", help="text file with one prompt per line")
-    p.add_argument("--negative_prompt", default=None, help="what Stage C guidance steers away "
-                   "from, and a Paella Stage B's (default: none; the v1 files: the v1 notebook's)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--negative_prompt", default=None, help="what guidance steers away from, in "
+                   "Stage C and Stage B (default: none; the v1 files: the v1 notebook's)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt (per input image "
+                   "with --variation / --init_image)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--width", type=int, default=None,
                    help="image width, rounded to 128-pixel steps (default: the training size of "

@@ -336,22 +336,23 @@ def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, s
     then Stage B at the Stage A side int(10.67 h) (LATENT_DIM_SCALE), conditioned on e and its own
     text encoder's CLIP text, with the defaults of its kind (steps, guidance_scale None).
     DiffNeXt (v2, method §7.5): DDPM, 12 steps, CFG only when guidance_scale > 1, against zero e
-    and the empty caption; Stage A decodes the latent unquantised. Paella (v1, method §1.4, §4.8):
-    the token sampler, 8 steps, w = 2, `temperature`, against zero e and the negative prompt (as the
-    v1 notebook); Stage A decodes the tokens through its codebook."""
+    and the negative prompt (as the combined pipeline); Stage A decodes the latent unquantised.
+    Paella (v1, method §1.4, §4.8): the token sampler, 8 steps, w = 2, `temperature`, against zero
+    e and the negative prompt (as the v1 notebook); Stage A decodes the tokens through its codebook.
+    """
     e = to_stage_b_space(y, latent_space)
     side = (int(y.shape[-2] * LATENT_DIM_SCALE),
             int(y.shape[-1] * LATENT_DIM_SCALE))  # 24 -> 256, 3 -> 32
+    negative = [negative_prompt] * len(y)  # the unconditional caption of guidance
     if isinstance(stage_b, Paella):
         w = V1_SAMPLING["cfg"] if guidance_scale is None else guidance_scale
-        negative = text_encoder_b.encode([negative_prompt] * len(y))
-        return sample_images(stage_b, stage_a, e, text_encoder_b.encode(prompts), negative, side,
-                             generator, progress, steps=steps or V1_SAMPLING["steps"], cfg=w,
-                             temperature=temperature)
+        return sample_images(stage_b, stage_a, e, text_encoder_b.encode(prompts),
+                             text_encoder_b.encode(negative), side, generator, progress,
+                             steps=steps or V1_SAMPLING["steps"], cfg=w, temperature=temperature)
     guidance_scale = guidance_scale or 0.0
     noise = torch.randn((len(y), stage_b.cfg.c_in, *side), generator=generator, device=y.device)
     cond = {"effnet": e, "clip_text": text_encoder_b.encode(prompts)}
-    uncond = {"effnet": torch.zeros_like(e), "clip_text": text_encoder_b.encode([""] * len(y))} \
+    uncond = {"effnet": torch.zeros_like(e), "clip_text": text_encoder_b.encode(negative)} \
         if guidance_scale > 1 else None
     latents = ddpm_sample(stage_b, noise, steps or 12, cond, uncond, guidance_scale, generator,
                           progress)

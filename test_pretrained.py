@@ -165,14 +165,14 @@ def reference_pipelines(root):
 
 def reference_images(root, prompt, width, height, seed, negative_prompt=None, decoder_guidance=0.0):
     """diffusers' prior (29-step grid, CFG 4) then decoder (12 steps, no CFG by default) pipelines,
-    one generator through both, as WuerstchenCombinedPipeline does."""
+    one generator and the negative prompt through both, as WuerstchenCombinedPipeline does."""
     prior, decoder = reference_pipelines(root)
     g = torch.Generator().manual_seed(seed)
     embeddings = prior(prompt, height=height, width=width, timesteps=DEFAULT_STAGE_C_TIMESTEPS,
                        guidance_scale=4.0, negative_prompt=negative_prompt, generator=g,
                        output_type="pt").image_embeddings
     return decoder(embeddings, prompt, num_inference_steps=12, guidance_scale=decoder_guidance,
-                   generator=g, output_type="pt").images
+                   negative_prompt=negative_prompt, generator=g, output_type="pt").images
 
 
 @torch.no_grad()
@@ -189,8 +189,8 @@ def test_chain_equals_the_diffusers_pipelines(released):
     pt = sample.load_released(str(official), decoder_cfg=DECODER_CFG)
     from_pt = sample.text_to_image(pt, [PROMPTS[0]], width=256, height=128, seed=3, progress=False)
     assert (from_pt - ours).abs().max() < 1e-5
-    # a negative prompt for the prior, guidance in the decoder too (against "" and zero semantic
-    # latents)
+    # a negative prompt, guidance in the decoder too (against the negative prompt and zero
+    # semantic latents)
     ref = reference_images(root, PROMPTS[2], 128, 128, seed=4, negative_prompt="blurry",
                            decoder_guidance=2.0)
     ours = sample.text_to_image(pipe, [PROMPTS[2]], "blurry", width=128, height=128, seed=4,

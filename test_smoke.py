@@ -117,6 +117,35 @@ def test_variation_and_reconstruction_default_to_the_training_size(chain, tmp_pa
         assert Image.open(tmp_path / flag / f"{name}.png").size == (128, 128)
 
 
+def test_image_inputs_take_every_sampling_flag(chain, tmp_path, capsys):
+    """--variation / --init_image honour --width/--height (non-square), --n (per input image) and
+    pair several prompts with one image; --variation passes --prompt to Stage B; --eval_toy samples
+    at --width/--height. (Each was ignored before.)"""
+    from PIL import Image
+    image = os.path.join(chain["data"], "00000.png")
+    ckpts = ["--stage_a", chain["a"], "--stage_b", chain["b"], "--stage_c", chain["c"],
+             "--steps_c", "2", "--steps_b", "2", "--device", "cpu"]
+    two = ["--prompt", "a red circle on a blue background", "--prompt", "a green square on a "
+           "white background"]
+    for flags, n_out in ((["--variation", image, "--n", "2"], 2),
+                         (["--variation", image, "--n", "2"] + two, 4),
+                         (["--init_image", image, "--n", "2"] + two, 4)):
+        out = tmp_path / flags[0] / str(n_out)
+        sample.main(sample.get_args(flags + ckpts + ["--width", "256", "--height", "128",
+                                                     "--out_dir", str(out)]))
+        assert Image.open(out / "samples_000.png").size == (256, 128)
+        assert (out / f"samples_{n_out - 1:03d}.png").exists()
+        assert not (out / f"samples_{n_out:03d}.png").exists()
+    x = sample.read_images([image], 128, 128)
+    captioned = [sample.image_variation(chain["pipe"], x, [p], seed=1, steps_b=2, progress=False)
+                 for p in ("a red circle on a blue background", "")]
+    assert not torch.equal(*captioned)  # Stage B reads the prompt
+    out = tmp_path / "eval"
+    sample.main(sample.get_args(["--eval_toy", "--n", "1", "--width", "256", "--height", "256",
+                                 "--out_dir", str(out)] + ckpts))
+    assert Image.open(out / "eval_toy_000.png").size == (256, 256)
+
+
 def test_wrong_and_missing_checkpoints_are_refused(chain, tmp_path):
     with pytest.raises(ValueError,
                        match="stage_a checkpoint, but a stage_b checkpoint was expected"):
