@@ -315,11 +315,12 @@ def set_lr(optimizer, lr):
 def epochs_to_steps(args, items):
     """--epochs (passes over the training images, `items`: a list of them, None for a stream) as
     --max_steps, unless --max_steps was given."""
+    if args.max_steps is not None:
+        return
     if items is None:
         raise ValueError("--epochs needs a folder of images (a stream of tar shards has no known "
                          "length): give --max_steps")
-    if args.max_steps is None:
-        args.max_steps = math.ceil(args.epochs * len(items) / args.batch_size)
+    args.max_steps = math.ceil(args.epochs * len(items) / args.batch_size)
 
 
 def finetune_warnings(lr, default_lr, passes, n_captioned):

@@ -923,7 +923,7 @@ def add_noise(x0, t, noise):
 def sample_t(batch_size, device, generator=None):
     """Training timesteps (method §6.2): t = 1.08 (1 - u) + 0.001, clamped to [0.001, 1].
 
-    The 1.08 stretch puts about 7.4 % of the samples exactly at t = 1 (pure noise).
+    The 1.08 stretch puts 7.5 % of the samples (1 - 0.999 / 1.08) exactly at t = 1 (pure noise).
     """
     u = torch.rand(batch_size, device=device, generator=generator)
     return ((1 - u) * 1.08 + 0.001).clamp(0.001, 1.0)
@@ -1430,9 +1430,9 @@ def train(args):
         sampling -> Stage A decode (EMA); a grid (inputs on top, then reconstructions), the PSNR."""
         g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
         noise = torch.randn(held_latents.shape, generator=g, device=rt.device)
+        ema.eval()  # also the trained model itself with --ema_decay 0: BatchNorm statistics frozen
         cond = {"effnet": ema.compressor(held_images),
                 "clip_text": text_encoder.encode(held_captions)}
-        ema.eval()
         with rt.autocast():
             recon = stage_a.decode(ddpm_sample(ema.stage_b, noise, args.steps_b, cond, generator=g))
         recon = recon.float().clamp(0, 1)
@@ -1491,8 +1491,11 @@ def train(args):
         if log:
             progress.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
                          guard.skipped)
-        if rt.master and (preview_now or checkpoint) and raw_model.train_compressor:
-            with rt.autocast():  # the EMA compressor's BatchNorms: own statistics
+        # the EMA compressor's BatchNorms: statistics of its own weights (with --ema_decay 0 the
+        # trained compressor is the one sampled, its statistics already its own)
+        if (rt.master and (preview_now or checkpoint) and raw_model.train_compressor
+                and ema is not raw_model):
+            with rt.autocast():
                 recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
                                     device=rt.device)
         if rt.master and preview_now:

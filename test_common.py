@@ -132,3 +132,19 @@ def test_channels_last_convs_same_numbers_and_gradient_layout():
         assert all(torch.equal(g0, g1) for g0, g1 in zip(grads[0][1], grads[1][1]))
         assert all(p.grad.stride() == p.stride() for p in converted.parameters())
         assert any(p.grad.stride() != p.stride() for p in model.parameters())  # the layout it fixes
+
+
+def test_epochs_yield_to_max_steps_even_on_a_stream():
+    """--epochs (a fine-tune preset's default) becomes --max_steps on a folder; --max_steps wins,
+    also on tar shards, whose length is unknown (that combination raised before)."""
+    from argparse import Namespace
+    from common import epochs_to_steps
+    args = Namespace(epochs=100, max_steps=1000, batch_size=4)
+    epochs_to_steps(args, None)  # a stream, --max_steps given
+    assert args.max_steps == 1000
+    args.max_steps = None
+    epochs_to_steps(args, ["a"] * 10)
+    assert args.max_steps == 250  # 100 passes over 10 images, 4 per step
+    args.max_steps = None
+    with pytest.raises(ValueError, match="give --max_steps"):
+        epochs_to_steps(args, None)

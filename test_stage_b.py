@@ -412,6 +412,19 @@ def test_train_checkpoint_and_exact_resume(toy_run, tmp_path):
     torch.testing.assert_close(bn.running_var, h.var(dim=(0, 2, 3)), rtol=1e-4, atol=0)
 
 
+def test_no_ema_keeps_training_the_compressor_in_train_mode(toy_run, tmp_path, monkeypatch):
+    """--ema_decay 0: the compressor trained is the one saved and sampled. A save (no preview) must
+    not recompute its BatchNorm statistics nor leave it in eval mode (it did: training went on
+    with frozen statistics, and under DDP rank 0 alone ran the BatchNorm's collective)."""
+    modes, forward = [], stage_b.CompressorAndStageB.forward
+    monkeypatch.setattr(stage_b.CompressorAndStageB, "forward",
+                        lambda self, *a, **k: modes.append(self.compressor.training)
+                        or forward(self, *a, **k))
+    stage_b.train(_args(toy_run, tmp_path, 4, "--ema_decay", "0", "--save_every", "1",
+                        "--sample_every", "100"))
+    assert modes == [True] * 4
+
+
 def test_wrong_checkpoints_name_both_stages(toy_run, tmp_path):
     data, a_path = toy_run
     with pytest.raises(ValueError,
