@@ -503,8 +503,8 @@ def main(args):
              for k, v in CHAIN_DEFAULTS[pipe.release].items()}
     steps_c = chain["steps_c"] or DEFAULT_STAGE_C_TIMESTEPS
     guidance_c, negative_prompt = chain["guidance_c"], chain["negative_prompt"]
-    width, height, _, note = round_size(args.width or pipe.image_size,
-                                        args.height or pipe.image_size)
+    width, height, _, note = round_size(args.width or args.height or pipe.image_size,
+                                        args.height or args.width or pipe.image_size)
     if note:
         print(note)
     if args.reconstruct:
@@ -568,10 +568,11 @@ def get_args(argv=None):
                    "with --variation / --init_image)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--width", type=int, default=None,
-                   help="image width, rounded to 128-pixel steps (default: the training size of "
-                   "the last stage used: C's, else B's, else A's)")
+                   help="image width, rounded to 128-pixel steps (default: --height if given, else "
+                   "the training size of the last stage used: C's, else B's, else A's)")
     p.add_argument("--height", type=int, default=None,
-                   help="image height, rounded to 128-pixel steps (default: as --width)")
+                   help="image height, rounded to 128-pixel steps (default: --width if given, "
+                   "else that training size)")
     p.add_argument("--steps_c", type=int, default=None, help="Stage C steps, 0 = the released "
                    "29-step grid (default: 0; the v1 files: 60)")
     p.add_argument("--guidance_c", type=float, default=None, help="Stage C classifier-free "

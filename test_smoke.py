@@ -120,7 +120,7 @@ def test_variation_and_reconstruction_default_to_the_training_size(chain, tmp_pa
 def test_image_inputs_take_every_sampling_flag(chain, tmp_path, capsys):
     """--variation / --init_image honour --width/--height (non-square), --n (per input image) and
     pair several prompts with one image; --variation passes --prompt to Stage B; --eval_toy samples
-    at --width/--height. (Each was ignored before.)"""
+    at --width/--height; --width alone gives a square. (Each was ignored before.)"""
     from PIL import Image
     image = os.path.join(chain["data"], "00000.png")
     ckpts = ["--stage_a", chain["a"], "--stage_b", chain["b"], "--stage_c", chain["c"],
@@ -141,9 +141,9 @@ def test_image_inputs_take_every_sampling_flag(chain, tmp_path, capsys):
                  for p in ("a red circle on a blue background", "")]
     assert not torch.equal(*captioned)  # Stage B reads the prompt
     out = tmp_path / "eval"
-    sample.main(sample.get_args(["--eval_toy", "--n", "1", "--width", "256", "--height", "256",
-                                 "--out_dir", str(out)] + ckpts))
-    assert Image.open(out / "eval_toy_000.png").size == (256, 256)
+    sample.main(sample.get_args(["--eval_toy", "--n", "1", "--width", "256", "--out_dir", str(out)]
+                                + ckpts))
+    assert Image.open(out / "eval_toy_000.png").size == (256, 256)  # --height: as --width
 
 
 def test_wrong_and_missing_checkpoints_are_refused(chain, tmp_path):
