@@ -1106,7 +1106,7 @@ def cache_stage_a(trainset, encode, stage_a, args, rt, logger):
     dataset and Stage A into out_dir/cache/, read by re-runs and --resume (common.disk_cached)."""
     from data import dataset_key
     key = {"data": dataset_key(trainset), "stage_a": weights_fingerprint(stage_a),
-           "encode": encode.__name__}
+           "encode": encode.__name__, "dtype": str(rt.dtype)}  # bf16 latents are not fp32's
     state, path, built = disk_cached(os.path.join(args.out_dir, "cache", "stage_b"), key, lambda: (
         LatentCache.encode_dataset(trainset, encode, rt, num_workers=args.num_workers,
                                    verbose=rt.master)), rt)

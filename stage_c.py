@@ -439,7 +439,7 @@ def train(args):
     if args.cache:  # once per dataset and frozen models, on disk: re-runs and --resume read it
         key = {"data": dataset_key(trainset), "compressor": weights_fingerprint(compressor),
                "text_encoder": [text_encoder.spec, weights_fingerprint(text_encoder)],
-               "space": latent_space}
+               "space": latent_space, "dtype": str(rt.dtype)}  # bf16 inputs are not fp32's
         t0 = time.time()
         with rt.autocast():
             state, path, built = disk_cached(
