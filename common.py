@@ -290,11 +290,12 @@ def start_run(args, stage, train_defaults):
 
 
 def run_cli(main, args):
-    """Run a script's main(args). A user's mistake (a missing or wrong file) prints its one-line
-    message and exits with status 1, without a traceback."""
+    """Run a script's main(args). A user's mistake (a missing or wrong file, flags that do not go
+    together, data that cannot be read) prints its one-line message and exits with status 1,
+    without a traceback."""
     try:
         main(args)
-    except (FileNotFoundError, CheckpointError, NonFiniteError) as e:
+    except (FileNotFoundError, UsageError, NonFiniteError) as e:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
 
 # -----------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def epochs_to_steps(args, items):
     if args.max_steps is not None:
         return
     if items is None:
-        raise ValueError("--epochs needs a folder of images (a stream of tar shards has no known "
+        raise UsageError("--epochs needs a folder of images (a stream of tar shards has no known "
                          "length): give --max_steps")
     args.max_steps = math.ceil(args.epochs * len(items) / args.batch_size)
 
@@ -456,7 +457,12 @@ class NonFiniteGuard:
 # checkpoints and weight files
 
 
-class CheckpointError(ValueError):
+class UsageError(ValueError):
+    """A user's mistake in flags, files or data, which its message explains: run_cli prints it
+    alone, without a traceback."""
+
+
+class CheckpointError(UsageError):
     """A checkpoint of another stage or preset, or a file that is not one of this project's."""
 
 
@@ -648,7 +654,7 @@ def add_lora(model, targets, rank, alpha):
     names = [n for n, m in model.named_modules()
              if type(m) is nn.Linear and any(n == t or n.endswith("." + t) for t in targets)]
     if not names:
-        raise ValueError(f"LoRA targets {list(targets)}: no nn.Linear layer of the model is "
+        raise UsageError(f"LoRA targets {list(targets)}: no nn.Linear layer of the model is "
                          f"named so")
     for name in names:
         layer = model.get_submodule(name)
@@ -692,7 +698,7 @@ def read_lora(path):
     prefixes = {k.split(".")[0] for k in weights}
     if len(prefixes) != 1 or not all(k.endswith((".lora_A.weight", ".lora_B.weight"))
                                      for k in weights):
-        raise ValueError(f"{path} is not a LoRA file of one model in diffusers' layout "
+        raise UsageError(f"{path} is not a LoRA file of one model in diffusers' layout "
                          f"('<model>.<layer>.lora_A.weight' / '.lora_B.weight'): "
                          f"keys {sorted(weights)[:3]}")
     return prefixes.pop(), weights, metadata
@@ -713,7 +719,7 @@ def merge_lora(model, path, scale=1.0, what="this model"):
         if not isinstance(layer, nn.Linear) or layer.weight.shape != (B.shape[0], A.shape[1]):
             found = (f"{tuple(layer.weight.shape)}" if isinstance(layer, nn.Linear)
                      else "no such Linear layer")
-            raise ValueError(f"the LoRA {path} (made for "
+            raise UsageError(f"the LoRA {path} (made for "
                              f"{metadata.get('made_for', 'an unnamed model')}) does not fit "
                              f"{what}: its layer {name} is {(B.shape[0], A.shape[1])}, "
                              f"here {found}")

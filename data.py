@@ -40,8 +40,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-from common import sizes_of, split_holdout
-
+from common import UsageError, sizes_of, split_holdout
 # -----------------------------------------------------------------------------
 # folder of images
 
@@ -145,7 +144,7 @@ def bucket_sizes(size, max_ratio=2.0):
     and whose aspect ratio is at most `max_ratio` either way. 1024, ratio 2: 768x1408, 896x1152,
     1024x1024, 1152x896, 1408x768."""
     if size % SIDE_MULTIPLE:
-        raise ValueError(f"--buckets needs an --image_size that is a multiple of {SIDE_MULTIPLE}, "
+        raise UsageError(f"--buckets needs an --image_size that is a multiple of {SIDE_MULTIPLE}, "
                          f"not {size}")
     sizes = set()
     for w in range(SIDE_MULTIPLE, size + 1, SIDE_MULTIPLE):  # portrait, square; mirrored: landscape
@@ -216,7 +215,7 @@ class ImageFolder(torch.utils.data.Dataset):
             else:
                 self.skipped.append((path, reason))
         if not self.paths:
-            raise ValueError(f"data: no readable images in {root!r} ({len(self.skipped)} "
+            raise UsageError(f"data: no readable images in {root!r} ({len(self.skipped)} "
                              f"unreadable files skipped): {hint}")
         captions = [os.path.splitext(p)[0] + ".txt" for p in self.paths]
         self.captions = [c if c in texts else None for c in captions]
@@ -461,7 +460,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         stream from now."""
         held = list(islice(self.readable(), n))
         if not held:
-            raise ValueError(f"data: no readable samples in the first shard {self.shards[0]}")
+            raise UsageError(f"data: no readable samples in the first shard {self.shards[0]}")
         self.held |= {key for key, _, _ in held}
         return [(image, caption) for _, image, caption in held]
 
@@ -576,7 +575,7 @@ def open_data(args, verbose=True):
     shards = shard_list(args.data)
     if shards is not None:
         if getattr(args, "cache", False):
-            raise ValueError("--cache encodes a whole dataset up front: it needs a folder of "
+            raise UsageError("--cache encodes a whole dataset up front: it needs a folder of "
                              "images, not tar shards")
         stream = ShardStream(shards, args.image_size, args.buckets, args.shuffle_buffer, verbose)
         return stream, stream.holdout(max(1, args.num_holdout))

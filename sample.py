@@ -47,8 +47,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (HelpFormatter, default_dtype, load_checkpoint, merge_lora, pick_device, psnr,
-                    read_json, read_lora, run_cli, save_captioned_grid, write_json)
+from common import (HelpFormatter, UsageError, default_dtype, load_checkpoint, merge_lora,
+                    pick_device, psnr, read_json, read_lora, run_cli, save_captioned_grid,
+                    write_json)
 from stage_a import StageA, load_stage_a
 from stage_b import (DECODER_REPO, DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, OPEN_CLIP_TEXT,
                      PRIOR_REPO, RESOLUTION_MULTIPLE, SCHEDULER, SemanticCompressor, StageB,
@@ -137,7 +138,7 @@ def add_checkpoint(pipe, stage, path):
         pipe.stage_c, pipe.text_encoder_c = parts["stage_c"], parts["text_encoder"]
     pipe.image_sizes[stage] = parts["ckpt"]["train_config"]["image_size"]
     if pipe.latent_space not in (None, parts["latent_space"]):
-        raise ValueError(f"{path} has the latent space {parts['latent_space']}, but the Stage "
+        raise UsageError(f"{path} has the latent space {parts['latent_space']}, but the Stage "
                          f"{'C' if stage == 'b' else 'B'} here has {pipe.latent_space}: a Stage C "
                          f"samples only for the Stage B it was trained on; pass that one")
     pipe.latent_space = parts["latent_space"]
@@ -151,7 +152,7 @@ def apply_loras(pipe, paths, scale=1.0):
         prefix, _, _ = read_lora(path)
         name = {"prior": "stage_c", "decoder": "stage_b"}.get(prefix)
         if name is None:
-            raise ValueError(f"{path} is a LoRA for a '{prefix}' model; --lora takes LoRAs of the "
+            raise UsageError(f"{path} is a LoRA for a '{prefix}' model; --lora takes LoRAs of the "
                              f"prior (Stage C) and the decoder (Stage B)")
 
         def merge(model, path=path, prefix=prefix):
@@ -171,7 +172,7 @@ def loaded(pipe, *names):
     fresh = [n for n in names if getattr(pipe, n) is None and n in (pipe.loaders or {})]
     missing = [n for n in names if getattr(pipe, n) is None and n not in fresh]
     if missing:
-        raise ValueError(f"this pipeline has no {', '.join(missing)}" + (
+        raise UsageError(f"this pipeline has no {', '.join(missing)}" + (
             " (the released weights hold the semantic compressor only in the official "
             "model_v2_stage_b.pt: put it in the --pretrained folder; an --export has it in "
             "wuerstchen/semantic_compressor/)" if "compressor" in missing else ""))
@@ -391,11 +392,11 @@ def export(pipe, root):
     refused by name before anything is written. Returns the two folders."""
     if pipe.release == "v1" or pipe.stage_b is not None and not isinstance(pipe.stage_b, StageB):
         kind = "Paella" if pipe.release == "v1" else type(pipe.stage_b).__name__
-        raise ValueError(f"diffusers' WuerstchenDecoderPipeline runs only the DiffNeXt Stage B of "
+        raise UsageError(f"diffusers' WuerstchenDecoderPipeline runs only the DiffNeXt Stage B of "
                          f"Würstchen v2; this Stage B is a {kind} (a token "
                          f"Stage B, as Würstchen v1's Paella, has no diffusers pipeline)")
     if pipe.stage_a is not None and pipe.stage_a.cfg.c_latent != 4:
-        raise ValueError(f"diffusers' WuerstchenDecoderPipeline samples 4-channel Stage A latents; "
+        raise UsageError(f"diffusers' WuerstchenDecoderPipeline samples 4-channel Stage A latents; "
                          f"this Stage A has {pipe.stage_a.cfg.c_latent}")
     for model in (pipe.stage_b, pipe.text_encoder_b, pipe.text_encoder_c):
         if model is not None:  # resident (ours): refused now if diffusers cannot represent it

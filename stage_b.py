@@ -36,12 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, add_common_args,
-                    add_lora, channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps,
-                    finetune_warnings, gather_run_state, get_lr, holdout_batch, hub_file,
-                    load_checkpoint, load_exact, load_trained, load_weights_file, no_sync,
-                    preset_name, psnr, read_json, recompute_batchnorm, resume_batches, run_cli,
-                    same_size_batches, save_checkpoint, save_image_grid, save_lora,
+from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, UsageError,
+                    add_common_args, add_lora, channels_last_convs, disk_cached, ema_decay_at,
+                    epochs_to_steps, finetune_warnings, gather_run_state, get_lr, holdout_batch,
+                    hub_file, load_checkpoint, load_exact, load_trained, load_weights_file,
+                    no_sync, preset_name, psnr, read_json, recompute_batchnorm, resume_batches,
+                    run_cli, same_size_batches, save_checkpoint, save_image_grid, save_lora,
                     save_weights_file, set_lr, sizes_of, start_run, trained_state, update_ema,
                     weights_fingerprint, wrap_ddp, write_json)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, StageA, load_stage_a
@@ -616,7 +616,7 @@ class TextEncoder(nn.Module):
             load_exact(self, sd, what=f"CLIP text weights from {pretrained}")
         if (self.token_embedding.num_embeddings != 49408
                 or len(self.positional_embedding) != CONTEXT_LENGTH):
-            raise ValueError(f"{name}: not a CLIP BPE text tower with 77 positions, which "
+            raise UsageError(f"{name}: not a CLIP BPE text tower with 77 positions, which "
                              f"TextEncoder tokenises for")
         self.width, self.heads = (self.ln_final.normalized_shape[0],
                                   self.transformer.resblocks[0].attn.num_heads)
@@ -627,7 +627,7 @@ class TextEncoder(nn.Module):
                         "<|endoftext|>": self.bpe.eot_token_id}
         self.special[pad_token] = self.special.get(pad_token, self.bpe.encoder.get(pad_token))
         if self.special[pad_token] is None:
-            raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
+            raise UsageError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
         self.pad_token, self.pad_id = pad_token, self.special[pad_token]
         self.special_pattern = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
         self.eval().requires_grad_(False)
@@ -654,7 +654,7 @@ class TextEncoder(nn.Module):
             f"transformer.resblocks.{i}.{k}" for i in range(len(blocks)) for k in layer_keys}
         extra = sorted(set(self.state_dict()) ^ keys)
         if len(acts) != 1 or not acts <= act_names.keys() or len(eps) != 1 or extra:
-            raise ValueError(f"the text tower {self.spec['name']!r} is not one transformers' "
+            raise UsageError(f"the text tower {self.spec['name']!r} is not one transformers' "
                              f"CLIPTextModel can express (activations "
                              f"{sorted(a.__name__ for a in acts)}, LayerNorm eps {sorted(eps)}, "
                              f"weights outside its layout: {extra[:5]})")
@@ -749,7 +749,7 @@ def clip_text_from_transformers(folder):
     hf = read_json(os.path.join(folder, "config.json"))
     act, acts = hf.get("hidden_act", "quick_gelu"), clip_activations()  # CLIPTextConfig's default
     if act not in acts:
-        raise ValueError(f"{folder}: activation {act!r} is not supported (only {list(acts)})")
+        raise UsageError(f"{folder}: activation {act!r} is not supported (only {list(acts)})")
     width, eps = hf["hidden_size"], hf.get("layer_norm_eps", 1e-5)
     with torch.device("meta"):  # no memory, no init: the weights are assigned when loaded
         tower = open_clip.transformer.TextTransformer(
@@ -819,7 +819,7 @@ def read_pad_token(folder):
     if (len(vocab) != 49408
             or any(ours.get(t, i) != i for t, i in vocab.items() if not t.startswith("<|"))
             or spec.get("model_max_length", CONTEXT_LENGTH) != CONTEXT_LENGTH):
-        raise ValueError(f"{folder} is not the CLIP BPE tokenizer with 77 positions that "
+        raise UsageError(f"{folder} is not the CLIP BPE tokenizer with 77 positions that "
                          f"TextEncoder implements")
     return pad
 
@@ -832,7 +832,7 @@ def fetch_clip_weights(name, pretrained):
     import open_clip
     source = open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub")
     if not source:
-        raise ValueError(f"open_clip has no Hugging Face weights {name!r} / {pretrained!r} "
+        raise UsageError(f"open_clip has no Hugging Face weights {name!r} / {pretrained!r} "
                          f"(known tags: {open_clip.list_pretrained_tags_by_model(name)})")
     parts = source.strip("/").split("/")  # 'org/repo/' or 'org/repo/file'
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "open_clip_pytorch_model.bin"
@@ -883,7 +883,7 @@ def finetune_defaults(preset, args):
     """The training defaults of a fine-tune (--pretrained): the preset's "finetune" entry, with its
     LoRA learning rate under --lora_rank."""
     if "finetune" not in preset:
-        raise ValueError(f"--model {args.model}: --pretrained fine-tunes the released v2 weights "
+        raise UsageError(f"--model {args.model}: --pretrained fine-tunes the released v2 weights "
                          f"(or an export of ours); this preset has no fine-tuning defaults")
     defaults = {k: v for k, v in preset["finetune"].items() if k != "lora_lr"}
     return defaults | ({"lr": preset["finetune"]["lora_lr"]} if args.lora_rank else {})
@@ -1302,7 +1302,7 @@ def open_released(root=None, open_clip_text=False, decoder_cfg=None, compressor=
         checks[f"scheduler {k}"] = (found, {key: SCHEDULER[key] for key in found})
     wrong = {k: found for k, (found, ours) in checks.items() if found != ours}
     if wrong:
-        raise ValueError(f"these weights use other constants than Würstchen v2 and this code: "
+        raise UsageError(f"these weights use other constants than Würstchen v2 and this code: "
                          f"{wrong}")
     # pad tokens (LAION's '!' without a tokenizer folder); open_clip weights found now, not later
     pad_tokens = {k: read_pad_token(paths[f"tokenizer_{k}"]) if paths[f"tokenizer_{k}"] else "!"
@@ -1336,7 +1336,7 @@ def train(args):
     released = (open_released(args.pretrained or None, compressor=True)
                 if args.pretrained is not None else None)
     if args.lora_rank and not released:
-        raise ValueError("--lora_rank adapts a pretrained Stage B: give --pretrained [DIR]")
+        raise UsageError("--lora_rank adapts a pretrained Stage B: give --pretrained [DIR]")
     defaults = (finetune_defaults(preset, args) | {"image_size": released["image_sizes"]["b"]}
                 if released else preset["train"])
     rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", defaults)
@@ -1364,10 +1364,10 @@ def train(args):
                f"{asdict(cfg)} | compressor {asdict(ccfg)}{' (frozen)' * bool(released)} | "
                f"text {text_encoder.spec['name']} / {text_encoder.spec['pretrained']}")
     if stage_a.cfg.c_latent != cfg.c_in:
-        raise ValueError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, "
+        raise UsageError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, "
                          f"Stage B expects {cfg.c_in}")
     if text_encoder.width != cfg.clip_embd:
-        raise ValueError(f"text encoder {text_encoder.spec['name']} is {text_encoder.width} wide; "
+        raise UsageError(f"text encoder {text_encoder.spec['name']} is {text_encoder.width} wide; "
                          f"the {args.model} Stage B expects clip_embd {cfg.clip_embd}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
@@ -1378,7 +1378,7 @@ def train(args):
         held_latents = stage_a.encode(held_images)  # (N, 4, S/4, S/4)
     multiple = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
     if held_latents.shape[-1] % multiple:
-        raise ValueError(f"--image_size {args.image_size} gives {held_latents.shape[-1]} px "
+        raise UsageError(f"--image_size {args.image_size} gives {held_latents.shape[-1]} px "
                          f"latents; Stage B needs a multiple of {multiple} (image size a multiple "
                          f"of {4 * multiple})")
     captions = folder_captions(trainset) if args.epochs or released else None  # None for tar shards

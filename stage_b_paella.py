@@ -33,10 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, NonFiniteGuard, Progress, add_common_args, channels_last_convs,
-                    ema_decay_at, gather_run_state, get_lr, holdout_batch, load_exact, no_sync,
-                    preset_name, psnr, recompute_batchnorm, resume_batches, run_cli,
-                    save_checkpoint, save_image_grid, set_lr, start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
+                    channels_last_convs, ema_decay_at, gather_run_state, get_lr, holdout_batch,
+                    load_exact, no_sync, preset_name, psnr, recompute_batchnorm, resume_batches,
+                    run_cli, save_checkpoint, save_image_grid, set_lr, start_run, update_ema,
+                    wrap_ddp)
 from stage_a import load_stage_a
 from stage_b import (AttnBlock, CompressorAndStageB, CompressorConfig, Dropout, GlobalResponseNorm,
                      LayerNorm2d, ResBlock, StageB, StageBConfig, TimestepBlock, add_stage_b_args,
@@ -400,7 +401,7 @@ def train(args):
         preset["model"], num_labels=stage_a.cfg.codebook_size, byt5_embd=text_encoder.width)
     ccfg = CompressorConfig(**ckpt["compressor_config"]) if ckpt else preset["compressor"]
     if cfg.num_labels != stage_a.cfg.codebook_size:
-        raise ValueError(f"Stage A {args.stage_a} has {stage_a.cfg.codebook_size} codes, this "
+        raise UsageError(f"Stage A {args.stage_a} has {stage_a.cfg.codebook_size} codes, this "
                          f"Paella {cfg.num_labels}")
     logger.log(f"stage B (Paella) | preset {args.model} | {rt.device} "
                f"{str(rt.dtype).replace('torch.', '')} | world {rt.world_size} | "
@@ -415,7 +416,7 @@ def train(args):
         held_tokens = stage_a.encode_indices(held_images)  # (N, S/4, S/4)
     multiple = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
     if held_tokens.shape[-1] % multiple:
-        raise ValueError(f"--image_size {args.image_size} gives {held_tokens.shape[-1]} px token "
+        raise UsageError(f"--image_size {args.image_size} gives {held_tokens.shape[-1]} px token "
                          f"maps; Paella needs a multiple of {multiple} (image size a multiple of "
                          f"{4 * multiple})")
 

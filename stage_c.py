@@ -29,11 +29,11 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, add_common_args,
-                    add_lora, channels_last_convs, disk_cached, ema_decay_at, epochs_to_steps,
-                    finetune_warnings, free_memory, gather_run_state, get_lr, holdout_batch,
-                    load_checkpoint, load_exact, load_trained, load_weights_file, no_sync,
-                    preset_name, read_json, resume_batches, run_cli, same_size_batches,
+from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, UsageError,
+                    add_common_args, add_lora, channels_last_convs, disk_cached, ema_decay_at,
+                    epochs_to_steps, finetune_warnings, free_memory, gather_run_state, get_lr,
+                    holdout_batch, load_checkpoint, load_exact, load_trained, load_weights_file,
+                    no_sync, preset_name, read_json, resume_batches, run_cli, same_size_batches,
                     save_captioned_grid, save_checkpoint, save_lora, save_weights_file, set_lr,
                     sizes_of, start_run, trained_state, update_ema, weights_fingerprint, wrap_ddp)
 from stage_a import load_stage_a
@@ -396,7 +396,7 @@ def train(args):
                 if args.pretrained is not None else None)
     finetune = released is not None and args.init == "pretrained"
     if args.lora_rank and not finetune:
-        raise ValueError("--lora_rank adapts a pretrained prior: give --pretrained [DIR] "
+        raise UsageError("--lora_rank adapts a pretrained prior: give --pretrained [DIR] "
                          "(and no --init scratch)")
     defaults = finetune_defaults(preset, args) if finetune else preset["train"]
     if released:  # the size their Stage C was trained at (released: 1024 px)

@@ -195,6 +195,22 @@ def test_files_that_are_not_checkpoints_get_one_clear_line(chain, tmp_path):
         f"was expected"], res.stderr
 
 
+
+def test_flags_that_do_not_go_together_get_one_clear_line(chain, tmp_path):
+    """A user's mistake raised as common.UsageError (a ValueError) prints its message alone, as
+    checkpoint errors do (a traceback came first before)."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([sys.executable, os.path.join(here, "stage_c.py"), "--data",
+                          chain["data"], "--model", "tiny", "--lora_rank", "4", "--device", "cpu",
+                          "--out_dir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=here)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "stage_c.py: error: --lora_rank adapts a pretrained prior: give --pretrained [DIR] (and "
+        "no --init scratch)"], res.stderr
+
 # ---- every stage on top of the chain: multi-node, buckets, the non-finite guard
 
 STAGES = {"stage_a": stage_a, "stage_b": stage_b, "stage_c": stage_c}
