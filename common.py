@@ -263,20 +263,24 @@ def fill_defaults(args, defaults):
 
 
 def start_run(args, stage, train_defaults):
-    """The opening every stage's train() shares: the preset's training defaults, the runtime, the
-    output folder and its log, and with --resume the checkpoint to continue (of this stage and
-    preset, else a clear error). Returns (rt, logger, ckpt_path, ckpt or None)."""
+    """The opening every stage's train() shares: the preset's training defaults (with --resume, the
+    checkpoint's first), the runtime, the output folder and its log, and with --resume the
+    checkpoint to continue (of this stage and preset, else a clear error). Returns (rt, logger,
+    ckpt_path, ckpt or None)."""
     from data import shard_list
     if getattr(args, "cache", False) is None and shard_list(args.data):
         args.cache = False  # a stream: nothing to cache up front (the presets' default: folders)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, stage) if args.resume else None
+    train_defaults = {"ema_decay": 0.999} | train_defaults  # a fine-tune's: 0
+    if ckpt:  # flags left out continue as the run was trained (batch size, lr, steps, ...)
+        fill_defaults(args, {k: ckpt["train_config"].get(k) for k in train_defaults})
     if getattr(args, "epochs", None):  # sets --max_steps once the data is open (epochs_to_steps)
         train_defaults = {k: v for k, v in train_defaults.items() if k != "max_steps"}
-    fill_defaults(args, {"ema_decay": 0.999} | train_defaults)  # a fine-tune's: 0
+    fill_defaults(args, train_defaults)
     rt = setup_runtime(args.device, args.dtype, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     logger = Logger(args.out_dir, rt.master)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, stage) if args.resume else None
     if ckpt:  # continued as it was trained: the same preset, base weights and kind of fine-tune
         was = ckpt["train_config"]
         for flag, default in (("model", None), ("pretrained", None), ("lora_rank", 0)):
