@@ -498,9 +498,12 @@ def save_checkpoint(path, ckpt):
 
 
 def atomic_write(path, write):
-    """write(tmp), then rename tmp to `path`: a kill at any time leaves the old or the new file."""
+    """write(tmp), flush it to disk, then rename tmp to `path`: a kill or a power cut at any time
+    leaves the old or the new file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write(path + ".tmp")
+    with open(path + ".tmp", "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
