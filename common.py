@@ -225,7 +225,7 @@ def add_common_args(parser, stage, presets=("tiny", "small", "paper")):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bf16 on GPUs that support it, else fp16 "
                    "(+GradScaler); fp32 on CPU")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     g.add_argument("--log_every", type=int, default=25, help="steps between log lines")
     g.add_argument("--sample_every", type=int, default=500, help="steps between preview grids")
     g.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
@@ -272,7 +272,7 @@ def start_run(args, stage, train_defaults):
         args.cache = False  # a stream: nothing to cache up front (the presets' default: folders)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, stage) if args.resume else None
-    train_defaults = {"ema_decay": 0.999} | train_defaults  # a fine-tune's: 0
+    train_defaults = {"ema_decay": 0.999, "seed": 0} | train_defaults  # a fine-tune's EMA: 0
     if ckpt:  # flags left out continue as the run was trained (batch size, lr, steps, ...)
         fill_defaults(args, {k: ckpt["train_config"].get(k) for k in train_defaults})
     if getattr(args, "epochs", None):  # sets --max_steps once the data is open (epochs_to_steps)

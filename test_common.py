@@ -158,18 +158,20 @@ def test_resume_keeps_the_flags_the_run_was_trained_with(tmp_path):
     from common import start_run
     save_checkpoint(str(tmp_path / "ckpt.pt"), {
         "stage": "stage_c", "step": 2, "train_config": {
-            "model": "tiny", "batch_size": 8, "lr": 3e-4, "max_steps": 50, "ema_decay": 0.99}})
+            "model": "tiny", "batch_size": 8, "lr": 3e-4, "max_steps": 50, "ema_decay": 0.99,
+            "seed": 5}})
     preset = {"batch_size": 64, "lr": 1e-3, "max_steps": 3000}
 
     def args(**given):
         flags = dict(data=str(tmp_path), out_dir=str(tmp_path), device="cpu", dtype="float32",
-                     seed=0, model="tiny", batch_size=None, lr=None, max_steps=None,
+                     seed=None, model="tiny", batch_size=None, lr=None, max_steps=None,
                      ema_decay=None, resume=True)
         return Namespace(**(flags | given))
     resumed = args(max_steps=100)
     start_run(resumed, "stage_c", preset)
-    assert (resumed.batch_size, resumed.lr, resumed.max_steps, resumed.ema_decay) == (
-        8, 3e-4, 100, 0.99)
+    assert (resumed.batch_size, resumed.lr, resumed.max_steps, resumed.ema_decay, resumed.seed) == (
+        8, 3e-4, 100, 0.99, 5)
     fresh = args(resume=False)
     start_run(fresh, "stage_c", preset)
-    assert (fresh.batch_size, fresh.lr, fresh.max_steps, fresh.ema_decay) == (64, 1e-3, 3000, 0.999)
+    assert (fresh.batch_size, fresh.lr, fresh.max_steps, fresh.ema_decay, fresh.seed) == (
+        64, 1e-3, 3000, 0.999, 0)
