@@ -22,11 +22,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (HelpFormatter, NonFiniteGuard, Progress, add_common_args, ema_decay_at,
-                    gather_run_state, get_lr, holdout_batch, load_checkpoint, load_exact,
-                    load_weights_file, no_sync, preset_name, psnr, read_json, recompute_batchnorm,
-                    resume_batches, run_cli, save_checkpoint, save_image_grid, save_weights_file,
-                    set_lr, start_run, update_ema, wrap_ddp)
+from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
+                    ema_decay_at, gather_run_state, get_lr, holdout_batch, load_checkpoint,
+                    load_exact, load_weights_file, no_sync, preset_name, psnr, read_json,
+                    recompute_batchnorm, resume_batches, run_cli, save_checkpoint,
+                    save_image_grid, save_weights_file, set_lr, start_run, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # config
@@ -217,8 +217,12 @@ class StageA(nn.Module):
         """Load a diffusers `PaellaVQModel` folder or dome272's released `vqgan_f4_v1_500k.pt`."""
         if os.path.isdir(path):
             hf = read_json(os.path.join(path, "config.json"))
-            assert (hf.get("up_down_scale_factor", 2) == 2
-                    and hf.get("in_channels", 3) == hf.get("out_channels", 3))
+            if (hf.get("up_down_scale_factor", 2) != 2
+                    or hf.get("in_channels", 3) != hf.get("out_channels", 3)):
+                raise UsageError(
+                    f"{path}: StageA builds VQGANs with up_down_scale_factor 2 and as many output "
+                    f"channels as input ones (as released), not {hf.get('up_down_scale_factor', 2)}"
+                    f" and {hf.get('in_channels', 3)} -> {hf.get('out_channels', 3)}")
             cfg = StageAConfig(**{ours: hf[theirs] for ours, theirs in DIFFUSERS_NAMES.items()
                                   if theirs in hf})
             sd = load_weights_file(path)

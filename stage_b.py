@@ -67,7 +67,7 @@ class StageBConfig:
     effnet_embd: int = 16  # semantic latent channels
     clip_embd: int = 1024  # CLIP text width (ViT-H-14)
     kernel_size: int = 3  # depthwise conv kernel
-    dropout: float = 0.1  # MLP and attention dropout, every level
+    dropout: float | tuple = 0.1  # MLP and attention dropout: every level's, or one per level
     self_attn: bool = True  # attention keys/values = [image tokens ; text tokens]
 
 
@@ -211,10 +211,11 @@ class Attention(nn.Module):
     def __init__(self, c, nhead, dropout=0.0):
         super().__init__()
         self.nhead, self.dropout = nhead, dropout
-        self.to_q = nn.Linear(c, c)
-        self.to_k = nn.Linear(c, c)
-        self.to_v = nn.Linear(c, c)
-        self.to_out = nn.Sequential(nn.Linear(c, c))  # a Sequential only for the key 'to_out.0'
+        inner = c // nhead * nhead  # c itself in every released model; diffusers' rule otherwise
+        self.to_q = nn.Linear(c, inner)
+        self.to_k = nn.Linear(c, inner)
+        self.to_v = nn.Linear(c, inner)
+        self.to_out = nn.Sequential(nn.Linear(inner, c))  # a Sequential only for the key 'to_out.0'
 
     def forward(self, x, kv):  # x: (B, N, C) queries, kv: (B, M, C) keys/values
         def heads(z):  # (B, L, C) -> (B, nhead, L, C / nhead)
@@ -229,7 +230,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v,
                                                  dropout_p=self.dropout if self.training else 0.0)
-        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, nhead, N, C / nhead) -> (B, N, C)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, nhead, N, C/nhead) -> (B, N, C)
 
 
 class AttnBlock(nn.Module):
@@ -371,12 +372,13 @@ class StageB(nn.Module):
                                        LayerNorm2d(c_hidden[0]))
 
         def block(kind, i, c_skip):  # ResBlocks of injected levels also take the mapped e
+            p = cfg.dropout[i] if isinstance(cfg.dropout, tuple) else cfg.dropout
             if kind == "C":
                 c_effnet = cfg.c_cond if cfg.inject_effnet[i] else 0
-                return ResBlockStageB(c_hidden[i], c_skip + c_effnet, cfg.kernel_size, cfg.dropout)
+                return ResBlockStageB(c_hidden[i], c_skip + c_effnet, cfg.kernel_size, p)
             if kind == "T":
                 return TimestepBlock(c_hidden[i], cfg.c_r)
-            return AttnBlock(c_hidden[i], cfg.c_cond, cfg.nhead[i], cfg.self_attn, cfg.dropout)
+            return AttnBlock(c_hidden[i], cfg.c_cond, cfg.nhead[i], cfg.self_attn, p)
 
         self.down_blocks, self.up_blocks = unet_levels(c_hidden, cfg.blocks, cfg.level_config,
                                                        block)
@@ -403,21 +405,22 @@ class StageB(nn.Module):
                 nn.init.zeros_(m.mapper.weight)
 
     def _run_level(self, level, x, r_embed, clip, effnet, effnet_mapper, skip=None):
-        """One U-Net level. Every ResBlock gets [U-Net skip (first block only) ; mapped e]."""
+        """One U-Net level. Every ResBlock gets [U-Net skip ; mapped e], the skip only the level's
+        first module, if it is a ResBlock (as unet_levels builds them)."""
         effnet_c = None
-        for block in level:
+        for j, block in enumerate(level):
             if isinstance(block, ResBlockStageB):
                 if effnet_mapper is not None and effnet_c is None:  # once per level, at its size
                     e = F.interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic",
                                       antialias=True, align_corners=True)  # -> (B, 16, H, W)
                     e = e.to(effnet.dtype, memory_format=torch.channels_last)  # as the activations
                     effnet_c = effnet_mapper(e)  # (B, c_cond, H, W)
-                if skip is not None and effnet_c is not None:
-                    extra = torch.cat([skip, effnet_c], dim=1)  # (B, C_skip + c_cond, H, W)
-                else:
-                    extra = skip if skip is not None else effnet_c  # one of them or None: no copy
+                own_skip = skip if j == 0 else None
+                if own_skip is not None and effnet_c is not None:
+                    extra = torch.cat([own_skip, effnet_c], dim=1)  # (B, C_skip + c_cond, H, W)
+                else:  # one of them or None: no copy
+                    extra = own_skip if own_skip is not None else effnet_c
                 x = block(x, extra)
-                skip = None
             elif isinstance(block, TimestepBlock):
                 x = block(x, r_embed)
             elif isinstance(block, AttnBlock):

@@ -248,3 +248,12 @@ def test_shards_train_and_resume_exactly(toy, tmp_path):
     for k in ck_a["model"]:
         torch.testing.assert_close(ck_a["model"][k], ck_b["model"][k], msg=k)
     assert len(shards) == 4 and sorted(ck_a["data"]["cursors"]) == [0, 1]
+
+
+def test_a_vqgan_it_cannot_build_is_refused_by_name(tmp_path):
+    """A PaellaVQModel config outside what StageA builds gets a message, not a bare assert."""
+    import json
+    from common import UsageError
+    (tmp_path / "config.json").write_text(json.dumps({"up_down_scale_factor": 4}))
+    with pytest.raises(UsageError, match="up_down_scale_factor 2 .* not 4 and 3 -> 3"):
+        StageA.from_pretrained(str(tmp_path))

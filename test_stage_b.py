@@ -217,12 +217,20 @@ SMALL_KW = dict(c_cond=48, c_hidden=[16, 32, 48], nhead=[-1, 2, 3], blocks=[1, 2
                 kernel_size=5, dropout=0.1)
 
 
+# levels that start with a TimestepBlock or an attention block (the U-Net skip then goes nowhere),
+# a dropout per level, widths the heads do not divide (diffusers' inner width c // nhead * nhead)
+ODD_KW = dict(c_cond=36, c_hidden=[18, 36, 30], nhead=[-1, 5, 4], blocks=[1, 1, 2],
+              level_config=["CT", "TCA", "ACT"], inject_effnet=[True, False, True], clip_embd=24,
+              c_r=33, kernel_size=3, dropout=[0.1, 0.0, 0.2])
+
+
+@pytest.mark.parametrize("kw", [SMALL_KW, ODD_KW], ids=["small", "odd"])
 @torch.no_grad()
-def test_stage_b_parity_small_config(monkeypatch, tmp_path):
-    ref = _diffnext(monkeypatch, 0, **SMALL_KW)
+def test_stage_b_parity_small_config(monkeypatch, tmp_path, kw):
+    ref = _diffnext(monkeypatch, 0, **kw)
     ref.save_pretrained(tmp_path)  # safetensors
     ours = stage_b.StageB.from_pretrained(str(tmp_path))
-    assert not ours.training and ours.cfg.kernel_size == 5 and ours.cfg.c_hidden == (16, 32, 48)
+    assert not ours.training and ours.cfg.c_hidden == tuple(kw["c_hidden"])
     for latent_hw, effnet_hw in [((16, 16), (3, 3)), ((16, 24), (2, 5))]:
         x, t, effnet, clip = _inputs(ours.cfg, latent_hw, effnet_hw, batch=2)
         torch.testing.assert_close(ours(x, t, effnet, clip), ref(x, t, effnet, clip), atol=1e-5,

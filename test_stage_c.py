@@ -97,6 +97,18 @@ def test_parity_paper_config(tmp_path):
 
 
 @torch.no_grad()
+def test_parity_heads_that_do_not_divide_the_width(tmp_path):
+    """c = 30 with 4 heads: diffusers' attention projects to c // nhead * nhead = 28 (ours did not
+    load it before)."""
+    cfg = StageCConfig(c=30, c_cond=20, c_r=32, depth=2, nhead=4)
+    ref = reference_prior(cfg)
+    x, t, clip = inputs(cfg, 2, 3, 6)
+    ref.save_pretrained(tmp_path)
+    model = StageC.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(model(x, t, clip), ref(x, t, clip), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("h, w", [(4, 4), (3, 5)])
 def test_parity_small_config(tmp_path, h, w):
     """A non-default configuration on square and non-square latents, diffusers layout and official
