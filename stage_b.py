@@ -1059,6 +1059,15 @@ class CompressorAndStageB(nn.Module):
                 "compressor": self.compressor.state_dict(),
                 "compressor_ema": ema.compressor.state_dict()}
 
+    def own_statistics(self, ema, images, rt):
+        """Before a preview or save: the EMA compressor's BatchNorms get the statistics of its own
+        weights on `images` (batches of training images; common.recompute_batchnorm, issue #13).
+        Not for a frozen compressor (the released one's statistics fix Stage C's space), nor
+        without an EMA (--ema_decay 0: the trained compressor's statistics are its own already)."""
+        if self.train_compressor and ema is not self:
+            with rt.autocast():
+                recompute_batchnorm(ema.compressor, ema.compressor, images, device=rt.device)
+
     def restore(self, ckpt, ema, opt, scaler):
         """--resume: the weights of checkpoint_entries, the optimizer and the loss scaler. `ema` may
         be this module itself (fine-tuning keeps no EMA)."""
@@ -1494,13 +1503,8 @@ def train(args):
         if log:
             progress.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
                          guard.skipped)
-        # the EMA compressor's BatchNorms: statistics of its own weights (with --ema_decay 0 the
-        # trained compressor is the one sampled, its statistics already its own)
-        if (rt.master and (preview_now or checkpoint) and raw_model.train_compressor
-                and ema is not raw_model):
-            with rt.autocast():
-                recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
-                                    device=rt.device)
+        if rt.master and (preview_now or checkpoint):
+            raw_model.own_statistics(ema, image_batches(trainset), rt)
         if rt.master and preview_now:
             metrics = preview()
         if checkpoint:

@@ -35,9 +35,8 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
                     channels_last_convs, ema_decay_at, gather_run_state, get_lr, holdout_batch,
-                    load_exact, no_sync, preset_name, psnr, recompute_batchnorm, resume_batches,
-                    run_cli, save_checkpoint, save_image_grid, set_lr, start_run, update_ema,
-                    wrap_ddp)
+                    load_exact, no_sync, preset_name, psnr, resume_batches, run_cli,
+                    save_checkpoint, save_image_grid, set_lr, start_run, update_ema, wrap_ddp)
 from stage_a import load_stage_a
 from stage_b import (AttnBlock, CompressorAndStageB, CompressorConfig, Dropout, GlobalResponseNorm,
                      LayerNorm2d, ResBlock, StageB, StageBConfig, TimestepBlock, add_stage_b_args,
@@ -496,10 +495,8 @@ def train(args):
         if log:
             progress.log(step, {"loss": loss.item(), "acc": acc.item(),
                                 "grad_norm": grad_norm.item()}, lr, guard.skipped)
-        if rt.master and (preview or checkpoint):  # the EMA compressor's BatchNorms: own statistics
-            with rt.autocast():
-                recompute_batchnorm(ema.compressor, ema.compressor, image_batches(trainset),
-                                    device=rt.device)
+        if rt.master and (preview or checkpoint):
+            raw_model.own_statistics(ema, image_batches(trainset), rt)
         if rt.master and preview:
             recon = semantic_reconstruction(held_images, held_captions)
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
