@@ -86,9 +86,8 @@ def setup_runtime(device="auto", dtype="auto", seed=0):
                                 timeout=datetime.timedelta(hours=2))
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
     device = torch.device(device)
-    if device.type == "cuda" and device.index is not None:  # cuda:N without torchrun too: the
+    if device.type == "cuda" and device.index is not None:  # also cuda:N without torchrun: the
         torch.cuda.set_device(device)  # RNG state saved and restored is then this GPU's
     dtype = default_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     if device.type == "cuda":  # TF32 matmuls: ~free speed on Ampere+, ample precision for training
@@ -775,7 +774,9 @@ def disk_cached(stem, key, build, rt):
         atomic_write(path, lambda tmp: torch.save(result, tmp))
     if rt.ddp:
         dist.barrier()
-    return torch.load(path, map_location="cpu", weights_only=True), path, built
+    if not (built and rt.master):  # the builder keeps its result: no second copy read back
+        result = torch.load(path, map_location="cpu", weights_only=True)
+    return result, path, built
 
 # -----------------------------------------------------------------------------
 # data order: exact resume, hold-out split
@@ -895,13 +896,19 @@ def resume_batches(dataset, args, rt, step, ckpt, num_workers=None):
     return batches
 
 
+def same_size_chunks(dataset, indices, batch_size):
+    """`indices` of `dataset` in chunks of at most `batch_size` items of one image size, in index
+    order within each size (one chunk list per size, sizes in order of first appearance)."""
+    groups, sizes = {}, sizes_of(dataset)
+    for i in indices:
+        groups.setdefault(sizes[i] if sizes else None, []).append(i)
+    return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+
+
 def same_size_batches(dataset, batch_size, num_workers=2):
     """The whole dataset once, in index order within each image size, as (indices, batch) pairs of
     at most `batch_size` items of one size (to encode a dataset up front: the stages' --cache)."""
-    groups = {}
-    for i, size in enumerate(sizes_of(dataset) or [None] * len(dataset)):
-        groups.setdefault(size, []).append(i)
-    indices = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+    indices = same_size_chunks(dataset, range(len(dataset)), batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=indices, num_workers=num_workers)
     return zip(indices, loader)
 

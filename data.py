@@ -40,7 +40,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-from common import UsageError, sizes_of, split_holdout
+from common import UsageError, same_size_chunks, split_holdout
 # -----------------------------------------------------------------------------
 # folder of images
 
@@ -325,6 +325,11 @@ def open_url(url):
     return urllib.request.urlopen(url, timeout=60) if "://" in url else open(url, "rb")
 
 
+def shard_image(members):
+    """A shard sample's image bytes (its member with an image extension), or None."""
+    return next((members[e] for e in members if "." + e in IMAGE_EXTENSIONS), None)
+
+
 def shard_caption(members):
     """A shard sample's caption: its .txt, else the `caption` / `text` of its .json, else ""."""
     if "txt" in members:
@@ -436,7 +441,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def decode(self, name, members, size):
         """(image, caption) of one sample at `size`, or None (counted) without a readable image."""
         try:
-            image = next((members[e] for e in members if "." + e in IMAGE_EXTENSIONS), None)
+            image = shard_image(members)
             if image is None:
                 raise ValueError("no image")
             return load_image(io.BytesIO(image), size), shard_caption(members)
@@ -519,8 +524,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def nearest_bucket(self, members):
         """The bucket nearest a sample's aspect ratio (its image header's; square if unreadable)."""
         try:
-            image = next(members[e] for e in members if "." + e in IMAGE_EXTENSIONS)
-            with Image.open(io.BytesIO(image)) as img:
+            with Image.open(io.BytesIO(shard_image(members))) as img:
                 return nearest_size(displayed_size(img), self.bucket_sizes)
         except Exception:
             return (self.size, self.size)
@@ -606,9 +610,9 @@ def dataset_key(dataset):
     """What a cache of a folder's items depends on (common.disk_cached), as a short hash: every
     item's image file (path, size, modification time), caption and training size."""
     folder, indices = folder_items(dataset)
-    items = [(folder.paths[i], os.stat(folder.paths[i]).st_size,
-              os.stat(folder.paths[i]).st_mtime_ns, folder.caption(i), folder.sizes[i])
-             for i in indices]
+    stats = [os.stat(folder.paths[i]) for i in indices]
+    items = [(folder.paths[i], st.st_size, st.st_mtime_ns, folder.caption(i), folder.sizes[i])
+             for i, st in zip(indices, stats)]
     return hashlib.sha1(json.dumps(items).encode()).hexdigest()[:16]
 
 
@@ -623,12 +627,8 @@ def image_batches(dataset, n=512, batch_size=64, spread=True):
             yield torch.stack(batch)
         return
     index = list(range(0, len(dataset), max(1, len(dataset) // n) if spread else 1))[:n]
-    by_size, sizes = {}, sizes_of(dataset) or [None] * len(dataset)
-    for i in index:
-        by_size.setdefault(sizes[i], []).append(i)
-    for group in by_size.values():
-        for k in range(0, len(group), batch_size):
-            yield torch.stack([dataset[i][0] for i in group[k:k + batch_size]])
+    for chunk in same_size_chunks(dataset, index, batch_size):
+        yield torch.stack([dataset[i][0] for i in chunk])
 
 
 # -----------------------------------------------------------------------------
