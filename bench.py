@@ -46,8 +46,8 @@ from PIL import Image
 
 from common import add_lora
 from stage_a import StageA
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, StageB,
-                     ddpm_sample)
+from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, LORA_TARGETS,
+                     RELEASED_LATENT_SPACE, StageB, ddpm_sample)
 from stage_c import PRESETS as STAGE_C_PRESETS
 from stage_c import StageC
 
@@ -538,7 +538,7 @@ def paper_prior(lora, depth=None):
     """The paper Stage C (at `depth` if given), with LoRA adapters on a frozen base when `lora`."""
     model = StageC(dataclasses.replace(PAPER_C, depth=depth or PAPER_C.depth))
     if lora:
-        add_lora(model, ["to_q", "to_k", "to_v", "to_out.0"], LORA_RANK, LORA_RANK)
+        add_lora(model, LORA_TARGETS, LORA_RANK, LORA_RANK)
     return model
 
 

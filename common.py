@@ -18,6 +18,7 @@ import os
 import sys
 import textwrap
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -506,10 +507,11 @@ def atomic_write(path, write):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, stage):
+def load_checkpoint(path, stage, mmap=False):
     """Load a checkpoint of `stage` ('stage_a' | 'stage_b' | 'stage_c') with weights_only=True (a
     checkpoint never runs code), with one clear error for a missing file, another stage's
-    checkpoint, or a file that is none."""
+    checkpoint, or a file that is none. mmap: tensors read from disk when used (a model rebuilt
+    from its EMA weights never reads the optimizer's moments)."""
     expected = f"a {stage} checkpoint (written by `{HOW_TO_MAKE[stage]}`) was expected"
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {stage} checkpoint at {path}: train one with "
@@ -520,7 +522,9 @@ def load_checkpoint(path, stage):
                               f"released or exported weights in the diffusers layout use "
                               f"sample.py --pretrained DIR)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # (mmap needs torch.save's zip format: anything else fails, with its own error, below)
+        mmap = mmap and zipfile.is_zipfile(path)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # random bytes, a truncated or safetensors file, a pickle of any objects
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}); "
                               f"{expected}") from None

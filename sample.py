@@ -117,7 +117,8 @@ def load_pipeline(stage_a="out/stage_a/ckpt.pt", stage_b="out/stage_b/ckpt.pt",
         if stage == "a" or stage in stages:
             add_checkpoint(pipe, stage, path)
     if not pipe.image_sizes:  # Stage A alone: its training size (its checkpoint read once more)
-        pipe.image_sizes["a"] = load_checkpoint(stage_a, "stage_a")["train_config"]["image_size"]
+        ckpt_a = load_checkpoint(stage_a, "stage_a", mmap=True)
+        pipe.image_sizes["a"] = ckpt_a["train_config"]["image_size"]
     return pipe
 
 

@@ -249,7 +249,7 @@ class StageA(nn.Module):
 
 def load_stage_a(path, device="cpu"):
     """Stage A from our checkpoint alone (its config + EMA weights), frozen, in eval mode."""
-    ckpt = load_checkpoint(path, "stage_a")
+    ckpt = load_checkpoint(path, "stage_a", mmap=True)
     model = StageA(StageAConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema"])
     return model.to(device).eval().requires_grad_(False)

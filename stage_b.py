@@ -324,6 +324,11 @@ def dome272_init(model):
                 nn.init.uniform_(proj.weight, -bound, bound)
 
 
+def per_level(value, n):
+    """A U-Net setting given once for every level or once per level -> a list of n values."""
+    return list(value) if isinstance(value, (tuple, list)) else [value] * n
+
+
 def unet_levels(c_hidden, blocks, level_config, block):
     """The U-Net skeleton of DiffNeXt and Paella (method §4.3, §4.8): (down_blocks, up_blocks),
     one ModuleList per level. Down level i: [downsampler (i > 0): LayerNorm2d, 2x2 stride-2 conv]
@@ -371,8 +376,10 @@ class StageB(nn.Module):
                                                  kernel_size=1),
                                        LayerNorm2d(c_hidden[0]))
 
+        dropout = per_level(cfg.dropout, len(c_hidden))
+
         def block(kind, i, c_skip):  # ResBlocks of injected levels also take the mapped e
-            p = cfg.dropout[i] if isinstance(cfg.dropout, tuple) else cfg.dropout
+            p = dropout[i]
             if kind == "C":
                 c_effnet = cfg.c_cond if cfg.inject_effnet[i] else 0
                 return ResBlockStageB(c_hidden[i], c_skip + c_effnet, cfg.kernel_size, p)
@@ -861,6 +868,9 @@ def add_text_encoder_args(group):
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 
 
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections, as diffusers'
+
+
 def add_finetune_args(group):
     """The fine-tuning flags of the training scripts (Stages B and C)."""
     group.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR",
@@ -873,7 +883,7 @@ def add_finetune_args(group):
                        "instead of all its weights (0: full fine-tune)")
     group.add_argument("--lora_alpha", type=float, default=None,
                        help="LoRA scale = alpha / rank (default: alpha = rank, scale 1)")
-    group.add_argument("--lora_targets", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"],
+    group.add_argument("--lora_targets", nargs="+", default=LORA_TARGETS,
                        help="the Linear layers that get adapters, by name or name ending "
                        "(PEFT's target_modules): the attention projections, as diffusers' prior "
                        "LoRA script; add channelwise.0 channelwise.4 for the channel MLPs, "
@@ -1168,7 +1178,7 @@ def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encod
     `parts`, 'latent_space', 'ckpt'. kinds: {kind: (model class, config class)} of the Stage B
     kinds the caller can run (default DiffNeXt only; stage_b_paella.STAGE_B_KINDS has both)."""
     kinds = kinds or {"diffnext": (StageB, StageBConfig)}
-    ckpt = load_checkpoint(path, "stage_b")
+    ckpt = load_checkpoint(path, "stage_b", mmap=True)
     if ckpt.get("lora") and "stage_b" in parts:
         raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): "
                               f"sample with --lora {os.path.join(os.path.dirname(path), LORA_FILE)}"

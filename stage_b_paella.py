@@ -41,8 +41,8 @@ from stage_a import load_stage_a
 from stage_b import (AttnBlock, CompressorAndStageB, CompressorConfig, Dropout, GlobalResponseNorm,
                      LayerNorm2d, ResBlock, StageB, StageBConfig, TimestepBlock, add_stage_b_args,
                      build_compressor, build_text_encoder, cache_stage_a, check_kind,
-                     dome272_init, dome272_to_diffusers, measure_latent_space, r_embedding,
-                     sample_t, unet_levels)
+                     dome272_init, dome272_to_diffusers, measure_latent_space, per_level,
+                     r_embedding, sample_t, timestep_grid, unet_levels)
 
 # -----------------------------------------------------------------------------
 # config
@@ -151,9 +151,7 @@ class Paella(nn.Module):
             raise ValueError(f"Paella needs c_in == c_out, got {cfg.c_in} and {cfg.c_out}")
         self.cfg = cfg
         c_hidden = cfg.c_hidden
-        dropout = cfg.dropout  # one value per level
-        if not isinstance(dropout, (tuple, list)):
-            dropout = [dropout] * len(c_hidden)
+        dropout = per_level(cfg.dropout, len(c_hidden))
         # the condition: semantic latent cells and text tokens -> c_cond, one LayerNorm over all
         self.byt5_mapper = nn.Linear(cfg.byt5_embd, cfg.c_cond)
         self.effnet_mapper = nn.Linear(cfg.effnet_embd, cfg.c_cond)
@@ -347,13 +345,13 @@ def sample_tokens(model, shape, cond, uncond=None, steps=V1_SAMPLING["steps"],
     device, K = cond["effnet"].device, model.cfg.num_labels
     init_noise = torch.randint(0, K, shape, generator=generator, device=device)
     tokens = init_noise.clone()
-    ts = torch.linspace(1.0, 0.0, steps + 1)
+    ts = timestep_grid(steps)  # 1 -> 0
     ws, temps = linear_schedule(cfg, steps), linear_schedule(temperature, steps)
     guided = uncond is not None and not bool((ws == 1).all())
     if guided:
         cond = {k: torch.cat([cond[k], uncond[k]]) for k in cond}  # (2B, ...): conditional first
     for i in tqdm(range(steps), disable=not progress, desc="paella", leave=False):
-        t = torch.full((shape[0],), ts[i].item(), device=device)  # (B,)
+        t = torch.full((shape[0],), ts[i], device=device)  # (B,)
         if guided:
             both = model(torch.cat([tokens, tokens]), torch.cat([t, t]), **cond).float()
             logits_c, logits_u = both.chunk(2)  # (2B, K, H, W) -> 2 x (B, K, H, W)
@@ -366,7 +364,7 @@ def sample_tokens(model, shape, cond, uncond=None, steps=V1_SAMPLING["steps"],
             logits = logits.permute(0, 2, 3, 1).reshape(-1, K)  # (B*H*W, K): as in token_loss
             tokens = draw((logits / temps[i]).softmax(dim=-1), generator).view(shape)
         if i < steps - 1:
-            t_next = torch.full((shape[0],), ts[i + 1].item(), device=device)
+            t_next = torch.full((shape[0],), ts[i + 1], device=device)
             tokens = corrupt(tokens, t_next, K, replacement=init_noise, generator=generator)[0]
     return tokens
 

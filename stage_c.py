@@ -300,7 +300,7 @@ def load_stage_c(path, device="cpu"):
     """Rebuild from a Stage C checkpoint alone what sampling needs: the EMA prior and its text
     encoder (eval, frozen) and the latent-space constants of the Stage B it was trained on. Returns
     a dict with those and 'ckpt'."""
-    ckpt = load_checkpoint(path, "stage_c")
+    ckpt = load_checkpoint(path, "stage_c", mmap=True)
     if ckpt.get("lora"):
         raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): "
                               f"sample with --lora {os.path.join(os.path.dirname(path), LORA_FILE)}"
@@ -377,8 +377,8 @@ def frozen_models(args, released, preset, ckpt, device):
         return (frozen(build["compressor"](), device), text_encoder, released["latent_space"],
                 lambda: {k: frozen(build[k](), device)
                          for k in ("stage_b", "text_encoder_b", "stage_a")})
-    parts_b = load_stage_b(args.stage_b, device, parts=("compressor",), kinds=STAGE_B_KINDS)
-    load_checkpoint(args.stage_a, "stage_a")  # missing or wrong: said now, not at the first preview
+    parts_b = load_stage_b(args.stage_b, device, parts=("compressor",))
+    load_checkpoint(args.stage_a, "stage_a", mmap=True)  # missing or wrong: said now
 
     def decoders():  # Stage B of either kind (stage_b.py, stage_b_paella.py)
         parts = load_stage_b(args.stage_b, device, parts=("stage_b", "text_encoder"),
