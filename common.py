@@ -20,6 +20,7 @@ import textwrap
 import time
 import zipfile
 from contextlib import nullcontext
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
@@ -317,6 +318,26 @@ def set_lr(optimizer, lr):
         g["lr"] = lr
 
 
+def add_lora_from_args(module, args):
+    """--lora_rank: LoRA adapters on `module`'s --lora_targets (the base stays frozen; adapters
+    start at zero: step 0 is the base model). Returns the run's record of them, else None."""
+    if not args.lora_rank:
+        return None
+    alpha = args.lora_alpha or args.lora_rank
+    add_lora(module, args.lora_targets, args.lora_rank, alpha)
+    return {"rank": args.lora_rank, "alpha": alpha, "targets": args.lora_targets}
+
+
+def ema_and_optimizer(model, args):
+    """The EMA copy of `model` (--ema_decay 0, as fine-tuning: none, the model itself) and AdamW
+    over what is trained: all weights, or LoRA adapters. Returns (ema, trained params, opt)."""
+    ema = deepcopy(model).eval().requires_grad_(False) if args.ema_decay else model
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2),
+                            weight_decay=args.weight_decay)
+    return ema, trained, opt
+
+
 def epochs_to_steps(args, items):
     """--epochs (passes over the training images, `items`: a list of them, None for a stream) as
     --max_steps, unless --max_steps was given."""
@@ -328,10 +349,12 @@ def epochs_to_steps(args, items):
     args.max_steps = math.ceil(args.epochs * len(items) / args.batch_size)
 
 
-def finetune_warnings(lr, default_lr, passes, n_captioned):
-    """What makes a small-data fine-tune learn nothing, said before it starts (users' reports: "24
-    images gave no result", a LoRA that "can't learn anything" at lr 1e-6). Returns the warnings."""
-    warnings = []
+def finetune_warnings(args, default_lr, captions):
+    """What makes a small-data fine-tune on `captions` (one per training image) learn nothing, said
+    before it starts (users' reports: "24 images gave no result", a LoRA that "can't learn
+    anything" at lr 1e-6). Returns the warnings."""
+    warnings, lr = [], args.lr
+    passes = args.max_steps * args.batch_size / len(captions)
     if lr < default_lr / 10:
         warnings.append(f"--lr {lr:g} is over 10x below the fine-tuning default "
                         f"{default_lr:g}: the weights (LoRA adapters start at zero) will barely "
@@ -340,7 +363,7 @@ def finetune_warnings(lr, default_lr, passes, n_captioned):
         warnings.append(f"each training image is seen only {passes:.1f} times (--max_steps x "
                         f"--batch_size / images): a small set usually needs 50-200 passes "
                         f"(--epochs)")
-    if n_captioned == 0:
+    if not any(captions):
         warnings.append("no image has a caption: the fine-tune will be unconditional (every "
                         "caption empty), so no prompt will call up what it learns; add same-name "
                         ".txt files or a metadata.jsonl")

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import unicodedata
-from copy import deepcopy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,13 +36,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, UsageError,
-                    add_common_args, add_lora, channels_last_convs, disk_cached, ema_decay_at,
-                    epochs_to_steps, finetune_warnings, gather_run_state, get_lr, holdout_batch,
-                    hub_file, load_checkpoint, load_exact, load_trained, load_weights_file,
-                    no_sync, preset_name, psnr, read_json, recompute_batchnorm, resume_batches,
-                    run_cli, same_size_batches, save_checkpoint, save_image_grid, save_lora,
-                    save_weights_file, set_lr, sizes_of, start_run, trained_state, update_ema,
-                    weights_fingerprint, wrap_ddp, write_json)
+                    add_common_args, add_lora_from_args, channels_last_convs, disk_cached,
+                    ema_and_optimizer, ema_decay_at, epochs_to_steps, finetune_warnings,
+                    gather_run_state, get_lr, holdout_batch, hub_file, load_checkpoint, load_exact,
+                    load_trained, load_weights_file, no_sync, preset_name, psnr, read_json,
+                    recompute_batchnorm, resume_batches, run_cli, same_size_batches,
+                    save_checkpoint, save_image_grid, save_lora, save_weights_file, set_lr,
+                    sizes_of, start_run, trained_state, update_ema, weights_fingerprint, wrap_ddp,
+                    write_json)
 from stage_a import IMAGENET_MEAN, IMAGENET_STD, StageA, load_stage_a
 
 # -----------------------------------------------------------------------------
@@ -1407,8 +1407,7 @@ def train(args):
     if args.epochs:
         epochs_to_steps(args, captions)
     if released and captions is not None:  # what makes a small fine-tune learn nothing, said now
-        passes = args.max_steps * args.batch_size / len(captions)
-        for warning in finetune_warnings(args.lr, defaults["lr"], passes, sum(map(bool, captions))):
+        for warning in finetune_warnings(args, defaults["lr"], captions):
             logger.log(f"warning: {warning}")
 
     # models, EMA and optimizer: compressor + Stage B together (weights stay fp32; autocast does the
@@ -1416,16 +1415,8 @@ def train(args):
     model = CompressorAndStageB(compressor, stage_b, args.p_zero_effnet, args.p_noise_effnet,
                                 latent_space, train_compressor=not released).to(rt.device)
     channels_last_convs(model.stage_b)  # as its activations: no gradient copies under DDP
-    lora = None
-    if args.lora_rank:  # the base stays frozen; adapters start at zero: step 0 is the base model
-        add_lora(model.stage_b, args.lora_targets, args.lora_rank,
-                 args.lora_alpha or args.lora_rank)
-        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
-                "targets": args.lora_targets}
-    ema = deepcopy(model).eval().requires_grad_(False) if args.ema_decay else model  # 0: no EMA
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2),
-                            weight_decay=args.weight_decay)
+    lora = add_lora_from_args(model.stage_b, args)
+    ema, trained, opt = ema_and_optimizer(model, args)
     scaler = rt.make_scaler()
     logger.log(f"parameters: Stage B {sum(p.numel() for p in model.stage_b.parameters()):,} | "
                f"semantic compressor {sum(p.numel() for p in compressor.parameters()):,} | "

@@ -21,7 +21,6 @@ Fine-tune the released prior (or our export) on a folder, all weights or LoRA ad
 import argparse
 import os
 import time
-from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -30,12 +29,13 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, UsageError,
-                    add_common_args, add_lora, channels_last_convs, disk_cached, ema_decay_at,
-                    epochs_to_steps, finetune_warnings, free_memory, gather_run_state, get_lr,
-                    holdout_batch, load_checkpoint, load_exact, load_trained, load_weights_file,
-                    no_sync, preset_name, read_json, resume_batches, run_cli, same_size_batches,
-                    save_captioned_grid, save_checkpoint, save_lora, save_weights_file, set_lr,
-                    sizes_of, start_run, trained_state, update_ema, weights_fingerprint, wrap_ddp)
+                    add_common_args, add_lora_from_args, channels_last_convs, disk_cached,
+                    ema_and_optimizer, ema_decay_at, epochs_to_steps, finetune_warnings,
+                    free_memory, gather_run_state, get_lr, holdout_batch, load_checkpoint,
+                    load_exact, load_trained, load_weights_file, no_sync, preset_name, read_json,
+                    resume_batches, run_cli, same_size_batches, save_captioned_grid,
+                    save_checkpoint, save_lora, save_weights_file, set_lr, sizes_of, start_run,
+                    trained_state, update_ema, weights_fingerprint, wrap_ddp)
 from stage_a import load_stage_a
 from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, LORA_FILE, RESOLUTION_MULTIPLE,
                      AttnBlock, LayerNorm2d, ResBlock, TextEncoder, TimestepBlock,
@@ -460,8 +460,7 @@ def train(args):
         free_memory(rt.device)
     # what makes a small-data fine-tune learn nothing, said now
     if finetune and captions is not None:
-        passes = args.max_steps * args.batch_size / len(captions)
-        for warning in finetune_warnings(args.lr, defaults["lr"], passes, sum(map(bool, captions))):
+        for warning in finetune_warnings(args, defaults["lr"], captions):
             logger.log(f"warning: {warning}")
 
     # the prior: released (fine-tuning; with LoRA its frozen base), or new, of the preset's width
@@ -473,17 +472,10 @@ def train(args):
     cfg = model.cfg
     model = channels_last_convs(model.to(rt.device))  # as the activations: no DDP grad copies
     model.grad_checkpointing = args.grad_checkpointing
-    lora = None
-    if args.lora_rank:  # the base stays frozen; adapters start at zero: step 0 is the base model
-        add_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha or args.lora_rank)
-        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
-                "targets": args.lora_targets}
+    lora = add_lora_from_args(model, args)
     # EMA (off when fine-tuning: --ema_decay 0 keeps no copy) and AdamW (weight decay 0.01,
     # method §6.5) over what is trained: all weights, or the LoRA adapters
-    ema = deepcopy(model).eval().requires_grad_(False) if args.ema_decay else model
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2),
-                            weight_decay=args.weight_decay)
+    ema, trained, opt = ema_and_optimizer(model, args)
     scaler = rt.make_scaler()
     logger.log(f"parameters: Stage C {sum(p.numel() for p in model.parameters()):,} "
                f"({sum(map(torch.numel, trained)):,} trained"
