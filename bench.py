@@ -44,10 +44,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import add_lora
+import data
+from blocks import LATENT_DIM_SCALE, RELEASED_LATENT_SPACE
+from common import Runtime
+from data import infinite_batches
+from diffusion import DEFAULT_STAGE_C_TIMESTEPS, ddpm_sample
+from finetune import LORA_TARGETS, add_lora
 from stage_a import StageA
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, LORA_TARGETS,
-                     RELEASED_LATENT_SPACE, StageB, ddpm_sample)
+from stage_b import PRESETS as STAGE_B_PRESETS
+from stage_b import StageB, StageBConfig
 from stage_c import PRESETS as STAGE_C_PRESETS
 from stage_c import StageC
 
@@ -128,8 +133,11 @@ def build_pair(stage, kwargs, seed, tmp):
     """(reference, ours) with the same random weights: the reference is built, randomised and saved
     with save_pretrained; ours loads that folder with from_pretrained, exactly as released weights
     would load."""
-    from diffusers.pipelines.deprecated.wuerstchen import (PaellaVQModel, WuerstchenDiffNeXt,
-                                                           WuerstchenPrior)
+    from diffusers.pipelines.deprecated.wuerstchen import (
+        PaellaVQModel,
+        WuerstchenDiffNeXt,
+        WuerstchenPrior,
+    )
     ref_cls, our_cls = {"a": (PaellaVQModel, StageA), "b": (WuerstchenDiffNeXt, StageB),
                         "c": (WuerstchenPrior, StageC)}[stage]
     with no_init(ref_cls), torch.device("meta"):  # no memory, no init pass: weights drawn below
@@ -417,7 +425,7 @@ def chain_generators(device, seed):
 
 @torch.no_grad()
 def chain_ours(models, inp, args):
-    """Our chain: stage_b.ddpm_sample drives both diffusion stages; Stage A decodes."""
+    """Our chain: diffusion.ddpm_sample drives both diffusion stages; Stage A decodes."""
     A, B, C = models
     g_c, g_b = chain_generators(inp["noise_c"].device, args.seed)
     y = ddpm_sample(C, inp["noise_c"], list(DEFAULT_STAGE_C_TIMESTEPS),
@@ -504,8 +512,6 @@ def training_flops_per_image(model, *inputs):
 
 
 def bench_flops():
-    from stage_b import PRESETS as STAGE_B_PRESETS
-    from stage_b import StageBConfig
     rows = []
     with torch.device("meta"):
         c_cfg, b_cfg = PAPER_C, STAGE_B_PRESETS["paper"]["model"]
@@ -646,8 +652,6 @@ def bench_loader(args):
     8) from a folder of JPEGs and from the same JPEGs as tar shards of 100, with 0 (the training
     process itself), 1 and 2 loader workers, for (source side, training side) in args.loader_sizes.
     Returns table rows."""
-    import data
-    from common import Runtime, infinite_batches
     rows, rng = [], np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         for source, side in args.loader_sizes:

@@ -2,16 +2,14 @@
 The training machinery every stage shares, written once (nanochat's common.py): where and how we
 run (device, DDP, precision, BatchNorm over ranks), the common flags and the opening of every
 train(), LR and EMA, the optimizer step with its non-finite guard, atomic self-describing
-checkpoints never written from non-finite weights, the exact-resume data order (aspect-ratio
-buckets and tar-shard streams too), the hold-out split, LoRA and disk caches for fine-tuning, image
-grids and the log line.
+checkpoints never written from non-finite weights, weight files, and what users see of a run (the
+log line, the progress bar, the log / preview / checkpoint cadence, image grids).
 
-Nothing here knows about Würstchen: the method lives in stage_a.py, stage_b.py and stage_c.py.
+The method lives in the stage files; nothing here is specific to one of them.
 """
 import argparse
 import datetime
 import gc
-import hashlib
 import json
 import math
 import os
@@ -164,6 +162,11 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
+def frozen(model, device, dtype=torch.float32):
+    """A model for inference only: on `device` in `dtype`, eval mode, no gradients."""
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
 def channels_last_convs(model):
     """Conv weights in channels-last memory, the layout of Stage B's and C's activations: their
     gradients then come out in the weights' own layout and DDP all-reduces them in place (else it
@@ -268,9 +271,6 @@ def start_run(args, stage, train_defaults):
     checkpoint's first), the runtime, the output folder and its log, and with --resume the
     checkpoint to continue (of this stage and preset, else a clear error). Returns (rt, logger,
     ckpt_path, ckpt or None)."""
-    from data import shard_list
-    if getattr(args, "cache", False) is None and shard_list(args.data):
-        args.cache = False  # a stream: nothing to cache up front (the presets' default: folders)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, stage) if args.resume else None
     train_defaults = {"ema_decay": 0.999, "seed": 0} | train_defaults  # a fine-tune's EMA: 0
@@ -318,14 +318,6 @@ def set_lr(optimizer, lr):
         g["lr"] = lr
 
 
-def add_lora_from_args(module, args):
-    """--lora_rank: LoRA adapters on `module`'s --lora_targets (the base stays frozen; adapters
-    start at zero: step 0 is the base model). Returns the run's record of them, else None."""
-    if not args.lora_rank:
-        return None
-    alpha = args.lora_alpha or args.lora_rank
-    add_lora(module, args.lora_targets, args.lora_rank, alpha)
-    return {"rank": args.lora_rank, "alpha": alpha, "targets": args.lora_targets}
 
 
 def ema_and_optimizer(model, args):
@@ -337,37 +329,6 @@ def ema_and_optimizer(model, args):
                             weight_decay=args.weight_decay)
     return ema, trained, opt
 
-
-def epochs_to_steps(args, items):
-    """--epochs (passes over the training images, `items`: a list of them, None for a stream) as
-    --max_steps, unless --max_steps was given."""
-    if args.max_steps is not None:
-        return
-    if items is None:
-        raise UsageError("--epochs needs a folder of images (a stream of tar shards has no known "
-                         "length): give --max_steps")
-    args.max_steps = math.ceil(args.epochs * len(items) / args.batch_size)
-
-
-def finetune_warnings(args, default_lr, captions):
-    """What makes a small-data fine-tune on `captions` (one per training image) learn nothing, said
-    before it starts (users' reports: "24 images gave no result", a LoRA that "can't learn
-    anything" at lr 1e-6). Returns the warnings."""
-    warnings, lr = [], args.lr
-    passes = args.max_steps * args.batch_size / len(captions)
-    if lr < default_lr / 10:
-        warnings.append(f"--lr {lr:g} is over 10x below the fine-tuning default "
-                        f"{default_lr:g}: the weights (LoRA adapters start at zero) will barely "
-                        f"move in a short run")
-    if passes < 10:
-        warnings.append(f"each training image is seen only {passes:.1f} times (--max_steps x "
-                        f"--batch_size / images): a small set usually needs 50-200 passes "
-                        f"(--epochs)")
-    if not any(captions):
-        warnings.append("no image has a caption: the fine-tune will be unconditional (every "
-                        "caption empty), so no prompt will call up what it learns; add same-name "
-                        ".txt files or a metadata.jsonl")
-    return warnings
 
 
 def ema_decay_at(step, decay):
@@ -663,297 +624,6 @@ def restore_rng(ckpt, rt):
     else:
         seed = ckpt["train_config"]["seed"]
         torch.manual_seed((seed * 1_000_003 + ckpt["step"]) * 1009 + rt.rank)
-
-# -----------------------------------------------------------------------------
-# fine-tuning: LoRA adapters on a frozen model (diffusers' layout), frozen inputs cached on disk
-
-
-class LoRALinear(nn.Linear):
-    """nn.Linear plus a low-rank update (LoRA, Hu et al. 2021): y = W x + b + s B(A(x)) with
-    A: in -> r, B: r -> out, s = alpha / r. add_lora turns a model's Linear layers into these in
-    place: W and b keep their names and stay frozen, the adapters are the submodules lora_A and
-    lora_B (PEFT's names, so diffusers' LoRA keys). B starts at zero: an adapted model starts
-    exactly as its base."""
-
-    def forward(self, x):
-        return super().forward(x) + self.lora_B(self.lora_A(x)) * self.lora_scale
-
-
-def add_lora(model, targets, rank, alpha):
-    """Freeze `model` and give every nn.Linear named one of `targets`, or ending in '.' + one of
-    them (PEFT's target_modules rule), a rank-`rank` adapter of scale alpha / rank: A initialised
-    as nn.Linear does (PEFT's choice too), B zero. Returns the adapted layers' names."""
-    model.requires_grad_(False)
-    names = [n for n, m in model.named_modules()
-             if type(m) is nn.Linear and any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
-        raise UsageError(f"LoRA targets {list(targets)}: no nn.Linear layer of the model is "
-                         f"named so")
-    for name in names:
-        layer = model.get_submodule(name)
-        layer.__class__ = LoRALinear
-        layer.lora_A = nn.Linear(layer.in_features, rank, bias=False, device=layer.weight.device)
-        layer.lora_B = nn.Linear(rank, layer.out_features, bias=False, device=layer.weight.device)
-        nn.init.zeros_(layer.lora_B.weight)
-        layer.lora_scale = alpha / rank
-    return names
-
-
-def lora_weights(model, prefix):
-    """The adapters of `model` in diffusers' LoRA layout: `{prefix}.{layer}.lora_A.weight` (r, in)
-    and `.lora_B.weight` (out, r), the scale alpha / r folded into lora_B (a file without alphas
-    reads as alpha = r, scale 1, in diffusers), float32."""
-    weights = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            weights[f"{prefix}.{name}.lora_A.weight"] = \
-                m.lora_A.weight.detach().float().cpu().contiguous()
-            weights[f"{prefix}.{name}.lora_B.weight"] = \
-                (m.lora_B.weight.detach().float() * m.lora_scale).cpu()
-    return weights
-
-
-def save_lora(path, model, prefix, made_for):
-    """The adapters as a LoRA file (pytorch_lora_weights.safetensors: diffusers' load_lora_weights
-    and sample.py --lora read it), written atomically; `made_for` describes the base model in the
-    file's metadata, for the error when the file meets another one."""
-    from safetensors.torch import save_file
-    metadata = {"format": "pt", "made_for": made_for}
-    atomic_write(path, lambda tmp: save_file(lora_weights(model, prefix), tmp, metadata=metadata))
-
-
-def read_lora(path):
-    """(prefix, weights, metadata) of a LoRA file in diffusers' layout
-    ('prior.blocks.2.attention.to_q.lora_A.weight': prefix 'prior')."""
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        weights, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    prefixes = {k.split(".")[0] for k in weights}
-    if len(prefixes) != 1 or not all(k.endswith((".lora_A.weight", ".lora_B.weight"))
-                                     for k in weights):
-        raise UsageError(f"{path} is not a LoRA file of one model in diffusers' layout "
-                         f"('<model>.<layer>.lora_A.weight' / '.lora_B.weight'): "
-                         f"keys {sorted(weights)[:3]}")
-    return prefixes.pop(), weights, metadata
-
-
-@torch.no_grad()
-def merge_lora(model, path, scale=1.0, what="this model"):
-    """Add the updates of the LoRA file at `path` to the weights of `model`: W += scale B A per
-    adapted layer (A: (r, in), B: (out, r)). A file made for another model (a layer this one lacks,
-    other shapes) is refused, naming both: the file with what it was made for, and `what`. Returns
-    the model."""
-    prefix, weights, metadata = read_lora(path)
-    layers = dict(model.named_modules())
-    for key in (k for k in weights if k.endswith(".lora_A.weight")):
-        name = key[len(prefix) + 1:-len(".lora_A.weight")]
-        A, B = weights[key].float(), weights[key.replace(".lora_A.", ".lora_B.")].float()
-        layer = layers.get(name)
-        if not isinstance(layer, nn.Linear) or layer.weight.shape != (B.shape[0], A.shape[1]):
-            found = (f"{tuple(layer.weight.shape)}" if isinstance(layer, nn.Linear)
-                     else "no such Linear layer")
-            raise UsageError(f"the LoRA {path} (made for "
-                             f"{metadata.get('made_for', 'an unnamed model')}) does not fit "
-                             f"{what}: its layer {name} is {(B.shape[0], A.shape[1])}, "
-                             f"here {found}")
-        layer.weight.copy_(layer.weight.float() + scale * (B @ A).to(layer.weight.device))
-    return model
-
-
-def trained_state(model):
-    """What a checkpoint keeps of `model`: its state dict, or, when it carries LoRA adapters, the
-    adapters alone (its base is the --pretrained weights, loaded again on --resume)."""
-    sd = model.state_dict()
-    lora = any(isinstance(m, LoRALinear) for m in model.modules())
-    return {k: v for k, v in sd.items() if ".lora_" in k} if lora else sd
-
-
-def load_trained(model, sd, what):
-    """The inverse of trained_state: exactly the weights this run trains, else a CheckpointError."""
-    expected = trained_state(model).keys()
-    if set(sd) != set(expected):
-        raise CheckpointError(f"{what} holds other weights than this run trains (e.g. "
-                              f"{sorted(set(sd) ^ set(expected))[:3]})")
-    model.load_state_dict(sd, strict=False)
-
-
-def weights_fingerprint(module):
-    """A short hash of a module's weights: every tensor's name, shape and 64 values spread through
-    it (enough to tell two sets of weights apart without hashing gigabytes)."""
-    h = hashlib.sha1()
-    for k, v in module.state_dict().items():
-        flat = v.detach().flatten()
-        h.update(f"{k}{tuple(v.shape)}".encode())
-        h.update(flat[::max(1, flat.numel() // 64)].double().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def disk_cached(stem, key, build, rt):
-    """build()'s result (a dict of tensors, lists and numbers) computed once and kept on disk, at
-    `{stem}-{hash of key}.pt`, where `key` (JSON-able) names everything that produced it: the data,
-    the frozen models (weights_fingerprint), the sizes. A re-run or --resume with the same key reads
-    the file instead. Rank 0 builds and writes it (atomically), the other ranks wait and read it.
-    Returns (result, path, whether it was built now)."""
-    path = f"{stem}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt"
-    built = not os.path.exists(path)
-    if built and rt.master:
-        result = build()
-        atomic_write(path, lambda tmp: torch.save(result, tmp))
-    if rt.ddp:
-        dist.barrier()
-    if not (built and rt.master):  # the builder keeps its result: no second copy read back
-        result = torch.load(path, map_location="cpu", weights_only=True)
-    return result, path, built
-
-# -----------------------------------------------------------------------------
-# data order: exact resume, hold-out split
-
-
-def sizes_of(dataset):
-    """The (width, height) of every item of a map-style dataset of images of varying sizes (an
-    ImageFolder with aspect-ratio buckets, the stages' caches of one), via Subsets; else None."""
-    if isinstance(dataset, torch.utils.data.Subset):
-        sizes = sizes_of(dataset.dataset)
-        return sizes and [sizes[i] for i in dataset.indices]
-    return getattr(dataset, "sizes", None)
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """Endless index stream that is a pure function of (seed, position): epoch e is randperm(n, seed
-    + e), and each rank takes its slice of every global batch. Starting at `start` (= step * global
-    batch) makes `--resume` see exactly the batches an uninterrupted run would have seen. The world
-    size and --grad_accum only decide who takes which slice, so a resume with another world size
-    (and the same --batch_size) continues the same order.
-
-    With `sizes` (aspect-ratio buckets: the image size of each index), the epoch's permutation is
-    cut, size by size, into batches of `batch` (= --batch_size) indices, a size's last batch filled
-    from its own start, and these batches come in random order: every optimizer step, and each
-    micro-batch of it on every rank, is one size."""
-
-    def __init__(self, n, global_batch, seed=0, start=0, rank=0, world_size=1, sizes=None,
-                 batch=None):
-        self.n, self.gb, self.seed, self.start, self.rank, self.ws = \
-            n, global_batch, seed, start, rank, world_size
-        self.sizes = sizes if sizes and len(set(sizes)) > 1 else None
-        self.batch, self.cached = batch, (None, None)
-        self.length = len(self.epoch(0))  # the same for every epoch
-
-    def epoch(self, e):
-        if self.cached[0] != e:
-            g = torch.Generator().manual_seed(self.seed + e)
-            order = torch.randperm(self.n, generator=g).tolist()
-            if self.sizes:
-                batches = []
-                for size in sorted(set(self.sizes)):
-                    same = [i for i in order if self.sizes[i] == size]
-                    whole = -(-len(same) // self.batch) * self.batch  # filled up to whole batches
-                    same = [same[k % len(same)] for k in range(whole)]
-                    batches += [same[k:k + self.batch] for k in range(0, len(same), self.batch)]
-                shuffled = torch.randperm(len(batches), generator=g).tolist()
-                order = [i for b in shuffled for i in batches[b]]
-            self.cached = (e, order)
-        return self.cached[1]
-
-    def __iter__(self):
-        pos, local = self.start, self.gb // self.ws
-        while True:
-            epoch, offset = divmod(pos, self.length)
-            order = self.epoch(epoch)
-            # wraps into the epoch's start if short
-            batch = [order[(offset + i) % self.length] for i in range(self.gb)]
-            yield from batch[self.rank * local:(self.rank + 1) * local]
-            pos += self.gb
-
-
-class Batches:
-    """infinite_batches' iterator of micro-batches. A stream of tar shards also hands over each
-    loader worker's position after each of its batches; the last one consumed per worker is kept in
-    `positions`, and the batches taken in `served`, for the checkpoint (gather_run_state)."""
-
-    def __init__(self, loader, stream=None):
-        self.it, self.stream, self.positions, self.served = iter(loader), stream, {}, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.it)
-        self.served += 1
-        if self.stream is None:
-            return batch
-        *batch, position = batch
-        self.positions[int(position[0])] = position[1:].tolist()
-        return batch
-
-
-def infinite_batches(dataset, batch_size, rt, num_workers=2, seed=0, start_step=0, grad_accum=1,
-                     state=None):
-    """Micro-batches forever (a Batches). `batch_size` is global: each rank gets batch_size / (world
-    * grad_accum). A map-style dataset (a folder) is read in the order of a StepSampler started at
-    `start_step`; a stream (tar shards) is split over every rank's loader workers and continues from
-    `state` (the checkpoint's "data")."""
-    micro = batch_size // (rt.world_size * grad_accum)
-    assert micro * rt.world_size * grad_accum == batch_size, \
-        f"--batch_size {batch_size} must divide by world size {rt.world_size} x " \
-        f"--grad_accum {grad_accum}"
-    pin, persistent = rt.device_type == "cuda", num_workers > 0
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        dataset.start(seed, micro, rt.rank, rt.world_size, max(1, num_workers), state)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                             pin_memory=pin, persistent_workers=persistent)
-        return Batches(loader, dataset)
-    sampler = StepSampler(len(dataset), micro * rt.world_size, seed, start_step * batch_size,
-                          rt.rank, rt.world_size, sizes_of(dataset), batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler,
-                                         num_workers=num_workers, pin_memory=pin,
-                                         persistent_workers=persistent)
-    return Batches(loader)
-
-
-def resume_batches(dataset, args, rt, step, ckpt, num_workers=None):
-    """The training batches from `step` on, then (on --resume) the checkpoint's RNG state. The
-    order is a function of the step (exact resume); building the loader draws from the global RNG
-    in every run, so the state is restored after it and a resumed run draws the numbers an
-    uninterrupted one does (noise, dropout, Stage A's dead-code restarts)."""
-    workers = args.num_workers if num_workers is None else num_workers
-    batches = infinite_batches(dataset, args.batch_size, rt, workers, args.seed, step,
-                               args.grad_accum, ckpt and ckpt.get("data"))
-    if ckpt:
-        restore_rng(ckpt, rt)
-    return batches
-
-
-def same_size_chunks(dataset, indices, batch_size):
-    """`indices` of `dataset` in chunks of at most `batch_size` items of one image size, in index
-    order within each size (one chunk list per size, sizes in order of first appearance)."""
-    groups, sizes = {}, sizes_of(dataset)
-    for i in indices:
-        groups.setdefault(sizes[i] if sizes else None, []).append(i)
-    return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
-
-
-def same_size_batches(dataset, batch_size, num_workers=2):
-    """The whole dataset once, in index order within each image size, as (indices, batch) pairs of
-    at most `batch_size` items of one size (to encode a dataset up front: the stages' --cache)."""
-    indices = same_size_chunks(dataset, range(len(dataset)), batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=indices, num_workers=num_workers)
-    return zip(indices, loader)
-
-
-def split_holdout(dataset, n):
-    """Deterministic split: every k-th image (k = len / n) is held out for previews and metrics."""
-    n = max(1, min(n, len(dataset) // 10))
-    k = len(dataset) // n
-    held = list(range(0, n * k, k))
-    rest = sorted(set(range(len(dataset))) - set(held))
-    return torch.utils.data.Subset(dataset, rest), torch.utils.data.Subset(dataset, held)
-
-
-def holdout_batch(holdout, device):
-    """All held-out images (and captions) as one batch."""
-    images, captions = zip(*[holdout[i] for i in range(len(holdout))])
-    return torch.stack(images).to(device), list(captions)
-
 # -----------------------------------------------------------------------------
 # what users see: the log line, metrics, image grids
 
@@ -974,8 +644,9 @@ class Logger:
 
 class Progress:
     """What a user sees of a training loop, and its cadence: a tqdm bar (rank 0), the log line every
-    --log_every steps with the images per second since the last one, and whether a step is due a
-    preview (--sample_every) or a checkpoint (--save_every); the last step is due all three."""
+    --log_every steps with the images per second since the last one, a preview every
+    --sample_every steps and a checkpoint every --save_every (the last step does all three):
+    end_step is the tail of every stage's training step, written once."""
 
     def __init__(self, args, rt, logger, step, desc):
         from tqdm import tqdm
@@ -983,23 +654,36 @@ class Progress:
         self.bar = (tqdm(total=args.max_steps, initial=step, desc=desc, dynamic_ncols=True)
                     if rt.master else None)
         self.t0, self.seen = time.time(), 0
+        self.metrics = {}  # the last preview's, saved with every checkpoint
 
     def count(self, n):
         """n more training images on this rank (every rank sees as many)."""
         self.seen += n * self.rt.world_size
 
-    def step(self, step):
-        """After the optimizer step that makes `step` steps: (log, preview, checkpoint) due now."""
+    def end_step(self, step, metrics, lr, skipped, batches, save, preview=None, prepare=None):
+        """After the optimizer step that makes `step` steps: the bar; when due, the log line
+        (metrics(): {name: value}, called only then, so values stay on the device between log
+        lines), on rank 0 `prepare()` (e.g. the EMA's BatchNorm statistics) before a preview or a
+        checkpoint, the preview (`preview()` returns its metrics), and the checkpoint:
+        gather_run_state is a collective, so every rank takes part; rank 0 calls
+        save(self.metrics, run_state)."""
         if self.bar:
             self.bar.update(1)
         a, last = self.args, step == self.args.max_steps
-        return tuple(step % every == 0 or last
-                     for every in (a.log_every, a.sample_every, a.save_every))
-
-    def log(self, step, metrics, lr, skipped=0):
-        self.logger.log(log_line(step, self.args.max_steps, metrics, lr,
-                                 self.seen / (time.time() - self.t0), skipped))
-        self.t0, self.seen = time.time(), 0
+        log, show, keep = (step % every == 0 or last
+                           for every in (a.log_every, a.sample_every, a.save_every))
+        if log:
+            self.logger.log(log_line(step, a.max_steps, metrics(), lr,
+                                     self.seen / (time.time() - self.t0), skipped))
+            self.t0, self.seen = time.time(), 0
+        if self.rt.master and prepare and ((show and preview) or keep):
+            prepare()
+        if self.rt.master and show and preview:
+            self.metrics = preview()
+        if keep:
+            run_state = gather_run_state(self.rt, batches)  # every rank: RNG state, stream position
+            if self.rt.master:
+                save(self.metrics, run_state)
 
     def close(self, done=None):
         """End of training: the bar closes, `done: ...` is logged, DDP's process group ends."""

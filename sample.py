@@ -21,17 +21,17 @@ default size is the checkpoints' training size.
 With --pretrained the same chain runs the released Würstchen v2 weights (warp-ai/wuerstchen-prior:
 prior + CLIP ViT-bigG text; warp-ai/wuerstchen: decoder + VQGAN + CLIP ViT-H text), with the
 released settings (method §7.6), from the Hugging Face cache or from a folder laid out as
-stage_b.RELEASED_LAYOUT. Each stage is loaded when needed and freed after, in bf16 on a GPU that
+pretrained.RELEASED_LAYOUT. Each stage is loaded when needed and freed after, in bf16 on a GPU that
 has it (1024 px fits in 24 GB), else in fp32 (the CPU: slow, see the README):
     python sample.py --pretrained --prompt "an owl reading a newspaper, oil painting"
     python sample.py --pretrained weights/ --prompt "..." --width 1536 --height 1024
 
---export writes our checkpoints in that layout, for diffusers' Würstchen pipelines; --pretrained
-reads it back:
+--export writes our checkpoints in that layout (export.py), for diffusers' Würstchen pipelines;
+--pretrained reads it back:
     python sample.py --export exported/    |  python sample.py --pretrained exported/ --prompt "..."
 
 A Stage B checkpoint of stage_b_paella.py (v1's token decoder) goes wherever a Stage B goes, and a
---pretrained folder with the official v1 files (V1_LAYOUT) runs the whole v1 chain, prior -> Paella
+--pretrained folder with the official v1 files (pretrained.V1_LAYOUT) runs the whole v1 chain, prior -> Paella
 tokens -> Stage A's codebook, with the v1 notebook's settings (method §1.4):
     python sample.py --stage_b out/stage_b_paella/ckpt.pt --stage_c out/stage_c_paella/ckpt.pt ...
     python sample.py --pretrained weights_v1/ --prompt "an owl reading a newspaper, oil painting"
@@ -43,21 +43,24 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
-from common import (HelpFormatter, UsageError, default_dtype, load_checkpoint, merge_lora,
-                    pick_device, psnr, read_json, read_lora, run_cli, save_captioned_grid,
-                    write_json)
+from blocks import LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, to_stage_c_space
+from common import (HelpFormatter, UsageError, default_dtype, frozen, load_checkpoint,
+                    pick_device, psnr, run_cli, save_captioned_grid)
+from data import load_image
+from decoders import STAGE_B_KINDS, load_decoder
+from diffusion import DEFAULT_STAGE_C_TIMESTEPS, add_noise, ddpm_sample, timestep_grid
+from export import check_exportable, write_compressor, write_decoder, write_prior
+from finetune import apply_loras
+from pretrained import is_released_v1, open_released, open_released_v1
 from stage_a import StageA, load_stage_a
-from stage_b import (DECODER_REPO, DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, OPEN_CLIP_TEXT,
-                     PRIOR_REPO, RESOLUTION_MULTIPLE, SCHEDULER, SemanticCompressor, StageB,
-                     TextEncoder, add_noise, ddpm_sample, fetch_clip_weights, frozen, load_stage_b,
-                     open_released, read_pad_token, timestep_grid)
-from stage_b import find_released  # noqa: F401  (sample.find_released, as before the move)
-from stage_b_paella import STAGE_B_KINDS, V1_LATENT_SPACE, V1_SAMPLING, Paella
-from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c, to_stage_c_space
+from stage_b import SemanticCompressor, StageB
+from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c
+from toy import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
 
 # -----------------------------------------------------------------------------
 # loading
@@ -131,7 +134,7 @@ def add_checkpoint(pipe, stage, path):
         pipe.stage_a = load_stage_a(path, pipe.device)
         return
     if stage == "b":
-        parts = load_stage_b(path, pipe.device, kinds=STAGE_B_KINDS)  # DiffNeXt or Paella
+        parts = load_decoder(path, pipe.device)  # either kind of Stage B
         pipe.compressor, pipe.stage_b, pipe.text_encoder_b = \
             (parts[k] for k in ("compressor", "stage_b", "text_encoder"))
     else:
@@ -143,25 +146,6 @@ def add_checkpoint(pipe, stage, path):
                          f"{'C' if stage == 'b' else 'B'} here has {pipe.latent_space}: a Stage C "
                          f"samples only for the Stage B it was trained on; pass that one")
     pipe.latent_space = parts["latent_space"]
-
-
-def apply_loras(pipe, paths, scale=1.0):
-    """--lora: merge each LoRA file (diffusers' layout) into the model its keys name (prior: Stage
-    C, decoder: Stage B) with weight `scale`: now for a resident model, at each load for a released
-    one."""
-    for path in paths:
-        prefix, _, _ = read_lora(path)
-        name = {"prior": "stage_c", "decoder": "stage_b"}.get(prefix)
-        if name is None:
-            raise UsageError(f"{path} is a LoRA for a '{prefix}' model; --lora takes LoRAs of the "
-                             f"prior (Stage C) and the decoder (Stage B)")
-
-        def merge(model, path=path, prefix=prefix):
-            return merge_lora(model, path, scale, f"this pipeline's {prefix} ({asdict(model.cfg)})")
-        if getattr(pipe, name) is not None:
-            merge(getattr(pipe, name))
-        elif name in (pipe.loaders or {}):
-            pipe.loaders[name] = lambda load=pipe.loaders[name], merge=merge: merge(load())
 
 
 @contextmanager
@@ -213,9 +197,21 @@ def round_size(width, height):
 
 
 @torch.no_grad()
+def stage_b_and_a(pipe, y, prompts, negative_prompt, generator, progress, steps_b=None,
+                  guidance_b=None, temperature_b=None):
+    """Stage C latents y -> images, with the pipeline's Stage B (either kind) and Stage A
+    (stage_c.decode_stage_c); Stage B's settings default to its kind's."""
+    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
+        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
+                              pipe.stage_a, generator=generator, progress=progress,
+                              negative_prompt=negative_prompt, steps=steps_b,
+                              guidance_scale=guidance_b, temperature=temperature_b)
+
+
+@torch.no_grad()
 def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=1024, seed=0,
                   steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=None, guidance_b=None,
-                  temperature_b=V1_SAMPLING["temperature"], progress=True):
+                  temperature_b=None, progress=True):
     """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released
     pipelines' (§7.6), Stage B's its kind's; on the released v2 weights a seed gives the image of
     diffusers' prior then decoder pipeline with that generator. A Paella Stage B samples tokens
@@ -229,31 +225,26 @@ def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=102
     # DDPMWuerstchenScheduler draws noise at the last step too (and multiplies it by 0): draw it as
     # well, so that Stage B gets the diffusers pipelines' noise from the same seed
     torch.randn(y.shape, generator=g, device=pipe.device)
-    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
-                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress,
-                              negative_prompt=negative_prompt, temperature=temperature_b)
+    return stage_b_and_a(pipe, y, prompts, negative_prompt, g, progress, steps_b, guidance_b,
+                         temperature_b)
 
 
 @torch.no_grad()
 def image_variation(pipe, images, prompts=None, negative_prompt="", seed=0, steps_b=None,
-                    guidance_b=None, temperature_b=V1_SAMPLING["temperature"], progress=True):
+                    guidance_b=None, temperature_b=None, progress=True):
     """Images (B, 3, H, W) -> new images of the same semantics: semantic compressor -> B -> A
     (Stage B's text: `prompts`, one per image, else empty)."""
     with loaded(pipe, "compressor"):
         y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
     g = torch.Generator(pipe.device).manual_seed(seed)
-    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts or [""] * len(y), pipe.stage_b, pipe.text_encoder_b,
-                              pipe.latent_space, pipe.stage_a, steps_b, guidance_b, generator=g,
-                              progress=progress, negative_prompt=negative_prompt,
-                              temperature=temperature_b)
+    return stage_b_and_a(pipe, y, prompts or [""] * len(y), negative_prompt, g, progress, steps_b,
+                         guidance_b, temperature_b)
 
 
 @torch.no_grad()
 def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed=0,
                    steps_c=DEFAULT_STAGE_C_TIMESTEPS, guidance_c=4.0, steps_b=None, guidance_b=None,
-                   temperature_b=V1_SAMPLING["temperature"], progress=True):
+                   temperature_b=None, progress=True):
     """Noise each image's Stage C latent to t = strength, then denoise it with the prompt (the rest
     of the Stage C grid below `strength`), then Stage B and A as usual. strength 1 = text-to-image,
     0 = variation."""
@@ -268,10 +259,8 @@ def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed
         cond = {"clip_text": pipe.text_encoder_c.encode(prompts)}
         uncond = {"clip_text": pipe.text_encoder_c.encode([negative_prompt] * len(prompts))}
         y = ddpm_sample(pipe.stage_c, y, timesteps, cond, uncond, guidance_c, g, progress)
-    with loaded(pipe, "text_encoder_b", "stage_b", "stage_a"):
-        return decode_stage_c(y, prompts, pipe.stage_b, pipe.text_encoder_b, pipe.latent_space,
-                              pipe.stage_a, steps_b, guidance_b, generator=g, progress=progress,
-                              negative_prompt=negative_prompt, temperature=temperature_b)
+    return stage_b_and_a(pipe, y, prompts, negative_prompt, g, progress, steps_b, guidance_b,
+                         temperature_b)
 
 
 @torch.no_grad()
@@ -287,7 +276,6 @@ def toy_eval(pipe, n=4, seed=0, look="bold", colors=None, width=128, height=128,
     """Prompt following on the toy data of `look`: n images for every colour x shape prompt (of the
     shape colours `colors` when given), read back with data.classify_toy_image. Returns (images,
     captions, {'colour': acc, 'shape': acc, 'both': acc, chance levels, n})."""
-    from data import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
     prompts, targets = zip(*[(p, (c, s)) for p, c, s in toy_prompts(look, colors)])
     images = text_to_image(pipe, list(prompts), n=n, seed=seed, width=width, height=height,
                            **kwargs)
@@ -301,74 +289,55 @@ def toy_eval(pipe, n=4, seed=0, look="bold", colors=None, width=128, height=128,
         "images": len(targets)}
 
 # -----------------------------------------------------------------------------
-# the released weights (§8.1): v2's in stage_b.open_released (training shares it), v1's here
-# Würstchen v1 (method §1.4, §8.1): its official files, and the CLIP ViT-H tower both stages read
-V1_FILES = {"stage_c": "model_stage_c.pt", "stage_b": "model_stage_b.pt",
-            "stage_a": "vqgan_f4_v1_500k.pt"}
-V1_LAYOUT = """\
-  {root}/model_stage_c.pt  model_stage_b.pt  vqgan_f4_v1_500k.pt   <- the official v1 files (the
-      Hugging Face repository dome272/wuerstchen): the prior (its EMA weights are used), Paella
-      + the EfficientNetV2-L compressor, the VQGAN
-  {root}/wuerstchen/text_encoder/ and tokenizer/   <- hf download warp-ai/wuerstchen --include
-      "text_encoder/*" "tokenizer/*" --local-dir {root}/wuerstchen   (CLIP ViT-H-14, as v1 used;
-      or --open_clip: open_clip's ViT-H-14 laion2b_s32b_b79k)"""
+# the released weights (method §8), found and checked by pretrained.py; export (export.py)
 
 
 def load_released(root=None, device="cpu", dtype=None, open_clip_text=False, decoder_cfg=None):
     """A Pipeline over the released Würstchen v2 weights (method §8) or an export of ours, loaded
-    lazily (Pipeline.loaders) in `dtype` (default: sampling_dtype): stage_b.open_released finds
-    them (stage_b.RELEASED_LAYOUT), checks the method's constants and reads the latent space and
-    training sizes (released: 42 / 1, 1024 px); the prior is added here. open_clip_text: the
-    open_clip towers instead of the repositories' transformers text encoders (same weights).
-    decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not the released size.
-    A folder with v1's model_stage_b.pt (Paella) gives the v1 chain (load_released_v1)."""
-    if root and os.path.exists(os.path.join(root, V1_FILES["stage_b"])):
+    lazily (Pipeline.loaders) in `dtype` (default: sampling_dtype): pretrained.open_released finds
+    them (pretrained.RELEASED_LAYOUT), checks the method's constants and reads the latent space and
+    training sizes (released: 42 / 1, 1024 px); each model comes from its class's from_pretrained.
+    open_clip_text: the open_clip towers instead of the repositories' transformers text encoders
+    (same weights). decoder_cfg: the StageBConfig of an official model_v2_stage_b.pt that is not
+    the released size. A folder with v1's model_stage_b.pt (Paella) gives the v1 chain
+    (load_released_v1)."""
+    if is_released_v1(root):
         return load_released_v1(root, device, dtype, open_clip_text, decoder_cfg)
     device = torch.device(device)
     dtype = dtype or sampling_dtype(device)
-    released = open_released(root, open_clip_text, decoder_cfg)
+    released = open_released(root, open_clip_text)
+    paths = released["paths"]
     builders = released["builders"] | {
-        "stage_c": lambda: StageC.from_pretrained(released["paths"]["stage_c"])}
+        "stage_c": lambda: StageC.from_pretrained(paths["stage_c"]),
+        "stage_b": lambda: StageB.from_pretrained(paths["stage_b"], decoder_cfg),
+        "stage_a": lambda: StageA.from_pretrained(paths["stage_a"])}
+    if paths["compressor"]:
+        builders["compressor"] = lambda: SemanticCompressor.from_pretrained(paths["compressor"])
     return Pipeline(latent_space=released["latent_space"], device=device,
                     image_sizes=released["image_sizes"], dtype=dtype,
                     loaders=lazy_loaders(builders, device, dtype))
 
 
 def load_released_v1(root, device="cpu", dtype=None, open_clip_text=False, paella_cfg=None):
-    """A Pipeline over the official Würstchen v1 files in `root` (V1_LAYOUT; method §1.4, §8.1):
-    the prior of model_stage_c.pt (EMA weights; CLIP ViT-H text, c_cond 1024), Paella and the
-    EfficientNetV2-L compressor of model_stage_b.pt, and the VQGAN, loaded lazily as load_released
-    does. Both stages read the same CLIP ViT-H text, as in v1: the decoder repository's
-    text_encoder/ (or open_clip's ViT-H-14). v1's compressor returns (e + 1) / 42 itself, the space
-    of its prior and of Paella's condition: e = y (V1_LATENT_SPACE). Its defaults are the v1
-    notebook's (CHAIN_DEFAULTS['v1'], 512 px). paella_cfg: the PaellaConfig of a model_stage_b.pt
-    that is not v1's size."""
-    device = torch.device(device)
-    dtype = dtype or sampling_dtype(device)
-    paths = {k: os.path.join(root, name) for k, name in V1_FILES.items()}
-    decoder = os.path.join(root, DECODER_REPO.split("/")[1])
-    text_folder, tokenizer = (os.path.join(decoder, name) for name in ("text_encoder", "tokenizer"))
-    missing = [k for k, path in paths.items() if not os.path.exists(path)]
-    missing += [] if open_clip_text or os.path.isdir(text_folder) else ["text_encoder"]
-    if missing:
-        raise FileNotFoundError(f"the official Würstchen v1 files are incomplete in {root} "
-                                f"(missing: {', '.join(missing)}); the v1 chain reads:\n"
-                                f"{V1_LAYOUT.format(root=root)}")
-    pad_token = read_pad_token(tokenizer) if os.path.isdir(tokenizer) else "!"
-    weights = fetch_clip_weights(*OPEN_CLIP_TEXT["b"]) if open_clip_text else None
-
-    def text_encoder():  # CLIP ViT-H-14 for both stages
-        if open_clip_text:
-            return TextEncoder(OPEN_CLIP_TEXT["b"][0], weights, pad_token)
-        return TextEncoder("transformers", text_folder, pad_token)
-
+    """A Pipeline over the official Würstchen v1 files in `root` (pretrained.V1_LAYOUT; method
+    §1.4, §8.1): the prior of model_stage_c.pt (EMA weights; CLIP ViT-H text, c_cond 1024), the
+    token Stage B (Paella) and the EfficientNetV2-L compressor of model_stage_b.pt, and the VQGAN,
+    loaded lazily as load_released does. Both stages read the same CLIP ViT-H text, as in v1.
+    v1's compressor returns (e + 1) / 42 itself, the space of its prior and of Paella's condition:
+    e = y (scale 1, shift 0). Its defaults are the v1 notebook's (CHAIN_DEFAULTS['v1'], 512 px).
+    paella_cfg: the PaellaConfig of a model_stage_b.pt that is not v1's size."""
+    device, dtype = torch.device(device), dtype or sampling_dtype(device)
+    released = open_released_v1(root, open_clip_text)
+    paths, text_encoder = released["paths"], released["builders"]["text_encoder"]
+    token_decoder = STAGE_B_KINDS["paella"][0]
     builders = {"text_encoder_c": text_encoder, "text_encoder_b": text_encoder,
                 "stage_c": lambda: StageC.from_pretrained(paths["stage_c"]),
-                "stage_b": lambda: Paella.from_pretrained(paths["stage_b"], paella_cfg),
+                "stage_b": lambda: token_decoder.from_pretrained(paths["stage_b"], paella_cfg),
                 "stage_a": lambda: StageA.from_pretrained(paths["stage_a"]),
                 "compressor": lambda: SemanticCompressor.from_pretrained(paths["stage_b"])}
-    return Pipeline(latent_space=V1_LATENT_SPACE, device=device, image_sizes={"c": 512, "b": 512},
-                    dtype=dtype, loaders=lazy_loaders(builders, device, dtype), release="v1")
+    return Pipeline(latent_space={"scale": 1.0, "shift": 0.0}, device=device,
+                    image_sizes={"c": 512, "b": 512}, dtype=dtype,
+                    loaders=lazy_loaders(builders, device, dtype), release="v1")
 
 
 def lazy_loaders(builders, device, dtype):
@@ -377,62 +346,24 @@ def lazy_loaders(builders, device, dtype):
     return {k: (lambda build=build: frozen(build(), device, dtype))
             for k, build in builders.items()}
 
-# -----------------------------------------------------------------------------
-# export: our models in the released layout, for diffusers' pipelines (and --pretrained)
-
 
 def export(pipe, root):
     """Write the models of `pipe` (our checkpoints' EMA weights, or a released or exported folder)
-    as the two folders of stage_b.RELEASED_LAYOUT, weights in safetensors: what diffusers'
-    Würstchen pipelines and `--pretrained` read. Ours where they differ from the released values:
-    the latent space in the prior's model_index.json (latent_mean = scale, latent_std = shift, as
-    the pipeline computes e = y * latent_mean - latent_std), Stage A's scale_factor in
-    vqgan/config.json, the training image sizes as `_train_image_size` in both model_index.json
-    (private keys, which diffusers ignores). The semantic compressor goes to
-    wuerstchen/semantic_compressor/, which no pipeline reads. What diffusers cannot represent is
-    refused by name before anything is written. Returns the two folders."""
-    if pipe.release == "v1" or pipe.stage_b is not None and not isinstance(pipe.stage_b, StageB):
-        kind = "Paella" if pipe.release == "v1" else type(pipe.stage_b).__name__
-        raise UsageError(f"diffusers' WuerstchenDecoderPipeline runs only the DiffNeXt Stage B of "
-                         f"Würstchen v2; this Stage B is a {kind} (a token "
-                         f"Stage B, as Würstchen v1's Paella, has no diffusers pipeline)")
-    if pipe.stage_a is not None and pipe.stage_a.cfg.c_latent != 4:
-        raise UsageError(f"diffusers' WuerstchenDecoderPipeline samples 4-channel Stage A latents; "
-                         f"this Stage A has {pipe.stage_a.cfg.c_latent}")
-    for model in (pipe.stage_b, pipe.text_encoder_b, pipe.text_encoder_c):
-        if model is not None:  # resident (ours): refused now if diffusers cannot represent it
-            model.diffusers_config()
-    prior, decoder = (os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
+    in the released layout under `root` (export.py says what is ours in it), weights in
+    safetensors: what diffusers' Würstchen pipelines and `--pretrained` read. What diffusers cannot
+    represent is refused by name before anything is written. Returns the two folders."""
+    check_exportable(pipe.stage_b, pipe.stage_a, (pipe.text_encoder_b, pipe.text_encoder_c),
+                     pipe.release)
     with loaded(pipe, "stage_c", "text_encoder_c"):
-        write_repo(prior, "WuerstchenPriorPipeline", {"prior": pipe.stage_c}, pipe.text_encoder_c,
-                   latent_mean=pipe.latent_space["scale"], latent_std=pipe.latent_space["shift"],
-                   resolution_multiple=RESOLUTION_MULTIPLE, _train_image_size=pipe.image_sizes["c"])
+        prior = write_prior(root, pipe.stage_c, pipe.text_encoder_c, pipe.latent_space,
+                            pipe.image_sizes["c"])
     with loaded(pipe, "stage_b", "stage_a", "text_encoder_b"):
-        models = {"decoder": pipe.stage_b, "vqgan": pipe.stage_a}
-        write_repo(decoder, "WuerstchenDecoderPipeline", models, pipe.text_encoder_b,
-                   latent_dim_scale=LATENT_DIM_SCALE, _train_image_size=pipe.image_sizes["b"])
+        decoder = write_decoder(root, pipe.stage_b, pipe.stage_a, pipe.text_encoder_b,
+                                pipe.image_sizes["b"])
     if pipe.compressor is not None or "compressor" in (pipe.loaders or {}):
         with loaded(pipe, "compressor"):
-            pipe.compressor.save_pretrained(os.path.join(decoder, "semantic_compressor"))
+            write_compressor(root, pipe.compressor)
     return prior, decoder
-
-
-def write_repo(folder, pipeline, models, text_encoder, **config):
-    """One folder of stage_b.RELEASED_LAYOUT: each model (name -> module) in its subfolder, the CLIP
-    text encoder and tokenizer, the scheduler, and model_index.json with the pipeline's `config`.
-    The models' library is 'wuerstchen', as in the released model_index.json files (the module
-    diffusers.pipelines.wuerstchen, before diffusers 0.38 moved it)."""
-    for name, model in models.items():
-        model.save_pretrained(os.path.join(folder, name))
-    text_encoder.save_pretrained(*[os.path.join(folder, n) for n in ("text_encoder", "tokenizer")])
-    write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER)
-    index = {"_class_name": pipeline, "scheduler": ["diffusers", SCHEDULER["_class_name"]],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizerFast"]}
-    for name in models:
-        config_json = read_json(os.path.join(folder, name, "config.json"))
-        index[name] = ["wuerstchen", config_json["_class_name"]]
-    write_json(os.path.join(folder, "model_index.json"), index | config)
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -447,7 +378,6 @@ def read_prompts(args):
 
 
 def read_images(paths, width, height):
-    from data import load_image
     return torch.stack([load_image(p, (width, height)) for p in paths])
 
 
@@ -456,7 +386,6 @@ def save_outputs(images, captions, out_dir, name):
     os.makedirs(out_dir, exist_ok=True)
     grid = os.path.join(out_dir, f"{name}.png")
     save_captioned_grid(images, captions, grid, ncol=min(len(images), 6))
-    from PIL import Image
     for i, img in enumerate(images):
         Image.fromarray(img.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(
             os.path.join(out_dir, f"{name}_{i:03d}.png"))
@@ -517,7 +446,7 @@ def main(args):
                      args.out_dir, "reconstruct")
         return
     common = dict(seed=args.seed, steps_b=args.steps_b, guidance_b=args.guidance_b,
-                  temperature_b=tuple(args.temperature_b))
+                  temperature_b=args.temperature_b and tuple(args.temperature_b))
     if args.eval_toy:
         images, captions, acc = toy_eval(pipe, n=args.n, look=args.eval_toy,
                                          colors=args.eval_colors, width=width, height=height,
@@ -584,9 +513,9 @@ def get_args(argv=None):
     p.add_argument("--guidance_b", type=float, default=None, help="Stage B guidance scale "
                    "(default: its kind's, DiffNeXt off as released (<= 1 = off), Paella w = 2 as "
                    "v1)")
-    p.add_argument("--temperature_b", type=float, nargs=2, default=V1_SAMPLING["temperature"],
-                   metavar=("FIRST", "LAST"), help="a Paella Stage B's sampling temperature, "
-                   "linear from FIRST to LAST over its steps")
+    p.add_argument("--temperature_b", type=float, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="a token Stage B's (Paella's) sampling temperature, linear from FIRST to "
+                   "LAST over its steps (default: its kind's, 1.0 -> 0.6)")
     p.add_argument("--variation", nargs="+",
                    help="image(s) to make variations of (no prompt needed)")
     p.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")

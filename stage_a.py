@@ -14,7 +14,6 @@ Run it:
 """
 import argparse
 import os
-from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -23,10 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
-                    ema_decay_at, gather_run_state, get_lr, holdout_batch, load_checkpoint,
-                    load_exact, load_weights_file, no_sync, preset_name, psnr, read_json,
-                    recompute_batchnorm, resume_batches, run_cli, save_checkpoint,
-                    save_image_grid, save_weights_file, set_lr, start_run, update_ema, wrap_ddp)
+                    ema_and_optimizer, ema_decay_at, get_lr, load_checkpoint, load_exact,
+                    load_weights_file, no_sync, preset_name, psnr, read_json, recompute_batchnorm,
+                    run_cli, save_checkpoint, save_image_grid, set_lr, start_run, update_ema,
+                    wrap_ddp)
+from data import holdout_batch, image_batches, open_data, resume_batches
 
 # -----------------------------------------------------------------------------
 # config
@@ -239,13 +239,6 @@ class StageA(nn.Module):
         load_exact(model, sd, what=f"Stage A weights from {path}")
         return model.eval()
 
-    def save_pretrained(self, folder):
-        """Inverse of from_pretrained: a diffusers `PaellaVQModel` folder, with our scale_factor."""
-        config = {theirs: getattr(self.cfg, ours) for ours, theirs in DIFFUSERS_NAMES.items()}
-        config |= {"_class_name": "PaellaVQModel", "out_channels": self.cfg.c_in,
-                   "up_down_scale_factor": 2}
-        save_weights_file(folder, self.state_dict(), config)
-
 
 def load_stage_a(path, device="cpu"):
     """Stage A from our checkpoint alone (its config + EMA weights), frozen, in eval mode."""
@@ -336,17 +329,15 @@ def train(args):
     logger.log(f"stage A | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')}"
                f" | world {rt.world_size} | config {asdict(cfg)}")
     # data: images in [0, 1]; a fixed held-out set for previews and the final PSNR
-    from data import image_batches, open_data
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, _ = holdout_batch(holdout, rt.device)
     # models, EMA and optimizers (weights stay fp32; autocast does the low-precision compute);
     # channels-last: the LayerNorms and MLPs run over channels, so no permute copies
     model = StageA(cfg).to(rt.device, memory_format=torch.channels_last)
     disc = Discriminator(cfg.c_in, cfg.disc_c_hidden, cfg.disc_depth).to(rt.device)
-    ema = deepcopy(model).eval().requires_grad_(False)
-    adamw = dict(lr=args.lr, weight_decay=args.weight_decay)
-    opt = torch.optim.AdamW(model.parameters(), betas=(0.9, args.beta2), **adamw)
-    opt_d = torch.optim.AdamW(disc.parameters(), betas=DISC_BETAS, **adamw)
+    ema, _, opt = ema_and_optimizer(model, args)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=DISC_BETAS,
+                              weight_decay=args.weight_decay)
     scaler, scaler_d = rt.make_scaler(), rt.make_scaler()
     logger.log(f"parameters: Stage A {sum(p.numel() for p in model.parameters()):,} | "
                f"discriminator {sum(p.numel() for p in disc.parameters()):,}")
@@ -354,7 +345,7 @@ def train(args):
     perceptual = PerceptualLoss(vgg_path).to(rt.device) if vgg_path else None
     if args.perceptual_weight > 0 and not vgg_path:
         logger.log("perceptual loss off: VGG16 ImageNet weights are not in the torch hub cache "
-                   "(see README 'Stage A' to enable it); training goes on without it")
+                   "(torchvision's vgg16-397923af.pth enables it); training goes on without it")
     step = ckpt["step"] if ckpt else 0
     if ckpt:
         for part, key in ((model, "model"), (ema, "ema"), (disc, "disc"), (opt, "optimizer"),
@@ -365,7 +356,7 @@ def train(args):
     model, disc = wrap_ddp(torch.compile(model) if args.compile else model, rt), wrap_ddp(disc, rt)
     guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
-    def save(run_state):
+    def save(metrics, run_state):
         cfg_out = asdict(cfg) | {"scale_factor": measure_scale_factor(ema, held_images)}
         ema.cfg.scale_factor = raw_model.cfg.scale_factor = cfg_out["scale_factor"]
         save_checkpoint(ckpt_path, {
@@ -379,6 +370,18 @@ def train(args):
     @torch.no_grad()
     def holdout_psnr(m=ema):  # unquantised decode, as Würstchen v2 decodes
         return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
+
+    @torch.no_grad()
+    def preview():  # held-out inputs (top) over their EMA reconstructions (bottom)
+        recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
+        save_image_grid(torch.cat([held_images[:8], recon_h]),
+                        os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
+        return {}
+
+    def prepare():  # the EMA encoder's BatchNorm: the statistics of its own weights
+        if ema is not raw_model:
+            with rt.autocast():
+                recompute_batchnorm(ema, ema.encode_raw, image_batches(trainset), device=rt.device)
 
     gen_params = list(raw_model.parameters())
     batches = resume_batches(trainset, args, rt, step, ckpt)  # then the RNG state of a --resume
@@ -417,32 +420,21 @@ def train(args):
             progress.count(len(x))
         optimizers = [(opt, scaler)] + [(opt_d, scaler_d)] * use_gan  # both stepped, or neither
         grad_norm = guard.step(step, loss + d_loss if use_gan else loss, optimizers, args.grad_clip)
-        if guard.ok:
+        if guard.ok and ema is not raw_model:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
-        log, preview, checkpoint = progress.step(step)
-        if log:
-            metrics = {"loss": loss.item(), "rec": rec_loss.item(), "vq": vq_loss.item(),
-                       "psnr": psnr(recon.detach().float(), x),
-                       "codes": (counts > 0).float().mean().item(), "grad_norm": grad_norm.item()}
-            metrics |= {"g": g_loss.item(), "d": d_loss.item()} if use_gan else {}
-            progress.log(step, metrics, lr, guard.skipped)
+        codes = (counts > 0).float().mean()  # codebook usage since the last restart
         if step % args.restart_every == 0 and step < args.max_steps * RESTART_UNTIL and guard.ok:
             with torch.no_grad():
                 restart_dead_codes(raw_model.vquantizer, raw_model.encode_raw(x), counts, rt)
             counts.zero_()
-        if rt.master and (preview or checkpoint):  # the EMA encoder's BatchNorm: its own statistics
-            with rt.autocast():
-                recompute_batchnorm(ema, ema.encode_raw, image_batches(trainset), device=rt.device)
-        if rt.master and preview:
-            with torch.no_grad():  # held-out inputs (top) over their EMA reconstructions (bottom)
-                recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
-            save_image_grid(torch.cat([held_images[:8], recon_h]),
-                            os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
-        if checkpoint:
-            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
-            if rt.master:
-                save(run_state)
+
+        def metrics():
+            return {"loss": loss.item(), "rec": rec_loss.item(), "vq": vq_loss.item(),
+                    "psnr": psnr(recon.detach().float(), x), "codes": codes.item(),
+                    "grad_norm": grad_norm.item()} | (
+                {"g": g_loss.item(), "d": d_loss.item()} if use_gan else {})
+        progress.end_step(step, metrics, lr, guard.skipped, batches, save, preview, prepare)
     raw_model.eval()
     progress.close(f"held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB (raw weights "
                    f"{holdout_psnr(raw_model):.2f} dB) | scale_factor {raw_model.cfg.scale_factor}"

@@ -10,10 +10,10 @@ Stage B of Würstchen v1: Paella, the discrete-token decoder (method.md §4.8, �
 The first version of the paper decoded with this token model; the released v2 replaced it by the
 latent-diffusion DiffNeXt of stage_b.py. Both are conditioned on the semantic latent e of a jointly
 trained semantic compressor and on CLIP text, but Paella takes e only through attention: its
-16 x h x w cells become h*w tokens next to the text tokens. It reuses stage_b.py's blocks (ResBlock,
-the prior's block, whose skip joins before the conv), compressor, text tower, timestep sampling and
-conditioning dropout, and writes the same checkpoint with "kind": "paella": Stage C and sample.py
-take it wherever a Stage B goes.
+16 x h x w cells become h*w tokens next to the text tokens. It reuses the shared blocks (blocks.py:
+ResBlock, the prior's block, whose skip joins before the conv), stage_b.py's compressor and
+conditioning dropout, the timestep sampling of diffusion.py, and writes the same checkpoint with
+"kind": "paella": Stage C and sample.py take it wherever a Stage B goes (decoders.py).
 
 Run it (after stage_a.py):
     python stage_b_paella.py --data toy --model tiny     # CPU, ~10 minutes on one core
@@ -25,7 +25,6 @@ with SemanticCompressor.from_pretrained("model_stage_b.pt").
 import argparse
 import math
 import os
-from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -33,16 +32,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from blocks import (LATENT_DIM_SCALE, AttnBlock, Dropout, GlobalResponseNorm, LayerNorm2d,
+                    ResBlock, TimestepBlock, check_latent_side, dome272_init, per_level,
+                    r_embedding, unet_levels)
+from cache import cache_stage_a
 from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
-                    channels_last_convs, ema_decay_at, gather_run_state, get_lr, holdout_batch,
-                    load_exact, no_sync, preset_name, psnr, resume_batches, run_cli,
-                    save_checkpoint, save_image_grid, set_lr, start_run, update_ema, wrap_ddp)
+                    channels_last_convs, ema_and_optimizer, ema_decay_at, get_lr, load_exact,
+                    no_sync, preset_name, psnr, run_cli, save_checkpoint, save_image_grid, set_lr,
+                    start_run, update_ema, wrap_ddp)
+from data import holdout_batch, image_batches, open_data, resume_batches, stream_defaults
+from diffusion import sample_t, timestep_grid
+from pretrained import dome272_to_diffusers
 from stage_a import load_stage_a
-from stage_b import (AttnBlock, CompressorAndStageB, CompressorConfig, Dropout, GlobalResponseNorm,
-                     LayerNorm2d, ResBlock, StageB, StageBConfig, TimestepBlock, add_stage_b_args,
-                     build_compressor, build_text_encoder, cache_stage_a, check_kind,
-                     dome272_init, dome272_to_diffusers, measure_latent_space, per_level,
-                     r_embedding, sample_t, timestep_grid, unet_levels)
+from stage_b import (CompressorAndStageB, CompressorConfig, add_stage_b_args, build_compressor,
+                     check_kind, measure_latent_space)
+from text_encoder import build_text_encoder
 
 # -----------------------------------------------------------------------------
 # config
@@ -144,6 +148,7 @@ class Paella(nn.Module):
     is [e's h*w cells ; text tokens], each mapped to c_cond, LayerNormed as one sequence. Key names
     are the official ones (attention split into to_q/k/v as diffusers does, method §8.2, §8.7).
     """
+    kind = "paella"  # what its checkpoints say ("kind"), as opposed to v2's "diffnext"
 
     def __init__(self, cfg: PaellaConfig):
         super().__init__()
@@ -240,6 +245,20 @@ class Paella(nn.Module):
         # (B, c_hidden[0], H/2, W/2) -> (B, c_out, H, W) -> (B, num_labels, H, W)
         return self.out_mapper(self.clf(h))
 
+    @torch.no_grad()
+    def sample(self, stage_a, e, clip_text, negative_clip_text, steps=None, guidance_scale=None,
+               temperature=None, generator=None, progress=False, side=None):
+        """Paella's part of sampling (method §1.4, §4.8): semantic latents e (B, 16, h, w) and text
+        -> images in [0, 1], by sample_images at the token side int(10.67 h) (or `side`) with v1's
+        defaults (V1_SAMPLING: 8 steps, w = 2, temperature 1 -> 0.6), guided against zero e and
+        `negative_clip_text` (as the v1 notebook); Stage A decodes the tokens through its
+        codebook."""
+        side = side or (int(e.shape[-2] * LATENT_DIM_SCALE), int(e.shape[-1] * LATENT_DIM_SCALE))
+        w = V1_SAMPLING["cfg"] if guidance_scale is None else guidance_scale
+        return sample_images(self, stage_a, e, clip_text, negative_clip_text, side, generator,
+                             progress, steps=steps or V1_SAMPLING["steps"], cfg=w,
+                             temperature=temperature or V1_SAMPLING["temperature"])
+
     @classmethod
     def from_pretrained(cls, path, cfg=None):
         """The official v1 `model_stage_b.pt` (its `state_dict`, dome272 keys, packed attention
@@ -253,9 +272,6 @@ class Paella(nn.Module):
         load_exact(model, sd, what=f"Paella weights from {path}")
         return model.eval()
 
-
-# the kinds of Stage B a checkpoint can hold ("kind"), for stage_b.load_stage_b (Stage C, sample.py)
-STAGE_B_KINDS = {"diffnext": (StageB, StageBConfig), "paella": (Paella, PaellaConfig)}
 
 # -----------------------------------------------------------------------------
 # corruption and loss
@@ -274,7 +290,7 @@ def corrupt(tokens, t, num_labels, replacement=None, generator=None):
 
 
 def token_loss(model, tokens, generator=None, **cond):
-    """Paella's loss (method §4.8): t as the diffusion stages draw it (stage_b.sample_t), corrupt
+    """Paella's loss (method §4.8): t as the diffusion stages draw it (diffusion.sample_t), corrupt
     the tokens at rate t, and score the logits against the clean tokens with label-smoothed
     cross-entropy, weighted per position: 1 on replaced tokens, 1 - (1 - t)(1 - 0.3) on kept ones
     (copying them is easy, most of all at small t); a weighted mean per sample, then the batch
@@ -318,7 +334,7 @@ def draw(probs, generator=None):
     torch.multinomial(probs, 1)[:, 0]. On the CPU torch.multinomial takes K exponential draws per
     row (half of Paella's sampling time at the tiny size), so there the same distribution comes
     from the inverse CDF: one uniform per row, looked up in the cumulative sums (the way
-    stage_b.keep_mask replaces F.dropout's mask on the CPU)."""
+    blocks.keep_mask replaces F.dropout's mask on the CPU)."""
     if probs.device.type != "cpu":
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
     cdf = probs.cumsum(dim=-1)  # (N, K)
@@ -387,7 +403,8 @@ def sample_images(model, stage_a, effnet, clip_text, uncond_clip_text, token_hw,
 
 def train(args):
     preset = PRESETS[preset_name(args)]
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", preset["train"])
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_b",
+                                            preset["train"] | stream_defaults(args.data))
     if ckpt:
         check_kind(ckpt, ckpt_path, ("paella",))
     text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)  # frozen
@@ -406,25 +423,20 @@ def train(args):
                f"text {text_encoder.spec['name']} / {text_encoder.spec['pretrained']}")
 
     # data: images in [0, 1]; a fixed held-out set for previews and the reconstruction PSNR
-    from data import image_batches, open_data
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
     with torch.no_grad():
         held_tokens = stage_a.encode_indices(held_images)  # (N, S/4, S/4)
-    multiple = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
-    if held_tokens.shape[-1] % multiple:
-        raise UsageError(f"--image_size {args.image_size} gives {held_tokens.shape[-1]} px token "
-                         f"maps; Paella needs a multiple of {multiple} (image size a multiple of "
-                         f"{4 * multiple})")
+        # Paella's ceiling: Stage A decoding the held-out images' own tokens
+        stage_a_psnr = psnr(stage_a.decode_indices(held_tokens).float(), held_images)
+    check_latent_side(cfg, held_tokens.shape[-1], args.image_size, "Paella", "token maps")
 
     # models, EMA and optimizer: compressor + Paella together (fp32 weights; autocast does the rest)
     compressor = build_compressor(ccfg, args.no_imagenet or ckpt is not None, rt, logger)
     model = CompressorAndPaella(compressor, Paella(cfg), args.p_zero_effnet, args.p_noise_effnet,
                                 preset["latent_space"]).to(rt.device)
     channels_last_convs(model.stage_b)  # as its activations: no gradient copies under DDP
-    ema = deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2),
-                            weight_decay=args.weight_decay)
+    ema, _, opt = ema_and_optimizer(model, args)
     scaler = rt.make_scaler()
     logger.log(f"parameters: Paella {sum(p.numel() for p in model.stage_b.parameters()):,} | "
                f"semantic compressor {sum(p.numel() for p in compressor.parameters()):,} | "
@@ -436,21 +448,28 @@ def train(args):
     if ckpt:
         model.restore(ckpt, ema, opt, scaler)
         logger.log(f"resumed from {ckpt_path} at step {step}")
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
+    raw_model, model = model, torch.compile(model) if args.compile else model
     model = wrap_ddp(model, rt)  # under DDP, the compressor's BatchNorms see the global batch
     guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
     @torch.no_grad()
-    def semantic_reconstruction(images, captions):
-        """What a user cares about: image -> compressor -> Paella -> Stage A codebook (EMA)."""
+    def preview():
+        """What a user cares about, on the held-out images: image -> compressor -> Paella -> Stage A
+        codebook (EMA); a grid (inputs on top, then reconstructions) and the PSNR."""
         g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
-        clip, empty = text_encoder.encode(captions), text_encoder.encode([""] * len(captions))
+        clip, empty = (text_encoder.encode(held_captions),
+                       text_encoder.encode([""] * len(held_captions)))
         with rt.autocast():
-            return sample_images(ema.stage_b, stage_a, ema.compressor(images), clip, empty,
-                                 held_tokens.shape[-2:], g, steps=args.steps_b, cfg=args.guidance_b,
-                                 temperature=tuple(args.temperature_b))
+            recon = ema.stage_b.sample(stage_a, ema.compressor(held_images), clip, empty,
+                                       args.steps_b, args.guidance_b, tuple(args.temperature_b),
+                                       generator=g, side=held_tokens.shape[-2:])
+        path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
+        save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)
+        metrics = {"holdout_psnr": psnr(recon, held_images), "stage_a_psnr": stage_a_psnr}
+        logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
+                   f"(image -> compressor -> Paella, {args.steps_b} steps -> Stage A codebook; "
+                   f"Stage A alone, quantised {stage_a_psnr:.2f} dB)")
+        return metrics
 
     def save(metrics, run_state):
         space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)
@@ -461,12 +480,8 @@ def train(args):
             "train_config": vars(args), "latent_space": space,
             "text_encoder": text_encoder.checkpoint_entry(), **run_state, "metrics": metrics,
             "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)}})
-        return space
 
-    with torch.no_grad():  # Paella's ceiling: Stage A decoding the held-out images' own tokens
-        stage_a_psnr = psnr(stage_a.decode_indices(held_tokens).float(), held_images)
     progress = Progress(args, rt, logger, step, "stage B (Paella)")
-    metrics, space = {}, None
     model.train()
     while step < args.max_steps:
         lr = get_lr(step, args.lr, args.warmup)
@@ -486,30 +501,16 @@ def train(args):
             scaler.scale(loss / args.grad_accum).backward()
             progress.count(len(images))
         grad_norm = guard.step(step, loss, [(opt, scaler)], args.grad_clip)  # skipped if non-finite
-        if guard.ok:
+        if guard.ok and ema is not raw_model:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
-        log, preview, checkpoint = progress.step(step)
-        if log:
-            progress.log(step, {"loss": loss.item(), "acc": acc.item(),
-                                "grad_norm": grad_norm.item()}, lr, guard.skipped)
-        if rt.master and (preview or checkpoint):
-            raw_model.own_statistics(ema, image_batches(trainset), rt)
-        if rt.master and preview:
-            recon = semantic_reconstruction(held_images, held_captions)
-            path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
-            # held-out inputs (top) over their reconstructions (bottom)
-            save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)
-            metrics = {"holdout_psnr": psnr(recon, held_images), "stage_a_psnr": stage_a_psnr}
-            logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
-                       f"(image -> compressor -> Paella, {args.steps_b} steps -> Stage A codebook; "
-                       f"Stage A alone, quantised {stage_a_psnr:.2f} dB)")
-        if checkpoint:
-            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
-            if rt.master:
-                space = save(metrics, run_state)
+        progress.end_step(step, lambda: {"loss": loss.item(), "acc": acc.item(),
+                                         "grad_norm": grad_norm.item()}, lr, guard.skipped,
+                          batches, save, preview,
+                          lambda: raw_model.own_statistics(ema, image_batches(trainset), rt))
+    space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)  # as saved
     progress.close(f"held-out reconstruction PSNR "
-                   f"{metrics.get('holdout_psnr', float('nan')):.2f} dB | "
+                   f"{progress.metrics.get('holdout_psnr', float('nan')):.2f} dB | "
                    f"latent space {space} | checkpoint {ckpt_path}")
 
 # -----------------------------------------------------------------------------

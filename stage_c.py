@@ -20,29 +20,30 @@ Fine-tune the released prior (or our export) on a folder, all weights or LoRA ad
 """
 import argparse
 import os
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
-from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, UsageError,
-                    add_common_args, add_lora_from_args, channels_last_convs, disk_cached,
-                    ema_and_optimizer, ema_decay_at, epochs_to_steps, finetune_warnings,
-                    free_memory, gather_run_state, get_lr, holdout_batch, load_checkpoint,
-                    load_exact, load_trained, load_weights_file, no_sync, preset_name, read_json,
-                    resume_batches, run_cli, same_size_batches, save_captioned_grid,
-                    save_checkpoint, save_lora, save_weights_file, set_lr, sizes_of, start_run,
-                    trained_state, update_ema, weights_fingerprint, wrap_ddp)
-from stage_a import load_stage_a
-from stage_b import (DEFAULT_STAGE_C_TIMESTEPS, LATENT_DIM_SCALE, LORA_FILE, RESOLUTION_MULTIPLE,
-                     AttnBlock, LayerNorm2d, ResBlock, TextEncoder, TimestepBlock,
-                     add_finetune_args, add_text_encoder_args, build_text_encoder, ddpm_sample,
-                     diffusion_loss, dome272_init, dome272_to_diffusers, finetune_defaults, frozen,
-                     load_stage_b, open_released, r_embedding)
-from stage_b_paella import STAGE_B_KINDS, V1_SAMPLING, Paella, sample_images
+from blocks import (RESOLUTION_MULTIPLE, AttnBlock, LayerNorm2d, ResBlock,
+                    TimestepBlock, dome272_init, r_embedding, to_stage_b_space, to_stage_c_space)
+from cache import cache_stage_c
+from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
+                    channels_last_convs, ema_and_optimizer, ema_decay_at, free_memory, frozen,
+                    get_lr, load_checkpoint, load_exact, load_weights_file, no_sync, preset_name,
+                    read_json, run_cli, save_captioned_grid, save_checkpoint, set_lr, start_run,
+                    update_ema, wrap_ddp)
+from data import holdout_batch, open_data, resume_batches, sizes_of, stream_defaults
+from decoders import load_decoder
+from diffusion import DEFAULT_STAGE_C_TIMESTEPS, ddpm_sample, diffusion_loss
+from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
+                      load_trained, plan_epochs, refuse_lora_checkpoint, save_lora, trained_state)
+from pretrained import dome272_to_diffusers, open_released
+from stage_a import StageA, load_stage_a
+from stage_b import SemanticCompressor, StageB, load_stage_b
+from text_encoder import TextEncoder, add_text_encoder_args, build_text_encoder
+from toy import toy_look, toy_prompt_following, toy_prompts
 
 # -----------------------------------------------------------------------------
 # config
@@ -62,12 +63,7 @@ class StageCConfig:
 
 # One table: per preset the prior's config, its text tower (open_clip architecture and pretrained
 # tag; c_cond follows the tower's width; "tiny" is a small random tower), the training defaults for
-# flags left unset, and those of a fine-tune (--pretrained: the README's small-data recipe,
-# "Fine-tune the released model"). Fine-tuning: lr 10x below the pretraining lr for all weights (the
-# prior already knows; a high lr on a few images overwrites it), LoRA 10x higher than that (its
-# adapters start at zero; 1e-4 as diffusers' and Stable Cascade's LoRA scripts), 100 passes over
-# the images (diffusers' LoRA default), no EMA (short runs: it lags, and a second copy of the paper
-# prior costs 4 GB), the v1 recipe's 5 % caption dropout kept (CFG keeps working)
+# flags left unset, and those of a fine-tune (--pretrained; why these: docs/finetune.md)
 PRESETS = {
     # CPU quick start and tests: 16 x 3 x 3 latents of 128 px toy images, text from the tiny random
     # tower (64 wide). Narrow and shallow: the step count, not the width, decides how soon it
@@ -202,86 +198,16 @@ class StageC(nn.Module):
         load_exact(model, sd, what=f"Stage C weights from {path}")
         return model.eval()
 
-    def save_pretrained(self, folder):
-        """Inverse of from_pretrained: a diffusers `WuerstchenPrior` folder (same config names)."""
-        config = {"_class_name": "WuerstchenPrior"} | asdict(self.cfg)
-        save_weights_file(folder, self.state_dict(), config)
-
-
 # -----------------------------------------------------------------------------
-# diffusion / loss (schedule, t sampling and P2-weighted loss are Stage B's: stage_b.diffusion_loss)
-
-
-def to_stage_c_space(e, latent_space):
-    """Semantic compressor output e -> Stage C's latent y = (e + shift) / scale (method §3.3; 42
-    and 1 for paper)."""
-    return (e.float() + latent_space["shift"]) / latent_space["scale"]
-
-
-def to_stage_b_space(y, latent_space):
-    """Stage C latent y -> the e-space Stage B is conditioned on: e = y * scale - shift (the
-    pipeline's 42 y - 1)."""
-    return y * latent_space["scale"] - latent_space["shift"]
-
-
-class LatentCache(torch.utils.data.Dataset):
-    """--cache: the frozen models' outputs for a whole (small) dataset, computed once
-    (encode_dataset) and kept on disk, so that a training step costs only the prior and the frozen
-    models need not stay in memory. Items are (y (16, h, w), caption index); `text` holds one
-    embedding per distinct caption plus the empty caption last (`empty_index`), which caption
-    dropout swaps in. With aspect-ratio buckets the latents come in several shapes, one per bucket
-    (`sizes`, as the dataset's)."""
-
-    def __init__(self, latents, text_index, text, sizes=None):
-        self.latents, self.text_index, self.text, self.sizes = latents, text_index, text, sizes
-        self.empty_index = len(text) - 1
-
-    @staticmethod
-    @torch.no_grad()
-    def encode_dataset(dataset, compressor, text_encoder, latent_space, batch_size=64,
-                       num_workers=2, verbose=True):
-        """What a LatentCache holds, as a dict of its arguments: the semantic latent of every image
-        and the text embedding of every distinct caption, on the CPU."""
-        device, n = next(compressor.parameters()).device, len(dataset)
-        latents, captions = [None] * n, [None] * n  # latents: (16, h, w) each
-        batches = same_size_batches(dataset, batch_size, num_workers)
-        for indices, (images, caps) in tqdm(batches, "cache: semantic latents", disable=not verbose,
-                                            leave=False):
-            y = to_stage_c_space(compressor(images.to(device)), latent_space).cpu()  # (B, 16, h, w)
-            for i, y_i, caption in zip(indices, y, caps):
-                latents[i], captions[i] = y_i, caption
-        distinct = sorted(set(captions) - {""}) + [""]
-        index = {c: i for i, c in enumerate(distinct)}
-        text = torch.cat([text_encoder.encode(distinct[i:i + batch_size]).cpu()
-                          for i in range(0, len(distinct), batch_size)])  # (distinct+1, 77, c_cond)
-        return {"latents": latents, "text_index": torch.tensor([index[c] for c in captions]),
-                "text": text, "sizes": sizes_of(dataset)}
-
-    def __len__(self):
-        return len(self.latents)
-
-    def __getitem__(self, i):
-        return self.latents[i], self.text_index[i]
-
-
-class PromptTable:
-    """A text encoder's embeddings of a fixed set of prompts, looked up by prompt (`encode`, as the
-    encoder's): all that the previews need once the encoder has left memory."""
-
-    def __init__(self, text_encoder, prompts):
-        self.index = {p: i for i, p in enumerate(sorted(set(prompts)))}
-        self.table = text_encoder.encode(list(self.index))  # (P, 77, width)
-
-    def encode(self, prompts):
-        return self.table[[self.index[p] for p in prompts]]
+# training inputs (the schedule, t sampling and P2-weighted loss: diffusion.py, shared with B)
 
 
 @torch.no_grad()
 def training_inputs(batch, drop, compressor, text_encoder, latent_space, cache=None):
     """One loader batch -> (y (B, 16, h, w), clip_text (B, 77, c_cond)), both float32. Samples
     marked in `drop` (bool (B,)) get the empty caption: the classifier-free-guidance dropout of
-    method §6.4. With `cache`, the batch is (y, caption index) from LatentCache; else (images,
-    captions), run through the frozen models."""
+    method §6.4. With `cache`, the batch is (y, caption index) from cache.StageCCache; else
+    (images, captions), run through the frozen models."""
     if cache is not None:
         y, text_index = batch
         text_index = torch.where(drop, cache.empty_index, text_index)
@@ -301,10 +227,7 @@ def load_stage_c(path, device="cpu"):
     encoder (eval, frozen) and the latent-space constants of the Stage B it was trained on. Returns
     a dict with those and 'ckpt'."""
     ckpt = load_checkpoint(path, "stage_c", mmap=True)
-    if ckpt.get("lora"):
-        raise CheckpointError(f"{path} is a LoRA run's checkpoint (adapters only, for --resume): "
-                              f"sample with --lora {os.path.join(os.path.dirname(path), LORA_FILE)}"
-                              " on the prior it adapts")
+    refuse_lora_checkpoint(ckpt, path, "prior")
     with torch.device("meta"):
         model = StageC(StageCConfig(**ckpt["model_config"]))
     load_exact(model, ckpt["ema"], what=f"Stage C EMA weights of {path}")
@@ -329,35 +252,18 @@ def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_ST
 
 
 @torch.no_grad()
-def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, steps=None,
-                   guidance_scale=None, generator=None, progress=False, negative_prompt="",
-                   temperature=V1_SAMPLING["temperature"]):
-    """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1]: e = y * scale - shift,
-    then Stage B at the Stage A side int(10.67 h) (LATENT_DIM_SCALE), conditioned on e and its own
-    text encoder's CLIP text, with the defaults of its kind (steps, guidance_scale None).
-    DiffNeXt (v2, method §7.5): DDPM, 12 steps, CFG only when guidance_scale > 1, against zero e
-    and the negative prompt (as the combined pipeline); Stage A decodes the latent unquantised.
-    Paella (v1, method §1.4, §4.8): the token sampler, 8 steps, w = 2, `temperature`, against zero
-    e and the negative prompt (as the v1 notebook); Stage A decodes the tokens through its codebook.
-    """
+def decode_stage_c(y, prompts, stage_b, text_encoder_b, latent_space, stage_a, generator=None,
+                   progress=False, negative_prompt="", **options):
+    """Stage C latents y (B, 16, h, w) -> images (B, 3, H, W) in [0, 1] (method §7.5): e = y *
+    scale - shift, then Stage B of either kind (decoders.py) decodes e with its own text tower's
+    CLIP text of `prompts`, guided against the negative prompt, and Stage A gives the image.
+    options: Stage B's sampling settings (steps, guidance_scale, temperature), each None or left
+    out for its kind's default (DiffNeXt: 12 DDPM steps, no guidance; Paella: v1's)."""
     e = to_stage_b_space(y, latent_space)
-    side = (int(y.shape[-2] * LATENT_DIM_SCALE),
-            int(y.shape[-1] * LATENT_DIM_SCALE))  # 24 -> 256, 3 -> 32
     negative = [negative_prompt] * len(y)  # the unconditional caption of guidance
-    if isinstance(stage_b, Paella):
-        w = V1_SAMPLING["cfg"] if guidance_scale is None else guidance_scale
-        return sample_images(stage_b, stage_a, e, text_encoder_b.encode(prompts),
-                             text_encoder_b.encode(negative), side, generator, progress,
-                             steps=steps or V1_SAMPLING["steps"], cfg=w, temperature=temperature)
-    guidance_scale = guidance_scale or 0.0
-    noise = torch.randn((len(y), stage_b.cfg.c_in, *side), generator=generator, device=y.device)
-    cond = {"effnet": e, "clip_text": text_encoder_b.encode(prompts)}
-    uncond = {"effnet": torch.zeros_like(e), "clip_text": text_encoder_b.encode(negative)} \
-        if guidance_scale > 1 else None
-    latents = ddpm_sample(stage_b, noise, steps or 12, cond, uncond, guidance_scale, generator,
-                          progress)
-    return stage_a.decode(latents).float().clamp(0, 1)
-
+    return stage_b.sample(stage_a, e, text_encoder_b.encode(prompts),
+                          text_encoder_b.encode(negative), generator=generator, progress=progress,
+                          **options)
 
 # -----------------------------------------------------------------------------
 # training
@@ -370,23 +276,70 @@ def frozen_models(args, released, preset, ckpt, device):
     or exported weights (--pretrained), else from our Stage B and A checkpoints. Returns
     (compressor, text encoder, latent space, preview loader)."""
     if released:
-        build = released["builders"]
+        paths, build = released["paths"], released["builders"]
         # resumed: the checkpoint's text tower
         text_encoder = (build_text_encoder(args, None, ckpt, device) if ckpt else
                         frozen(build["text_encoder_c"](), device))
-        return (frozen(build["compressor"](), device), text_encoder, released["latent_space"],
-                lambda: {k: frozen(build[k](), device)
-                         for k in ("stage_b", "text_encoder_b", "stage_a")})
+        return (frozen(SemanticCompressor.from_pretrained(paths["compressor"]), device),
+                text_encoder, released["latent_space"],
+                lambda: {"stage_b": frozen(StageB.from_pretrained(paths["stage_b"]), device),
+                         "text_encoder_b": frozen(build["text_encoder_b"](), device),
+                         "stage_a": frozen(StageA.from_pretrained(paths["stage_a"]), device)})
     parts_b = load_stage_b(args.stage_b, device, parts=("compressor",))
     load_checkpoint(args.stage_a, "stage_a", mmap=True)  # missing or wrong: said now
 
     def decoders():  # Stage B of either kind (stage_b.py, stage_b_paella.py)
-        parts = load_stage_b(args.stage_b, device, parts=("stage_b", "text_encoder"),
-                             kinds=STAGE_B_KINDS)
+        parts = load_decoder(args.stage_b, device, parts=("stage_b", "text_encoder"))
         return {"stage_b": parts["stage_b"], "text_encoder_b": parts["text_encoder"],
                 "stage_a": load_stage_a(args.stage_a, device)}
     return (parts_b["compressor"], build_text_encoder(args, preset["text_encoder"], ckpt, device),
             parts_b["latent_space"], decoders)
+
+
+def preview_prompts(held_captions, trainset, image_size):
+    """What Stage C's previews draw: the held-out captions, or on toy data every colour x shape
+    prompt of its look, with their (colour, shape) targets and the look (else None, None); and,
+    with --buckets, the other training sizes (w, h) to draw a row at."""
+    look = toy_look(held_captions)  # a toy look's vocabulary, else None
+    prompts = [p for p, _, _ in toy_prompts(look)] if look else held_captions
+    targets = [(c, s) for _, c, s in toy_prompts(look)] if look else None
+    sizes = sizes_of(trainset) or getattr(trainset, "bucket_sizes", None) or []
+    return prompts, targets, look, sorted(set(sizes) - {(image_size, image_size)})
+
+
+@torch.no_grad()
+def preview(ema, text_encoder, decoders, prompts, latent_hw, latent_space, args, rt, logger, path,
+            other_sizes=(), toy_targets=None, look=None):
+    """Fixed prompts and noise -> the EMA prior (CFG) -> Stage B -> Stage A: a captioned grid at
+    `path` (and a row per other bucket size) and its metrics: the samples' std, on toy data the
+    prompt following. Stage B and A are loaded for it (`decoders()`) and freed after; the
+    training's random stream is left as it was."""
+    g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
+    with torch.random.fork_rng(devices=[]):  # building a random text tower draws from it
+        dec = decoders()
+    ema.eval()
+
+    def draw(prompts, hw):
+        with rt.autocast():
+            y = sample_stage_c(ema, text_encoder, prompts, hw,
+                               args.steps_c or DEFAULT_STAGE_C_TIMESTEPS, args.guidance_c,
+                               generator=g)
+            return y, decode_stage_c(y, prompts, dec["stage_b"], dec["text_encoder_b"],
+                                     latent_space, dec["stage_a"], generator=g, steps=args.steps_b)
+    y, images = draw(prompts, latent_hw)
+    save_captioned_grid(images, prompts, path)
+    for w, h in other_sizes:  # one row of the first prompts per other bucket size
+        hw = (round(h / RESOLUTION_MULTIPLE), round(w / RESOLUTION_MULTIPLE))
+        save_captioned_grid(draw(prompts[:6], hw)[1], prompts[:6],
+                            path.replace(".png", f"_{w}x{h}.png"))
+    metrics = {"y_std": y.float().std().item()}  # ~1 when the samples match the data's spread
+    if toy_targets:
+        metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(
+            images, toy_targets, look)
+    logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    dec.clear()  # Stage B and A freed
+    free_memory(rt.device)
+    return metrics
 
 
 def train(args):
@@ -401,7 +354,7 @@ def train(args):
     defaults = finetune_defaults(preset, args) if finetune else preset["train"]
     if released:  # the size their Stage C was trained at (released: 1024 px)
         defaults = defaults | {"image_size": released["image_sizes"]["c"]}
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", defaults)
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", defaults | stream_defaults(args.data))
 
     # frozen parts: the semantic compressor gives the target, a CLIP text tower the condition (a
     # random 'tiny' tower is built from the seed on every rank and saved with our checkpoint);
@@ -418,114 +371,33 @@ def train(args):
                f"from {source}")
     logger.log(f"training config: {vars(args)}")
 
-    # data: images in [0, 1] and captions; held-out captions are the preview prompts (toy data:
-    # every colour x shape)
-    from data import (dataset_key, folder_captions, open_data, toy_look, toy_prompt_following,
-                      toy_prompts)
+    # data: images in [0, 1] and captions; the previews' prompts (toy data: every colour x shape)
     trainset, holdout = open_data(args, verbose=rt.master)  # a folder or tar shards
     held_images, held_captions = holdout_batch(holdout, rt.device)
-    look = toy_look(held_captions)  # a toy look's vocabulary, else None
-    toy_targets = [(c, s) for _, c, s in toy_prompts(look)] if look else None
-    prompts = [p for p, _, _ in toy_prompts(look)] if look else held_captions
+    prompts, toy_targets, look, other_sizes = preview_prompts(held_captions, trainset,
+                                                              args.image_size)
     with torch.no_grad(), rt.autocast():
         latent_hw = tuple(compressor(held_images[:1]).shape[-2:])  # (h, w) = side / 42.67
-    # --buckets: previews also at every other training size (w, h), whose latent is (h, w) / 42.67
-    sizes = sizes_of(trainset) or getattr(trainset, "bucket_sizes", None) or []
-    other_sizes = sorted(set(sizes) - {(args.image_size, args.image_size)})
-    captions = folder_captions(trainset) if args.epochs or finetune else None  # None for tar shards
-    if args.epochs:
-        epochs_to_steps(args, captions)
+    plan_epochs(args, trainset, finetune, defaults["lr"], logger)
     cache = None
     if args.cache:  # once per dataset and frozen models, on disk: re-runs and --resume read it
-        key = {"data": dataset_key(trainset), "compressor": weights_fingerprint(compressor),
-               "text_encoder": [text_encoder.spec, weights_fingerprint(text_encoder)],
-               "space": latent_space, "dtype": str(rt.dtype)}  # bf16 inputs are not fp32's
-        t0 = time.time()
-        with rt.autocast():
-            state, path, built = disk_cached(
-                os.path.join(args.out_dir, "cache", "stage_c"), key,
-                lambda: LatentCache.encode_dataset(trainset, compressor, text_encoder, latent_space,
-                                                   num_workers=args.num_workers, verbose=rt.master),
-                rt)
-            text_encoder = PromptTable(text_encoder, prompts + [""])  # the previews' prompts
-        cache = LatentCache(**state)
-        cache.text = cache.text.to(rt.device)
-        shapes = ", ".join(map(str, sorted({tuple(y.shape) for y in cache.latents})))
-        std = torch.cat([y.flatten() for y in cache.latents]).std()
-        logger.log(f"cache: {'wrote' if built else 'read'} {path}: {len(cache)} semantic latents "
-                   f"{shapes} (std {std:.3f}, ~1 expected), {len(cache.text)} distinct captions "
-                   f"(with the empty one), {time.time() - t0:.1f} s; the compressor and the text "
-                   "tower leave memory")
-        compressor = None
+        cache, text_encoder = cache_stage_c(trainset, compressor, text_encoder, latent_space,
+                                            prompts, args, rt, logger)
+        compressor = None  # the frozen models leave memory; the previews read the prompt table
         free_memory(rt.device)
-    # what makes a small-data fine-tune learn nothing, said now
-    if finetune and captions is not None:
-        for warning in finetune_warnings(args, defaults["lr"], captions):
-            logger.log(f"warning: {warning}")
 
-    # the prior: released (fine-tuning; with LoRA its frozen base), or new, of the preset's width
-    if finetune:
-        model = StageC.from_pretrained(released["paths"]["stage_c"]).requires_grad_(True)
-    else:
-        model = StageC(StageCConfig(**ckpt["model_config"]) if ckpt else
-                       replace(preset["model"], c_cond=text_width))
+    model, ema, opt, scaler, lora = build_prior(args, preset, released if finetune else None,
+                                                ckpt, text_width, rt, logger)
     cfg = model.cfg
-    model = channels_last_convs(model.to(rt.device))  # as the activations: no DDP grad copies
-    model.grad_checkpointing = args.grad_checkpointing
-    lora = add_lora_from_args(model, args)
-    # EMA (off when fine-tuning: --ema_decay 0 keeps no copy) and AdamW (weight decay 0.01,
-    # method §6.5) over what is trained: all weights, or the LoRA adapters
-    ema, trained, opt = ema_and_optimizer(model, args)
-    scaler = rt.make_scaler()
-    logger.log(f"parameters: Stage C {sum(p.numel() for p in model.parameters()):,} "
-               f"({sum(map(torch.numel, trained)):,} trained"
-               f"{', LoRA ' + str(lora) if lora else ''})")
-    step = 0
-    if ckpt:
-        load_trained(model, ckpt["model"], f"{ckpt_path} (model)")
-        if ema is not model:
-            load_trained(ema, ckpt["ema"], f"{ckpt_path} (ema)")
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        logger.log(f"resumed from {ckpt_path} at step {step}")
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
+    step = restore(ckpt, ckpt_path, model, ema, opt, scaler, logger)
+    raw_model, model = model, torch.compile(model) if args.compile else model
     model = wrap_ddp(model, rt)
     guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
-    @torch.no_grad()
-    def preview():
-        """Fixed prompts and noise -> EMA Stage C (CFG) -> Stage B -> Stage A; the grid and, on toy
-        data, accuracy. Stage B and A are loaded for it and freed after; the training's random
-        stream is left as it was."""
-        g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
-        timesteps = args.steps_c or DEFAULT_STAGE_C_TIMESTEPS
-        with torch.random.fork_rng(devices=[]):  # building a random text tower draws from it
-            dec = decoders()
-        ema.eval()
-
-        def draw(prompts, hw):
-            with rt.autocast():
-                y = sample_stage_c(ema, text_encoder, prompts, hw, timesteps, args.guidance_c,
-                                   generator=g)
-                return y, decode_stage_c(y, prompts, dec["stage_b"], dec["text_encoder_b"],
-                                         latent_space, dec["stage_a"], args.steps_b, generator=g)
-        y, images = draw(prompts, latent_hw)
-        path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
-        save_captioned_grid(images, prompts, path)
-        for w, h in other_sizes:  # one row of the first prompts per other bucket size
-            hw = (round(h / RESOLUTION_MULTIPLE), round(w / RESOLUTION_MULTIPLE))
-            _, row = draw(prompts[:6], hw)
-            save_captioned_grid(row, prompts[:6], path.replace(".png", f"_{w}x{h}.png"))
-        metrics = {"y_std": y.float().std().item()}  # ~1 when the samples match the data's spread
-        if toy_targets:
-            metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(
-                images, toy_targets, look)
-        logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        dec.clear()  # Stage B and A freed
-        free_memory(rt.device)
+    def show():  # the preview, at the step it is due
+        metrics = preview(ema, text_encoder, decoders, prompts, latent_hw, latent_space, args, rt,
+                          logger, os.path.join(args.out_dir, f"samples_{step:07d}.png"),
+                          other_sizes, toy_targets, look)
         model.train()
         return metrics
 
@@ -545,10 +417,9 @@ def train(args):
 
     # the cache is indexed in memory: no loader workers needed
     batches = resume_batches(cache or trainset, args, rt, step, ckpt, 0 if cache else None)
-    metrics = {}
-    if rt.master and finetune and step == 0:  # the model before fine-tuning, for comparison
-        metrics = preview()
     progress = Progress(args, rt, logger, step, "stage C")
+    if rt.master and finetune and step == 0:  # the model before fine-tuning, for comparison
+        progress.metrics = show()
     model.train()
     while step < args.max_steps:
         lr = get_lr(step, args.lr, args.warmup)
@@ -571,18 +442,45 @@ def train(args):
         if guard.ok and ema is not raw_model:
             update_ema(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
-        log, preview_now, checkpoint = progress.step(step)
-        if log:
-            progress.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
-                         guard.skipped)
-        if rt.master and preview_now:
-            metrics = preview()
-        if checkpoint:
-            run_state = gather_run_state(rt, batches)  # every rank: RNG state, stream positions
-            if rt.master:
-                save(metrics, run_state)
-    progress.close(f"{' | '.join(f'{k} {v:.3f}' for k, v in metrics.items())} "
+        progress.end_step(step, lambda: {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
+                          guard.skipped, batches, save, show)
+    progress.close(f"{' | '.join(f'{k} {v:.3f}' for k, v in progress.metrics.items())} "
                    f"| checkpoint {ckpt_path}")
+
+
+def build_prior(args, preset, released, ckpt, text_width, rt, logger):
+    """The prior of a run, with its EMA (off when fine-tuning: --ema_decay 0 keeps no copy) and
+    AdamW (weight decay 0.01, method §6.5) over what is trained: all weights, or LoRA adapters on
+    the frozen base. Fine-tuning (`released`): the released or exported prior; else a new one of
+    the preset's width (or the checkpoint's), reading text `text_width` wide. Returns (model, ema,
+    optimizer, loss scaler, the LoRA record or None)."""
+    if released:
+        model = StageC.from_pretrained(released["paths"]["stage_c"]).requires_grad_(True)
+    else:
+        model = StageC(StageCConfig(**ckpt["model_config"]) if ckpt else
+                       replace(preset["model"], c_cond=text_width))
+    model = channels_last_convs(model.to(rt.device))  # as the activations: no DDP grad copies
+    model.grad_checkpointing = args.grad_checkpointing
+    lora = add_lora_from_args(model, args)
+    ema, trained, opt = ema_and_optimizer(model, args)
+    logger.log(f"parameters: Stage C {sum(p.numel() for p in model.parameters()):,} "
+               f"({sum(map(torch.numel, trained)):,} trained"
+               f"{', LoRA ' + str(lora) if lora else ''})")
+    return model, ema, opt, rt.make_scaler(), lora
+
+
+def restore(ckpt, ckpt_path, model, ema, opt, scaler, logger):
+    """--resume: the weights a run trains (LoRA: its adapters), the EMA's (when it keeps one), the
+    optimizer and the loss scaler. Returns the step to continue from (0 without a checkpoint)."""
+    if not ckpt:
+        return 0
+    load_trained(model, ckpt["model"], f"{ckpt_path} (model)")
+    if ema is not model:
+        load_trained(ema, ckpt["ema"], f"{ckpt_path} (ema)")
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    logger.log(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt["step"]
 
 # -----------------------------------------------------------------------------
 # CLI

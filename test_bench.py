@@ -9,6 +9,7 @@ import torch
 
 import bench
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models: one intra-op thread is as fast and steadier on a busy CPU (see test_stage_c)."""

@@ -113,9 +113,12 @@ def test_channels_last_convs_same_numbers_and_gradient_layout():
     """Stages B and C with channels-last conv weights: bitwise the same outputs and gradients, and
     every gradient in its parameter's own layout (what DDP's buckets need)."""
     import copy
+
     from common import channels_last_convs
-    from stage_b import PRESETS as B, StageB
-    from stage_c import PRESETS as C, StageC
+    from stage_b import PRESETS as B
+    from stage_b import StageB
+    from stage_c import PRESETS as C
+    from stage_c import StageC
     torch.manual_seed(0)
     b, c = B["tiny"]["model"], C["tiny"]["model"]
     cases = [(StageB(b), (torch.randn(2, 4, 32, 32), torch.rand(2), torch.randn(2, 16, 3, 3),
@@ -138,7 +141,8 @@ def test_epochs_yield_to_max_steps_even_on_a_stream():
     """--epochs (a fine-tune preset's default) becomes --max_steps on a folder; --max_steps wins,
     also on tar shards, whose length is unknown (that combination raised before)."""
     from argparse import Namespace
-    from common import epochs_to_steps
+
+    from finetune import epochs_to_steps
     args = Namespace(epochs=100, max_steps=1000, batch_size=4)
     epochs_to_steps(args, None)  # a stream, --max_steps given
     assert args.max_steps == 1000
@@ -155,6 +159,7 @@ def test_resume_keeps_the_flags_the_run_was_trained_with(tmp_path):
     values, not the preset's (a resume without --batch_size changed the data order before); flags
     given win; a new run takes the preset's."""
     from argparse import Namespace
+
     from common import start_run
     save_checkpoint(str(tmp_path / "ckpt.pt"), {
         "stage": "stage_c", "step": 2, "train_config": {

@@ -22,8 +22,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from data import (COLORS, LOOKS, SHAPES, ImageFolder, backgrounds, classify_toy_image,
-                  make_toy_image, toy_look, toy_prompts, write_toy_dataset)
+import images
+from data import ImageFolder
+from shards import expand_braces
+from toy import (
+    COLORS,
+    LOOKS,
+    SHAPES,
+    backgrounds,
+    classify_toy_image,
+    make_toy_image,
+    toy_look,
+    toy_prompts,
+    write_toy_dataset,
+)
 
 CAPTION = re.compile(r"a (\w+) (\w+) on a (\w+) background")
 
@@ -319,14 +331,15 @@ def test_metadata_captions(tmp_path, capsys):
 
 
 def test_bucket_sizes_fit_every_stage():
+    from blocks import LATENT_DIM_SCALE, RESOLUTION_MULTIPLE
     from sample import round_size
-    from stage_b import LATENT_DIM_SCALE, PRESETS as B, RESOLUTION_MULTIPLE
-    assert data.bucket_sizes(1024) == [(768, 1408), (896, 1152), (1024, 1024), (1152, 896),
+    from stage_b import PRESETS as B
+    assert images.bucket_sizes(1024) == [(768, 1408), (896, 1152), (1024, 1024), (1152, 896),
                                        (1408, 768)]
-    assert data.bucket_sizes(256) == [(256, 256)]
-    assert data.bucket_sizes(256, 4) == [(128, 512), (256, 256), (512, 128)]
+    assert images.bucket_sizes(256) == [(256, 256)]
+    assert images.bucket_sizes(256, 4) == [(128, 512), (256, 256), (512, 128)]
     for size, ratio in ((256, 4), (512, 2), (768, 2), (1024, 2), (1024, 4)):
-        sizes = data.bucket_sizes(size, ratio)
+        sizes = images.bucket_sizes(size, ratio)
         assert (size, size) in sizes and len(sizes) % 2 == 1
         for w, h in sizes:
             assert round_size(w, h)[:2] == (w, h)  # sample.py draws exactly this size
@@ -337,7 +350,7 @@ def test_bucket_sizes_fit_every_stage():
                 for cfg in (B["tiny"]["model"], B["paper"]["model"]):
                     assert (side // 4) % (cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)) == 0
     with pytest.raises(ValueError, match="multiple of 128"):
-        data.bucket_sizes(200)
+        images.bucket_sizes(200)
 
 
 def test_imagefolder_buckets(tmp_path, capsys):
@@ -359,7 +372,7 @@ def test_imagefolder_buckets(tmp_path, capsys):
 
 
 def test_bucket_sampler_one_size_per_batch_any_world_size():
-    from common import StepSampler
+    from data import StepSampler
     sizes = [(128, 512)] * 7 + [(256, 256)] * 20 + [(512, 128)] * 3
     sizes = [sizes[i] for i in torch.randperm(30, generator=torch.Generator().manual_seed(1))]
     batch = 4  # global: 4 ranks x 1, 2 ranks x 2, or 1 rank x 2 micro-batches x 2
@@ -433,7 +446,7 @@ def test_shard_sources(shards, tmp_path):
     tars = sorted(str(p) for p in (shards / "tars").glob("*.tar"))
     assert data.shard_list(str(shards / "tars")) == tars
     assert data.shard_list(str(shards / "tars" / "{00000..00002}.tar")) == tars[:3]
-    assert data.expand_braces("s/{a,b}/{08..10}.tar") == [
+    assert expand_braces("s/{a,b}/{08..10}.tar") == [
         "s/a/08.tar", "s/a/09.tar", "s/a/10.tar", "s/b/08.tar", "s/b/09.tar", "s/b/10.tar"]
     listing = tmp_path / "shards.txt"
     listing.write_text(f"# a comment\n\n{os.path.relpath(tars[0], tmp_path)}\n"
@@ -479,7 +492,8 @@ def clean_shards(tmp_path_factory):
 def stream_batches(shards, rank=0, world=1, workers=0, state=None, batch=2):
     """infinite_batches over a fresh ShardStream as rank `rank` of `world` runs it (micro-batches of
     `batch` images)."""
-    from common import Runtime, infinite_batches
+    from common import Runtime
+    from data import infinite_batches
     rt = Runtime(torch.device("cpu"), ddp=world > 1, rank=rank, world_size=world)
     stream = data.ShardStream(shards, 8, shuffle_buffer=4, verbose=False)
     return infinite_batches(stream, batch * world, rt, workers, seed=5, state=state)
@@ -537,6 +551,7 @@ def test_a_stand_in_never_crosses_the_holdout_split(tmp_path):
     training image's stand-in is never a held-out image (which would then be trained on), nor the
     reverse (a training image in the held-out metrics)."""
     from argparse import Namespace
+
     from data import open_data
     rng = np.random.default_rng(0)
     for i in range(20):

@@ -13,16 +13,21 @@ import time
 import pytest
 import torch
 
+import diffusion
+import finetune
+import pretrained
 import sample
 import stage_b
 import stage_c
-from common import (LoRALinear, add_lora, disk_cached, load_checkpoint, merge_lora, read_lora,
-                    run_cli, save_lora)
-from data import write_toy_dataset
-from stage_b import diffusion_loss
+from cache import disk_cached
+from common import load_checkpoint, run_cli
+from diffusion import diffusion_loss
+from finetune import LoRALinear, add_lora, merge_lora, read_lora, save_lora
+
 # fixtures; one_thread is autouse
 from test_pretrained import one_thread, ours, reference_pipelines  # noqa: F401
 from test_stage_c import overfit
+from toy import write_toy_dataset
 
 PROMPT = "a red circle on a blue background"
 
@@ -130,7 +135,7 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_loads_in_diffusers(exp
     prior, decoder = reference_pipelines(root)
     prior.load_lora_weights(path)
     g = torch.Generator().manual_seed(3)
-    embeddings = prior(PROMPT, height=128, width=128, timesteps=stage_b.DEFAULT_STAGE_C_TIMESTEPS,
+    embeddings = prior(PROMPT, height=128, width=128, timesteps=diffusion.DEFAULT_STAGE_C_TIMESTEPS,
                        guidance_scale=4.0, generator=g, output_type="pt").image_embeddings
     ref = decoder(embeddings, PROMPT, num_inference_steps=12, generator=g, output_type="pt").images
     pipe = sample.open_pipeline(sample.get_args(["--pretrained", str(root), "--lora", path]),
@@ -175,11 +180,11 @@ def test_lora_run_resumes_exactly_and_refuses_the_other_kind(exported, tmp_path)
     assert straight["model"] and all(".lora_" in k for k in straight["model"])
     same_tensors(straight["model"],
                  torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["model"])
-    assert (tmp_path / "straight" / stage_b.LORA_FILE).exists()
+    assert (tmp_path / "straight" / finetune.LORA_FILE).exists()
     with pytest.raises(ValueError,
                        match="trained with --lora_rank 2, not 0: resume it as it was trained"):
         run(stage_c, exported, tmp_path / "straight", "--max_steps", "4", "--resume")
-    with pytest.raises(ValueError, match=f"LoRA run's checkpoint .* --lora .*{stage_b.LORA_FILE}"):
+    with pytest.raises(ValueError, match=f"LoRA run's checkpoint .* --lora .*{finetune.LORA_FILE}"):
         stage_c.load_stage_c(str(tmp_path / "straight" / "ckpt.pt"))
 
 
@@ -214,7 +219,7 @@ def test_stage_b_finetune_keeps_the_compressor_and_reports_psnr(exported, tmp_pa
     log = run(stage_b, root, tmp_path / "lora", "--max_steps", "2", "--lora_rank", "2",
               "--lr", "1e-5")
     assert "warning: --lr 1e-05 is over 10x below the fine-tuning default 0.001" in log
-    path = str(tmp_path / "lora" / stage_b.LORA_FILE)
+    path = str(tmp_path / "lora" / finetune.LORA_FILE)
     assert read_lora(path)[0] == "decoder"
     pipe = sample.open_pipeline(sample.get_args(["--pretrained", str(exported / "export"),
                                                  "--lora", path]),
@@ -242,7 +247,7 @@ def test_no_weights_offline_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError,
                        match="(?s)missing: stage_c, stage_b, stage_a, compressor.*hf download "
                              "dome272/wuerstchen model_v2_stage_b.pt"):
-        stage_b.find_released(str(tmp_path / "w"), compressor=True)
+        pretrained.find_released(str(tmp_path / "w"), compressor=True)
 
 
 def test_disk_cache_is_keyed_by_what_produced_it(tmp_path):

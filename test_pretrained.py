@@ -18,9 +18,14 @@ import time
 import pytest
 import torch
 
+import export
+import pretrained
 import sample
 import stage_b
-from stage_b import DEFAULT_STAGE_C_TIMESTEPS, StageBConfig, TextEncoder
+import text_encoder
+from diffusion import DEFAULT_STAGE_C_TIMESTEPS
+from stage_b import StageBConfig
+from text_encoder import TextEncoder
 
 # -----------------------------------------------------------------------------
 # the released layouts: tiny random stand-ins; diffusers' pipelines are the reference
@@ -65,11 +70,11 @@ def randomize(model, seed):
 
 
 def write_tokenizer(folder, pad_token):
-    """The files of a released CLIP tokenizer folder (stage_b.write_clip_tokenizer: vocab.json and
+    """The files of a released CLIP tokenizer folder (text_encoder.write_clip_tokenizer: vocab.json and
     merges.txt from open_clip's bundled CLIP BPE, the special tokens, the pad token), and the
     transformers CLIPTokenizer (the fast one) that reads them."""
     from transformers import CLIPTokenizer
-    stage_b.write_clip_tokenizer(folder, pad_token)
+    text_encoder.write_clip_tokenizer(folder, pad_token)
     return CLIPTokenizer.from_pretrained(folder)
 
 
@@ -103,9 +108,13 @@ def released(tmp_path_factory):
     with the dome272 .pt files (+ the text encoder and tokenizer folders, which the .pt files do
     not have), all from the same weights."""
     from diffusers import DDPMWuerstchenScheduler
-    from diffusers.pipelines.deprecated.wuerstchen import (PaellaVQModel, WuerstchenDecoderPipeline,
-                                                           WuerstchenDiffNeXt, WuerstchenPrior,
-                                                           WuerstchenPriorPipeline)
+    from diffusers.pipelines.deprecated.wuerstchen import (
+        PaellaVQModel,
+        WuerstchenDecoderPipeline,
+        WuerstchenDiffNeXt,
+        WuerstchenPrior,
+        WuerstchenPriorPipeline,
+    )
     root, official = tmp_path_factory.mktemp("released"), tmp_path_factory.mktemp("official")
     prior, decoder, vqgan = (randomize(WuerstchenPrior(**PRIOR), 1),
                              randomize(WuerstchenDiffNeXt(**DECODER), 2),
@@ -227,7 +236,7 @@ def test_text_encoder_equals_transformers(tmp_path, pad_token):
     tokenizer = write_tokenizer(str(tmp_path / "tokenizer"), pad_token)
     model = clip_text_model("decoder", 6)
     model.save_pretrained(tmp_path / "text_encoder")
-    assert stage_b.read_pad_token(str(tmp_path / "tokenizer")) == pad_token
+    assert text_encoder.read_pad_token(str(tmp_path / "tokenizer")) == pad_token
     ours = TextEncoder("transformers", str(tmp_path / "text_encoder"), pad_token)
     tokens = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
                        return_tensors="pt")
@@ -276,16 +285,16 @@ def test_missing_weights_fail_at_once(tmp_path, monkeypatch):
     assert time.time() - t0 < 2
     with pytest.raises(FileNotFoundError,
                        match="missing: stage_c, stage_b, stage_a, text_encoder_c") as e:
-        sample.find_released(str(tmp_path))
+        pretrained.find_released(str(tmp_path))
     assert f"{tmp_path}/wuerstchen/" in str(e.value)
 
 
 def test_no_network_fails_at_once_without_offline_flag(tmp_path):
     """The same without HF_HUB_OFFLINE, against an endpoint that refuses connections: one request,
     no retry loop, for the diffusers repositories and for the open_clip text weights alike."""
-    code = ("import time, open_clip, sample, stage_b\n"
-            "for f in (lambda: sample.find_released(None), "
-            "lambda: stage_b.fetch_clip_weights('ViT-H-14', 'laion2b_s32b_b79k')):\n"
+    code = ("import time, open_clip, pretrained, text_encoder\n"
+            "for f in (lambda: pretrained.find_released(None), "
+            "lambda: text_encoder.fetch_clip_weights('ViT-H-14', 'laion2b_s32b_b79k')):\n"
             "    t = time.time()\n"
             "    try: f()\n"
             "    except (FileNotFoundError, RuntimeError) as e: "
@@ -305,13 +314,13 @@ def test_hugging_face_cache(released, tmp_path, monkeypatch):
     """No folder: the repositories come from the Hugging Face cache (filled by hand, offline)."""
     import huggingface_hub.constants
     root, _ = released
-    for repo in (sample.PRIOR_REPO, sample.DECODER_REPO):
+    for repo in (pretrained.PRIOR_REPO, pretrained.DECODER_REPO):
         cached = tmp_path / f"models--{repo.replace('/', '--')}"
         shutil.copytree(root / repo.split("/")[1], cached / "snapshots" / "0123abc")
         (cached / "refs").mkdir()
         (cached / "refs" / "main").write_text("0123abc")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    paths = sample.find_released(None)
+    paths = pretrained.find_released(None)
     assert paths["stage_c"] == str(tmp_path / "models--warp-ai--wuerstchen-prior" / "snapshots"
                                    / "0123abc" / "prior")
     assert paths["tokenizer_b"].startswith(str(tmp_path / "models--warp-ai--wuerstchen"))
@@ -435,7 +444,7 @@ def test_efficientnet_compressor_export_is_the_official_form(released, tmp_path)
     from safetensors.torch import load_file
     _, official = released
     compressor = stage_b.SemanticCompressor.from_pretrained(str(official / "model_v2_stage_b.pt"))
-    compressor.save_pretrained(tmp_path / "semantic_compressor")
+    export.save_compressor(compressor, tmp_path / "semantic_compressor")
     theirs = torch.load(official / "model_v2_stage_b.pt", weights_only=True)["effnet_state_dict"]
     mine = load_file(tmp_path / "semantic_compressor" / "model.safetensors")
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)

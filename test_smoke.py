@@ -15,11 +15,14 @@ import torch
 from PIL import Image
 
 import sample
-from common import NonFiniteError, load_checkpoint
 import stage_a
 import stage_b
 import stage_c
-from data import ImageFolder, bucket_sizes, make_toy_image, write_toy_dataset
+import toy
+from common import NonFiniteError, load_checkpoint
+from data import ImageFolder
+from images import bucket_sizes
+from toy import make_toy_image, write_toy_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -169,6 +172,7 @@ def test_files_that_are_not_checkpoints_get_one_clear_line(chain, tmp_path):
     import random
     import subprocess
     import sys
+
     from safetensors.torch import save_file
     # seeded: on some random bytes torch.load raises an IndexError instead (~1 run in 5 of urandom)
     (tmp_path / "random.pt").write_bytes(random.Random(0).randbytes(4096))
@@ -273,9 +277,8 @@ def test_buckets_train_every_stage(chain, mixed, stage, tmp_path, capsys, monkey
     """--buckets at 256 px: 128x512, 256x256 and 512x128 batches (a mixed batch would not even
     stack), the caches of Stages B and C per size, Stage C previews at every size, its toy
     accuracy read on the main grid (not on the last size's row of 6)."""
-    import data
-    read, toy_read = [], data.toy_prompt_following
-    monkeypatch.setattr(data, "toy_prompt_following", lambda images, targets, look:
+    read, toy_read = [], toy.toy_prompt_following
+    monkeypatch.setattr(stage_c, "toy_prompt_following", lambda images, targets, look:
                         read.append((len(images), len(targets))) or toy_read(images, targets, look))
     argv = stage_argv(chain, stage, tmp_path, "--data", mixed, "--image_size", "256",
                       "--buckets", "4")

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import stage_a
-from data import write_toy_dataset
 from common import load_checkpoint, save_checkpoint
 from stage_a import PRESETS, StageA, StageAConfig
+from toy import write_toy_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = ["--model", "tiny", "--device", "cpu", "--num_workers", "0", "--image_size", "64",
@@ -157,8 +157,7 @@ def test_ema_batchnorm_has_the_statistics_of_its_own_weights(toy, tmp_path):
     """The EMA averages parameters; its BatchNorm running statistics must be those of the EMA
     encoder's own activations on the training images, not the raw model's (issue #13: a pink
     background in every sample)."""
-    from common import split_holdout
-    from data import ImageFolder
+    from data import ImageFolder, split_holdout
     out = tmp_path / "bn"
     stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out), "--max_steps", "6",
                                     "--save_every", "6", "--lr", "1e-2", "--gan_weight", "0"]
@@ -253,6 +252,7 @@ def test_shards_train_and_resume_exactly(toy, tmp_path):
 def test_a_vqgan_it_cannot_build_is_refused_by_name(tmp_path):
     """A PaellaVQModel config outside what StageA builds gets a message, not a bare assert."""
     import json
+
     from common import UsageError
     (tmp_path / "config.json").write_text(json.dumps({"up_down_scale_factor": 4}))
     with pytest.raises(UsageError, match="up_down_scale_factor 2 .* not 4 and 3 -> 3"):

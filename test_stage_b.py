@@ -9,17 +9,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests
 import pytest
 import torch
 
+import blocks
 import stage_b
+import text_encoder
+from blocks import AttnBlock, r_embedding
 from common import save_checkpoint
-from stage_b import (
+from diffusion import (
     DEFAULT_STAGE_C_TIMESTEPS,
-    AttnBlock,
     alpha_bar,
     ddpm_sample,
     ddpm_step,
     diffusion_loss,
     p2_weight,
-    r_embedding,
     sample_t,
     timestep_grid,
 )
@@ -124,9 +125,10 @@ def test_grn_matches_reference_with_zero_channels():
     gradients, including channels of exact zeros (GELU produces them; a plain sqrt gave NaN
     gradients there and NaN training)."""
     from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import (
-        GlobalResponseNorm as RefGRN)
+        GlobalResponseNorm as RefGRN,
+    )
     torch.manual_seed(0)
-    ours = stage_b.GlobalResponseNorm(8)
+    ours = blocks.GlobalResponseNorm(8)
     ours.gamma.data.normal_(), ours.beta.data.normal_()
     ref = RefGRN(8)
     ref.load_state_dict(ours.state_dict())
@@ -146,20 +148,20 @@ def test_grn_matches_reference_with_zero_channels():
 
 def test_dropout_keep_mask_rate_and_scaling():
     torch.manual_seed(0)
-    keep = stage_b.keep_mask((1000, 4000), 0.1)
+    keep = blocks.keep_mask((1000, 4000), 0.1)
     assert keep.shape == (1000, 4000) and keep.dtype == torch.bool
     # each of the four 15-bit lanes of a 64-bit draw keeps 90 % (5 sigma ~ 1.5e-3 per lane)
     rates = keep.flatten().view(-1, 4).float().mean(dim=0)
     torch.testing.assert_close(rates, torch.full((4,), 0.9), atol=1.5e-3, rtol=0)
     assert abs(keep.float().mean().item() - 0.9) < 1e-3
     x = torch.randn(300, 400, requires_grad=True)
-    y = stage_b.dropout(x, 0.25)
+    y = blocks.dropout(x, 0.25)
     dropped = y == 0
     assert abs(dropped.float().mean().item() - 0.25) < 0.01
     torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)  # kept ones scaled by 1 / (1 - p)
     y.sum().backward()
     torch.testing.assert_close(x.grad, (~dropped).float() / 0.75)
-    assert stage_b.dropout(x, 0.25, training=False) is x and stage_b.dropout(x, 0.0) is x
+    assert blocks.dropout(x, 0.25, training=False) is x and blocks.dropout(x, 0.0) is x
 
 
 def test_attention_dropout_on_probabilities_is_unbiased():
@@ -167,7 +169,7 @@ def test_attention_dropout_on_probabilities_is_unbiased():
     draw differs, their mean is the eval-mode (SDPA) output, and p = 0 gives exactly the eval
     output."""
     torch.manual_seed(0)
-    attn = stage_b.Attention(16, nhead=2, dropout=0.3)
+    attn = blocks.Attention(16, nhead=2, dropout=0.3)
     x, kv = torch.randn(2, 6, 16), torch.randn(2, 9, 16)
     with torch.no_grad():
         expected = attn.eval()(x, kv)
@@ -299,14 +301,14 @@ def test_semantic_compressor_shapes():
 
 
 def test_text_encoder():
-    enc = stage_b.TextEncoder("tiny")
+    enc = text_encoder.TextEncoder("tiny")
     out = enc.encode(["a red circle on a blue background", ""])
     assert out.shape == (2, 77, 64) and torch.isfinite(out).all()
     assert not any(p.requires_grad for p in enc.parameters())
     assert all(k.split(".")[0] in {"token_embedding", "positional_embedding", "transformer",
                                    "ln_final"} for k in enc.state_dict())
     torch.manual_seed(123)  # a random tower is reproduced from its state dict
-    other = stage_b.TextEncoder("tiny")
+    other = text_encoder.TextEncoder("tiny")
     other.load_state_dict(enc.state_dict())
     torch.testing.assert_close(other.encode(["a red circle"]), enc.encode(["a red circle"]))
 
@@ -314,7 +316,7 @@ def test_text_encoder():
 def test_text_encoder_offline_fails_fast():
     with pytest.raises(RuntimeError,
                        match="huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
-        stage_b.TextEncoder(**stage_b.PRESETS["paper"]["text_encoder"])
+        text_encoder.TextEncoder(**stage_b.PRESETS["paper"]["text_encoder"])
 
 
 # ---- training
@@ -363,8 +365,9 @@ def test_overfit_one_batch():
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """A 48-image 64 px toy folder and a tiny (random) Stage A checkpoint for it."""
-    from stage_a import PRESETS as A_PRESETS, StageA
-    from data import write_toy_dataset
+    from stage_a import PRESETS as A_PRESETS
+    from stage_a import StageA
+    from toy import write_toy_dataset
     root = tmp_path_factory.mktemp("toy_b")
     write_toy_dataset(str(root / "toy"), n=48, size=64, seed=0)
     torch.manual_seed(0)
@@ -407,8 +410,7 @@ def test_train_checkpoint_and_exact_resume(toy_run, tmp_path):
             == (2, 4, 16, 16))
     # the EMA compressor's BatchNorm has the statistics of its own activations on the training
     # images (issue #13)
-    from common import split_holdout
-    from data import ImageFolder
+    from data import ImageFolder, split_holdout
     trainset, _ = split_holdout(ImageFolder(toy_run[0], 64, verbose=False), 4)
     compressor = built["compressor"]
     with torch.no_grad():
@@ -452,7 +454,7 @@ def test_attention_init_is_dome272s_packed_xavier():
     init must not overwrite them."""
     torch.manual_seed(0)
     model = stage_b.StageB(stage_b.PRESETS["tiny"]["model"])
-    attns = [m for m in model.modules() if isinstance(m, stage_b.Attention)]
+    attns = [m for m in model.modules() if isinstance(m, blocks.Attention)]
     assert attns
     for m in attns:
         c = m.to_q.in_features

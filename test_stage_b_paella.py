@@ -13,11 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import blocks
+import diffusion
+import pretrained
 import stage_b
 import stage_b_paella
 from common import CheckpointError, save_checkpoint
-from stage_b_paella import (PRESETS, STAGE_B_KINDS, Paella, PaellaConfig, corrupt, sample_tokens,
-                            token_loss)
+from decoders import STAGE_B_KINDS
+from stage_b_paella import PRESETS, Paella, PaellaConfig, corrupt, sample_tokens, token_loss
 from test_stage_b import toy_run  # noqa: F401 (a fixture: 48 toy images of 64 px, a tiny Stage A)
 
 
@@ -115,7 +118,7 @@ def test_v1_config_parameter_count_and_official_keys():
             "up_blocks.2.0.depthwise.weight": (640, 2, 3, 3)}
     assert all(official[k] == v for k, v in spot.items())  # the literal shapes of method §8.7
     assert sum(math.prod(s) for s in official.values()) == 730_814_336
-    mapped = stage_b.dome272_to_diffusers({k: torch.empty(s, device="meta")
+    mapped = pretrained.dome272_to_diffusers({k: torch.empty(s, device="meta")
                                            for k, s in official.items()})
     ours = model.state_dict()
     assert set(mapped) == set(ours)
@@ -247,13 +250,13 @@ def test_init_scheme():
     logits = model(tokens, torch.rand(1), torch.randn(1, 5, 2, 2), torch.randn(1, 3, 10))
     assert (logits == 0).all()
     for m in model.modules():
-        if isinstance(m, stage_b.TimestepBlock):
+        if isinstance(m, blocks.TimestepBlock):
             assert (m.mapper.weight == 0).all()
-        if isinstance(m, stage_b.Attention):  # MultiheadAttention's xavier over packed q/k/v
+        if isinstance(m, blocks.Attention):  # MultiheadAttention's xavier over packed q/k/v
             c = m.to_q.in_features
             w = torch.cat([m.to_q.weight, m.to_k.weight, m.to_v.weight])
             assert math.sqrt(6 / (8 * c)) < w.abs().max() <= math.sqrt(6 / (4 * c))
-        if isinstance(m, stage_b.ResBlock):  # the last Linear (4c -> c) times sqrt(1 / sum(blocks))
+        if isinstance(m, blocks.ResBlock):  # the last Linear (4c -> c) times sqrt(1 / sum(blocks))
             last = m.channelwise[-1]
             bound = math.sqrt(6 / (5 * last.out_features)) * math.sqrt(1 / sum(cfg.blocks))
             assert 0.8 * bound < last.weight.abs().max() <= bound
@@ -304,7 +307,7 @@ def test_token_loss_weights_and_label_smoothing():
     loss, acc = token_loss(model, tokens, generator=torch.Generator().manual_seed(1),
                            effnet=torch.zeros(B, 16, 1, 1))
     g = torch.Generator().manual_seed(1)
-    t = stage_b.sample_t(B, "cpu", g)
+    t = diffusion.sample_t(B, "cpu", g)
     mask = torch.rand(tokens.shape, generator=g) <= t.view(-1, 1, 1)
     replacement = torch.randint(0, K, tokens.shape, generator=g)
     noised, t_seen, _ = model.calls[0]
@@ -477,8 +480,9 @@ def paella_chain(tmp_path_factory):
     """24 toy images of 128 px, a random tiny Stage A, then Paella and a Stage C on top of it (2
     steps each)."""
     import stage_c
-    from data import write_toy_dataset
-    from stage_a import PRESETS as A_PRESETS, StageA
+    from stage_a import PRESETS as A_PRESETS
+    from stage_a import StageA
+    from toy import write_toy_dataset
     root = tmp_path_factory.mktemp("paella_chain")
     data, a, b, c = str(root / "toy"), str(root / "a.pt"), root / "b", root / "c"
     write_toy_dataset(data, n=24, size=128, seed=0)
