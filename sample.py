@@ -31,8 +31,8 @@ has it (1024 px fits in 24 GB), else in fp32 (the CPU: slow, see the README):
     python sample.py --export exported/    |  python sample.py --pretrained exported/ --prompt "..."
 
 A Stage B checkpoint of stage_b_paella.py (v1's token decoder) goes wherever a Stage B goes, and a
---pretrained folder with the official v1 files (pretrained.V1_LAYOUT) runs the whole v1 chain, prior -> Paella
-tokens -> Stage A's codebook, with the v1 notebook's settings (method §1.4):
+--pretrained folder with the official v1 files (pretrained.V1_LAYOUT) runs the whole v1 chain,
+prior -> Paella tokens -> Stage A's codebook, with the v1 notebook's settings (method §1.4):
     python sample.py --stage_b out/stage_b_paella/ckpt.pt --stage_c out/stage_c_paella/ckpt.pt ...
     python sample.py --pretrained weights_v1/ --prompt "an owl reading a newspaper, oil painting"
 """

@@ -225,8 +225,8 @@ class StageB(nn.Module):
         return (x.float() - a) / b
 
     @torch.no_grad()
-    def sample(self, stage_a, e, clip_text, negative_clip_text=None, steps=None, guidance_scale=None,
-               generator=None, progress=False, side=None, **_):
+    def sample(self, stage_a, e, clip_text, negative_clip_text=None, steps=None,
+               guidance_scale=None, generator=None, progress=False, side=None, **_):
         """Stage B's part of sampling (method §7.5): e (B, 16, h, w) and text -> images (B, 3, H, W)
         in [0, 1]. DDPM from noise at the Stage A latent side int(10.67 h) or `side`, `steps`
         steps (default 12), conditioned on e and `clip_text`; CFG only when guidance_scale > 1

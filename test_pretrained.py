@@ -70,7 +70,7 @@ def randomize(model, seed):
 
 
 def write_tokenizer(folder, pad_token):
-    """The files of a released CLIP tokenizer folder (text_encoder.write_clip_tokenizer: vocab.json and
+    """The files of a released CLIP tokenizer folder (text_encoder.write_clip_tokenizer: vocab.json,
     merges.txt from open_clip's bundled CLIP BPE, the special tokens, the pad token), and the
     transformers CLIPTokenizer (the fast one) that reads them."""
     from transformers import CLIPTokenizer

@@ -3,8 +3,8 @@ The frozen CLIP text towers of Stages B and C (method.md §4.4, §5.5): prompts 
 token features, computed as the released pipelines compute them, from open_clip weights or from
 a transformers CLIPTextModel folder (the released text_encoder/), and written back to one.
 
-    TextEncoder(name, pretrained)   'ViT-H-14' (Stage B), 'ViT-bigG-14' (Stage C), 'tiny' (random,
-                                    for CPU runs and tests) or 'transformers' (a CLIPTextModel folder)
+    TextEncoder(name, pretrained)   'ViT-H-14' (Stage B), 'ViT-bigG-14' (Stage C), 'tiny' (random:
+                                    CPU runs, tests) or 'transformers' (a CLIPTextModel folder)
     build_text_encoder(args, ...)   the tower of a training run (--text_encoder, --text_pretrained)
 """
 import functools
