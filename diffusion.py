@@ -76,12 +76,22 @@ def timestep_grid(steps):
     return torch.linspace(1.0, 0.0, steps + 1).tolist()
 
 
+def randn(shape, generator=None, device=None, dtype=None):
+    """Gaussian noise of `shape`. `generator` may be a list, one per sample (dim 0): each sample is
+    then drawn from its own, the same in any batch (diffusers' randn_tensor takes such lists)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype)
+                            for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
 def ddpm_step(x, eps, t, t_prev, generator=None):
     """One ancestral DDPM step from t to t_prev < t given the predicted noise eps (method §7.1).
 
     Equals DDPMWuerstchenScheduler.step: alpha = abar(t) / abar(t_prev),
     mu = (x - (1 - alpha) eps / sqrt(1 - abar(t))) / sqrt(alpha),
     sigma^2 = (1 - alpha)(1 - abar(t_prev)) / (1 - abar(t)); no noise is added when t_prev == 0.
+    `generator`: one, or a list of one per sample (randn).
     """
     ab = alpha_bar(torch.tensor(t, device=x.device))
     ab_prev = alpha_bar(torch.tensor(t_prev, device=x.device))
@@ -90,7 +100,7 @@ def ddpm_step(x, eps, t, t_prev, generator=None):
     if t_prev == 0:
         return mu
     sigma = ((1 - alpha) * (1 - ab_prev) / (1 - ab)).sqrt()
-    return mu + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return mu + sigma * randn(x.shape, generator, x.device, x.dtype)
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ from common import (HelpFormatter, UsageError, default_dtype, frozen, load_check
                     pick_device, psnr, run_cli, save_captioned_grid)
 from data import load_image
 from decoders import STAGE_B_KINDS, load_decoder
-from diffusion import DEFAULT_STAGE_C_TIMESTEPS, add_noise, ddpm_sample, timestep_grid
+from diffusion import DEFAULT_STAGE_C_TIMESTEPS, add_noise, ddpm_sample, randn, timestep_grid
 from export import check_exportable, write_compressor, write_decoder, write_prior
 from finetune import apply_loras
 from pretrained import is_released_v1, open_released, open_released_v1
@@ -214,17 +214,20 @@ def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=102
                   temperature_b=None, progress=True):
     """Prompts -> (len(prompts) * n, 3, H, W) images in [0, 1]. Defaults are the released
     pipelines' (§7.6), Stage B's its kind's; on the released v2 weights a seed gives the image of
-    diffusers' prior then decoder pipeline with that generator. A Paella Stage B samples tokens
-    (temperature_b), guided against the negative prompt too."""
+    diffusers' prior then decoder pipeline with that generator. `seed` may also be a list, one per
+    image: image i then depends on seed[i] alone, not on the batch (diffusers: a list of
+    generators). A Paella Stage B samples tokens (temperature_b), guided against the negative
+    prompt too."""
     _, _, latent_hw, _ = round_size(width, height)
     prompts = [p for p in prompts for _ in range(n)]  # n images per prompt, next to each other
-    g = torch.Generator(pipe.device).manual_seed(seed)
+    g = (torch.Generator(pipe.device).manual_seed(seed) if isinstance(seed, int) else
+         [torch.Generator(pipe.device).manual_seed(s) for s in seed])
     with loaded(pipe, "text_encoder_c", "stage_c"):
         y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c,
                            guidance_c, negative_prompt, generator=g, progress=progress)
     # DDPMWuerstchenScheduler draws noise at the last step too (and multiplies it by 0): draw it as
     # well, so that Stage B gets the diffusers pipelines' noise from the same seed
-    torch.randn(y.shape, generator=g, device=pipe.device)
+    randn(y.shape, g, pipe.device)
     return stage_b_and_a(pipe, y, prompts, negative_prompt, g, progress, steps_b, guidance_b,
                          temperature_b)
 

@@ -35,7 +35,7 @@ from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, Us
                     psnr, read_json, recompute_batchnorm, run_cli, save_checkpoint, save_image_grid,
                     set_lr, start_run, update_ema, wrap_ddp)
 from data import holdout_batch, image_batches, open_data, resume_batches, stream_defaults
-from diffusion import add_noise, ddpm_sample, diffusion_loss
+from diffusion import add_noise, ddpm_sample, diffusion_loss, randn
 from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
                       load_trained, plan_epochs, refuse_lora_checkpoint, save_lora, trained_state)
 from pretrained import dome272_to_diffusers, load_imagenet_weights, open_released
@@ -234,7 +234,7 @@ class StageB(nn.Module):
         combined pipeline); Stage A decodes unquantised. Other kinds' options are ignored."""
         guidance_scale = guidance_scale or 0.0
         side = side or (int(e.shape[-2] * LATENT_DIM_SCALE), int(e.shape[-1] * LATENT_DIM_SCALE))
-        noise = torch.randn((len(e), self.cfg.c_in, *side), generator=generator, device=e.device)
+        noise = randn((len(e), self.cfg.c_in, *side), generator, e.device)
         cond = {"effnet": e, "clip_text": clip_text}
         uncond = ({"effnet": torch.zeros_like(e), "clip_text": negative_clip_text}
                   if guidance_scale > 1 else None)

@@ -252,7 +252,13 @@ class Paella(nn.Module):
         -> images in [0, 1], by sample_images at the token side int(10.67 h) (or `side`) with v1's
         defaults (V1_SAMPLING: 8 steps, w = 2, temperature 1 -> 0.6), guided against zero e and
         `negative_clip_text` (as the v1 notebook); Stage A decodes the tokens through its
-        codebook."""
+        codebook. `generator`: one, or a list of one per image, each image then sampled alone (the
+        token sampler draws for the whole batch)."""
+        if isinstance(generator, (list, tuple)):
+            return torch.cat([self.sample(stage_a, e[i:i + 1], clip_text[i:i + 1],
+                                          negative_clip_text[i:i + 1], steps, guidance_scale,
+                                          temperature, g, progress, side)
+                              for i, g in enumerate(generator)])
         side = side or (int(e.shape[-2] * LATENT_DIM_SCALE), int(e.shape[-1] * LATENT_DIM_SCALE))
         w = V1_SAMPLING["cfg"] if guidance_scale is None else guidance_scale
         return sample_images(self, stage_a, e, clip_text, negative_clip_text, side, generator,

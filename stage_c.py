@@ -36,9 +36,10 @@ from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_com
                     update_ema, wrap_ddp)
 from data import holdout_batch, open_data, resume_batches, sizes_of, stream_defaults
 from decoders import load_decoder
-from diffusion import DEFAULT_STAGE_C_TIMESTEPS, ddpm_sample, diffusion_loss
+from diffusion import DEFAULT_STAGE_C_TIMESTEPS, ddpm_sample, diffusion_loss, randn
 from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
                       load_trained, plan_epochs, refuse_lora_checkpoint, save_lora, trained_state)
+from metrics import preview_scores
 from pretrained import dome272_to_diffusers, open_released
 from stage_a import StageA, load_stage_a
 from stage_b import SemanticCompressor, StageB, load_stage_b
@@ -242,12 +243,11 @@ def sample_stage_c(model, text_encoder, prompts, latent_hw, timesteps=DEFAULT_ST
     """Prompts -> Stage C latents y (B, 16, h, w) (method §7.4, before its e = 42 y - 1): CLIP
     text, x ~ N(0, I), DDPM on `timesteps` (an int = that many steps on the linear grid) with
     classifier-free guidance against the negative prompt ("" = the unconditional embedding it was
-    trained with). Defaults: the released settings."""
+    trained with). Defaults: the released settings. `generator`: one, or one per prompt."""
     device = next(model.parameters()).device
     cond = {"clip_text": text_encoder.encode(prompts)}  # (B, 77, c_cond)
     uncond = {"clip_text": text_encoder.encode([negative_prompt] * len(prompts))}
-    noise = torch.randn((len(prompts), model.cfg.c_in, *latent_hw), generator=generator,
-                        device=device)
+    noise = randn((len(prompts), model.cfg.c_in, *latent_hw), generator, device)
     return ddpm_sample(model, noise, timesteps, cond, uncond, guidance_scale, generator, progress)
 
 
@@ -336,6 +336,7 @@ def preview(ema, text_encoder, decoders, prompts, latent_hw, latent_space, args,
     if toy_targets:
         metrics["toy_colour_acc"], metrics["toy_shape_acc"] = toy_prompt_following(
             images, toy_targets, look)
+    metrics |= preview_scores(images, prompts, logger.log)  # with requirements-eval.txt
     logger.log(f"preview {path} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     dec.clear()  # Stage B and A freed
     free_memory(rt.device)
