@@ -224,6 +224,7 @@ nonnegative_int = flag_type(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = flag_type(float, lambda v: 0 < v < math.inf, "a positive number")
 nonnegative_float = flag_type(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 probability = flag_type(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+finite_float = flag_type(float, math.isfinite, "a finite number")
 decay = flag_type(float, lambda v: 0 <= v < 1, "in [0, 1)")  # AdamW's beta2, the EMA's decay
 aspect_ratio = flag_type(float, lambda v: v == 0 or 1 <= v < math.inf, "0 (off) or a ratio >= 1")
 
@@ -393,6 +394,12 @@ def check_run(args, stage, ckpt_path):
     the checkpoints of the earlier stages it trains on (--stage_a, --stage_b; unused with
     --pretrained)."""
     check_output_dir(args.out_dir, "--out_dir")
+    data, out = (os.path.join(os.path.abspath(p), "") for p in (args.data, args.out_dir))
+    if os.path.isdir(args.data) and out.startswith(data):
+        raise UsageError(f"--out_dir {args.out_dir} is inside --data {args.data}: its preview "
+                         f"grids would be read as training images; give another --out_dir")
+    if getattr(args, "lora_alpha", None) and not args.lora_rank:
+        raise UsageError("--lora_alpha scales the adapters of --lora_rank: give --lora_rank")
     if args.resume and not os.path.exists(ckpt_path):
         raise UsageError(f"--resume: there is no {ckpt_path} to continue; leave out --resume to "
                          f"start a run in {args.out_dir}")

@@ -128,6 +128,7 @@ def lora_file(path):
     except Exception as e:  # e.g. SafetensorError: HeaderTooLarge for a text file
         raise UsageError(f"--lora {file} is not a safetensors file ({type(e).__name__}): a LoRA "
                          f"is the {LORA_FILE} a --lora_rank run writes") from None
+    read_lora(file)  # diffusers' LoRA layout, else a UsageError
     return file
 
 

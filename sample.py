@@ -49,9 +49,9 @@ from PIL import Image
 
 from blocks import LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, to_stage_c_space
 from common import (ArgumentParser, HelpFormatter, UsageError, check_output_dir, default_dtype,
-                    device_name, existing_folder, frozen, load_checkpoint, nonnegative_float,
-                    nonnegative_int, pick_device, positive_float, positive_int, probability, psnr,
-                    run_cli, save_captioned_grid)
+                    device_name, existing_folder, finite_float, frozen, load_checkpoint,
+                    nonnegative_float, nonnegative_int, pick_device, positive_float, positive_int,
+                    probability, psnr, run_cli, save_captioned_grid)
 from data import load_image
 from decoders import STAGE_B_KINDS, load_decoder
 from diffusion import DEFAULT_STAGE_C_TIMESTEPS, add_noise, ddpm_sample, timestep_grid
@@ -375,7 +375,8 @@ def read_prompts(args):
     prompts = list(args.prompt or [])
     if args.prompts_file:
         if not os.path.isfile(args.prompts_file):
-            raise UsageError(f"--prompts_file {args.prompts_file}: no such file")
+            raise UsageError(f"--prompts_file {args.prompts_file}: no such file (a text file, one "
+                             f"prompt per line)")
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
                 prompts += [line.strip() for line in f if line.strip()]
@@ -583,7 +584,7 @@ def get_args(argv=None):
                    "(pytorch_lora_weights.safetensors of a --lora_rank run) merged into the prior "
                    "(Stage C) or the decoder (Stage B) it was made for, whichever its keys name; "
                    "repeatable")
-    p.add_argument("--lora_scale", type=float, default=1.0,
+    p.add_argument("--lora_scale", type=finite_float, default=1.0,
                    help="weight of the --lora updates (1 = as trained)")
     p.add_argument("--out_dir", default="out/samples",
                    help="where the grid and the single images go")

@@ -354,6 +354,9 @@ def train(args):
     if args.lora_rank and not finetune:
         raise UsageError("--lora_rank adapts a pretrained prior: give --pretrained [DIR] "
                          "(and no --init scratch)")
+    if args.init == "scratch" and not released:
+        raise UsageError("--init scratch trains a new prior in --pretrained's latent space: give "
+                         "--pretrained [DIR]")
     defaults = finetune_defaults(preset, args) if finetune else preset["train"]
     if released:  # the size their Stage C was trained at (released: 1024 px)
         defaults = defaults | {"image_size": released["image_sizes"]["c"]}

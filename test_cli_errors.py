@@ -1,4 +1,4 @@
-"""Every bad flag and file gets one clear line before any work starts (docs/refusals.md): over 50
+"""Every bad flag and file gets one clear line before any work starts (docs/refusals.md): 73
 mistakes a user makes with the command-line scripts (stage_a.py, stage_b.py, stage_b_paella.py,
 stage_c.py, sample.py, data.py, bench.py), each exits with status 2 within seconds, printing one
 line `script.py: error: ...` that names the flag or file, and no traceback.
@@ -6,7 +6,7 @@ line `script.py: error: ...` that names the flag or file, and no traceback.
 Each case is the command a user types, run as `python script.py ARGS` runs it: the script is
 executed as __main__ (runpy) with that sys.argv, in a process of its own, its exit status and its
 output (stdout and stderr) taken from that process. To pay Python's and torch's import once
-instead of 50 times (~2.5 s each on 2 CPU cores), one driver process imports the scripts' modules,
+instead of once per command (~2.5 s each on 2 CPU cores), one driver process imports the scripts' modules,
 then forks a child per case (DRIVER below); test_driver_runs_commands_as_python_does checks that a
 child prints and exits exactly as `python script.py` does. The checkpoints the cases name are
 written by common.save_checkpoint with what the checks read (stage, step, train_config): every
@@ -19,6 +19,8 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from common import (NonFiniteError, UsageError, check_output_dir, positive_int, run_cli,
                     save_checkpoint)
@@ -43,6 +45,8 @@ CASES = [
                                           *TINY], ["--data", "nowhere/00000.tar does not exist"]),
     ("a_out_dir_under_proc", ["stage_a.py", "--data", "{root}/toy", "--out_dir",
                               "/proc/nowhere/run", *TINY], ["--out_dir", "/proc/nowhere/run"]),
+    ("a_out_dir_inside_data", ["stage_a.py", "--data", "{root}/toy", "--out_dir",
+                               "{root}/toy/run", *TINY], ["--out_dir", "is inside --data"]),
     ("c_out_dir_is_a_file", ["stage_c.py", "--data", "{root}/toy", "--out_dir", "{root}/notes.txt",
                              *TINY], ["--out_dir", "notes.txt is a file"]),
     ("a_overwrite_finished_run", ["stage_a.py", "--data", "{root}/toy", "--out_dir", "{root}/done",
@@ -107,6 +111,11 @@ CASES = [
     ("c_lora_rank_without_pretrained", ["stage_c.py", "--data", "{root}/toy", "--out_dir",
                                         "{root}/fresh", "--lora_rank", "4", *TINY],
      ["--lora_rank", "--pretrained"]),
+    ("b_lora_alpha_without_rank", ["stage_b.py", "--data", "{root}/toy", "--out_dir",
+                                   "{root}/fresh", "--lora_alpha", "8", *TINY],
+     ["--lora_alpha", "give --lora_rank"]),
+    ("c_init_scratch_without_pretrained", ["stage_c.py", "--data", "{root}/toy", "--init",
+                                           "scratch", *TINY], ["--init scratch", "--pretrained"]),
     ("s_two_modes", ["sample.py", "--variation", "{root}/toy/00000.png", "--reconstruct",
                      "{root}/toy/00000.png"], ["--reconstruct", "not allowed with", "--variation"]),
     ("s_open_clip_without_pretrained", ["sample.py", "--prompt", "x", "--open_clip", *STAGES],
@@ -127,6 +136,10 @@ CASES = [
      ["--lora", "notes.txt is not a safetensors file"]),
     ("s_lora_folder_without_file", ["sample.py", "--prompt", "x", "--lora", "{root}/empty",
                                     *STAGES], ["--lora", "pytorch_lora_weights.safetensors"]),
+    ("s_lora_not_a_lora", ["sample.py", "--prompt", "x", "--lora", "{root}/weights.safetensors",
+                           *STAGES], ["weights.safetensors is not a LoRA file"]),
+    ("s_lora_scale_nan", ["sample.py", "--prompt", "x", "--lora_scale", "nan", *STAGES],
+     ["argument --lora_scale", "finite number"]),
     ("s_lora_missing", ["sample.py", "--prompt", "x", "--lora", "{root}/lora.safetensors",
                         *STAGES], ["--lora", "lora.safetensors"]),
     ("s_variation_missing_image", ["sample.py", "--variation", "{root}/nope.png", *STAGES],
@@ -217,6 +230,7 @@ def root(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "notes.txt").write_text("not a model, not a list of shards\n")
     (root / "shards.txt").write_text("nowhere/00000.tar\n")
+    save_file({"w": torch.zeros(2)}, str(root / "weights.safetensors"))  # weights, not a LoRA
     for stage in "abc":
         save_checkpoint(str(root / f"{stage}.pt"), {"stage": f"stage_{stage}", "step": 2,
                                                     "train_config": {"model": "tiny"}})
@@ -267,7 +281,8 @@ def test_nothing_was_written(results, root):
     """A refused run leaves nothing behind: no output folder or checkpoint, and the finished run
     it would have overwritten is as it was."""
     assert not (root / "fresh").exists() and not (root / "toy2").exists()
-    assert not (root / "sh").exists() and os.listdir(root / "done") == ["ckpt.pt"]
+    assert not (root / "sh").exists() and not (root / "toy" / "run").exists()
+    assert os.listdir(root / "done") == ["ckpt.pt"]
     assert os.listdir(root / "empty") == []
 
 
