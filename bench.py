@@ -46,7 +46,8 @@ from PIL import Image
 
 import data
 from blocks import LATENT_DIM_SCALE, RELEASED_LATENT_SPACE
-from common import Runtime
+from common import (ArgumentParser, Runtime, device_name, nonnegative_float, nonnegative_int,
+                    pick_device, positive_float, positive_int, run_cli)
 from data import infinite_batches
 from diffusion import DEFAULT_STAGE_C_TIMESTEPS, ddpm_sample
 from finetune import LORA_TARGETS, add_lora
@@ -684,6 +685,7 @@ def bench_loader(args):
 
 def fill_defaults(args):
     """Flags left unset take the CPU or GPU defaults of the chosen device."""
+    args.device = pick_device(args.device)
     preset = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
     for k, v in preset.items():
         if getattr(args, k, None) is None:
@@ -792,23 +794,25 @@ def main(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stages", default=None, help="comma-separated subset of a,b,c,chain,flops,"
-                   "memory,loader (default: all but loader; memory, a CPU estimate taking a minute "
-                   "there, only on a GPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stages", type=stage_list, default=None,
+                   help="comma-separated subset of a,b,c,chain,flops,memory,loader (default: all "
+                   "but loader; memory, a CPU estimate taking a minute there, only on a GPU)")
+    p.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bfloat16 on a GPU, float32 on CPU")
-    p.add_argument("--warmup", type=int, default=2,
+    p.add_argument("--warmup", type=nonnegative_int, default=2,
                    help="untimed steps of each implementation before timing")
-    p.add_argument("--repeats", type=int, default=7,
+    p.add_argument("--repeats", type=positive_int, default=7,
                    help="timed steps of each implementation (median reported)")
-    p.add_argument("--chain_repeats", type=int, default=3,
+    p.add_argument("--chain_repeats", type=positive_int, default=3,
                    help="timed runs of the whole sampling chain each")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=nonnegative_int, default=0,
+                   help="torch CPU threads (0 = torch's default)")
     p.add_argument("--timer", default="wall", choices=["wall", "cpu"],
                    help="wall clock, or this process's CPU time (robust on a busy machine with "
                    "--threads 1)")
@@ -820,44 +824,83 @@ def get_args(argv=None):
                    "attention matrices may pay page faults")
     p.add_argument("--no_flops", dest="flops", action="store_false",
                    help="skip counting the FLOPs of each timed step (one extra step each)")
-    p.add_argument("--mem_budget_gb", type=float, default=24.0,
+    p.add_argument("--mem_budget_gb", type=positive_float, default=24.0,
                    help="GPU memory budget (GiB) of the `memory` stage, for allocated tensors "
                    "(CUDA context on top)")
-    p.add_argument("--peak_tflops", type=float, default=989.0, help="the device's dense peak for "
-                   "--dtype, for the MFU column (H100 SXM bf16: 989)")
+    p.add_argument("--peak_tflops", type=positive_float, default=989.0,
+                   help="the device's dense peak for --dtype, for the MFU column (H100 SXM bf16: "
+                   "989)")
     # sizes (unset: the CPU or GPU DEFAULTS); model kwargs use diffusers' constructor names
     p.add_argument("--a", type=eval_dict, default=None,
                    help="PaellaVQModel kwargs, e.g. \"dict(embed_dim=96)\"")
-    p.add_argument("--a_image", type=int, default=None, help="Stage A image side in pixels")
-    p.add_argument("--a_batch", type=int, default=None, help="Stage A batch size")
+    p.add_argument("--a_image", type=positive_int, default=None,
+                   help="Stage A image side in pixels")
+    p.add_argument("--a_batch", type=positive_int, default=None, help="Stage A batch size")
     p.add_argument("--b", type=eval_dict, default=None,
                    help="WuerstchenDiffNeXt kwargs, e.g. \"dict(blocks=[1,1,2,1])\"")
-    p.add_argument("--b_latent", type=int, default=None,
+    p.add_argument("--b_latent", type=positive_int, default=None,
                    help="Stage B latent side (256 for 1024 px images)")
-    p.add_argument("--b_effnet", type=int, default=None, help="semantic latent side fed to Stage B "
-                   "(24 at 1024 px); also the Stage C latent side in the chain")
-    p.add_argument("--b_batch", type=int, default=None, help="Stage B batch size")
+    p.add_argument("--b_effnet", type=positive_int, default=None,
+                   help="semantic latent side fed to Stage B (24 at 1024 px); also the Stage C "
+                   "latent side in the chain")
+    p.add_argument("--b_batch", type=positive_int, default=None, help="Stage B batch size")
     p.add_argument("--c", type=eval_dict, default=None,
                    help="WuerstchenPrior kwargs, e.g. \"dict(c=256, depth=2)\"")
-    p.add_argument("--c_latent", type=int, default=None,
+    p.add_argument("--c_latent", type=positive_int, default=None,
                    help="Stage C latent side (24 for 1024 px images)")
-    p.add_argument("--c_batch", type=int, default=None, help="Stage C batch size")
-    p.add_argument("--chain_b_steps", type=int, default=None,
+    p.add_argument("--c_batch", type=positive_int, default=None, help="Stage C batch size")
+    p.add_argument("--chain_b_steps", type=positive_int, default=None,
                    help="Stage B sampling steps in the chain (pipeline: 12)")
-    p.add_argument("--chain_batch", type=int, default=None, help="images per chain run")
-    p.add_argument("--guidance", type=float, default=4.0,
+    p.add_argument("--chain_batch", type=positive_int, default=None, help="images per chain run")
+    p.add_argument("--guidance", type=nonnegative_float, default=4.0,
                    help="Stage C classifier-free guidance scale in the chain")
-    p.add_argument("--loader_sizes", type=eval, default=[(256, 256), (1024, 256), (1024, 1024)],
+    p.add_argument("--loader_sizes", type=size_pairs,
+                   default=[(256, 256), (1024, 256), (1024, 1024)],
                    help="loader stage: (source image side, training side) pairs")
-    p.add_argument("--loader_images", type=int, default=200,
+    p.add_argument("--loader_images", type=positive_int, default=200,
                    help="loader stage: JPEGs written per source side")
     return p.parse_args(argv)
 
 
+STAGES = ("a", "b", "c", "chain", "flops", "memory", "loader")
+
+
+def stage_list(text):
+    """--stages: a comma-separated subset of STAGES (an argparse type)."""
+    unknown = [s for s in text.split(",") if s not in STAGES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: not one of {','.join(STAGES)}")
+    return text
+
+
+def python_value(text):
+    """A Python expression from the command line, e.g. "[(256, 256)]" (an argparse type: a typo is
+    one line naming the flag, not a traceback)."""
+    try:
+        return eval(text, {"dict": dict})
+    except Exception as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Python value "
+                                         f"({type(e).__name__}: {e})") from None
+
+
+def size_pairs(text):
+    """--loader_sizes: a list of (source side, training side) pairs of positive integers."""
+    value = python_value(text)
+    if not (isinstance(value, (list, tuple)) and all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2
+            and all(isinstance(s, int) and s > 0 for s in pair) for pair in value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of (source side, training side) "
+                                         f"pairs, e.g. \"[(256, 256), (1024, 256)]\"")
+    return value
+
+
 def eval_dict(s):
     """A dict literal from the command line, e.g. "dict(c=256, depth=2)" or "{'c': 256}"."""
-    return dict(eval(s, {"dict": dict}))
+    value = python_value(s)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a dict")
+    return value
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_cli(main, get_args())

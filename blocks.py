@@ -15,8 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UsageError
-
 # -----------------------------------------------------------------------------
 # the sizes and the latent space that tie the stages together
 
@@ -267,10 +265,7 @@ def unet_levels(c_hidden, blocks, level_config, block):
     return down_blocks, up_blocks
 
 
-def check_latent_side(cfg, side, image_size, what="Stage B", unit="latents"):
-    """Refuse, before training, a Stage A latent (or token map) `side` the U-Net levels of this
-    Stage B (or Paella) config do not divide."""
-    multiple = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
-    if side % multiple:
-        raise UsageError(f"--image_size {image_size} gives {side} px {unit}; {what} needs a "
-                         f"multiple of {multiple} (image size a multiple of {4 * multiple})")
+def image_side_multiple(cfg):
+    """The image sides a Stage B (or Paella) config trains on are multiples of this: Stage A's f4
+    latent (or token map) side must divide through its patch and its U-Net levels."""
+    return 4 * cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)

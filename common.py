@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import textwrap
 import time
 import zipfile
@@ -194,6 +195,88 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line as run_cli prints a UsageError: `script.py:
+    error: argument --batch_size: must be a positive integer, not 0`, exit status 2 (-h has the
+    usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag_type(convert, ok, allowed):
+    """An argparse type: `convert` the text, then refuse a value that is not ok(value) with a
+    message saying what is `allowed` (argparse prefixes the flag's name)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, not {text}")
+        return value
+    parse.__name__ = allowed  # what argparse names in its own messages
+    return parse
+
+
+positive_int = flag_type(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = flag_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = flag_type(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = flag_type(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+probability = flag_type(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+finite_float = flag_type(float, math.isfinite, "a finite number")
+decay = flag_type(float, lambda v: 0 <= v < 1, "in [0, 1)")  # AdamW's beta2, the EMA's decay
+aspect_ratio = flag_type(float, lambda v: v == 0 or 1 <= v < math.inf, "0 (off) or a ratio >= 1")
+
+
+def existing_folder(text):
+    """An argparse type: a folder that exists ("" passes: --pretrained's Hugging Face cache)."""
+    if text and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return text
+
+
+def device_name(text):
+    """--device: auto, or a device torch knows that this machine has (an argparse type)."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text} is not a device: auto, cpu, cuda, cuda:N or "
+                                         f"mps") from None
+    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available()),
+             "cpu": 1}.get(device.type, 0)
+    if count <= (device.index or 0):
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {count} {device.type} "
+                                         f"device(s); --device auto picks what there is")
+    return text
+
+
+def check_multiple(flag, value, multiple, needs):
+    """Refuse a size `value` of `flag` that is not a multiple of `multiple` (which `needs` says
+    why), naming the nearest that works."""
+    if value is not None and value % multiple:
+        nearest = max(multiple, multiple * round(value / multiple))
+        raise UsageError(f"{flag} {value}: {needs} needs a multiple of {multiple}; the nearest is "
+                         f"{nearest}")
+
+
+def check_output_dir(path, flag):
+    """Refuse, before any work, an output folder that cannot be made or written: a file, or a
+    place without write access (tried by making and removing a folder in it: nothing is left)."""
+    parent = path
+    while parent and not os.path.exists(parent):  # the nearest folder that exists
+        parent = os.path.dirname(parent.rstrip(os.sep))
+    parent = parent or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
+
+
 def add_common_args(parser, stage, presets=("tiny", "small", "paper")):
     """The flags every training script shares, with the same names and meanings; --model picks one
     of `presets`."""
@@ -207,43 +290,50 @@ def add_common_args(parser, stage, presets=("tiny", "small", "paper")):
                    help="where ckpt.pt, log.txt and sample grids go")
     g.add_argument("--model", default=None, choices=list(presets), help="model size preset "
                    "(default: small; paper, the released sizes, with --pretrained)")
-    g.add_argument("--max_steps", type=int, default=None,
+    g.add_argument("--max_steps", type=positive_int, default=None,
                    help="optimizer steps (default: per preset)")
-    g.add_argument("--batch_size", type=int, default=None, help="global batch size, split over "
-                   "ranks and --grad_accum (default: per preset)")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--image_size", type=int, default=None,
+    g.add_argument("--batch_size", type=positive_int, default=None, help="global batch size, split "
+                   "over ranks and --grad_accum (default: per preset)")
+    g.add_argument("--grad_accum", type=positive_int, default=1,
+                   help="micro-batches per optimizer step")
+    g.add_argument("--image_size", type=positive_int, default=None,
                    help="training resolution (default: per preset)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default: per preset)")
-    g.add_argument("--warmup", type=int, default=None,
+    g.add_argument("--warmup", type=nonnegative_int, default=None,
                    help="linear LR warm-up steps (default: per preset)")
-    g.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: per preset)")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--grad_clip", type=float, default=1.0,
+    g.add_argument("--beta2", type=decay, default=None, help="AdamW beta2 (default: per preset)")
+    g.add_argument("--weight_decay", type=nonnegative_float, default=0.01,
+                   help="AdamW weight decay")
+    g.add_argument("--grad_clip", type=nonnegative_float, default=1.0,
                    help="clip the global gradient norm to this (0 = off)")
-    g.add_argument("--ema_decay", type=float, default=None, help="EMA decay per optimizer step, "
+    g.add_argument("--ema_decay", type=decay, default=None, help="EMA decay per optimizer step, "
                    "0 = no EMA (default: 0.999; 0 when fine-tuning)")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    g.add_argument("--device", default="auto", type=device_name,
+                   help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bf16 on GPUs that support it, else fp16 "
                    "(+GradScaler); fp32 on CPU")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
-    g.add_argument("--log_every", type=int, default=25, help="steps between log lines")
-    g.add_argument("--sample_every", type=int, default=500, help="steps between preview grids")
-    g.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
-    g.add_argument("--num_workers", type=int, default=2, help="data loader worker processes")
-    g.add_argument("--num_holdout", type=int, default=16,
+    g.add_argument("--log_every", type=positive_int, default=25, help="steps between log lines")
+    g.add_argument("--sample_every", type=positive_int, default=500,
+                   help="steps between preview grids")
+    g.add_argument("--save_every", type=positive_int, default=500,
+                   help="steps between checkpoints")
+    g.add_argument("--num_workers", type=nonnegative_int, default=2,
+                   help="data loader worker processes")
+    g.add_argument("--num_holdout", type=positive_int, default=16,
                    help="images held out of training for previews and metrics")
-    g.add_argument("--buckets", type=float, nargs="?", const=2.0, default=0.0, metavar="MAX_RATIO",
+    g.add_argument("--buckets", type=aspect_ratio, nargs="?", const=2.0, default=0.0,
+                   metavar="MAX_RATIO",
                    help="aspect-ratio buckets: keep each image's aspect ratio, in batches of one "
                    "of a few sizes of about --image_size^2 pixels, sides multiples of 128, aspect "
                    "ratios up to MAX_RATIO (2 when given alone); 0 = square centre crops")
-    g.add_argument("--shuffle_buffer", type=int, default=1000,
+    g.add_argument("--shuffle_buffer", type=positive_int, default=1000,
                    help="tar shards: samples shuffled together (per loader worker; memory: their "
                    "encoded bytes)")
-    g.add_argument("--max_nonfinite", type=int, default=5,
+    g.add_argument("--max_nonfinite", type=positive_int, default=5,
                    help="stop after this many optimizer steps in a row skipped for a non-finite "
                    "loss or gradient")
     g.add_argument("--compile", action="store_true",
@@ -272,6 +362,7 @@ def start_run(args, stage, train_defaults):
     checkpoint to continue (of this stage and preset, else a clear error). Returns (rt, logger,
     ckpt_path, ckpt or None)."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    check_run(args, stage, ckpt_path)
     ckpt = load_checkpoint(ckpt_path, stage) if args.resume else None
     train_defaults = {"ema_decay": 0.999, "seed": 0} | train_defaults  # a fine-tune's EMA: 0
     if ckpt:  # flags left out continue as the run was trained (batch size, lr, steps, ...)
@@ -279,6 +370,9 @@ def start_run(args, stage, train_defaults):
     if getattr(args, "epochs", None):  # sets --max_steps once the data is open (epochs_to_steps)
         train_defaults = {k: v for k, v in train_defaults.items() if k != "max_steps"}
     fill_defaults(args, train_defaults)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    check_multiple("--batch_size", args.batch_size, world * args.grad_accum,
+                   f"splitting it over {world} process(es) x --grad_accum {args.grad_accum}")
     rt = setup_runtime(args.device, args.dtype, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     logger = Logger(args.out_dir, rt.master)
@@ -294,14 +388,43 @@ def start_run(args, stage, train_defaults):
     return rt, logger, ckpt_path, ckpt
 
 
+def check_run(args, stage, ckpt_path):
+    """What a training run's flags name, checked before anything is built or written: the output
+    folder (writable; its checkpoint is continued with --resume, never overwritten without it) and
+    the checkpoints of the earlier stages it trains on (--stage_a, --stage_b; unused with
+    --pretrained)."""
+    check_output_dir(args.out_dir, "--out_dir")
+    data, out = (os.path.join(os.path.abspath(p), "") for p in (args.data, args.out_dir))
+    if os.path.isdir(args.data) and out.startswith(data):
+        raise UsageError(f"--out_dir {args.out_dir} is inside --data {args.data}: its preview "
+                         f"grids would be read as training images; give another --out_dir")
+    if getattr(args, "lora_alpha", None) and not args.lora_rank:
+        raise UsageError("--lora_alpha scales the adapters of --lora_rank: give --lora_rank")
+    if args.resume and not os.path.exists(ckpt_path):
+        raise UsageError(f"--resume: there is no {ckpt_path} to continue; leave out --resume to "
+                         f"start a run in {args.out_dir}")
+    if not args.resume and os.path.exists(ckpt_path):
+        step = load_checkpoint(ckpt_path, stage, mmap=True)["step"]
+        raise UsageError(f"--out_dir {args.out_dir} holds a {stage} run ({ckpt_path}, step "
+                         f"{step}): --resume continues it; to start over, delete it or give "
+                         f"another --out_dir")
+    if getattr(args, "pretrained", None) is None:
+        for flag in ("stage_a", "stage_b"):
+            if getattr(args, flag, None):
+                load_checkpoint(getattr(args, flag), flag, mmap=True)  # missing or wrong: said now
+
+
 def run_cli(main, args):
     """Run a script's main(args). A user's mistake (a missing or wrong file, flags that do not go
-    together, data that cannot be read) prints its one-line message and exits with status 1,
-    without a traceback."""
+    together, data that cannot be read) prints its one-line message, as argparse's errors
+    (ArgumentParser), and exits with status 2; a run stopped by non-finite training (its last
+    checkpoint kept) prints its line and exits with status 1. Anything else is a bug: its
+    traceback shows."""
     try:
         main(args)
     except (FileNotFoundError, UsageError, NonFiniteError) as e:
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, NonFiniteError) else 2)
 
 # -----------------------------------------------------------------------------
 # optimisation: LR, EMA, the guarded optimizer step

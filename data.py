@@ -31,13 +31,21 @@ from itertools import islice
 import torch
 from tqdm import tqdm
 
-from common import UsageError, restore_rng
+from common import (ArgumentParser, UsageError, check_multiple, check_output_dir, positive_int,
+                    restore_rng, run_cli)
 from images import (IMAGE_EXTENSIONS, SIDE_MULTIPLE, assign_buckets, bucket_sizes, describe,
                     inspect_image, load_image)
 from shards import ShardStream, caption_of, shard_list
-from toy import LOOKS, toy_prompts, write_toy_dataset
+from toy import LOOKS, check_colors, toy_prompts, write_toy_dataset
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the Hugging Face imagefolder layout
+
+
+def data_hint(root):
+    """What --data takes, for the messages that refuse `root`."""
+    return (f"expected a folder of images ({' '.join(IMAGE_EXTENSIONS)}, searched recursively) "
+            f"with optional same-name .txt captions or a metadata.jsonl, or tar shards; for a "
+            f"quick try: python data.py toy {root}")
 
 # -----------------------------------------------------------------------------
 # a folder of images
@@ -68,9 +76,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, size, verbose=True, buckets=0.0, min_per_bucket=1):
         root = os.fspath(root)  # str or pathlib.Path
         self.root, self.size, self.verbose = root, size, verbose
-        hint = (f"expected a folder of images ({' '.join(IMAGE_EXTENSIONS)}, searched "
-                f"recursively) with optional same-name .txt captions or a metadata.jsonl, or tar "
-                f"shards; for a quick try: python data.py toy {root}")
+        hint = data_hint(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data: folder {root!r} does not exist: {hint}")
         candidates, texts, self.metadata = [], set(), {}
@@ -161,10 +167,49 @@ class ImageFolder(torch.utils.data.Dataset):
 # what the stages call: the data, the held-out split
 
 
-def stream_defaults(source):
-    """The training defaults that differ when `source` (--data) is tar shards: a stream has nothing
-    to encode up front, so the presets' --cache (for folders) is off."""
-    return {"cache": False} if shard_list(source) else {}
+def check_source(source, flag="--data"):
+    """What --data names, checked before anything reads it: tar shards that exist (URLs are read
+    later), returned as their list, or else a folder holding images (None). A mistake is a
+    UsageError naming `flag`."""
+    source = os.fspath(source)
+    if os.path.isfile(source) and source.lower().endswith(IMAGE_EXTENSIONS):
+        raise UsageError(f"{flag} {source} is one image file: {data_hint('DIR')}")
+    try:
+        shards = shard_list(source)
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {source} is a file but no text list of tar shards: "
+                         f"{data_hint('DIR')}") from None
+    if shards is not None:
+        missing = [s for s in shards if "://" not in s and not os.path.isfile(s)]
+        if missing or not shards:
+            raise UsageError(f"{flag} {source}: " + (
+                f"tar shard {missing[0]} does not exist ({len(missing)} of {len(shards)} missing)"
+                if missing else "lists no tar shards"))
+        return shards
+    if not os.path.isdir(source):
+        raise UsageError(f"{flag} {source} does not exist: {data_hint(source)}")
+    if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(source)
+               for f in files):
+        raise UsageError(f"{flag} {source} holds no images: {data_hint(source)}")
+    return None
+
+
+def check_data(args, side_multiple, needs):
+    """--data, --image_size and --buckets, checked before anything is built or read: --data names
+    a folder holding images or tar shards that exist (check_source); the training side is one
+    `needs` can use, a multiple of `side_multiple`; --buckets' sizes step by SIDE_MULTIPLE; --cache
+    needs a folder. A mistake is a UsageError saying so. Returns the training defaults that differ
+    for tar shards: a stream has nothing to encode up front, so the presets' --cache (for folders)
+    is off."""
+    shards = check_source(args.data)
+    if shards and getattr(args, "cache", None):
+        raise UsageError("--cache encodes a whole dataset up front: it needs a folder of images, "
+                         "not tar shards")
+    check_multiple("--image_size", args.image_size, side_multiple, needs)
+    if args.buckets:
+        check_multiple("--image_size", args.image_size, SIDE_MULTIPLE,
+                       "--buckets (sizes in 128-pixel steps)")
+    return {"cache": False} if shards else {}
 
 
 def open_data(args, verbose=True):
@@ -173,9 +218,6 @@ def open_data(args, verbose=True):
     Held-out images stay square even with --buckets, so held-out metrics compare across runs."""
     shards = shard_list(args.data)
     if shards is not None:
-        if getattr(args, "cache", False):
-            raise UsageError("--cache encodes a whole dataset up front: it needs a folder of "
-                             "images, not tar shards")
         stream = ShardStream(shards, args.image_size, args.buckets, args.shuffle_buffer, verbose)
         return stream, stream.holdout(max(1, args.num_holdout))
     dataset = ImageFolder(args.data, args.image_size, verbose, args.buckets, args.batch_size)
@@ -393,17 +435,17 @@ def write_shards(src, out, per_shard=1000):
     return paths
 
 
-if __name__ == "__main__":
+def get_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description="Write the toy dataset, or check an image folder.",
-                                     formatter_class=fmt)
+    parser = ArgumentParser(description="Write the toy dataset, or check an image folder.",
+                            formatter_class=fmt)
     commands = parser.add_subparsers(dest="command", required=True)
     toy = commands.add_parser("toy", formatter_class=fmt,
                               help="write the toy set of captioned coloured shapes")
     toy.add_argument("dir",
                      help="folder to write 00000.png + 00000.txt ... into (created if missing)")
-    toy.add_argument("--n", type=int, default=2000, help="number of images")
-    toy.add_argument("--size", type=int, default=128, help="image side in pixels")
+    toy.add_argument("--n", type=positive_int, default=2000, help="number of images")
+    toy.add_argument("--size", type=positive_int, default=128, help="image side in pixels")
     toy.add_argument("--seed", type=int, default=0,
                      help="random seed: the same seed writes the same files")
     toy.add_argument("--look", default="bold", choices=list(LOOKS), help="bold: saturated "
@@ -416,7 +458,7 @@ if __name__ == "__main__":
                                 "for tar shards, ShardStream) reads and skips")
     check.add_argument("dir", help="what --data takes: a folder of images (searched recursively) "
                        "or tar shards")
-    check.add_argument("--size", type=int, default=256,
+    check.add_argument("--size", type=positive_int, default=256,
                        help="side images are resized and centre-cropped to")
     check.add_argument("--decode", action="store_true",
                        help="also decode every image (slow), to find truncated files")
@@ -425,18 +467,24 @@ if __name__ == "__main__":
     pack.add_argument("dir", help="folder of images (searched recursively) with optional captions")
     pack.add_argument("out", help="folder to write 00000.tar, 00001.tar, ... into (created if "
                       "missing)")
-    pack.add_argument("--per_shard", type=int, default=1000, help="samples per shard")
-    args = parser.parse_args()
+    pack.add_argument("--per_shard", type=positive_int, default=1000, help="samples per shard")
+    return parser.parse_args(argv)
+
+
+def main(args):
     if args.command == "toy":
+        check_colors(args.colors, args.look, "--colors")
+        check_output_dir(args.dir, "toy")
         n = write_toy_dataset(args.dir, args.n, args.size, args.seed, args.look, args.colors)
         print(f"data: wrote {n} toy images ({args.size}x{args.size}, look {args.look}) + .txt "
               f"captions to {args.dir}, captions like "
               f"{toy_prompts(args.look, args.colors)[0][0]!r}")
     elif args.command == "shards":
+        check_output_dir(args.out, "shards")
         paths = write_shards(args.dir, args.out, args.per_shard)
         print(f"data: wrote {len(paths)} shards {paths[0]} ... {paths[-1]}")
-    elif shard_list(args.dir) is not None:
-        stream = ShardStream(shard_list(args.dir), args.size)
+    elif (shards := check_source(args.dir, "check")) is not None:
+        stream = ShardStream(shards, args.size)
         n = 0
         for i in tqdm(range(len(stream.shards)), "data: reading shards"):
             for key, members in stream.samples(i):
@@ -450,3 +498,7 @@ if __name__ == "__main__":
             for i in tqdm(range(len(dataset)), "data: decoding"):
                 dataset[i]
             print(dataset.report())
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args())

@@ -15,7 +15,8 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from common import CheckpointError, UsageError, atomic_write
+from common import (CheckpointError, UsageError, atomic_write, existing_folder,
+                    nonnegative_int, positive_float)
 from data import folder_captions
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
@@ -27,23 +28,23 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections
 
 def add_finetune_args(group):
     """The fine-tuning flags of the training scripts (Stages B and C)."""
-    group.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR",
-                       help="fine-tune the released Würstchen v2 weights from DIR (as sample.py "
-                       "--pretrained reads it; an export of ours too), or without DIR from the "
-                       "Hugging Face cache; their semantic compressor stays frozen. The preset "
-                       "(--model, default paper) then only sets the training defaults")
-    group.add_argument("--lora_rank", type=int, default=0,
+    group.add_argument("--pretrained", type=existing_folder, nargs="?", const="", default=None,
+                       metavar="DIR", help="fine-tune the released Würstchen v2 weights from DIR "
+                       "(as sample.py --pretrained reads it; an export of ours too), or without "
+                       "DIR from the Hugging Face cache; their semantic compressor stays frozen. "
+                       "The preset (--model, default paper) then only sets the training defaults")
+    group.add_argument("--lora_rank", type=nonnegative_int, default=0,
                        help="train LoRA adapters of this rank on the frozen --pretrained model "
                        "instead of all its weights (0: full fine-tune)")
-    group.add_argument("--lora_alpha", type=float, default=None,
+    group.add_argument("--lora_alpha", type=positive_float, default=None,
                        help="LoRA scale = alpha / rank (default: alpha = rank, scale 1)")
     group.add_argument("--lora_targets", nargs="+", default=LORA_TARGETS,
                        help="the Linear layers that get adapters, by name or name ending "
                        "(PEFT's target_modules): the attention projections, as diffusers' prior "
                        "LoRA script; add channelwise.0 channelwise.4 for the channel MLPs, "
                        "cond_mapper.0 cond_mapper.2 for Stage C's text mapper")
-    group.add_argument("--epochs", type=float, default=None, help="passes over the training "
-                       "images: sets --max_steps (default when fine-tuning: per preset)")
+    group.add_argument("--epochs", type=positive_float, default=None, help="passes over the "
+                       "training images: sets --max_steps (default when fine-tuning: per preset)")
 
 
 def finetune_defaults(preset, args):
@@ -110,6 +111,25 @@ def finetune_warnings(args, default_lr, captions):
                         "caption empty), so no prompt will call up what it learns; add same-name "
                         ".txt files or a metadata.jsonl")
     return warnings
+
+
+def lora_file(path):
+    """The LoRA file `sample.py --lora PATH` names, checked before anything is loaded: PATH, or in
+    a folder (a --lora_rank run's --out_dir) its LORA_FILE; anything that does not read as a
+    safetensors file is refused with one line."""
+    file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise UsageError(f"--lora {path}: " + (f"no {LORA_FILE} in this folder" if file != path
+                                               else "no such file or folder"))
+    from safetensors import safe_open
+    try:
+        with safe_open(file, "pt"):
+            pass
+    except Exception as e:  # e.g. SafetensorError: HeaderTooLarge for a text file
+        raise UsageError(f"--lora {file} is not a safetensors file ({type(e).__name__}): a LoRA "
+                         f"is the {LORA_FILE} a --lora_rank run writes") from None
+    read_lora(file)  # diffusers' LoRA layout, else a UsageError
+    return file
 
 
 # -----------------------------------------------------------------------------

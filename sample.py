@@ -36,7 +36,6 @@ prior -> Paella tokens -> Stage A's codebook, with the v1 notebook's settings (m
     python sample.py --stage_b out/stage_b_paella/ckpt.pt --stage_c out/stage_c_paella/ckpt.pt ...
     python sample.py --pretrained weights_v1/ --prompt "an owl reading a newspaper, oil painting"
 """
-import argparse
 import gc
 import json
 import math
@@ -49,18 +48,21 @@ import torch
 from PIL import Image
 
 from blocks import LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, to_stage_c_space
-from common import (HelpFormatter, UsageError, default_dtype, frozen, load_checkpoint,
-                    pick_device, psnr, run_cli, save_captioned_grid)
+from common import (ArgumentParser, HelpFormatter, UsageError, check_output_dir, default_dtype,
+                    device_name, existing_folder, finite_float, frozen, load_checkpoint,
+                    nonnegative_float, nonnegative_int, pick_device, positive_float, positive_int,
+                    probability, psnr, run_cli, save_captioned_grid)
 from data import load_image
 from decoders import STAGE_B_KINDS, load_decoder
 from diffusion import DEFAULT_STAGE_C_TIMESTEPS, add_noise, ddpm_sample, randn, timestep_grid
 from export import check_exportable, write_compressor, write_decoder, write_prior
-from finetune import apply_loras
+from finetune import apply_loras, lora_file
+from images import inspect_image
 from pretrained import is_released_v1, open_released, open_released_v1
 from stage_a import StageA, load_stage_a
 from stage_b import SemanticCompressor, StageB
 from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c
-from toy import LOOKS, classify_toy_image, toy_prompt_following, toy_prompts
+from toy import LOOKS, check_colors, classify_toy_image, toy_prompt_following, toy_prompts
 
 # -----------------------------------------------------------------------------
 # loading
@@ -375,9 +377,56 @@ def export(pipe, root):
 def read_prompts(args):
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        if not os.path.isfile(args.prompts_file):
+            raise UsageError(f"--prompts_file {args.prompts_file}: no such file (a text file, one "
+                             f"prompt per line)")
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompts_file {args.prompts_file} is not UTF-8 text (one prompt "
+                             f"per line)") from None
     return prompts
+
+
+def stages_needed(args):
+    """The stages a run samples with: Stage A alone to reconstruct, A and B for variations, all
+    three otherwise (text-to-image, image-to-image, --eval_toy, --export)."""
+    return "a" if args.reconstruct else "ab" if args.variation else "abc"
+
+
+def check_args(args):
+    """Everything the flags name, checked before any model is loaded, each mistake a UsageError of
+    one line: the prompts a mode needs, the input images (read as training reads them), our
+    checkpoints (of the right stage), the LoRA files (--lora: a folder is resolved to its file),
+    output folders that can be written, and flags that need another."""
+    if args.init_image or not (args.export or args.reconstruct or args.variation or args.eval_toy):
+        if not read_prompts(args):
+            raise UsageError(("--init_image needs" if args.init_image else "give") + ' --prompt '
+                             '"..." (repeatable) or --prompts_file FILE (one prompt per line)')
+    for flag in ("variation", "init_image", "reconstruct"):
+        for path in getattr(args, flag) or []:
+            reason = ("does not exist" if not os.path.exists(path) else "is a folder, not an image"
+                      if os.path.isdir(path) else inspect_image(path)[0])
+            if reason:
+                raise UsageError(f"--{flag} {path}: {reason}")
+    ours = {k: getattr(args, f"stage_{k}") for k in "abc"}  # with --pretrained: those given
+    if args.pretrained is None:  # the stages used, from where training writes them unless given
+        ours = {k: ours[k] or f"out/stage_{k}/ckpt.pt" for k in stages_needed(args)}
+    for k, path in ours.items():
+        if path:
+            load_checkpoint(path, f"stage_{k}", mmap=True)  # missing or another stage's: said now
+    if args.open_clip and args.pretrained is None:
+        raise UsageError("--open_clip picks the text towers of --pretrained weights: give "
+                         "--pretrained [DIR]")
+    if args.eval_colors and not args.eval_toy:
+        raise UsageError("--eval_colors picks prompts of --eval_toy: give --eval_toy [LOOK]")
+    check_colors(args.eval_colors, args.eval_toy or "bold", "--eval_colors")
+    args.lora = [lora_file(path) for path in args.lora or []]
+    if args.export:
+        check_output_dir(args.export, "--export")
+    else:
+        check_output_dir(args.out_dir, "--out_dir")
 
 
 def read_images(paths, width, height):
@@ -407,7 +456,7 @@ def open_pipeline(args, device, dtype, stages="abc"):
         try:  # --pretrained "" = the Hugging Face cache
             pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
         except FileNotFoundError as e:
-            raise SystemExit(f"--pretrained: {e}")
+            raise UsageError(f"--pretrained: {e}") from None
         what = "the official Würstchen v1 files (Paella Stage B)" if pipe.release == "v1" else \
             "weights in the released layout"
         print(f"{what} from {args.pretrained or 'the Hugging Face cache'} "
@@ -422,6 +471,7 @@ def open_pipeline(args, device, dtype, stages="abc"):
 
 
 def main(args):
+    check_args(args)
     if args.export:  # a conversion of the weights as they are stored: on the CPU, in float32
         folders = export(open_pipeline(args, torch.device("cpu"), torch.float32), args.export)
         print(f"wrote {' and '.join(folders)}: diffusers' Würstchen pipelines read them (README "
@@ -430,8 +480,7 @@ def main(args):
     device = pick_device(args.device)
     dtype = sampling_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     t0 = time.time()
-    stages = "a" if args.reconstruct else "ab" if args.variation else "abc"
-    pipe = open_pipeline(args, device, dtype, stages)
+    pipe = open_pipeline(args, device, dtype, stages_needed(args))
     # flags left unset take the chain's defaults (CHAIN_DEFAULTS)
     chain = {k: v if getattr(args, k) is None else getattr(args, k)
              for k, v in CHAIN_DEFAULTS[pipe.release].items()}
@@ -463,8 +512,6 @@ def main(args):
     prompts = read_prompts(args)
     if args.variation or args.init_image:
         paths = args.variation or args.init_image
-        if args.init_image and not prompts:
-            raise SystemExit("--init_image needs --prompt \"...\" or --prompts_file FILE")
         # every (image, prompt) pair, cycling the shorter list; --n of each: (N * n, 3, H, W)
         pairs = [(k % len(paths), prompts[k % len(prompts)] if prompts else "")
                  for k in range(max(len(paths), len(prompts)))]
@@ -479,9 +526,6 @@ def main(args):
                                     steps_c=steps_c, guidance_c=guidance_c, **common)
             captions = texts
     else:
-        if not prompts:
-            raise SystemExit("give --prompt \"...\" (repeatable) or --prompts_file FILE (one "
-                             "prompt per line)")
         images = text_to_image(pipe, prompts, negative_prompt, args.n, width, height,
                                steps_c=steps_c, guidance_c=guidance_c, **common)
         captions = [p for p in prompts for _ in range(args.n)]
@@ -491,44 +535,48 @@ def main(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample images from Würstchen checkpoints or the "
-                                "released v1 / v2 weights (text -> C -> B -> A).",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Sample images from Würstchen checkpoints or the "
+                       "released v1 / v2 weights (text -> C -> B -> A).",
+                       formatter_class=HelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts_file", help="text file with one prompt per line")
     p.add_argument("--negative_prompt", default=None, help="what guidance steers away from, in "
                    "Stage C and Stage B (default: none; the v1 files: the v1 notebook's)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt (per input image "
+    p.add_argument("--n", type=positive_int, default=1, help="images per prompt (per input image "
                    "with --variation / --init_image)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
-    p.add_argument("--width", type=int, default=None,
+    p.add_argument("--width", type=positive_int, default=None,
                    help="image width, rounded to 128-pixel steps (default: --height if given, else "
                    "the training size of the last stage used: C's, else B's, else A's)")
-    p.add_argument("--height", type=int, default=None,
+    p.add_argument("--height", type=positive_int, default=None,
                    help="image height, rounded to 128-pixel steps (default: --width if given, "
                    "else that training size)")
-    p.add_argument("--steps_c", type=int, default=None, help="Stage C steps, 0 = the released "
-                   "29-step grid (default: 0; the v1 files: 60)")
-    p.add_argument("--guidance_c", type=float, default=None, help="Stage C classifier-free "
-                   "guidance scale (default: 4; the v1 files: 6)")
-    p.add_argument("--steps_b", type=int, default=None, help="Stage B steps (default: its kind's, "
-                   "12 DDPM steps for DiffNeXt, 8 for Paella)")
-    p.add_argument("--guidance_b", type=float, default=None, help="Stage B guidance scale "
-                   "(default: its kind's, DiffNeXt off as released (<= 1 = off), Paella w = 2 as "
-                   "v1)")
-    p.add_argument("--temperature_b", type=float, nargs=2, default=None, metavar=("FIRST", "LAST"),
-                   help="a token Stage B's (Paella's) sampling temperature, linear from FIRST to "
-                   "LAST over its steps (default: its kind's, 1.0 -> 0.6)")
-    p.add_argument("--variation", nargs="+",
-                   help="image(s) to make variations of (no prompt needed)")
-    p.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")
-    p.add_argument("--strength", type=float, default=0.6,
+    p.add_argument("--steps_c", type=nonnegative_int, default=None,
+                   help="Stage C steps, 0 = the released 29-step grid (default: 0; the v1 files: "
+                   "60)")
+    p.add_argument("--guidance_c", type=nonnegative_float, default=None,
+                   help="Stage C classifier-free guidance scale (default: 4; the v1 files: 6)")
+    p.add_argument("--steps_b", type=positive_int, default=None,
+                   help="Stage B steps (default: its kind's, 12 DDPM steps for DiffNeXt, 8 for "
+                   "Paella)")
+    p.add_argument("--guidance_b", type=nonnegative_float, default=None,
+                   help="Stage B guidance scale (default: its kind's, DiffNeXt off as released "
+                   "(<= 1 = off), Paella w = 2 as v1)")
+    p.add_argument("--temperature_b", type=positive_float, nargs=2, default=None,
+                   metavar=("FIRST", "LAST"), help="a token Stage B's (Paella's) sampling "
+                   "temperature, linear from FIRST to LAST over its steps (default: its kind's, "
+                   "1.0 -> 0.6)")
+    mode = p.add_mutually_exclusive_group()  # what is sampled; none: text-to-image
+    mode.add_argument("--variation", nargs="+",
+                      help="image(s) to make variations of (no prompt needed)")
+    mode.add_argument("--init_image", nargs="+", help="image(s) for image-to-image with --prompt")
+    p.add_argument("--strength", type=probability, default=0.6,
                    help="image-to-image: noise level to start from (0..1)")
-    p.add_argument("--reconstruct", nargs="+",
-                   help="image(s) to pass through Stage A only (encode -> decode)")
-    p.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light", "bold_pink"],
-                   metavar="LOOK", help="measure prompt following on the toy vocabulary (of the "
-                   "look: bold, the default, light, or bold_pink: bold and the colour pink)")
+    mode.add_argument("--reconstruct", nargs="+",
+                      help="image(s) to pass through Stage A only (encode -> decode)")
+    mode.add_argument("--eval_toy", nargs="?", const="bold", choices=["bold", "light", "bold_pink"],
+                      metavar="LOOK", help="measure prompt following on the toy vocabulary (of the "
+                      "look: bold, the default, light, or bold_pink: bold and the colour pink)")
     p.add_argument("--eval_colors", nargs="+", default=None, help="--eval_toy: only the prompts of "
                    "these shape colours (e.g. pink: the word a fine-tune taught)")
     for k in "abc":
@@ -539,24 +587,25 @@ def get_args(argv=None):
                    "(pytorch_lora_weights.safetensors of a --lora_rank run) merged into the prior "
                    "(Stage C) or the decoder (Stage B) it was made for, whichever its keys name; "
                    "repeatable")
-    p.add_argument("--lora_scale", type=float, default=1.0,
+    p.add_argument("--lora_scale", type=finite_float, default=1.0,
                    help="weight of the --lora updates (1 = as trained)")
     p.add_argument("--out_dir", default="out/samples",
                    help="where the grid and the single images go")
-    p.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR", help="use "
-                   "the released Würstchen v2 weights instead of our checkpoints: from DIR "
-                   "(warp-ai/wuerstchen-prior and warp-ai/wuerstchen in DIR/wuerstchen-prior and "
-                   "DIR/wuerstchen, or an --export of ours), or without DIR from the Hugging Face "
-                   "cache; a DIR with the official v1 files (model_stage_b.pt ...) runs the v1 "
-                   "chain")
+    p.add_argument("--pretrained", type=existing_folder, nargs="?", const="", default=None,
+                   metavar="DIR", help="use the released Würstchen v2 weights instead of our checkpoints: from "
+                   "DIR (warp-ai/wuerstchen-prior and warp-ai/wuerstchen in DIR/wuerstchen-prior "
+                   "and DIR/wuerstchen, or an --export of ours), or without DIR from the Hugging "
+                   "Face cache; a DIR with the official v1 files (model_stage_b.pt ...) runs the "
+                   "v1 chain")
     p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text "
                    "towers (ViT-bigG-14 laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of "
                    "the repositories' text_encoder/ folders")
-    p.add_argument("--export", metavar="DIR", help="write the models (our checkpoints, or "
-                   "--pretrained's) in the released layout, DIR/wuerstchen-prior and "
-                   "DIR/wuerstchen, for diffusers' Würstchen pipelines and --pretrained DIR; "
-                   "nothing is sampled")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    mode.add_argument("--export", metavar="DIR", help="write the models (our checkpoints, or "
+                      "--pretrained's) in the released layout, DIR/wuerstchen-prior and "
+                      "DIR/wuerstchen, for diffusers' Würstchen pipelines and --pretrained DIR; "
+                      "nothing is sampled")
+    p.add_argument("--device", default="auto", type=device_name,
+                   help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on GPUs that support it, else float32; "
                    "never float16, in which bf16-trained weights such as the released ones "

@@ -12,7 +12,6 @@ Run it:
     python stage_a.py --data ./imgs                      # one GPU, default 'small' preset
     torchrun --standalone --nproc_per_node=8 stage_a.py --data ./imgs --model paper
 """
-import argparse
 import os
 from dataclasses import asdict, dataclass, replace
 
@@ -21,12 +20,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
-                    ema_and_optimizer, ema_decay_at, get_lr, load_checkpoint, load_exact,
-                    load_weights_file, no_sync, preset_name, psnr, read_json, recompute_batchnorm,
-                    run_cli, save_checkpoint, save_image_grid, set_lr, start_run, update_ema,
-                    wrap_ddp)
-from data import holdout_batch, image_batches, open_data, resume_batches
+from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, UsageError,
+                    add_common_args, ema_and_optimizer, ema_decay_at, get_lr, load_checkpoint,
+                    load_exact, load_weights_file, no_sync, nonnegative_float, nonnegative_int,
+                    positive_int, preset_name, psnr, read_json, recompute_batchnorm, run_cli,
+                    save_checkpoint, save_image_grid, set_lr, start_run, update_ema, wrap_ddp)
+from data import check_data, holdout_batch, image_batches, open_data, resume_batches
 
 # -----------------------------------------------------------------------------
 # config
@@ -323,9 +322,11 @@ def measure_scale_factor(model, images):
 
 
 def train(args):
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_a", PRESETS[preset_name(args)]["train"])
+    preset = PRESETS[preset_name(args)]
+    check_data(args, 2 ** preset["model"].levels, "Stage A's encoder")  # before anything is built
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_a", preset["train"])
     # a copy: the measured scale_factor is written into it, never into the preset table
-    cfg = StageAConfig(**ckpt["model_config"]) if ckpt else replace(PRESETS[args.model]["model"])
+    cfg = StageAConfig(**ckpt["model_config"]) if ckpt else replace(preset["model"])
     logger.log(f"stage A | preset {args.model} | {rt.device} {str(rt.dtype).replace('torch.', '')}"
                f" | world {rt.world_size} | config {asdict(cfg)}")
     # data: images in [0, 1]; a fixed held-out set for previews and the final PSNR
@@ -445,16 +446,18 @@ def train(args):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train Stage A (the f4 VQGAN) of Würstchen on a "
-                                     "folder of images.", formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="Train Stage A (the f4 VQGAN) of Würstchen on a folder of "
+                            "images.", formatter_class=HelpFormatter)
     add_common_args(parser, "stage_a")
     g = parser.add_argument_group("stage A")
-    g.add_argument("--disc_start", type=int, default=None,
+    g.add_argument("--disc_start", type=nonnegative_int, default=None,
                    help="step at which the adversarial loss switches on (default: per preset)")
-    g.add_argument("--gan_weight", type=float, default=0.1, help="GAN loss weight (0 = no GAN)")
-    g.add_argument("--perceptual_weight", type=float, default=0.0,
+    g.add_argument("--gan_weight", type=nonnegative_float, default=0.1,
+                   help="GAN loss weight (0 = no GAN)")
+    g.add_argument("--perceptual_weight", type=nonnegative_float, default=0.0,
                    help="weight of a VGG16 perceptual loss (only if its weights are on disk)")
-    g.add_argument("--restart_every", type=int, default=200, help="steps per dead-code restart")
+    g.add_argument("--restart_every", type=positive_int, default=200,
+                   help="steps per dead-code restart")
     return parser.parse_args(argv)
 
 

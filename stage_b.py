@@ -26,15 +26,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blocks import (LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, AttnBlock, LayerNorm2d,
-                    ResBlockStageB, TimestepBlock, check_latent_side, dome272_init, per_level,
+                    ResBlockStageB, TimestepBlock, dome272_init, image_side_multiple, per_level,
                     r_embedding, unet_levels)
 from cache import cache_stage_a
-from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, UsageError,
-                    add_common_args, channels_last_convs, ema_and_optimizer, ema_decay_at, frozen,
-                    get_lr, load_checkpoint, load_exact, load_weights_file, no_sync, preset_name,
-                    psnr, read_json, recompute_batchnorm, run_cli, save_checkpoint, save_image_grid,
-                    set_lr, start_run, update_ema, wrap_ddp)
-from data import holdout_batch, image_batches, open_data, resume_batches, stream_defaults
+from common import (ArgumentParser, CheckpointError, HelpFormatter, NonFiniteGuard, Progress,
+                    UsageError, add_common_args, channels_last_convs, ema_and_optimizer,
+                    ema_decay_at, frozen, get_lr, load_checkpoint, load_exact, load_weights_file,
+                    no_sync, positive_int, preset_name, probability, psnr, read_json,
+                    recompute_batchnorm, run_cli, save_checkpoint, save_image_grid, set_lr,
+                    start_run, update_ema, wrap_ddp)
+from data import check_data, holdout_batch, image_batches, open_data, resume_batches
 from diffusion import add_noise, ddpm_sample, diffusion_loss, randn
 from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
                       load_trained, plan_epochs, refuse_lora_checkpoint, save_lora, trained_state)
@@ -75,7 +76,6 @@ class CompressorConfig:
     c_latent: int = 16
     tiny_width: int = 256  # feature width of the "tiny" backbone
     v1_scaling: bool = False  # return (e + 1) / 42 as v1's encoder does (Stage C's space, §3.1)
-
 
 
 # Per preset: the DiffNeXt config, the semantic compressor, the text tower (open_clip name and tag;
@@ -492,6 +492,7 @@ def build_models(args, preset, released, ckpt, rt, logger):
 
 def train(args):
     preset = PRESETS[preset_name(args)]
+    data_defaults = check_data(args, image_side_multiple(preset["model"]), "Stage B's U-Net")
     # --pretrained: fine-tune the released (or exported) decoder on these images; their semantic
     # compressor stays frozen, so the latent space Stage C samples in does not move
     released = (open_released(args.pretrained or None, compressor=True)
@@ -499,7 +500,7 @@ def train(args):
     if args.lora_rank and not released:
         raise UsageError("--lora_rank adapts a pretrained Stage B: give --pretrained [DIR]")
     defaults = (finetune_defaults(preset, args) | {"image_size": released["image_sizes"]["b"]}
-                if released else preset["train"]) | stream_defaults(args.data)
+                if released else preset["train"]) | data_defaults
     rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", defaults)
     if ckpt:
         check_kind(ckpt, ckpt_path, ("diffnext",))
@@ -518,7 +519,6 @@ def train(args):
     with torch.no_grad():
         held_latents = stage_a.encode(held_images)  # (N, 4, S/4, S/4)
         stage_a_psnr = psnr(stage_a.decode(held_latents).float(), held_images)  # B's ceiling
-    check_latent_side(cfg, held_latents.shape[-1], args.image_size)
     plan_epochs(args, trainset, released is not None, defaults["lr"], logger)
 
     # compressor + Stage B, one module (fp32 weights, autocast); fine-tuning: Stage B or its LoRA
@@ -615,13 +615,13 @@ def train(args):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train Stage B of Würstchen (semantic "
-                                     "compressor + DiffNeXt decoder) on a folder of images, on top "
-                                     "of a trained Stage A.", formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="Train Stage B of Würstchen (semantic compressor + "
+                            "DiffNeXt decoder) on a folder of images, on top of a trained Stage A.",
+                            formatter_class=HelpFormatter)
     add_common_args(parser, "stage_b")
     g = parser.add_argument_group("stage B")
     add_stage_b_args(g)
-    g.add_argument("--steps_b", type=int, default=12,
+    g.add_argument("--steps_b", type=positive_int, default=12,
                    help="Stage B DDPM steps of the preview reconstructions")
     add_finetune_args(parser.add_argument_group("fine-tuning (--pretrained)"))
     return parser.parse_args(argv)
@@ -634,11 +634,11 @@ def add_stage_b_args(group):
     add_text_encoder_args(group)
     group.add_argument("--no_imagenet", action="store_true", help="start the EfficientNetV2 "
                        "backbone from random weights instead of ImageNet")
-    group.add_argument("--p_drop_text", type=float, default=0.05,
+    group.add_argument("--p_drop_text", type=probability, default=0.05,
                        help="probability of an empty caption, per sample (CFG)")
-    group.add_argument("--p_zero_effnet", type=float, default=0.05,
+    group.add_argument("--p_zero_effnet", type=probability, default=0.05,
                        help="probability of a zeroed semantic latent, per sample")
-    group.add_argument("--p_noise_effnet", type=float, default=0.3, help="probability of a "
+    group.add_argument("--p_noise_effnet", type=probability, default=0.3, help="probability of a "
                        "Stage-C-noised semantic latent (t ~ U(0, 0.5)), per sample")
     group.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                        help="encode the whole dataset with Stage A once, kept in out_dir/cache/ "

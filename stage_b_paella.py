@@ -22,7 +22,6 @@ Run it (after stage_a.py):
 Released v1 weights: Paella.from_pretrained("model_stage_b.pt"), and its EfficientNetV2-L compressor
 with SemanticCompressor.from_pretrained("model_stage_b.pt").
 """
-import argparse
 import math
 import os
 from dataclasses import asdict, dataclass, replace
@@ -33,14 +32,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from blocks import (LATENT_DIM_SCALE, AttnBlock, Dropout, GlobalResponseNorm, LayerNorm2d,
-                    ResBlock, TimestepBlock, check_latent_side, dome272_init, per_level,
+                    ResBlock, TimestepBlock, dome272_init, image_side_multiple, per_level,
                     r_embedding, unet_levels)
 from cache import cache_stage_a
-from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
-                    channels_last_convs, ema_and_optimizer, ema_decay_at, get_lr, load_exact,
-                    no_sync, preset_name, psnr, run_cli, save_checkpoint, save_image_grid, set_lr,
+from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, UsageError,
+                    add_common_args, channels_last_convs, ema_and_optimizer, ema_decay_at, get_lr,
+                    load_exact, no_sync, nonnegative_float, positive_float, positive_int,
+                    preset_name, psnr, run_cli, save_checkpoint, save_image_grid, set_lr,
                     start_run, update_ema, wrap_ddp)
-from data import holdout_batch, image_batches, open_data, resume_batches, stream_defaults
+from data import check_data, holdout_batch, image_batches, open_data, resume_batches
 from diffusion import sample_t, timestep_grid
 from pretrained import dome272_to_diffusers
 from stage_a import load_stage_a
@@ -409,8 +409,8 @@ def sample_images(model, stage_a, effnet, clip_text, uncond_clip_text, token_hw,
 
 def train(args):
     preset = PRESETS[preset_name(args)]
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_b",
-                                            preset["train"] | stream_defaults(args.data))
+    data_defaults = check_data(args, image_side_multiple(preset["model"]), "Paella's U-Net")
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_b", preset["train"] | data_defaults)
     if ckpt:
         check_kind(ckpt, ckpt_path, ("paella",))
     text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)  # frozen
@@ -435,7 +435,6 @@ def train(args):
         held_tokens = stage_a.encode_indices(held_images)  # (N, S/4, S/4)
         # Paella's ceiling: Stage A decoding the held-out images' own tokens
         stage_a_psnr = psnr(stage_a.decode_indices(held_tokens).float(), held_images)
-    check_latent_side(cfg, held_tokens.shape[-1], args.image_size, "Paella", "token maps")
 
     # models, EMA and optimizer: compressor + Paella together (fp32 weights; autocast does the rest)
     compressor = build_compressor(ccfg, args.no_imagenet or ckpt is not None, rt, logger)
@@ -524,20 +523,21 @@ def train(args):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train the v1 Stage B of Würstchen (semantic "
-                                     "compressor + Paella, a token decoder) on a folder of images, "
-                                     "on top of a trained Stage A.", formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="Train the v1 Stage B of Würstchen (semantic compressor "
+                            "+ Paella, a token decoder) on a folder of images, on top of a trained "
+                            "Stage A.", formatter_class=HelpFormatter)
     add_common_args(parser, "stage_b_paella", PRESETS)
     g = parser.add_argument_group("stage B (Paella)")
     add_stage_b_args(g)
-    g.add_argument("--steps_b", type=int, default=V1_SAMPLING["steps"],
+    g.add_argument("--steps_b", type=positive_int, default=V1_SAMPLING["steps"],
                    help="Paella steps of the preview reconstructions")
-    g.add_argument("--guidance_b", type=float, default=V1_SAMPLING["cfg"], help="classifier-free "
-                   "guidance w of the previews: logits_c w + logits_u (1 - w), against zero e and "
-                   "the empty caption")
-    g.add_argument("--temperature_b", type=float, nargs=2, default=V1_SAMPLING["temperature"],
-                   metavar=("FIRST", "LAST"), help="sampling temperature of the previews, linear "
-                   "from FIRST to LAST over the steps")
+    g.add_argument("--guidance_b", type=nonnegative_float, default=V1_SAMPLING["cfg"],
+                   help="classifier-free guidance w of the previews: logits_c w + logits_u "
+                   "(1 - w), against zero e and the empty caption")
+    g.add_argument("--temperature_b", type=positive_float, nargs=2,
+                   default=V1_SAMPLING["temperature"], metavar=("FIRST", "LAST"),
+                   help="sampling temperature of the previews, linear from FIRST to LAST over the "
+                   "steps")
     return parser.parse_args(argv)
 
 

@@ -29,16 +29,18 @@ from torch.utils.checkpoint import checkpoint
 from blocks import (RESOLUTION_MULTIPLE, AttnBlock, LayerNorm2d, ResBlock,
                     TimestepBlock, dome272_init, r_embedding, to_stage_b_space, to_stage_c_space)
 from cache import cache_stage_c
-from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
-                    channels_last_convs, ema_and_optimizer, ema_decay_at, free_memory, frozen,
-                    get_lr, load_checkpoint, load_exact, load_weights_file, no_sync, preset_name,
-                    read_json, run_cli, save_captioned_grid, save_checkpoint, set_lr, start_run,
-                    update_ema, wrap_ddp)
-from data import holdout_batch, open_data, resume_batches, sizes_of, stream_defaults
+from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, UsageError,
+                    add_common_args, channels_last_convs, ema_and_optimizer, ema_decay_at,
+                    free_memory, frozen, get_lr, load_checkpoint, load_exact, load_weights_file,
+                    no_sync, nonnegative_float, nonnegative_int, positive_int, preset_name,
+                    probability, read_json, run_cli, save_captioned_grid, save_checkpoint, set_lr,
+                    start_run, update_ema, wrap_ddp)
+from data import check_data, holdout_batch, open_data, resume_batches, sizes_of
 from decoders import load_decoder
 from diffusion import DEFAULT_STAGE_C_TIMESTEPS, ddpm_sample, diffusion_loss, randn
 from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
                       load_trained, plan_epochs, refuse_lora_checkpoint, save_lora, trained_state)
+from images import SIDE_MULTIPLE
 from metrics import preview_scores
 from pretrained import dome272_to_diffusers, open_released
 from stage_a import StageA, load_stage_a
@@ -286,7 +288,6 @@ def frozen_models(args, released, preset, ckpt, device):
                          "text_encoder_b": frozen(build["text_encoder_b"](), device),
                          "stage_a": frozen(StageA.from_pretrained(paths["stage_a"]), device)})
     parts_b = load_stage_b(args.stage_b, device, parts=("compressor",))
-    load_checkpoint(args.stage_a, "stage_a", mmap=True)  # missing or wrong: said now
 
     def decoders():  # Stage B of either kind (stage_b.py, stage_b_paella.py)
         parts = load_decoder(args.stage_b, device, parts=("stage_b", "text_encoder"))
@@ -345,6 +346,8 @@ def preview(ema, text_encoder, decoders, prompts, latent_hw, latent_space, args,
 
 def train(args):
     preset = PRESETS[preset_name(args)]
+    data_defaults = check_data(args, SIDE_MULTIPLE, "a preview's Stage B (Stage C's latent side "
+                               "a multiple of 3)")
     # --pretrained: released (or exported) weights, found now; fine-tuning starts from their prior
     released = (open_released(args.pretrained or None, compressor=True)
                 if args.pretrained is not None else None)
@@ -352,10 +355,13 @@ def train(args):
     if args.lora_rank and not finetune:
         raise UsageError("--lora_rank adapts a pretrained prior: give --pretrained [DIR] "
                          "(and no --init scratch)")
+    if args.init == "scratch" and not released:
+        raise UsageError("--init scratch trains a new prior in --pretrained's latent space: give "
+                         "--pretrained [DIR]")
     defaults = finetune_defaults(preset, args) if finetune else preset["train"]
     if released:  # the size their Stage C was trained at (released: 1024 px)
         defaults = defaults | {"image_size": released["image_sizes"]["c"]}
-    rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", defaults | stream_defaults(args.data))
+    rt, logger, ckpt_path, ckpt = start_run(args, "stage_c", defaults | data_defaults)
 
     # frozen parts: the semantic compressor gives the target, a CLIP text tower the condition (a
     # random 'tiny' tower is built from the seed on every rank and saved with our checkpoint);
@@ -488,7 +494,7 @@ def restore(ckpt, ckpt_path, model, ema, opt, scaler, logger):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train Stage C of Würstchen (the text-conditional prior) on a folder of "
         "captioned images, on top of trained Stages A and B, or fine-tune the released prior "
         "(--pretrained).",
@@ -505,14 +511,16 @@ def get_args(argv=None):
                    help="compute the frozen text embeddings and semantic latents of the whole "
                    "dataset once, kept in out_dir/cache/ for re-runs and --resume; the frozen "
                    "models then leave memory (folders; default: on for tiny and when fine-tuning)")
-    g.add_argument("--p_drop_text", type=float, default=0.05,
+    g.add_argument("--p_drop_text", type=probability, default=0.05,
                    help="probability of an empty caption, per sample (CFG)")
-    g.add_argument("--guidance_c", type=float, default=4.0,
+    g.add_argument("--guidance_c", type=nonnegative_float, default=4.0,
                    help="Stage C classifier-free guidance scale of the previews")
-    g.add_argument("--steps_c", type=int, default=None, help="Stage C DDPM steps of the previews, "
-                   "0 = the released 29-step grid DEFAULT_STAGE_C_TIMESTEPS (default: per preset)")
-    g.add_argument("--steps_b", type=int, default=None, help="Stage B steps of the previews "
-                   "(default: its kind's, 12 DDPM steps for DiffNeXt, 8 for Paella)")
+    g.add_argument("--steps_c", type=nonnegative_int, default=None,
+                   help="Stage C DDPM steps of the previews, 0 = the released 29-step grid "
+                   "DEFAULT_STAGE_C_TIMESTEPS (default: per preset)")
+    g.add_argument("--steps_b", type=positive_int, default=None,
+                   help="Stage B steps of the previews (default: its kind's, 12 DDPM steps for "
+                   "DiffNeXt, 8 for Paella)")
     g.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in the backward pass (activation checkpointing): "
                    "much less memory for the paper size, ~30%% more compute (default: per preset; "

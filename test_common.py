@@ -168,15 +168,15 @@ def test_resume_keeps_the_flags_the_run_was_trained_with(tmp_path):
     preset = {"batch_size": 64, "lr": 1e-3, "max_steps": 3000}
 
     def args(**given):
-        flags = dict(data=str(tmp_path), out_dir=str(tmp_path), device="cpu", dtype="float32",
+        flags = dict(data=str(tmp_path / "toy"), out_dir=str(tmp_path), device="cpu", dtype="float32",
                      seed=None, model="tiny", batch_size=None, lr=None, max_steps=None,
-                     ema_decay=None, resume=True)
+                     ema_decay=None, resume=True, grad_accum=1)
         return Namespace(**(flags | given))
     resumed = args(max_steps=100)
     start_run(resumed, "stage_c", preset)
     assert (resumed.batch_size, resumed.lr, resumed.max_steps, resumed.ema_decay, resumed.seed) == (
         8, 3e-4, 100, 0.99, 5)
-    fresh = args(resume=False)
+    fresh = args(resume=False, out_dir=str(tmp_path / "new"))  # (a run never overwrites one)
     start_run(fresh, "stage_c", preset)
     assert (fresh.batch_size, fresh.lr, fresh.max_steps, fresh.ema_decay, fresh.seed) == (
         64, 1e-3, 3000, 0.999, 0)

@@ -23,6 +23,7 @@ import pretrained
 import sample
 import stage_b
 import text_encoder
+from common import UsageError
 from diffusion import DEFAULT_STAGE_C_TIMESTEPS
 from stage_b import StageBConfig
 from text_encoder import TextEncoder
@@ -279,7 +280,7 @@ def test_missing_weights_fail_at_once(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     t0 = time.time()
-    with pytest.raises(SystemExit, match="hf download warp-ai/wuerstchen-prior "
+    with pytest.raises(UsageError, match="hf download warp-ai/wuerstchen-prior "
                                          "--local-dir DIR/wuerstchen-prior"):
         sample.main(sample.get_args(["--pretrained", "--prompt", "a cat", "--device", "cpu"]))
     assert time.time() - t0 < 2

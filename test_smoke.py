@@ -210,7 +210,7 @@ def test_flags_that_do_not_go_together_get_one_clear_line(chain, tmp_path):
                           chain["data"], "--model", "tiny", "--lora_rank", "4", "--device", "cpu",
                           "--out_dir", str(tmp_path)], capture_output=True, text=True,
                          timeout=120, cwd=here)
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines() == [
         "stage_c.py: error: --lora_rank adapts a pretrained prior: give --pretrained [DIR] (and "
         "no --init scratch)"], res.stderr

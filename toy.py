@@ -14,6 +14,8 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common import UsageError
+
 # -----------------------------------------------------------------------------
 # the toy set, in three looks
 
@@ -102,6 +104,15 @@ def write_toy_dataset(root, n=2000, size=128, seed=0, look="bold", colors=None):
         with open(os.path.join(root, f"{i:05d}.txt"), "w", encoding="utf-8") as f:
             f.write(toy_caption(color, shape, background) + "\n")
     return n
+
+
+def check_colors(colors, look, flag):
+    """Refuse shape colours the look has not (`flag` names where they came from): no prompt, no
+    image would have them."""
+    unknown = [c for c in colors or [] if c not in LOOKS[look]["colors"]]
+    if unknown:
+        raise UsageError(f"{flag} {' '.join(unknown)}: the {look} look's colours are "
+                         f"{', '.join(LOOKS[look]['colors'])}")
 
 
 def toy_prompts(look="bold", only=None):
