@@ -201,7 +201,7 @@ class ArgumentParser(argparse.ArgumentParser):
     usage)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")  # a subcommand's too
 
 
 def flag_type(convert, ok, allowed):

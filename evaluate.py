@@ -19,7 +19,6 @@ Sampling needs only requirements.txt. The metrics (metrics.py) need requirements
 (torchmetrics on torch-fidelity's Inception-v3 for FID; transformers' CLIP towers for the CLIP
 score and PickScore), imported only when a metric runs, and weights fetched on first use.
 """
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -31,7 +30,23 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import HelpFormatter, UsageError, pick_device, run_cli, setup_runtime
+from common import (
+    ArgumentParser,
+    HelpFormatter,
+    UsageError,
+    check_output_dir,
+    device_name,
+    existing_folder,
+    finite_float,
+    load_checkpoint,
+    nonnegative_float,
+    nonnegative_int,
+    pick_device,
+    positive_int,
+    run_cli,
+    setup_runtime,
+)
+from finetune import lora_file
 from metrics import (
     CLIP_SCORE_MODEL,
     INCEPTION,
@@ -167,7 +182,22 @@ def check_settings(out_dir, settings, master):
         os.replace(path + ".tmp", path)
 
 
+def check_sample_args(args):
+    """What `sample` names, checked before any model is loaded (one-line UsageErrors): the prompt
+    set, our checkpoints of the stages used, the LoRA files, the output folder."""
+    if not os.path.isfile(args.prompts):
+        raise UsageError(f"--prompts {args.prompts}: no such file (a text file, one prompt a line, "
+                         f"or COCO's captions_val*.json)")
+    for k in "abc":  # ours: those given, else (without --pretrained) where training writes them
+        path = getattr(args, f"stage_{k}") or (args.pretrained is None and f"out/stage_{k}/ckpt.pt")
+        if path:
+            load_checkpoint(path, f"stage_{k}", mmap=True)
+    args.lora = [lora_file(path) for path in args.lora or []]
+    check_output_dir(args.out_dir, "--out_dir")
+
+
 def main_sample(args):
+    check_sample_args(args)
     rt = setup_runtime(args.device, "float32", args.seed)  # torchrun: this rank's device
     dtype = sampling_dtype(rt.device) if args.dtype == "auto" else getattr(torch, args.dtype)
     prompts, coco_files = read_prompt_set(args.prompts, args.n, args.prompt_seed)
@@ -255,7 +285,7 @@ def main(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample a prompt set with a Würstchen chain, and "
+    p = ArgumentParser(description="Sample a prompt set with a Würstchen chain, and "
                                 "measure folders of images: FID@256, CLIP score, PickScore.",
                                 formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -263,37 +293,38 @@ def get_args(argv=None):
                        "OUT_DIR/NNNNNN.png and NNNNNN.txt (torchrun: split over the ranks)")
     s.add_argument("--prompts", required=True, help="a text file (one prompt a line) or COCO's "
                    "captions_val*.json")
-    s.add_argument("--n", type=int, default=None, help="how many prompts: the first n of a text "
+    s.add_argument("--n", type=positive_int, default=None, help="how many prompts: the first n of a text "
                    "file, n captions drawn with --prompt_seed from COCO (default: all)")
     s.add_argument("--prompt_seed", type=int, default=0, help="the seed of the COCO draw")
     s.add_argument("--out_dir", required=True, help="where the images go")
     s.add_argument("--seed", type=int, default=0, help="image i is drawn from seed (seed, i)")
-    s.add_argument("--batch_size", type=int, default=8, help="images per batch (each rank)")
+    s.add_argument("--batch_size", type=positive_int, default=8, help="images per batch (each rank)")
     s.add_argument("--paper_settings", action="store_true", help="the paper's evaluation "
                    "settings: Stage C 60 steps, Stage B 12, guidance 4, 1024 x 1024 (flags given "
                    "win; --width or --height alone: a square)")
-    s.add_argument("--steps_c", type=int, default=None, help="Stage C steps, 0 = the released "
+    s.add_argument("--steps_c", type=nonnegative_int, default=None, help="Stage C steps, 0 = the released "
                    "29-step grid (default: the chain's, as sample.py)")
-    s.add_argument("--guidance_c", type=float, default=None, help="Stage C guidance (default: "
+    s.add_argument("--guidance_c", type=nonnegative_float, default=None, help="Stage C guidance (default: "
                    "the chain's, 4)")
-    s.add_argument("--steps_b", type=int, default=None, help="Stage B steps (default: its kind's)")
-    s.add_argument("--guidance_b", type=float, default=None, help="Stage B guidance (default: its "
+    s.add_argument("--steps_b", type=positive_int, default=None, help="Stage B steps (default: its kind's)")
+    s.add_argument("--guidance_b", type=nonnegative_float, default=None, help="Stage B guidance (default: its "
                    "kind's)")
     s.add_argument("--negative_prompt", default=None, help="(default: the chain's, none)")
-    s.add_argument("--width", type=int, default=None, help="(default: the chain's training size)")
-    s.add_argument("--height", type=int, default=None, help="(default: --width)")
+    s.add_argument("--width", type=positive_int, default=None, help="(default: the chain's training size)")
+    s.add_argument("--height", type=positive_int, default=None, help="(default: --width)")
     for k in "abc":
         s.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint "
                        f"(default: out/stage_{k}/ckpt.pt; with --pretrained: replaces theirs)")
-    s.add_argument("--pretrained", nargs="?", const="", default=None, metavar="DIR",
+    s.add_argument("--pretrained", type=existing_folder, nargs="?", const="", default=None,
+                   metavar="DIR",
                    help="the released weights (from DIR, else the Hugging Face cache), as "
                    "sample.py")
     s.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text "
                    "towers")
     s.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file merged in "
                    "(repeatable), as sample.py")
-    s.add_argument("--lora_scale", type=float, default=1.0, help="weight of the --lora updates")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (torchrun: each "
+    s.add_argument("--lora_scale", type=finite_float, default=1.0, help="weight of the --lora updates")
+    s.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda | mps (torchrun: each "
                    "rank its GPU)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on GPUs that support it, else float32")
@@ -303,7 +334,7 @@ def get_args(argv=None):
     f.add_argument("ref_dir", help="reference images (searched recursively), e.g. COCO val2014/")
     f.add_argument("--ref_names", help="only the reference images named in this file, e.g. "
                    "GEN_DIR/coco_images.txt: the images of the drawn captions")
-    f.add_argument("--size", type=int, default=256, help="both sets centre-cropped and resized to "
+    f.add_argument("--size", type=positive_int, default=256, help="both sets centre-cropped and resized to "
                    "this side first (FID@256)")
     f.add_argument("--inception", default=None, help=f"a local copy of {INCEPTION} (default: "
                    "the torch hub cache, fetched on first use)")
@@ -318,9 +349,10 @@ def get_args(argv=None):
     k.add_argument("--pick_model", default=PICKSCORE_MODEL, help="repository or folder")
     k.add_argument("--pick_processor", default=PICKSCORE_PROCESSOR, help="repository or folder")
     for m in (f, c, k):
-        m.add_argument("--batch_size", type=int, default=50, help="images per batch")
-        m.add_argument("--num_workers", type=int, default=4, help="image-decoding processes")
-        m.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+        m.add_argument("--batch_size", type=positive_int, default=50, help="images per batch")
+        m.add_argument("--num_workers", type=nonnegative_int, default=4,
+                       help="image-decoding processes")
+        m.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda | mps")
     return p.parse_args(argv)
 
 

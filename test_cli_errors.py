@@ -1,6 +1,6 @@
-"""Every bad flag and file gets one clear line before any work starts (docs/refusals.md): 73
+"""Every bad flag and file gets one clear line before any work starts (docs/refusals.md): 79
 mistakes a user makes with the command-line scripts (stage_a.py, stage_b.py, stage_b_paella.py,
-stage_c.py, sample.py, data.py, bench.py), each exits with status 2 within seconds, printing one
+stage_c.py, sample.py, data.py, bench.py, evaluate.py), each exits with status 2 within seconds, printing one
 line `script.py: error: ...` that names the flag or file, and no traceback.
 
 Each case is the command a user types, run as `python script.py ARGS` runs it: the script is
@@ -179,6 +179,22 @@ CASES = [
     ("bench_repeats_zero", ["bench.py", "--repeats", "0"], ["argument --repeats"]),
     ("bench_bad_dict", ["bench.py", "--c", "dict(c=256"], ["argument --c", "not a Python value"]),
     ("bench_unknown_stage", ["bench.py", "--stages", "a,z"], ["argument --stages", "z"]),
+    # evaluate.py
+    ("evaluate_missing_prompts", ["evaluate.py", "sample", "--prompts", "{root}/none.txt",
+                                  "--out_dir", "{root}/ev", *STAGES], ["--prompts", "none.txt"]),
+    ("evaluate_n_zero", ["evaluate.py", "sample", "--prompts", "{root}/notes.txt", "--n", "0",
+                         "--out_dir", "{root}/ev"], ["argument --n", "not 0"]),
+    ("evaluate_stage_c_is_stage_b", ["evaluate.py", "sample", "--prompts", "{root}/notes.txt",
+                                     "--out_dir", "{root}/ev", "--stage_a", "{root}/a.pt",
+                                     "--stage_b", "{root}/b.pt", "--stage_c", "{root}/b.pt"],
+     ["b.pt is a stage_b checkpoint"]),
+    ("evaluate_lora_not_safetensors", ["evaluate.py", "sample", "--prompts", "{root}/notes.txt",
+                                       "--out_dir", "{root}/ev", *STAGES, "--lora",
+                                       "{root}/notes.txt"], ["--lora", "notes.txt"]),
+    ("evaluate_fid_no_images", ["evaluate.py", "fid", "{root}/empty", "{root}/toy"],
+     ["no images in", "empty"]),
+    ("evaluate_clip_batch_zero", ["evaluate.py", "clip", "{root}/toy", "--batch_size", "0"],
+     ["argument --batch_size"]),
     ("bench_loader_sizes", ["bench.py", "--stages", "loader", "--loader_sizes", "[256]"],
      ["argument --loader_sizes", "pairs"]),
 ]
@@ -189,7 +205,7 @@ CASES = [
 DRIVER = r"""
 import json, os, runpy, signal, sys, time, traceback
 sys.path.insert(0, os.getcwd())
-import bench, data, sample, stage_a, stage_b, stage_b_paella, stage_c  # imported once
+import bench, data, evaluate, sample, stage_a, stage_b, stage_b_paella, stage_c  # imported once
 results = []
 for i, argv in enumerate(json.load(sys.stdin)):
     path = os.path.join(sys.argv[1], f"{i}.out")
@@ -269,8 +285,7 @@ def test_one_line_and_status_2_before_any_work(name, argv, expected, results, ro
     res = results[name]
     lines = res["output"].strip().splitlines()
     assert "Traceback" not in res["output"] and len(lines) == 1, res["output"]
-    command = f" {argv[1]}" if argv[0] == "data.py" and len(lines[0].split(":")[0]) > 7 else ""
-    assert lines[0].startswith(f"{argv[0]}{command}: error: "), lines[0]  # argparse: "data.py toy"
+    assert lines[0].startswith(f"{argv[0]}: error: "), lines[0]
     for text in expected:
         assert text.format(root=root) in lines[0], lines[0]
     assert res["code"] == 2, res
