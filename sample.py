@@ -532,10 +532,10 @@ def get_args(argv=None):
         p.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint (default: "
                        f"out/stage_{k}/ckpt.pt; with --pretrained: replaces that stage, e.g. a "
                        "fine-tuned one)")
-    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file "
-                   "(pytorch_lora_weights.safetensors of a --lora_rank run) merged into the prior "
-                   "(Stage C) or the decoder (Stage B) it was made for, whichever its keys name; "
-                   "repeatable")
+    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file or its folder "
+                   "(pytorch_lora_weights.safetensors of a --lora_rank run, or one diffusers' "
+                   "load_lora_weights reads), merged into the models its keys name: the prior "
+                   "(Stage C) and its text encoder, or the decoder (Stage B); repeatable")
     p.add_argument("--lora_scale", type=float, default=1.0,
                    help="weight of the --lora updates (1 = as trained)")
     p.add_argument("--out_dir", default="out/samples",
