@@ -85,7 +85,7 @@ def test_stage_c_finetune_resumes_exactly_and_samples_with_theirs(exported, tmp_
                                  "--max_steps", "1")
     scratch = load_checkpoint(str(tmp_path / "scratch" / "ckpt.pt"), "stage_c")
     assert scratch["model_config"] == dict(vars(stage_c.PRESETS["tiny"]["model"]), c_cond=64)
-    assert scratch["latent_space"] == straight["latent_space"] == {"scale": 1.7, "shift": -0.3}
+    assert scratch["latent_space"] == straight["latent_space"] == {"scale": 42, "shift": 1}
     # sample.py --pretrained DIR --stage_c ckpt: ours for Stage C, theirs for B and A
     args = ["--pretrained", str(exported / "export"),
             "--stage_c", str(tmp_path / "straight" / "ckpt.pt")]
@@ -315,7 +315,7 @@ def test_stage_b_finetune_keeps_the_compressor_and_reports_psnr(exported, tmp_pa
     compressor = stage_b.SemanticCompressor.from_pretrained(str(exported / "export" / "wuerstchen" /
                                                                 "semantic_compressor"))
     same_tensors(straight["compressor"], compressor.state_dict())
-    assert straight["latent_space"] == {"scale": 1.7, "shift": -0.3}
+    assert straight["latent_space"] == {"scale": 42, "shift": 1}
     parts = stage_b.load_stage_b(str(tmp_path / "straight" / "ckpt.pt"))  # like any checkpoint
     assert parts["stage_b"].cfg.c_hidden == (32, 64, 128)
 
