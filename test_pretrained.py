@@ -449,6 +449,14 @@ def test_export_runs_in_diffusers_and_reads_back(ours, tmp_path, capsys):
     assert {f.parts[1] for f in same_files(root, tmp_path / "again")} == {
         "model_index.json", "prior", "decoder", "vqgan", "text_encoder", "tokenizer", "scheduler",
         "semantic_compressor", "README.md"}
+    # for diffusers < 0.38: the released repositories' library name, nothing else changed
+    sample.export(back, tmp_path / "old_form", old_diffusers=True)
+    for repo, name in (("wuerstchen-prior", "prior"), ("wuerstchen", "decoder")):
+        index = json.loads((tmp_path / "old_form" / repo / "model_index.json").read_text())
+        assert index[name][0] == "wuerstchen"
+        (tmp_path / "old_form" / repo / "model_index.json").write_text(
+            (root / repo / "model_index.json").read_text())
+    same_files(root, tmp_path / "old_form")
 
 
 def test_the_readme_diffusers_snippet_runs_as_written(ours, tmp_path, monkeypatch):
