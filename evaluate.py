@@ -293,39 +293,42 @@ def get_args(argv=None):
                        "OUT_DIR/NNNNNN.png and NNNNNN.txt (torchrun: split over the ranks)")
     s.add_argument("--prompts", required=True, help="a text file (one prompt a line) or COCO's "
                    "captions_val*.json")
-    s.add_argument("--n", type=positive_int, default=None, help="how many prompts: the first n of a text "
-                   "file, n captions drawn with --prompt_seed from COCO (default: all)")
+    s.add_argument("--n", type=positive_int, default=None, help="how many prompts: the first n "
+                   "of a text file, n captions drawn with --prompt_seed from COCO (default: all)")
     s.add_argument("--prompt_seed", type=int, default=0, help="the seed of the COCO draw")
     s.add_argument("--out_dir", required=True, help="where the images go")
     s.add_argument("--seed", type=int, default=0, help="image i is drawn from seed (seed, i)")
-    s.add_argument("--batch_size", type=positive_int, default=8, help="images per batch (each rank)")
+    s.add_argument("--batch_size", type=positive_int, default=8,
+                   help="images per batch (each rank)")
     s.add_argument("--paper_settings", action="store_true", help="the paper's evaluation "
                    "settings: Stage C 60 steps, Stage B 12, guidance 4, 1024 x 1024 (flags given "
                    "win; --width or --height alone: a square)")
-    s.add_argument("--steps_c", type=nonnegative_int, default=None, help="Stage C steps, 0 = the released "
-                   "29-step grid (default: the chain's, as sample.py)")
-    s.add_argument("--guidance_c", type=nonnegative_float, default=None, help="Stage C guidance (default: "
-                   "the chain's, 4)")
-    s.add_argument("--steps_b", type=positive_int, default=None, help="Stage B steps (default: its kind's)")
-    s.add_argument("--guidance_b", type=nonnegative_float, default=None, help="Stage B guidance (default: its "
-                   "kind's)")
+    s.add_argument("--steps_c", type=nonnegative_int, default=None, help="Stage C steps, 0 = the "
+                   "released 29-step grid (default: the chain's, as sample.py)")
+    s.add_argument("--guidance_c", type=nonnegative_float, default=None,
+                   help="Stage C guidance (default: the chain's, 4)")
+    s.add_argument("--steps_b", type=positive_int, default=None,
+                   help="Stage B steps (default: its kind's)")
+    s.add_argument("--guidance_b", type=nonnegative_float, default=None,
+                   help="Stage B guidance (default: its kind's)")
     s.add_argument("--negative_prompt", default=None, help="(default: the chain's, none)")
-    s.add_argument("--width", type=positive_int, default=None, help="(default: the chain's training size)")
+    s.add_argument("--width", type=positive_int, default=None,
+                   help="(default: the chain's training size)")
     s.add_argument("--height", type=positive_int, default=None, help="(default: --width)")
     for k in "abc":
         s.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint "
                        f"(default: out/stage_{k}/ckpt.pt; with --pretrained: replaces theirs)")
     s.add_argument("--pretrained", type=existing_folder, nargs="?", const="", default=None,
-                   metavar="DIR",
-                   help="the released weights (from DIR, else the Hugging Face cache), as "
-                   "sample.py")
+                   metavar="DIR", help="the released weights (from DIR, else the Hugging Face "
+                   "cache), as sample.py")
     s.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text "
                    "towers")
-    s.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file merged in "
-                   "(repeatable), as sample.py")
-    s.add_argument("--lora_scale", type=finite_float, default=1.0, help="weight of the --lora updates")
-    s.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda | mps (torchrun: each "
-                   "rank its GPU)")
+    s.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file or folder merged "
+                   "in (repeatable), as sample.py")
+    s.add_argument("--lora_scale", type=finite_float, default=1.0,
+                   help="weight of the --lora updates")
+    s.add_argument("--device", default="auto", type=device_name,
+                   help="auto | cpu | cuda | mps (torchrun: each rank its GPU)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on GPUs that support it, else float32")
     f = sub.add_parser("fid", formatter_class=HelpFormatter,
@@ -334,8 +337,8 @@ def get_args(argv=None):
     f.add_argument("ref_dir", help="reference images (searched recursively), e.g. COCO val2014/")
     f.add_argument("--ref_names", help="only the reference images named in this file, e.g. "
                    "GEN_DIR/coco_images.txt: the images of the drawn captions")
-    f.add_argument("--size", type=positive_int, default=256, help="both sets centre-cropped and resized to "
-                   "this side first (FID@256)")
+    f.add_argument("--size", type=positive_int, default=256, help="both sets centre-cropped and "
+                   "resized to this side first (FID@256)")
     f.add_argument("--inception", default=None, help=f"a local copy of {INCEPTION} (default: "
                    "the torch hub cache, fetched on first use)")
     c = sub.add_parser("clip", formatter_class=HelpFormatter,

@@ -4,21 +4,64 @@ pipelines and for `--pretrained` (sample.py --export DIR writes it):
 
     DIR/wuerstchen-prior/  model_index.json  prior/  text_encoder/  tokenizer/  scheduler/
     DIR/wuerstchen/        model_index.json  decoder/  vqgan/  text_encoder/  tokenizer/  scheduler/
+                           README.md (the model card naming the prior, for the combined pipeline)
                            semantic_compressor/  (ours; no pipeline reads it)
 
-Ours where they differ from the released values: the latent space in the prior's model_index.json
-(latent_mean = scale, latent_std = shift, as the pipeline computes e = y * latent_mean -
-latent_std), Stage A's scale_factor in vqgan/config.json, the training image sizes as
-`_train_image_size` in both model_index.json (private keys, which diffusers ignores).
+The export speaks the released latent space, latent_mean 42 and latent_std 1, whatever ours is:
+the combined pipeline always uses those. Our space is folded into the decoder's and the
+compressor's weights (released_space_map), exact where the decoder is unguided. Ours where they
+differ from the released values: Stage A's scale_factor in vqgan/config.json, the training image
+sizes as `_train_image_size` in both model_index.json (private keys, which diffusers ignores).
 """
+import json
 import os
 from dataclasses import asdict
 
-from blocks import LATENT_DIM_SCALE, RESOLUTION_MULTIPLE
+from blocks import LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, RESOLUTION_MULTIPLE
 from common import UsageError, read_json, save_weights_file, write_json
 from pretrained import DECODER_REPO, PRIOR_REPO, SCHEDULER
 from stage_a import DIFFUSERS_NAMES
 from stage_b import StageB
+
+# -----------------------------------------------------------------------------
+# our latent space folded into the weights: the export speaks the released one
+
+
+def released_space_map(latent_space):
+    """(a, b) of the map e = a e' + b from the semantic latent e' = 42 y - 1 that the released
+    pipelines give Stage B for a Stage C latent y (latent_mean 42, latent_std 1) to the e = scale y
+    - shift that ours gives (method §3.3): a = scale / 42, b = scale / 42 - shift. (1, 0) for the
+    released space."""
+    a = latent_space["scale"] / RELEASED_LATENT_SPACE["scale"]
+    return a, a * RELEASED_LATENT_SPACE["shift"] - latent_space["shift"]
+
+
+def fold_into_decoder(sd, latent_space):
+    """A Stage B state dict that reads e' where `sd` reads e = a e' + b (released_space_map): e
+    enters only through effnet_mappers, each a 1x1 conv on e resized bicubically. The resize is a
+    per-channel weighted sum whose weights sum to 1 (borders and antialiasing too), so it commutes
+    with the affine map, and W (a e' + b) + c = (a W) e' + (c + W b). Exact but for rounding
+    wherever the decoder is unguided; with CFG its unconditional input e' = 0 is e = b, not the
+    e = 0 Stage B learned (docs/diffusers.md)."""
+    a, b = released_space_map(latent_space)
+    out = dict(sd)
+    for key in sd:
+        if key.startswith("effnet_mappers.") and key.endswith(".weight"):
+            W, bias = sd[key].double(), sd[key[:-len("weight")] + "bias"].double()
+            out[key] = (W * a).to(sd[key].dtype)
+            out[key[:-len("weight")] + "bias"] = (bias + b * W.sum((1, 2, 3))).to(sd[key].dtype)
+    return out
+
+
+def fold_into_compressor(sd, latent_space):
+    """A semantic compressor state dict giving e' = (e - b) / a where `sd` gives e
+    (released_space_map): e is the output of its last BatchNorm (mapper.1; eval mode), whose
+    affine weight and bias take the map."""
+    a, b = released_space_map(latent_space)
+    w, beta = sd["mapper.1.weight"], sd["mapper.1.bias"]
+    return sd | {"mapper.1.weight": (w.double() / a).to(w.dtype),
+                 "mapper.1.bias": ((beta.double() - b) / a).to(beta.dtype)}
+
 
 # -----------------------------------------------------------------------------
 # each model as diffusers' class of it
@@ -45,9 +88,11 @@ def stage_b_config(model):
     return {"_class_name": "WuerstchenDiffNeXt"} | config
 
 
-def save_stage_b(model, folder):
-    """The inverse of StageB.from_pretrained: a diffusers `WuerstchenDiffNeXt` folder."""
-    save_weights_file(folder, model.state_dict(), stage_b_config(model))
+def save_stage_b(model, folder, latent_space=RELEASED_LATENT_SPACE):
+    """The inverse of StageB.from_pretrained: a diffusers `WuerstchenDiffNeXt` folder, reading the
+    released space's e' for the `latent_space` e it was trained on (fold_into_decoder)."""
+    sd = fold_into_decoder(model.state_dict(), latent_space)
+    save_weights_file(folder, sd, stage_b_config(model))
 
 
 def save_stage_c(model, folder):
@@ -57,15 +102,15 @@ def save_stage_c(model, folder):
     save_weights_file(folder, model.state_dict(), config)
 
 
-def save_compressor(model, folder):
+def save_compressor(model, folder, latent_space=RELEASED_LATENT_SPACE):
     """The inverse of SemanticCompressor.from_pretrained(folder): config.json (the
-    CompressorConfig) and model.safetensors. For EfficientNetV2-S its keys are the official
+    CompressorConfig) and model.safetensors, giving the released space's e' for the `latent_space`
+    e it gives (fold_into_compressor). For EfficientNetV2-S its keys are the official
     `effnet_state_dict`'s (backbone.*, mapper.0, mapper.1), which diffusers' prior fine-tuning
     scripts load."""
-    save_weights_file(folder, model.state_dict(), asdict(model.cfg), name="model.safetensors")
+    sd = fold_into_compressor(model.state_dict(), latent_space)
+    save_weights_file(folder, sd, asdict(model.cfg), name="model.safetensors")
 
-
-SAVERS = {"prior": save_stage_c, "decoder": save_stage_b, "vqgan": save_stage_a}
 
 # -----------------------------------------------------------------------------
 # the two repositories
@@ -96,41 +141,78 @@ def repo_folders(root):
     return tuple(os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
 
 
-def write_prior(root, stage_c, text_encoder, latent_space, image_size):
-    """DIR/wuerstchen-prior: the prior, its text tower, and our latent space and training size."""
+def write_prior(root, stage_c, text_encoder, image_size, old_diffusers=False):
+    """DIR/wuerstchen-prior: the prior, its text tower, the released latent space (the weights of
+    write_decoder and write_compressor speak it) and our training size."""
     folder = repo_folders(root)[0]
-    write_repo(folder, "WuerstchenPriorPipeline", {"prior": stage_c}, text_encoder,
-               latent_mean=latent_space["scale"], latent_std=latent_space["shift"],
-               resolution_multiple=RESOLUTION_MULTIPLE, _train_image_size=image_size)
+    write_repo(folder, "WuerstchenPriorPipeline", {"prior": (save_stage_c, stage_c)},
+               text_encoder, old_diffusers, latent_mean=RELEASED_LATENT_SPACE["scale"],
+               latent_std=RELEASED_LATENT_SPACE["shift"], resolution_multiple=RESOLUTION_MULTIPLE,
+               _train_image_size=image_size)
     return folder
 
 
-def write_decoder(root, stage_b, stage_a, text_encoder, image_size):
-    """DIR/wuerstchen: the decoder, the VQGAN, their text tower and our training size."""
-    folder = repo_folders(root)[1]
-    write_repo(folder, "WuerstchenDecoderPipeline", {"decoder": stage_b, "vqgan": stage_a},
-               text_encoder, latent_dim_scale=LATENT_DIM_SCALE, _train_image_size=image_size)
+def write_decoder(root, stage_b, stage_a, text_encoder, latent_space, image_size,
+                  old_diffusers=False):
+    """DIR/wuerstchen: the decoder (reading the released space for our `latent_space`), the
+    VQGAN, their text tower, our training size, and the model card naming the prior's folder, from
+    which diffusers' combined pipeline and AutoPipelineForText2Image load the prior with it."""
+    prior, folder = repo_folders(root)
+    write_repo(folder, "WuerstchenDecoderPipeline",
+               {"decoder": (lambda model, path: save_stage_b(model, path, latent_space), stage_b),
+                "vqgan": (save_stage_a, stage_a)},
+               text_encoder, old_diffusers, latent_dim_scale=LATENT_DIM_SCALE,
+               _train_image_size=image_size)
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(MODEL_CARD.format(prior=json.dumps(os.path.abspath(prior))))
     return folder
 
 
-def write_compressor(root, compressor):
-    """DIR/wuerstchen/semantic_compressor: for --variation, --init_image and fine-tuning."""
-    save_compressor(compressor, os.path.join(repo_folders(root)[1], "semantic_compressor"))
+# the decoder's model card: diffusers reads the prior's folder or repository from `prior:`
+MODEL_CARD = """---
+prior:
+- {prior}
+tags:
+- wuerstchen
+- text-to-image
+---
+A Würstchen v2 decoder written by `sample.py --export`. `prior:` names the folder of its prior
+pipeline, which `WuerstchenCombinedPipeline` and `AutoPipelineForText2Image` load with it: after
+moving or uploading the two folders, write the prior's new path or repository id there.
+"""
 
 
-def write_repo(folder, pipeline, models, text_encoder, **config):
-    """One folder of the released layout: each model (name -> module) in its subfolder, the CLIP
-    text encoder and tokenizer, the scheduler, and model_index.json with the pipeline's `config`.
-    The models' library is 'wuerstchen', as in the released model_index.json files (the module
-    diffusers.pipelines.wuerstchen, which later diffusers versions moved)."""
-    for name, model in models.items():
-        SAVERS[name](model, os.path.join(folder, name))
+def write_compressor(root, compressor, latent_space):
+    """DIR/wuerstchen/semantic_compressor, giving the released space for our `latent_space`: for
+    --variation, --init_image and fine-tuning."""
+    save_compressor(compressor, os.path.join(repo_folders(root)[1], "semantic_compressor"),
+                    latent_space)
+
+
+# model_index.json's library of each model: where diffusers finds the class. Since diffusers 0.38
+# its Würstchen modules are under diffusers.pipelines.deprecated, found by module name; before,
+# in the pipeline folder 'wuerstchen' that the released repositories name (which 0.38 on no longer
+# resolves: diffusers issue #14008). No name resolves in both.
+DIFFUSERS_MODULES = {"WuerstchenPrior": "modeling_wuerstchen_prior",
+                     "WuerstchenDiffNeXt": "modeling_wuerstchen_diffnext",
+                     "PaellaVQModel": "modeling_paella_vq_model"}
+
+
+def write_repo(folder, pipeline, models, text_encoder, old_diffusers, **config):
+    """One folder of the released layout: each model (name -> (saver, module)) in its subfolder,
+    the CLIP text encoder and tokenizer, the scheduler, and model_index.json with the pipeline's
+    `config`, naming the models' library for diffusers >= 0.38 (old_diffusers: before 0.38, as the
+    released repositories do; DIFFUSERS_MODULES)."""
+    for name, (save, model) in models.items():
+        save(model, os.path.join(folder, name))
     text_encoder.save_pretrained(*[os.path.join(folder, n) for n in ("text_encoder", "tokenizer")])
     write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER)
     index = {"_class_name": pipeline, "scheduler": ["diffusers", SCHEDULER["_class_name"]],
              "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizerFast"]}
     for name in models:
-        config_json = read_json(os.path.join(folder, name, "config.json"))
-        index[name] = ["wuerstchen", config_json["_class_name"]]
+        class_name = read_json(os.path.join(folder, name, "config.json"))["_class_name"]
+        library = ("wuerstchen" if old_diffusers else
+                   f"diffusers.pipelines.deprecated.wuerstchen.{DIFFUSERS_MODULES[class_name]}")
+        index[name] = [library, class_name]
     write_json(os.path.join(folder, "model_index.json"), index | config)

@@ -352,22 +352,23 @@ def lazy_loaders(builders, device, dtype):
             for k, build in builders.items()}
 
 
-def export(pipe, root):
+def export(pipe, root, old_diffusers=False):
     """Write the models of `pipe` (our checkpoints' EMA weights, or a released or exported folder)
-    in the released layout under `root` (export.py says what is ours in it), weights in
-    safetensors: what diffusers' Würstchen pipelines and `--pretrained` read. What diffusers cannot
-    represent is refused by name before anything is written. Returns the two folders."""
+    in the released layout under `root`, weights in safetensors, speaking the released latent space
+    (export.py): what diffusers' Würstchen pipelines and `--pretrained` read. model_index.json is
+    for diffusers >= 0.38, or with `old_diffusers` before it. What diffusers cannot represent is
+    refused by name before anything is written. Returns the two folders."""
     check_exportable(pipe.stage_b, pipe.stage_a, (pipe.text_encoder_b, pipe.text_encoder_c),
                      pipe.release)
     with loaded(pipe, "stage_c", "text_encoder_c"):
-        prior = write_prior(root, pipe.stage_c, pipe.text_encoder_c, pipe.latent_space,
-                            pipe.image_sizes["c"])
+        prior = write_prior(root, pipe.stage_c, pipe.text_encoder_c, pipe.image_sizes["c"],
+                            old_diffusers)
     with loaded(pipe, "stage_b", "stage_a", "text_encoder_b"):
         decoder = write_decoder(root, pipe.stage_b, pipe.stage_a, pipe.text_encoder_b,
-                                pipe.image_sizes["b"])
+                                pipe.latent_space, pipe.image_sizes["b"], old_diffusers)
     if pipe.compressor is not None or "compressor" in (pipe.loaders or {}):
         with loaded(pipe, "compressor"):
-            write_compressor(root, pipe.compressor)
+            write_compressor(root, pipe.compressor, pipe.latent_space)
     return prior, decoder
 
 # -----------------------------------------------------------------------------
@@ -473,7 +474,8 @@ def open_pipeline(args, device, dtype, stages="abc"):
 def main(args):
     check_args(args)
     if args.export:  # a conversion of the weights as they are stored: on the CPU, in float32
-        folders = export(open_pipeline(args, torch.device("cpu"), torch.float32), args.export)
+        folders = export(open_pipeline(args, torch.device("cpu"), torch.float32), args.export,
+                         args.old_diffusers)
         print(f"wrote {' and '.join(folders)}: diffusers' Würstchen pipelines read them (README "
               f"'Use your model in diffusers'), and so does `sample.py --pretrained {args.export}`")
         return
@@ -583,20 +585,20 @@ def get_args(argv=None):
         p.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint (default: "
                        f"out/stage_{k}/ckpt.pt; with --pretrained: replaces that stage, e.g. a "
                        "fine-tuned one)")
-    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file "
-                   "(pytorch_lora_weights.safetensors of a --lora_rank run) merged into the prior "
-                   "(Stage C) or the decoder (Stage B) it was made for, whichever its keys name; "
-                   "repeatable")
+    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file or its folder "
+                   "(pytorch_lora_weights.safetensors of a --lora_rank run, or one diffusers' "
+                   "load_lora_weights reads), merged into the models its keys name: the prior "
+                   "(Stage C) and its text encoder, or the decoder (Stage B); repeatable")
     p.add_argument("--lora_scale", type=finite_float, default=1.0,
                    help="weight of the --lora updates (1 = as trained)")
     p.add_argument("--out_dir", default="out/samples",
                    help="where the grid and the single images go")
     p.add_argument("--pretrained", type=existing_folder, nargs="?", const="", default=None,
-                   metavar="DIR", help="use the released Würstchen v2 weights instead of our checkpoints: from "
-                   "DIR (warp-ai/wuerstchen-prior and warp-ai/wuerstchen in DIR/wuerstchen-prior "
-                   "and DIR/wuerstchen, or an --export of ours), or without DIR from the Hugging "
-                   "Face cache; a DIR with the official v1 files (model_stage_b.pt ...) runs the "
-                   "v1 chain")
+                   metavar="DIR", help="use the released Würstchen v2 weights instead of our "
+                   "checkpoints: from DIR (warp-ai/wuerstchen-prior and warp-ai/wuerstchen in "
+                   "DIR/wuerstchen-prior and DIR/wuerstchen, or an --export of ours), or without "
+                   "DIR from the Hugging Face cache; a DIR with the official v1 files "
+                   "(model_stage_b.pt ...) runs the v1 chain")
     p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text "
                    "towers (ViT-bigG-14 laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of "
                    "the repositories' text_encoder/ folders")
@@ -604,6 +606,10 @@ def get_args(argv=None):
                       "--pretrained's) in the released layout, DIR/wuerstchen-prior and "
                       "DIR/wuerstchen, for diffusers' Würstchen pipelines and --pretrained DIR; "
                       "nothing is sampled")
+    p.add_argument("--old_diffusers", action="store_true", help="with --export: "
+                   "model_index.json for diffusers before 0.38 (models in the library "
+                   "'wuerstchen', as released) instead of 0.38 and later "
+                   "(diffusers.pipelines.deprecated); none loads in both")
     p.add_argument("--device", default="auto", type=device_name,
                    help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

@@ -575,7 +575,7 @@ def train(args):
             "metrics": metrics})
         if lora:  # the adapters in diffusers' LoRA layout, for sample.py --lora
             save_lora(os.path.join(args.out_dir, LORA_FILE), ema.stage_b, "decoder",
-                      f"the Stage B decoder {released['paths']['stage_b']} {asdict(cfg)}")
+                      f"the Stage B decoder {released['paths']['stage_b']} {asdict(cfg)}", lora)
 
     progress = Progress(args, rt, logger, step, "stage B")
     if rt.master and released and step == 0:  # the released decoder, before fine-tuning

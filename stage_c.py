@@ -420,7 +420,7 @@ def train(args):
                 "data": os.path.abspath(args.data)}})
         if lora:  # adapters in diffusers' LoRA format, for sample.py --lora and load_lora_weights
             save_lora(os.path.join(args.out_dir, LORA_FILE), ema, "prior",
-                      f"the Stage C prior {released['paths']['stage_c']} {asdict(cfg)}")
+                      f"the Stage C prior {released['paths']['stage_c']} {asdict(cfg)}", lora)
 
     # the cache is indexed in memory: no loader workers needed
     batches = resume_batches(cache or trainset, args, rt, step, ckpt, 0 if cache else None)

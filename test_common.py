@@ -168,7 +168,8 @@ def test_resume_keeps_the_flags_the_run_was_trained_with(tmp_path):
     preset = {"batch_size": 64, "lr": 1e-3, "max_steps": 3000}
 
     def args(**given):
-        flags = dict(data=str(tmp_path / "toy"), out_dir=str(tmp_path), device="cpu", dtype="float32",
+        flags = dict(data=str(tmp_path / "toy"), out_dir=str(tmp_path), device="cpu",
+                     dtype="float32",
                      seed=None, model="tiny", batch_size=None, lr=None, max_steps=None,
                      ema_decay=None, resume=True, grad_accum=1)
         return Namespace(**(flags | given))

@@ -85,7 +85,7 @@ def test_stage_c_finetune_resumes_exactly_and_samples_with_theirs(exported, tmp_
                                  "--max_steps", "1")
     scratch = load_checkpoint(str(tmp_path / "scratch" / "ckpt.pt"), "stage_c")
     assert scratch["model_config"] == dict(vars(stage_c.PRESETS["tiny"]["model"]), c_cond=64)
-    assert scratch["latent_space"] == straight["latent_space"] == {"scale": 1.7, "shift": -0.3}
+    assert scratch["latent_space"] == straight["latent_space"] == {"scale": 42, "shift": 1}
     # sample.py --pretrained DIR --stage_c ckpt: ours for Stage C, theirs for B and A
     args = ["--pretrained", str(exported / "export"),
             "--stage_c", str(tmp_path / "straight" / "ckpt.pt")]
@@ -122,18 +122,27 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_loads_in_diffusers(exp
     adapted = model(x, t, text)
     assert (adapted - base).abs().max() > 1e-3
     path = str(tmp_path / "pytorch_lora_weights.safetensors")
-    save_lora(path, model, "prior", "the test prior")
-    prefix, weights, meta = read_lora(path)
-    assert prefix == "prior" and "prior.blocks.2.attention.to_q.lora_A.weight" in weights
-    assert meta["made_for"] == "the test prior" and os.path.getsize(path) < 100_000
+    save_lora(path, model, "prior", "the test prior",
+              {"rank": 4, "alpha": 8, "targets": ["to_q", "to_k", "to_v", "to_out.0"]})
+    lora = read_lora(path)
+    assert list(lora["models"]) == ["prior"]
+    assert "blocks.2.attention.to_q" in lora["models"]["prior"]
+    assert lora["made_for"] == "the test prior" and os.path.getsize(path) < 100_000
     merged = merge_lora(stage_c.StageC.from_pretrained(str(root / "wuerstchen-prior" / "prior")),
-                        path)
-    # alpha / r folded into B
+                        lora, "prior")
     torch.testing.assert_close(merged(x, t, text), adapted, rtol=1e-5, atol=1e-5)
 
+    # diffusers and peft see the run's rank, alpha and targets (the file's header)
+    from diffusers import WuerstchenPriorPipeline
+    _, _, header = WuerstchenPriorPipeline.lora_state_dict(path, return_lora_metadata=True)
+    assert header == {"prior.r": 4, "prior.lora_alpha": 8, "prior.rank_pattern": {},
+                      "prior.target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+                      "prior.alpha_pattern": {}}
     # diffusers: the prior pipeline with load_lora_weights, then the decoder, vs sample.py --lora
     prior, decoder = reference_pipelines(root)
     prior.load_lora_weights(path)
+    (config,) = prior.prior.peft_config.values()
+    assert (config.r, config.lora_alpha) == (4, 8)
     g = torch.Generator().manual_seed(3)
     embeddings = prior(PROMPT, height=128, width=128, timesteps=diffusion.DEFAULT_STAGE_C_TIMESTEPS,
                        guidance_scale=4.0, generator=g, output_type="pt").image_embeddings
@@ -148,9 +157,103 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_loads_in_diffusers(exp
     other = stage_c.StageC(stage_c.StageCConfig(c=96, c_cond=64, depth=2, nhead=2))
     with pytest.raises(ValueError,
                        match=r"pytorch_lora_weights.safetensors \(made for the test prior\) does "
-                             r"not fit the other prior: its layer blocks.2.attention.to_. is "
+                             r"not fit the other prior: its layer prior.blocks.2.attention.to_. is "
                              r"\(64, 64\), here \(96, 96\)"):
-        merge_lora(other, path, what="the other prior")
+        merge_lora(other, lora, "prior", what="the other prior")
+
+
+def peft_lora_folders(root, out):
+    """LoRA folders as diffusers users make them: peft adapters (random, so that they act) on the
+    exported prior (r 4, alpha 12) and its text encoder (r 2, alpha 8, on q/k/v/out_proj), saved
+    by WuerstchenPriorPipeline.save_lora_weights with their LoraConfig in the header ("meta"), and
+    the same tensors without it ("bare": diffusers then reads alpha = r)."""
+    from diffusers import WuerstchenPriorPipeline
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+    torch.manual_seed(0)
+    configs = {"prior": LoraConfig(r=4, lora_alpha=12, target_modules=["to_q", "to_k", "to_v",
+                                                                       "to_out.0"],
+                                   init_lora_weights=False),
+               "text_encoder": LoraConfig(r=2, lora_alpha=8, init_lora_weights=False,
+                                          target_modules=["q_proj", "k_proj", "v_proj",
+                                                          "out_proj"])}
+    prior = WuerstchenPrior.from_pretrained(root / "wuerstchen-prior" / "prior")
+    prior.add_adapter(configs["prior"])
+    text = inject_adapter_in_model(configs["text_encoder"], CLIPTextModel.from_pretrained(
+        root / "wuerstchen-prior" / "text_encoder"))
+    layers = dict(unet_lora_layers=get_peft_model_state_dict(prior),
+                  text_encoder_lora_layers=get_peft_model_state_dict(text))
+    WuerstchenPriorPipeline.save_lora_weights(
+        out / "meta", **layers, unet_lora_adapter_metadata=configs["prior"].to_dict(),
+        text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict())
+    WuerstchenPriorPipeline.save_lora_weights(out / "bare", **layers)
+    return out / "meta", out / "bare"
+
+
+@torch.no_grad()
+def test_lora_files_of_diffusers_merge_as_diffusers_loads_them(exported, tmp_path):
+    """A LoRA of the prior and its text encoder, made with peft and saved by diffusers, with its
+    alpha in the header (alpha != r) and without (alpha = r), as a folder and as a file: --lora
+    merges it into both models as diffusers' load_lora_weights + fuse_lora does (weights within
+    1e-6 relative) and gives its image (1e-4); older key spellings read the same; a file for other
+    models, or no LoRA file, is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from text_encoder import clip_text_to_transformers
+    root = exported / "export"
+    meta, bare = peft_lora_folders(root, tmp_path)
+    for path in (str(meta), str(bare / finetune.LORA_FILE)):
+        prior, decoder = reference_pipelines(root)
+        base = {"prior": {k: v.clone() for k, v in prior.prior.state_dict().items()},
+                "text": {k: v.clone() for k, v in prior.text_encoder.state_dict().items()}}
+        prior.load_lora_weights(path)
+        prior.fuse_lora(components=["prior", "text_encoder"])
+        prior.unload_lora_weights()
+        pipe = sample.open_pipeline(sample.get_args(["--pretrained", str(root), "--lora", path]),
+                                    torch.device("cpu"), torch.float32)
+        with sample.loaded(pipe, "stage_c", "text_encoder_c"):
+            ours_ = {"prior": pipe.stage_c.state_dict(),
+                     "text": {k.removeprefix("text_model."): v
+                              for k, v in clip_text_to_transformers(pipe.text_encoder_c).items()}}
+        for name, ref in (("prior", prior.prior.state_dict()),
+                          ("text", prior.text_encoder.state_dict())):
+            assert ours_[name].keys() >= ref.keys()
+            for k, v in ref.items():
+                assert (ours_[name][k] - v).norm() <= 1e-6 * v.norm(), (path, k)
+            # the LoRA acts (alpha / r 3 and 4 with the header, 1 without)
+            assert max((base[name][k] - v).norm() / v.norm() for k, v in ref.items()) > 0.1
+        g = torch.Generator().manual_seed(3)
+        embeddings = prior(PROMPT, height=128, width=128, generator=g, guidance_scale=4.0,
+                           timesteps=diffusion.DEFAULT_STAGE_C_TIMESTEPS).image_embeddings
+        ref = decoder(embeddings, PROMPT, generator=g, output_type="pt").images
+        image = sample.text_to_image(pipe, [PROMPT], width=128, height=128, seed=3,
+                                     progress=False)
+        assert (image - ref).abs().max() < 1e-4, path
+    # diffusers' older key spellings ('.lora.down.weight', '.lora_linear_layer.up.weight')
+    tensors = load_file(bare / finetune.LORA_FILE)
+    old = {k.replace(".lora_A.", ".lora.down.").replace("q_proj.lora_B.",
+                                                        "q_proj.lora_linear_layer.up."): v
+           for k, v in tensors.items()}
+    save_file(old, tmp_path / "old.safetensors")
+    read, again = read_lora(str(tmp_path / "old.safetensors")), read_lora(str(bare))
+    assert read["models"].keys() == again["models"].keys() == {"prior", "text_encoder"}
+    for model, layers in again["models"].items():
+        for layer, (A, B, scale) in layers.items():
+            A_, B_, scale_ = read["models"][model][layer]
+            assert torch.equal(A, A_) and torch.equal(B, B_) and scale == scale_ == 1
+    # refused in one line: a LoRA of other models (naming what it holds), a folder without one
+    save_file({f"unet.{k.split('.', 1)[1]}": v for k, v in tensors.items()},
+              tmp_path / "unet.safetensors")
+    (tmp_path / "empty").mkdir()
+    for path, message in ((tmp_path / "unet.safetensors", r"holds LoRA layers for \{'unet': \d+\}"),
+                          (tmp_path / "empty", "a folder must hold pytorch_lora_weights"),
+                          (tmp_path / "none", "no such file or folder")):
+        with pytest.raises(ValueError, match=message) as e:
+            sample.open_pipeline(sample.get_args(["--pretrained", str(root), "--lora",
+                                                  str(path)]), torch.device("cpu"), torch.float32)
+        assert "\n" not in str(e.value)
 
 
 def test_loss_falls_on_a_tiny_overfit_full_and_lora(exported):
@@ -212,7 +315,7 @@ def test_stage_b_finetune_keeps_the_compressor_and_reports_psnr(exported, tmp_pa
     compressor = stage_b.SemanticCompressor.from_pretrained(str(exported / "export" / "wuerstchen" /
                                                                 "semantic_compressor"))
     same_tensors(straight["compressor"], compressor.state_dict())
-    assert straight["latent_space"] == {"scale": 1.7, "shift": -0.3}
+    assert straight["latent_space"] == {"scale": 42, "shift": 1}
     parts = stage_b.load_stage_b(str(tmp_path / "straight" / "ckpt.pt"))  # like any checkpoint
     assert parts["stage_b"].cfg.c_hidden == (32, 64, 128)
 
@@ -220,7 +323,7 @@ def test_stage_b_finetune_keeps_the_compressor_and_reports_psnr(exported, tmp_pa
               "--lr", "1e-5")
     assert "warning: --lr 1e-05 is over 10x below the fine-tuning default 0.001" in log
     path = str(tmp_path / "lora" / finetune.LORA_FILE)
-    assert read_lora(path)[0] == "decoder"
+    assert list(read_lora(path)["models"]) == ["decoder"]
     pipe = sample.open_pipeline(sample.get_args(["--pretrained", str(exported / "export"),
                                                  "--lora", path]),
                                 torch.device("cpu"), torch.float32)

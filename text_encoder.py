@@ -114,6 +114,20 @@ class TextEncoder(nn.Module):
                           name="model.safetensors")
         write_clip_tokenizer(tokenizer_folder, self.pad_token)
 
+    def transformers_weight(self, name):
+        """The weight of the Linear layer that transformers' CLIPTextModel calls `name`
+        ('encoder.layers.3.self_attn.q_proj', with or without 'text_model.'; CLIP_LAYER_NAMES), as a
+        view that updates in place (q/k/v_proj: their rows of the packed attn.in_proj_weight), for
+        a LoRA made on that model; None where this tower has no such layer."""
+        m = re.fullmatch(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.[qkv]_proj|"
+                         r"self_attn\.out_proj|mlp\.fc1|mlp\.fc2)", name)
+        if m is None or int(m[1]) >= len(self.transformer.resblocks):
+            return None
+        block, layer = self.transformer.resblocks[int(m[1])], m[2]
+        if layer in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            return block.attn.in_proj_weight.chunk(3)["qkv".index(layer[-6])]
+        return block.get_submodule(CLIP_LAYER_NAMES[layer]).weight
+
     def checkpoint_entry(self):
         """What a checkpoint stores: the spec, plus the weights if random (not re-creatable)."""
         return self.spec | ({"state_dict": self.state_dict()} if self.spec["pretrained"] is None
