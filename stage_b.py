@@ -35,7 +35,7 @@ from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, Us
                     psnr, read_json, recompute_batchnorm, run_cli, save_checkpoint, save_image_grid,
                     set_lr, start_run, update_ema, wrap_ddp)
 from data import holdout_batch, image_batches, open_data, resume_batches, stream_defaults
-from diffusion import add_noise, ddpm_sample, diffusion_loss
+from diffusion import add_noise, caption_dropout, ddpm_sample, diffusion_loss, drop_captions
 from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
                       load_trained, plan_epochs, refuse_lora_checkpoint, save_lora, trained_state)
 from pretrained import dome272_to_diffusers, load_imagenet_weights, open_released
@@ -587,8 +587,7 @@ def train(args):
         for micro in range(args.grad_accum):
             images, captions, *cached = next(batches)  # cached: [Stage A latents] with --cache
             images = images.to(rt.device, non_blocking=True)
-            drop = torch.rand(len(captions)) < args.p_drop_text  # CFG: empty caption, per sample
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            captions = drop_captions(captions, caption_dropout(len(captions), args.p_drop_text))
             with torch.no_grad(), rt.autocast():
                 # (B, 4, S/4, S/4): unquantised Stage A latents / scale_factor
                 latents = cached[0].to(rt.device) if cached else stage_a.encode(images).float()

@@ -36,7 +36,8 @@ from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_com
                     update_ema, wrap_ddp)
 from data import holdout_batch, open_data, resume_batches, sizes_of, stream_defaults
 from decoders import load_decoder
-from diffusion import DEFAULT_STAGE_C_TIMESTEPS, ddpm_sample, diffusion_loss
+from diffusion import (DEFAULT_STAGE_C_TIMESTEPS, caption_dropout, ddpm_sample, diffusion_loss,
+                       drop_captions)
 from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
                       load_trained, plan_epochs, refuse_lora_checkpoint, save_lora, trained_state)
 from pretrained import dome272_to_diffusers, open_released
@@ -214,9 +215,8 @@ def training_inputs(batch, drop, compressor, text_encoder, latent_space, cache=N
         return y.to(cache.text.device), cache.text[text_index.to(cache.text.device)]
     images, captions = batch
     device = next(compressor.parameters()).device
-    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     return (to_stage_c_space(compressor(images.to(device)), latent_space),
-            text_encoder.encode(captions).float())
+            text_encoder.encode(drop_captions(captions, drop)).float())
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -426,9 +426,7 @@ def train(args):
         set_lr(opt, lr)
         for micro in range(args.grad_accum):
             batch = next(batches)
-            # CFG dropout per sample (the v1 script drops whole batches' captions with p = 0.05; per
-            # sample has the same rate and gives every batch a mix, which matters for small batches)
-            drop = torch.rand(len(batch[0])) < args.p_drop_text
+            drop = caption_dropout(len(batch[0]), args.p_drop_text)  # CFG: empty captions
             with rt.autocast():
                 y, clip_text = training_inputs(batch, drop, compressor, text_encoder, latent_space,
                                                cache)
