@@ -22,10 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (HelpFormatter, NonFiniteGuard, Progress, UsageError, add_common_args,
-                    ema_and_optimizer, ema_decay_at, get_lr, load_checkpoint, load_exact,
-                    load_weights_file, no_sync, preset_name, psnr, read_json, recompute_batchnorm,
-                    run_cli, save_checkpoint, save_image_grid, set_lr, start_run, update_ema,
-                    wrap_ddp)
+                    ema_and_optimizer, ema_decay_at, eval_mode, get_lr, load_checkpoint,
+                    load_exact, load_weights_file, no_sync, preset_name, psnr, read_json,
+                    recompute_batchnorm, run_cli, save_checkpoint, save_image_grid, set_lr,
+                    start_run, update_ema, wrap_ddp)
 from data import holdout_batch, image_batches, open_data, resume_batches
 
 # -----------------------------------------------------------------------------
@@ -318,8 +318,10 @@ def restart_dead_codes(vq, z, counts, rt):
 
 @torch.no_grad()
 def measure_scale_factor(model, images):
-    """Std of the raw latents of `images`: the scale that makes StageA.encode ~unit-variance."""
-    return round(model.encode_raw(images).float().std().item(), 4)
+    """Std of the raw latents of `images` (eval mode, as the model encodes after training): the
+    scale that makes StageA.encode ~unit-variance."""
+    with eval_mode(model):
+        return round(model.encode_raw(images).float().std().item(), 4)
 
 
 def train(args):
@@ -369,11 +371,13 @@ def train(args):
 
     @torch.no_grad()
     def holdout_psnr(m=ema):  # unquantised decode, as Würstchen v2 decodes
-        return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
+        with eval_mode(m):
+            return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
 
     @torch.no_grad()
     def preview():  # held-out inputs (top) over their EMA reconstructions (bottom)
-        recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
+        with eval_mode(ema):
+            recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
         save_image_grid(torch.cat([held_images[:8], recon_h]),
                         os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
         return {}

@@ -30,10 +30,10 @@ from blocks import (LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, AttnBlock, LayerNor
                     r_embedding, unet_levels)
 from cache import cache_stage_a
 from common import (CheckpointError, HelpFormatter, NonFiniteGuard, Progress, UsageError,
-                    add_common_args, channels_last_convs, ema_and_optimizer, ema_decay_at, frozen,
-                    get_lr, load_checkpoint, load_exact, load_weights_file, no_sync, preset_name,
-                    psnr, read_json, recompute_batchnorm, run_cli, save_checkpoint, save_image_grid,
-                    set_lr, start_run, update_ema, wrap_ddp)
+                    add_common_args, channels_last_convs, ema_and_optimizer, ema_decay_at,
+                    eval_mode, frozen, get_lr, load_checkpoint, load_exact, load_weights_file,
+                    no_sync, preset_name, psnr, read_json, recompute_batchnorm, run_cli,
+                    save_checkpoint, save_image_grid, set_lr, start_run, update_ema, wrap_ddp)
 from data import holdout_batch, image_batches, open_data, resume_batches, stream_defaults
 from diffusion import add_noise, caption_dropout, ddpm_sample, diffusion_loss, drop_captions
 from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
@@ -411,7 +411,8 @@ def build_compressor(cfg, random_init, rt, logger):
 @torch.no_grad()
 def measure_latent_space(compressor, images):
     """Constants of Stage C's space y = (e + shift) / scale: y of mean 0 and std 1 over `images`."""
-    e = compressor(images).float()
+    with eval_mode(compressor):  # as Stage C runs it
+        e = compressor(images).float()
     return {"scale": round(e.std().item(), 4), "shift": round(-e.mean().item(), 4)}
 
 # -----------------------------------------------------------------------------

@@ -392,6 +392,43 @@ def test_stage_c_loop_lr_ema_caption_dropout_checkpointing_guidance(env, tmp_pat
     assert len(checkpointed) == 3 * stage_c.PRESETS["tiny"]["model"].depth  # training passes only
     assert guidance and set(guidance) == {2.5}
 
+@pytest.mark.parametrize("stage", ["a", "b"])
+def test_without_ema_the_measurements_are_of_the_eval_mode_model(stage, toy, toy_run,  # noqa: F811
+                                                                 tmp_path, monkeypatch):
+    """--ema_decay 0: the trained model is its own EMA, in train mode between steps. Its
+    checkpoint's scale_factor (Stage A) or latent space (Stage B) and held-out PSNR are those of the
+    model as it is used after, in eval mode (BatchNorm's running statistics), and training goes on
+    in train mode. (They were measured in train mode, with the held-out batch's own statistics,
+    which moved the running ones: the latents' std came out 0.28 instead of 1 here; and under DDP
+    rank 0 alone entered BatchNorm's collective, so two ranks hung at the first checkpoint.)"""
+    module, model_class = (stage_a, StageA) if stage == "a" else (stage_b, CompressorAndStageB)
+    modes, forward = [], model_class.forward  # Stage A's, or Stage B's compressor's
+    monkeypatch.setattr(model_class, "forward", lambda self, *a: modes.append(
+        getattr(self, "compressor", self).training) or forward(self, *a))
+    extra = ["--max_steps", "2", "--save_every", "1", "--sample_every", "100", "--ema_decay", "0"]
+    if stage == "a":
+        args = stage_a.get_args(["--data", toy, "--out_dir", str(tmp_path)] + A_FAST + extra)
+    else:
+        args = b_args(toy_run, tmp_path, 2, *extra)
+    module.train(args)
+    assert modes == [True, True]
+    held, captions = held_out(args)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    with torch.no_grad():
+        if stage == "a":
+            model = StageA(StageAConfig(**ckpt["model_config"]))
+            model.load_state_dict(ckpt["ema"])
+            assert abs(model.eval().encode(held).std().item() - 1) < 1e-3
+            recon = model.decode_raw(model.encode_raw(held)).clamp(0, 1)
+            mse = ((recon - held) ** 2).flatten(1).mean(1)
+            assert ckpt["metrics"]["holdout_psnr"] == pytest.approx(
+                (-10 * mse.log10()).mean().item(), abs=1e-3)
+        else:
+            compressor = stage_b.load_stage_b(str(tmp_path / "ckpt.pt"), parts=("compressor",))
+            y = to_stage_c_space(compressor["compressor"](held), ckpt["latent_space"])
+            assert abs(y.mean().item()) < 2e-3 and abs(y.std().item() - 1) < 2e-3
+
+
 # ---- DDP: two ranks train as one process does
 
 
