@@ -134,11 +134,8 @@ def build_pair(stage, kwargs, seed, tmp):
     """(reference, ours) with the same random weights: the reference is built, randomised and saved
     with save_pretrained; ours loads that folder with from_pretrained, exactly as released weights
     would load."""
-    from diffusers.pipelines.deprecated.wuerstchen import (
-        PaellaVQModel,
-        WuerstchenDiffNeXt,
-        WuerstchenPrior,
-    )
+    from diffusers.pipelines.deprecated.wuerstchen import (PaellaVQModel, WuerstchenDiffNeXt,
+                                                           WuerstchenPrior)
     ref_cls, our_cls = {"a": (PaellaVQModel, StageA), "b": (WuerstchenDiffNeXt, StageB),
                         "c": (WuerstchenPrior, StageC)}[stage]
     with no_init(ref_cls), torch.device("meta"):  # no memory, no init pass: weights drawn below

@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 import time
 import zipfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -493,6 +493,20 @@ def recompute_batchnorm(module, forward, batches, device="cpu"):
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     module.eval()
+
+
+@contextmanager
+def eval_mode(module):
+    """`module` in eval mode for a block, then back in its mode: a measurement during training
+    (held-out metrics, scale_factor, the latent space) sees the model as it is used after, with its
+    BatchNorm running statistics, and moves none of them; no BatchNorm collective runs on one rank
+    alone. (Without an EMA, --ema_decay 0, the model measured is the one training.)"""
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
 
 
 class NonFiniteError(RuntimeError):

@@ -3,6 +3,7 @@ The diffusion of Stages B and C (method.md §6-7): one continuous-time process, 
 
     training:  t ~ sample_t (1.08 stretch), x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps,
                loss = P2-weighted || eps_hat(x_t, t, cond) - eps ||^2          (diffusion_loss)
+               with some captions dropped to the empty one, for CFG            (caption_dropout)
     sampling:  x_1 ~ N(0, I), ancestral DDPM steps on a grid from 1 to 0, with classifier-free
                guidance eps = eps_u + w (eps_c - eps_u)                        (ddpm_sample)
 
@@ -59,6 +60,19 @@ def diffusion_loss(model, x0, generator=None, return_per_sample=False, **cond):
     per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1) * p2_weight(t)  # (B,)
     loss = per_sample.mean()
     return (loss, per_sample, t) if return_per_sample else loss
+
+
+def caption_dropout(n, p):
+    """Classifier-free guidance, its training half (method §6.4): which of n samples get the empty
+    caption, each with probability p; a bool mask (n,) from one torch.rand(n) of the global RNG.
+    Per sample (the v1 script dropped whole batches' captions with p = 0.05): the same rate, and
+    every batch a mix, which matters for small batches."""
+    return torch.rand(n) < p
+
+
+def drop_captions(captions, drop):
+    """`captions` with those marked in `drop` (bool (B,), caption_dropout) made empty."""
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
 
 # -----------------------------------------------------------------------------
 # sampling

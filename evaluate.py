@@ -30,36 +30,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import (
-    ArgumentParser,
-    HelpFormatter,
-    UsageError,
-    check_output_dir,
-    device_name,
-    existing_folder,
-    finite_float,
-    load_checkpoint,
-    nonnegative_float,
-    nonnegative_int,
-    pick_device,
-    positive_int,
-    run_cli,
-    setup_runtime,
-)
+from common import (ArgumentParser, HelpFormatter, UsageError, check_output_dir, device_name,
+                    existing_folder, finite_float, load_checkpoint, nonnegative_float,
+                    nonnegative_int, pick_device, positive_int, run_cli, setup_runtime)
 from finetune import lora_file
-from metrics import (
-    CLIP_SCORE_MODEL,
-    INCEPTION,
-    PICKSCORE_MODEL,
-    PICKSCORE_PROCESSOR,
-    clip_model,
-    clip_score,
-    fid,
-    fid_metric,
-    image_files,
-    pick_preference,
-    prompts_of,
-)
+from metrics import (CLIP_SCORE_MODEL, INCEPTION, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_model,
+                     clip_score, fid, fid_metric, image_files, pick_preference, prompts_of)
 from sample import CHAIN_DEFAULTS, open_pipeline, round_size, sampling_dtype, text_to_image
 
 # -----------------------------------------------------------------------------

@@ -21,10 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, UsageError,
-                    add_common_args, ema_and_optimizer, ema_decay_at, get_lr, load_checkpoint,
-                    load_exact, load_weights_file, no_sync, nonnegative_float, nonnegative_int,
-                    positive_int, preset_name, psnr, read_json, recompute_batchnorm, run_cli,
-                    save_checkpoint, save_image_grid, set_lr, start_run, update_ema, wrap_ddp)
+                    add_common_args, ema_and_optimizer, ema_decay_at, eval_mode, get_lr,
+                    load_checkpoint, load_exact, load_weights_file, no_sync, nonnegative_float,
+                    nonnegative_int, positive_int, preset_name, psnr, read_json,
+                    recompute_batchnorm, run_cli, save_checkpoint, save_image_grid, set_lr,
+                    start_run, update_ema, wrap_ddp)
 from data import check_data, holdout_batch, image_batches, open_data, resume_batches
 
 # -----------------------------------------------------------------------------
@@ -287,6 +288,16 @@ def vgg16_weights_path():
     path = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
     return path if os.path.exists(path) else None
 
+
+def perceptual_loss(weight, device, logger):
+    """The perceptual loss of --perceptual_weight > 0, if torchvision's VGG16 ImageNet weights are
+    on disk (never downloaded); else None, said in the log."""
+    path = vgg16_weights_path() if weight > 0 else None
+    if weight > 0 and not path:
+        logger.log("perceptual loss off: VGG16 ImageNet weights are not in the torch hub cache "
+                   "(torchvision's vgg16-397923af.pth enables it); training goes on without it")
+    return PerceptualLoss(path).to(device) if path else None
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -317,8 +328,10 @@ def restart_dead_codes(vq, z, counts, rt):
 
 @torch.no_grad()
 def measure_scale_factor(model, images):
-    """Std of the raw latents of `images`: the scale that makes StageA.encode ~unit-variance."""
-    return round(model.encode_raw(images).float().std().item(), 4)
+    """Std of the raw latents of `images` (eval mode, as the model encodes after training): the
+    scale that makes StageA.encode ~unit-variance."""
+    with eval_mode(model):
+        return round(model.encode_raw(images).float().std().item(), 4)
 
 
 def train(args):
@@ -342,11 +355,7 @@ def train(args):
     scaler, scaler_d = rt.make_scaler(), rt.make_scaler()
     logger.log(f"parameters: Stage A {sum(p.numel() for p in model.parameters()):,} | "
                f"discriminator {sum(p.numel() for p in disc.parameters()):,}")
-    vgg_path = vgg16_weights_path() if args.perceptual_weight > 0 else None
-    perceptual = PerceptualLoss(vgg_path).to(rt.device) if vgg_path else None
-    if args.perceptual_weight > 0 and not vgg_path:
-        logger.log("perceptual loss off: VGG16 ImageNet weights are not in the torch hub cache "
-                   "(torchvision's vgg16-397923af.pth enables it); training goes on without it")
+    perceptual = perceptual_loss(args.perceptual_weight, rt.device, logger)  # None: off
     step = ckpt["step"] if ckpt else 0
     if ckpt:
         for part, key in ((model, "model"), (ema, "ema"), (disc, "disc"), (opt, "optimizer"),
@@ -370,11 +379,13 @@ def train(args):
 
     @torch.no_grad()
     def holdout_psnr(m=ema):  # unquantised decode, as Würstchen v2 decodes
-        return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
+        with eval_mode(m):
+            return psnr(m.decode_raw(m.encode_raw(held_images)), held_images)
 
     @torch.no_grad()
     def preview():  # held-out inputs (top) over their EMA reconstructions (bottom)
-        recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
+        with eval_mode(ema):
+            recon_h = ema.decode_raw(ema.encode_raw(held_images[:8]))
         save_image_grid(torch.cat([held_images[:8], recon_h]),
                         os.path.join(args.out_dir, f"samples_{step:07d}.png"), 8)
         return {}

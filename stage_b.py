@@ -25,18 +25,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blocks import (LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, AttnBlock, LayerNorm2d,
-                    ResBlockStageB, TimestepBlock, dome272_init, image_side_multiple, per_level,
-                    r_embedding, unet_levels)
+from blocks import (LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, AttnBlock, LayerNorm2d, ResBlockStageB,
+                    TimestepBlock, dome272_init, image_side_multiple, per_level, r_embedding,
+                    unet_levels)
 from cache import cache_stage_a
 from common import (ArgumentParser, CheckpointError, HelpFormatter, NonFiniteGuard, Progress,
                     UsageError, add_common_args, channels_last_convs, ema_and_optimizer,
-                    ema_decay_at, frozen, get_lr, load_checkpoint, load_exact, load_weights_file,
-                    no_sync, positive_int, preset_name, probability, psnr, read_json,
-                    recompute_batchnorm, run_cli, save_checkpoint, save_image_grid, set_lr,
-                    start_run, update_ema, wrap_ddp)
+                    ema_decay_at, eval_mode, frozen, get_lr, load_checkpoint, load_exact,
+                    load_weights_file, no_sync, positive_int, preset_name, probability, psnr,
+                    read_json, recompute_batchnorm, run_cli, save_checkpoint, save_image_grid,
+                    set_lr, start_run, update_ema, wrap_ddp)
 from data import check_data, holdout_batch, image_batches, open_data, resume_batches
-from diffusion import add_noise, ddpm_sample, diffusion_loss, randn
+from diffusion import add_noise, caption_dropout, ddpm_sample, diffusion_loss, drop_captions, randn
 from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
                       load_trained, plan_epochs, refuse_lora_checkpoint, save_lora, trained_state)
 from pretrained import dome272_to_diffusers, load_imagenet_weights, open_released
@@ -411,7 +411,8 @@ def build_compressor(cfg, random_init, rt, logger):
 @torch.no_grad()
 def measure_latent_space(compressor, images):
     """Constants of Stage C's space y = (e + shift) / scale: y of mean 0 and std 1 over `images`."""
-    e = compressor(images).float()
+    with eval_mode(compressor):  # as Stage C runs it
+        e = compressor(images).float()
     return {"scale": round(e.std().item(), 4), "shift": round(-e.mean().item(), 4)}
 
 # -----------------------------------------------------------------------------
@@ -587,8 +588,7 @@ def train(args):
         for micro in range(args.grad_accum):
             images, captions, *cached = next(batches)  # cached: [Stage A latents] with --cache
             images = images.to(rt.device, non_blocking=True)
-            drop = torch.rand(len(captions)) < args.p_drop_text  # CFG: empty caption, per sample
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            captions = drop_captions(captions, caption_dropout(len(captions), args.p_drop_text))
             with torch.no_grad(), rt.autocast():
                 # (B, 4, S/4, S/4): unquantised Stage A latents / scale_factor
                 latents = cached[0].to(rt.device) if cached else stage_a.encode(images).float()

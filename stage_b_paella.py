@@ -31,17 +31,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from blocks import (LATENT_DIM_SCALE, AttnBlock, Dropout, GlobalResponseNorm, LayerNorm2d,
-                    ResBlock, TimestepBlock, dome272_init, image_side_multiple, per_level,
-                    r_embedding, unet_levels)
+from blocks import (LATENT_DIM_SCALE, AttnBlock, Dropout, GlobalResponseNorm, LayerNorm2d, ResBlock,
+                    TimestepBlock, dome272_init, image_side_multiple, per_level, r_embedding,
+                    unet_levels)
 from cache import cache_stage_a
 from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, UsageError,
                     add_common_args, channels_last_convs, ema_and_optimizer, ema_decay_at, get_lr,
                     load_exact, no_sync, nonnegative_float, positive_float, positive_int,
-                    preset_name, psnr, run_cli, save_checkpoint, save_image_grid, set_lr,
-                    start_run, update_ema, wrap_ddp)
+                    preset_name, psnr, run_cli, save_checkpoint, save_image_grid, set_lr, start_run,
+                    update_ema, wrap_ddp)
 from data import check_data, holdout_batch, image_batches, open_data, resume_batches
-from diffusion import sample_t, timestep_grid
+from diffusion import caption_dropout, drop_captions, sample_t, timestep_grid
 from pretrained import dome272_to_diffusers
 from stage_a import load_stage_a
 from stage_b import (CompressorAndStageB, CompressorConfig, add_stage_b_args, build_compressor,
@@ -494,8 +494,7 @@ def train(args):
         for micro in range(args.grad_accum):
             images, captions, *cached = next(batches)  # cached: [Stage A tokens] with --cache
             images = images.to(rt.device, non_blocking=True)
-            drop = torch.rand(len(captions)) < args.p_drop_text  # CFG dropout: "", per sample
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            captions = drop_captions(captions, caption_dropout(len(captions), args.p_drop_text))
             with torch.no_grad(), rt.autocast():
                 # (B, S/4, S/4) token indices
                 tokens = cached[0].to(rt.device) if cached else stage_a.encode_indices(images)

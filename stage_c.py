@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from blocks import (RESOLUTION_MULTIPLE, AttnBlock, LayerNorm2d, ResBlock,
-                    TimestepBlock, dome272_init, r_embedding, to_stage_b_space, to_stage_c_space)
+from blocks import (RESOLUTION_MULTIPLE, AttnBlock, LayerNorm2d, ResBlock, TimestepBlock,
+                    dome272_init, r_embedding, to_stage_b_space, to_stage_c_space)
 from cache import cache_stage_c
 from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, UsageError,
                     add_common_args, channels_last_convs, ema_and_optimizer, ema_decay_at,
@@ -37,7 +37,8 @@ from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, Usa
                     start_run, update_ema, wrap_ddp)
 from data import check_data, holdout_batch, open_data, resume_batches, sizes_of
 from decoders import load_decoder
-from diffusion import DEFAULT_STAGE_C_TIMESTEPS, ddpm_sample, diffusion_loss, randn
+from diffusion import (DEFAULT_STAGE_C_TIMESTEPS, caption_dropout, ddpm_sample, diffusion_loss,
+                       drop_captions, randn)
 from finetune import (LORA_FILE, add_finetune_args, add_lora_from_args, finetune_defaults,
                       load_trained, plan_epochs, refuse_lora_checkpoint, save_lora, trained_state)
 from images import SIDE_MULTIPLE
@@ -217,9 +218,8 @@ def training_inputs(batch, drop, compressor, text_encoder, latent_space, cache=N
         return y.to(cache.text.device), cache.text[text_index.to(cache.text.device)]
     images, captions = batch
     device = next(compressor.parameters()).device
-    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     return (to_stage_c_space(compressor(images.to(device)), latent_space),
-            text_encoder.encode(captions).float())
+            text_encoder.encode(drop_captions(captions, drop)).float())
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -433,9 +433,7 @@ def train(args):
         set_lr(opt, lr)
         for micro in range(args.grad_accum):
             batch = next(batches)
-            # CFG dropout per sample (the v1 script drops whole batches' captions with p = 0.05; per
-            # sample has the same rate and gives every batch a mix, which matters for small batches)
-            drop = torch.rand(len(batch[0])) < args.p_drop_text
+            drop = caption_dropout(len(batch[0]), args.p_drop_text)  # CFG: empty captions
             with rt.autocast():
                 y, clip_text = training_inputs(batch, drop, compressor, text_encoder, latent_space,
                                                cache)

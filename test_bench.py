@@ -62,3 +62,37 @@ def test_paper_stage_c_training_flops_per_image():
                                                torch.rand(1), torch.randn(1, 77, cfg.c_cond))
     # ~6 x 994 M params x 576 tokens, plus attention over 576 + 77 keys: 3.46 TFLOP
     assert 3.3e12 < flops < 3.6e12
+
+
+def test_loader_stage_runs_every_source_and_worker_count(monkeypatch, capsys):
+    """--stages loader: images per second from a folder and from its tar shards, with 0, 1 and 2
+    loader workers (a clock that runs 1 s per reading keeps it short)."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    bench.main(bench.get_args(["--stages", "loader", "--device", "cpu", "--loader_sizes",
+                               "[(96, 32)]", "--loader_images", "16"]))
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| folder", "| shards"))]
+    assert [(r[0].strip(), r[3].strip()) for r in rows] == [
+        (kind, str(w)) for kind in ("folder", "shards") for w in (0, 1, 2)]
+    assert all(r[1].strip() == "96" and r[2].strip() == "32" and float(r[4]) > 0 for r in rows)
+
+
+def test_memory_stage_estimates_on_the_cpu(monkeypatch, capsys):
+    """--stages memory without a GPU: saved activations measured at 1 and 2 triples, batches 1 and
+    2, extrapolated (a narrow prior stands in for the paper's); activation checkpointing and LoRA
+    each fit a larger batch in the budget, and a larger batch costs more."""
+    monkeypatch.setattr(bench, "PAPER_C", bench.dataclasses.replace(bench.PAPER_C, c=64, c_cond=64,
+                                                                     depth=8, nhead=4))
+    rows, estimate = [], bench.estimate_memory_cpu
+    monkeypatch.setattr(bench, "estimate_memory_cpu", lambda budget: rows.extend(estimate(budget))
+                        or rows)
+    bench.main(bench.get_args(["--stages", "memory", "--device", "cpu", "--mem_budget_gb",
+                               "0.25"]))
+    assert "estimated on CPU" in capsys.readouterr().out
+    by = {(lora, ckpt): (first, best) for lora, ckpt, first, best in rows}
+    assert len(by) == 4 and all(best for _, best in by.values())
+    for lora in (False, True):
+        (first, (batch, peak)), (first_ckpt, (batch_ckpt, _)) = by[lora, False], by[lora, True]
+        assert first_ckpt < first and batch_ckpt > batch and first < peak <= 0.25 * 2**30
+    assert by[True, False][1][0] > by[False, False][1][0]  # LoRA: fewer bytes per parameter

@@ -25,17 +25,8 @@ import data
 import images
 from data import ImageFolder
 from shards import expand_braces
-from toy import (
-    COLORS,
-    LOOKS,
-    SHAPES,
-    backgrounds,
-    classify_toy_image,
-    make_toy_image,
-    toy_look,
-    toy_prompts,
-    write_toy_dataset,
-)
+from toy import (COLORS, LOOKS, SHAPES, backgrounds, classify_toy_image, make_toy_image, toy_look,
+                 toy_prompts, write_toy_dataset)
 
 CAPTION = re.compile(r"a (\w+) (\w+) on a (\w+) background")
 
@@ -304,6 +295,30 @@ def test_cli(tmp_path, monkeypatch, capsys):
             run_cli(monkeypatch, command, "-h")
         help_text = capsys.readouterr().out
         assert all(flag in help_text for flag in flags) and "default" in help_text
+
+
+def test_cli_packs_a_folder_into_shards(shards, tmp_path, monkeypatch, capsys):
+    """data.py shards DIR OUT --per_shard N: the folder's images, bytes unchanged, each with its
+    caption, N to a tar in the folder's order; `check` then reads them all."""
+    folder = shards / "folder"
+    run_cli(monkeypatch, "shards", str(folder), str(tmp_path), "--per_shard", "5")
+    tars = sorted(tmp_path.glob("*.tar"))
+    assert [t.name for t in tars] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert f"data: wrote 3 shards {tars[0]} ... {tars[-1]}" in capsys.readouterr().out
+    members = {}
+    for t in tars:
+        with tarfile.open(t) as tar:
+            members |= {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for i in range(12):
+        assert members[f"{i:08d}.png"] == (folder / f"{i:02d}.png").read_bytes()
+        assert members[f"{i:08d}.txt"].decode() == f"sample {i}"
+    with tarfile.open(tars[-1]) as tar:
+        assert len(tar.getmembers()) == 2 * 2  # 12 = 5 + 5 + 2
+    run_cli(monkeypatch, "check", str(tmp_path), "--decode")
+    assert "data: 12 readable samples in 3 shards, 0 skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_cli(monkeypatch, "shards", "-h")
+    assert "--per_shard" in capsys.readouterr().out
 
 
 # ---- captions from metadata files

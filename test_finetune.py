@@ -319,17 +319,27 @@ def test_stage_b_finetune_keeps_the_compressor_and_reports_psnr(exported, tmp_pa
     parts = stage_b.load_stage_b(str(tmp_path / "straight" / "ckpt.pt"))  # like any checkpoint
     assert parts["stage_b"].cfg.c_hidden == (32, 64, 128)
 
+    # (alpha / r = 1000: the update of 2 steps at this low lr stands well above float32 rounding)
     log = run(stage_b, root, tmp_path / "lora", "--max_steps", "2", "--lora_rank", "2",
-              "--lr", "1e-5")
+              "--lora_alpha", "2000", "--lr", "1e-5")
     assert "warning: --lr 1e-05 is over 10x below the fine-tuning default 0.001" in log
     path = str(tmp_path / "lora" / finetune.LORA_FILE)
     assert list(read_lora(path)["models"]) == ["decoder"]
+    # merged into the exported decoder at each load: W + (alpha / r) B A where the file adapts,
+    # the exported weights elsewhere
     pipe = sample.open_pipeline(sample.get_args(["--pretrained", str(exported / "export"),
                                                  "--lora", path]),
                                 torch.device("cpu"), torch.float32)
+    base = stage_b.StageB.from_pretrained(str(exported / "export" / "wuerstchen" / "decoder"))
+    updates = {layer + ".weight": scale * B @ A
+               for layer, (A, B, scale) in read_lora(path)["models"]["decoder"].items()}
+    assert updates and min(u.abs().max() for u in updates.values()) > 1e-4  # it trained
     with sample.loaded(pipe, "stage_b"):
-        assert any(not torch.equal(v, parts["stage_b"].state_dict()[k])
-                   for k, v in pipe.stage_b.state_dict().items() if "attention" in k)
+        merged = pipe.stage_b.state_dict()
+    for k, w in base.state_dict().items():
+        expected = w + updates[k] if k in updates else w
+        torch.testing.assert_close(merged[k], expected, rtol=1e-6, atol=1e-7, msg=k)
+        assert (k in updates) == (not torch.equal(merged[k], w)), k
 
 
 def test_no_weights_offline_fails_at_once(tmp_path, monkeypatch, capsys):

@@ -109,13 +109,9 @@ def released(tmp_path_factory):
     with the dome272 .pt files (+ the text encoder and tokenizer folders, which the .pt files do
     not have), all from the same weights."""
     from diffusers import DDPMWuerstchenScheduler
-    from diffusers.pipelines.deprecated.wuerstchen import (
-        PaellaVQModel,
-        WuerstchenDecoderPipeline,
-        WuerstchenDiffNeXt,
-        WuerstchenPrior,
-        WuerstchenPriorPipeline,
-    )
+    from diffusers.pipelines.deprecated.wuerstchen import (PaellaVQModel, WuerstchenDecoderPipeline,
+                                                           WuerstchenDiffNeXt, WuerstchenPrior,
+                                                           WuerstchenPriorPipeline)
     root, official = tmp_path_factory.mktemp("released"), tmp_path_factory.mktemp("official")
     prior, decoder, vqgan = (randomize(WuerstchenPrior(**PRIOR), 1),
                              randomize(WuerstchenDiffNeXt(**DECODER), 2),

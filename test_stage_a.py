@@ -6,7 +6,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -189,26 +188,44 @@ def test_wrong_and_missing_checkpoint(tmp_path):
         load_checkpoint(str(tmp_path / "nope.pt"), "stage_a")
 
 
-def test_sigkill_then_resume(toy, tmp_path):
+# Runs stage_a.py with torch.save writing half of the 3rd checkpoint, flushed, then SIGKILL: the
+# process dies inside the write, as a kill or a power cut would catch it
+KILLED_MID_SAVE = """
+import io, os, runpy, signal, sys
+import torch
+save, saves = torch.save, []
+def half_then_kill(obj, f, *args, **kwargs):
+    saves.append(f)
+    if len(saves) < 3:
+        return save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    save(obj, buffer)
+    with open(f, "wb") as out:
+        out.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        out.flush()
+        os.fsync(out.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = half_then_kill
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigkill_mid_save_then_resume(toy, tmp_path):
+    """Killed inside the write of its 3rd checkpoint, a run leaves the 2nd whole (the new one goes
+    to a temporary file, renamed over it once complete), and --resume continues from it."""
     out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(HERE, "stage_a.py"), "--data", toy, "--out_dir", str(out),
-           "--save_every", "1", "--max_steps", "1000"] + FAST
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    cmd = [sys.executable, "-c", KILLED_MID_SAVE, os.path.join(HERE, "stage_a.py"), "--data", toy,
+           "--out_dir", str(out), "--save_every", "1", "--max_steps", "1000"] + FAST
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     ckpt = out / "ckpt.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # a few checkpoints, then kill without warning, likely mid-save
-        if ckpt.exists() and load_checkpoint(str(ckpt), "stage_a")["step"] >= 3:
-            break
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step = load_checkpoint(str(ckpt), "stage_a")["step"]  # loads: the file is never half-written
-    assert step >= 3
-    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out),
-                                    "--max_steps", str(step + 2), "--save_every", "100", "--resume"]
-                                   + FAST))
-    assert load_checkpoint(str(ckpt), "stage_a")["step"] == step + 2
-    assert f"resumed from {ckpt} at step {step}" in (out / "log.txt").read_text()
+    assert load_checkpoint(str(ckpt), "stage_a")["step"] == 2  # whole: it loads
+    stage_a.train(stage_a.get_args(["--data", toy, "--out_dir", str(out), "--max_steps", "4",
+                                    "--save_every", "100", "--resume"] + FAST))
+    assert load_checkpoint(str(ckpt), "stage_a")["step"] == 4
+    assert f"resumed from {ckpt} at step 2" in (out / "log.txt").read_text()
 
 
 def test_bad_files_are_skipped_and_counted(toy, tmp_path, capsys):

@@ -14,16 +14,8 @@ import stage_b
 import text_encoder
 from blocks import AttnBlock, r_embedding
 from common import save_checkpoint
-from diffusion import (
-    DEFAULT_STAGE_C_TIMESTEPS,
-    alpha_bar,
-    ddpm_sample,
-    ddpm_step,
-    diffusion_loss,
-    p2_weight,
-    sample_t,
-    timestep_grid,
-)
+from diffusion import (DEFAULT_STAGE_C_TIMESTEPS, alpha_bar, ddpm_sample, ddpm_step, diffusion_loss,
+                       p2_weight, sample_t, timestep_grid)
 
 # ---- schedule and sampler
 
@@ -125,8 +117,7 @@ def test_grn_matches_reference_with_zero_channels():
     gradients, including channels of exact zeros (GELU produces them; a plain sqrt gave NaN
     gradients there and NaN training)."""
     from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import (
-        GlobalResponseNorm as RefGRN,
-    )
+                                                                                      GlobalResponseNorm as RefGRN)
     torch.manual_seed(0)
     ours = blocks.GlobalResponseNorm(8)
     ours.gamma.data.normal_(), ours.beta.data.normal_()

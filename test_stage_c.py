@@ -20,16 +20,8 @@ from data import ImageFolder
 from diffusion import diffusion_loss
 from pretrained import dome272_to_diffusers
 from stage_b import SemanticCompressor, StageB, measure_latent_space
-from stage_c import (
-    PRESETS,
-    StageC,
-    StageCConfig,
-    get_args,
-    load_stage_c,
-    sample_stage_c,
-    train,
-    training_inputs,
-)
+from stage_c import (PRESETS, StageC, StageCConfig, get_args, load_stage_c, sample_stage_c, train,
+                     training_inputs)
 from text_encoder import TextEncoder
 from toy import write_toy_dataset
 
@@ -160,8 +152,7 @@ def test_resblock_skip_matches_diffusers():
     """The prior's ResBlock concatenates a skip before its grouped depthwise conv (weight
     (c, 2, 3, 3) for c_skip = c), as diffusers' ResBlock does; the prior itself passes none."""
     from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import (
-        ResBlock as RefResBlock,
-    )
+                                                                                      ResBlock as RefResBlock)
 
     ref = randomize(RefResBlock(8, c_skip=8)).eval()
     ours = ResBlock(8, c_skip=8).eval()
