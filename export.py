@@ -15,6 +15,8 @@ sizes as `_train_image_size` in both model_index.json (private keys, which diffu
 """
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from blocks import LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, RESOLUTION_MULTIPLE
@@ -136,6 +138,24 @@ def check_exportable(stage_b, stage_a, text_encoders, release=None):
             text_encoder.diffusers_config()
 
 
+def check_new_folder(root):
+    """An export goes to a folder that does not exist yet (nothing of another export is mixed in,
+    nothing of the user's is overwritten)."""
+    if os.path.exists(root):
+        raise UsageError(f"--export {root} exists: an export goes to a new folder")
+
+
+@contextmanager
+def new_folder(root):
+    """Write into `root`.partial, renamed to `root` once complete: an interrupted export leaves no
+    folder that looks like a whole one."""
+    check_new_folder(root)
+    partial = os.path.normpath(root) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted export left
+    yield partial
+    os.replace(partial, root)
+
+
 def repo_folders(root):
     """The prior's and the decoder's folders of an export to `root`."""
     return tuple(os.path.join(root, repo.split("/")[1]) for repo in (PRIOR_REPO, DECODER_REPO))
@@ -153,11 +173,13 @@ def write_prior(root, stage_c, text_encoder, image_size, old_diffusers=False):
 
 
 def write_decoder(root, stage_b, stage_a, text_encoder, latent_space, image_size,
-                  old_diffusers=False):
+                  old_diffusers=False, prior=None):
     """DIR/wuerstchen: the decoder (reading the released space for our `latent_space`), the
-    VQGAN, their text tower, our training size, and the model card naming the prior's folder, from
-    which diffusers' combined pipeline and AutoPipelineForText2Image load the prior with it."""
-    prior, folder = repo_folders(root)
+    VQGAN, their text tower, our training size, and the model card naming the prior's folder
+    (`prior`, default DIR/wuerstchen-prior), from which diffusers' combined pipeline and
+    AutoPipelineForText2Image load the prior with it."""
+    folder = repo_folders(root)[1]
+    prior = prior or repo_folders(root)[0]
     write_repo(folder, "WuerstchenDecoderPipeline",
                {"decoder": (lambda model, path: save_stage_b(model, path, latent_space), stage_b),
                 "vqgan": (save_stage_a, stage_a)},

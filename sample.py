@@ -55,7 +55,8 @@ from common import (ArgumentParser, HelpFormatter, UsageError, check_output_dir,
 from data import load_image
 from decoders import STAGE_B_KINDS, load_decoder
 from diffusion import DEFAULT_STAGE_C_TIMESTEPS, add_noise, ddpm_sample, randn, timestep_grid
-from export import check_exportable, write_compressor, write_decoder, write_prior
+from export import (check_exportable, check_new_folder, new_folder, repo_folders, write_compressor,
+                    write_decoder, write_prior)
 from finetune import apply_loras, lora_file
 from images import inspect_image
 from pretrained import is_released_v1, open_released, open_released_v1
@@ -360,15 +361,17 @@ def export(pipe, root, old_diffusers=False):
     refused by name before anything is written. Returns the two folders."""
     check_exportable(pipe.stage_b, pipe.stage_a, (pipe.text_encoder_b, pipe.text_encoder_c),
                      pipe.release)
-    with loaded(pipe, "stage_c", "text_encoder_c"):
-        prior = write_prior(root, pipe.stage_c, pipe.text_encoder_c, pipe.image_sizes["c"],
-                            old_diffusers)
-    with loaded(pipe, "stage_b", "stage_a", "text_encoder_b"):
-        decoder = write_decoder(root, pipe.stage_b, pipe.stage_a, pipe.text_encoder_b,
-                                pipe.latent_space, pipe.image_sizes["b"], old_diffusers)
-    if pipe.compressor is not None or "compressor" in (pipe.loaders or {}):
-        with loaded(pipe, "compressor"):
-            write_compressor(root, pipe.compressor, pipe.latent_space)
+    prior, decoder = repo_folders(root)
+    with new_folder(root) as partial:  # root itself appears when the export is complete
+        with loaded(pipe, "stage_c", "text_encoder_c"):
+            write_prior(partial, pipe.stage_c, pipe.text_encoder_c, pipe.image_sizes["c"],
+                        old_diffusers)
+        with loaded(pipe, "stage_b", "stage_a", "text_encoder_b"):
+            write_decoder(partial, pipe.stage_b, pipe.stage_a, pipe.text_encoder_b,
+                          pipe.latent_space, pipe.image_sizes["b"], old_diffusers, prior)
+        if pipe.compressor is not None or "compressor" in (pipe.loaders or {}):
+            with loaded(pipe, "compressor"):
+                write_compressor(partial, pipe.compressor, pipe.latent_space)
     return prior, decoder
 
 # -----------------------------------------------------------------------------
@@ -426,6 +429,7 @@ def check_args(args):
     args.lora = [lora_file(path) for path in args.lora or []]
     if args.export:
         check_output_dir(args.export, "--export")
+        check_new_folder(args.export)
     else:
         check_output_dir(args.out_dir, "--out_dir")
 

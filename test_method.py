@@ -592,7 +592,8 @@ def test_lora_files_for_b_and_c_merge_at_lora_scale(chain, tmp_path):
         for layer in layers:
             nn.init.normal_(adapted.get_submodule(layer).lora_B.weight)
         files.append(str(tmp_path / f"{prefix}.safetensors"))
-        save_lora(files[-1], adapted, prefix, f"the test {prefix}")
+        save_lora(files[-1], adapted, prefix, f"the test {prefix}",
+                  {"rank": 2, "alpha": 6, "targets": LORA_TARGETS})
         updates[name] = {f"{layer}.weight": 3 * adapted.get_submodule(layer).lora_B.weight
                          @ adapted.get_submodule(layer).lora_A.weight for layer in layers}
     for scale in (0.0, 0.5, 1.0):

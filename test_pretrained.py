@@ -456,6 +456,26 @@ def test_export_runs_in_diffusers_and_reads_back(ours, tmp_path, capsys):
     same_files(root, tmp_path / "old_form")
 
 
+def test_an_interrupted_export_leaves_no_export(ours, tmp_path, monkeypatch):
+    """--export writes DIR.partial and renames it DIR when complete: a failure midway leaves no DIR
+    that looks whole, a rerun writes it; an existing DIR is refused before anything is loaded."""
+    a, b, c = ours
+    argv = ["--export", str(tmp_path / "export"), "--stage_a", a, "--stage_b", b, "--stage_c", c]
+
+    def fail(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(sample, "write_compressor", fail)  # the last part written
+    with pytest.raises(OSError, match="disk full"):
+        sample.main(sample.get_args(argv))
+    assert not (tmp_path / "export").exists() and (tmp_path / "export.partial").exists()
+    monkeypatch.undo()
+    sample.main(sample.get_args(argv))
+    assert (tmp_path / "export" / "wuerstchen" / "semantic_compressor").is_dir()
+    assert not (tmp_path / "export.partial").exists()
+    with pytest.raises(UsageError, match="exists: an export goes to a new folder"):
+        sample.main(sample.get_args(argv))
+
+
 def test_the_readme_diffusers_snippet_runs_as_written(ours, tmp_path, monkeypatch):
     """The python block of README 'Use your model in diffusers', run as written in a folder where
     `sample.py --export out/export` wrote the quick start's checkpoints, gives sample.py's image."""
