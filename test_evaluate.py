@@ -23,12 +23,10 @@ from PIL import Image
 import evaluate
 import metrics
 import sample
-import stage_a
-import stage_b
 import stage_c
 import text_encoder
 from common import UsageError
-from toy import write_toy_dataset
+from conftest import write_random_chain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = ["a red circle on a blue background", "a green square on a white background",
@@ -65,23 +63,14 @@ def test_coco_captions_are_drawn_with_a_fixed_seed(tmp_path):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """Tiny random stages, one training step each (as test_smoke's chain), and a prompt file."""
-    root = tmp_path_factory.mktemp("chain")
-    data, out = str(root / "toy"), root / "out"
-    write_toy_dataset(data, n=16, size=128, seed=0)
-    common = ["--model", "tiny", "--device", "cpu", "--num_workers", "0", "--max_steps", "1",
-              "--batch_size", "4", "--num_holdout", "4"]
-    a, b, c = (str(out / s / "ckpt.pt") for s in ("stage_a", "stage_b", "stage_c"))
-    stage_a.train(stage_a.get_args(["--data", data, "--out_dir", str(out / "stage_a")] + common))
-    stage_b.train(stage_b.get_args(["--data", data, "--out_dir", str(out / "stage_b"),
-                                    "--stage_a", a, "--steps_b", "2"] + common))
-    stage_c.train(stage_c.get_args(["--data", data, "--out_dir", str(out / "stage_c"),
-                                    "--stage_a", a, "--stage_b", b, "--steps_c", "2",
-                                    "--steps_b", "2"] + common))
+    """Tiny random checkpoints of the three stages (conftest.write_random_chain) and a prompt
+    file."""
+    root = write_random_chain(tmp_path_factory.mktemp("chain"))
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    a, b, c = (str(root / f"{k}.pt") for k in "abc")
     flags = ["--prompts", str(root / "prompts.txt"), "--stage_a", a, "--stage_b", b,
              "--stage_c", c, "--steps_c", "2", "--steps_b", "2", "--device", "cpu"]
-    return dict(root=root, data=data, a=a, b=b, flags=flags,
+    return dict(root=root, data=str(root / "toy"), a=a, b=b, flags=flags,
                 pipe=sample.load_pipeline(a, b, c, "cpu"))
 
 

@@ -10,7 +10,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests
 import copy
 import math
 import socket
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ import stage_b
 import stage_b_paella
 import stage_c
 from blocks import to_stage_b_space, to_stage_c_space
-from common import (NonFiniteGuard, Runtime, ema_decay_at, get_lr, save_checkpoint, update_ema,
+from common import (NonFiniteGuard, Runtime, ema_decay_at, get_lr, update_ema,
                     wrap_ddp)
 from data import holdout_batch, open_data
 from diffusion import (add_noise, alpha_bar, caption_dropout, diffusion_loss, drop_captions,
@@ -33,10 +32,10 @@ from finetune import LORA_TARGETS, LoRALinear, add_lora, add_lora_from_args, sav
 from stage_a import StageA, StageAConfig, discriminator_loss, generator_adv_loss
 from stage_b import CompressorAndStageB, SemanticCompressor, StageB, measure_latent_space
 from stage_c import StageC
-from text_encoder import TextEncoder
-from toy import toy_prompts, write_toy_dataset
+from toy import toy_prompts
 
 # fixtures of the stage tests: toy data with tiny random checkpoints under it
+from conftest import write_random_chain
 from test_stage_a import FAST as A_FAST
 from test_stage_a import toy  # noqa: F401
 from test_stage_b import _args as b_args
@@ -525,33 +524,8 @@ def test_two_ranks_train_as_one_process_on_the_whole_batch(stage):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """Tiny random checkpoints of the three stages (output layers made non-zero, so every model
-    reads its inputs), a Paella Stage B in the same latent space, and toy images: sample.py's
-    inputs without training."""
-    root = tmp_path_factory.mktemp("chain")
-    write_toy_dataset(root / "toy", n=4, size=128)
-    torch.manual_seed(0)
-    space, trained = {"scale": 1.3, "shift": 0.2}, {"image_size": 128}
-    a = StageA(stage_a.PRESETS["tiny"]["model"])
-    save_checkpoint(str(root / "a.pt"), {"stage": "stage_a", "step": 0, "train_config": trained,
-                                         "model_config": asdict(a.cfg), "ema": a.state_dict()})
-    compressor = SemanticCompressor(stage_b.PRESETS["tiny"]["compressor"]).eval()
-    text = TextEncoder("tiny").checkpoint_entry()
-    decoders = {"b": StageB(stage_b.PRESETS["tiny"]["model"]),
-                "paella": stage_b_paella.Paella(stage_b_paella.PRESETS["tiny"]["model"])}
-    nn.init.normal_(decoders["b"].clf[1].weight, std=0.02)
-    for name, model in decoders.items():
-        save_checkpoint(str(root / f"{name}.pt"), {
-            "stage": "stage_b", "kind": model.kind, "step": 0, "train_config": trained,
-            "model_config": asdict(model.cfg), "ema": model.state_dict(),
-            "compressor_config": asdict(compressor.cfg), "compressor_ema": compressor.state_dict(),
-            "text_encoder": text, "latent_space": space})
-    c = StageC(stage_c.PRESETS["tiny"]["model"])
-    nn.init.normal_(c.out[1].weight, std=0.02)
-    save_checkpoint(str(root / "c.pt"), {"stage": "stage_c", "step": 0, "train_config": trained,
-                                         "model_config": asdict(c.cfg), "ema": c.state_dict(),
-                                         "text_encoder": text, "latent_space": space})
-    return root
+    """Tiny random checkpoints of the three stages and of a Paella Stage B, and toy images."""
+    return write_random_chain(tmp_path_factory.mktemp("chain"))
 
 
 def sample_argv(chain, out, *extra):
