@@ -177,7 +177,6 @@ def r_embedding(t, c_r=64, max_positions=10000):
     return F.pad(emb, (0, c_r % 2))  # (B, c_r): an odd c_r ends in a 0, as the reference pads it
 
 
-
 class ResBlockStageB(nn.Module):
     """DiffNeXt's ConvNeXt block ("C", method §4.2): depthwise conv -> LayerNorm2d -> concat the
     skip -> channels-last MLP (Linear, GELU, GRN, Dropout, Linear) -> residual. The skip joins
@@ -196,7 +195,6 @@ class ResBlockStageB(nn.Module):
         if skip is not None:
             h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H, W)
         return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP: (B, H, W, C)
-
 
 
 class ResBlock(nn.Module):

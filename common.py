@@ -441,8 +441,6 @@ def set_lr(optimizer, lr):
         g["lr"] = lr
 
 
-
-
 def ema_and_optimizer(model, args):
     """The EMA copy of `model` (--ema_decay 0, as fine-tuning: none, the model itself) and AdamW
     over what is trained: all weights, or LoRA adapters. Returns (ema, trained params, opt)."""
@@ -451,7 +449,6 @@ def ema_and_optimizer(model, args):
     opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.beta2),
                             weight_decay=args.weight_decay)
     return ema, trained, opt
-
 
 
 def ema_decay_at(step, decay):
@@ -592,6 +589,7 @@ class CheckpointError(UsageError):
 
 
 HOW_TO_MAKE = {"stage_a": "python stage_a.py --data DIR", "stage_b": "python stage_b.py --data DIR",
+               "paella": "python stage_b_paella.py --data DIR",
                "stage_c": "python stage_c.py --data DIR"}
 
 
@@ -792,6 +790,7 @@ class Progress:
                     if rt.master else None)
         self.t0, self.seen = time.time(), 0
         self.metrics = {}  # the last preview's, saved with every checkpoint
+        self.saved = None  # what the last save returned (e.g. the latent space it measured)
 
     def count(self, n):
         """n more training images on this rank (every rank sees as many)."""
@@ -820,7 +819,7 @@ class Progress:
         if keep:
             run_state = gather_run_state(self.rt, batches)  # every rank: RNG state, stream position
             if self.rt.master:
-                save(self.metrics, run_state)
+                self.saved = save(self.metrics, run_state)
 
     def close(self, done=None):
         """End of training: the bar closes, `done: ...` is logged, DDP's process group ends."""

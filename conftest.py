@@ -1,7 +1,8 @@
-"""What several test files share: a chain of tiny random checkpoints (no training), sample.py's
-and evaluate.py's inputs."""
+"""What several test files share: one intra-op thread for tiny models, and a chain of tiny random
+checkpoints (no training), sample.py's and evaluate.py's inputs."""
 from dataclasses import asdict
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -12,6 +13,17 @@ import stage_c
 from common import save_checkpoint
 from text_encoder import TextEncoder
 from toy import write_toy_dataset
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and on a shared CPU it avoids the per-op thread
+    hand-offs that made such tests several times slower with 2 threads while other jobs ran. A
+    file asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def write_random_chain(root):

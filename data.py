@@ -64,7 +64,6 @@ def read_metadata(path):
     return {os.path.normpath(os.path.join(folder, r["file_name"])): caption_of(r) for r in rows}
 
 
-
 class ImageFolder(torch.utils.data.Dataset):
     """Every image under `root` (recursive, sorted) as (float (3, H, W) in [0, 1], caption). The
     caption is a same-stem .txt file's, else the image's row of a metadata.jsonl / metadata.csv,
@@ -266,7 +265,6 @@ def image_batches(dataset, n=512, batch_size=64, spread=True):
     index = list(range(0, len(dataset), max(1, len(dataset) // n) if spread else 1))[:n]
     for chunk in same_size_chunks(dataset, index, batch_size):
         yield torch.stack([dataset[i][0] for i in chunk])
-
 
 
 def split_holdout(dataset, n):

@@ -94,6 +94,8 @@ def randn(shape, generator=None, device=None, dtype=None):
     """Gaussian noise of `shape`. `generator` may be a list, one per sample (dim 0): each sample is
     then drawn from its own, the same in any batch (diffusers' randn_tensor takes such lists)."""
     if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
         return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype)
                             for g in generator])
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)

@@ -19,8 +19,8 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from common import (CheckpointError, UsageError, atomic_write, existing_folder,
-                    nonnegative_int, positive_float)
+from common import (CheckpointError, UsageError, atomic_write, existing_folder, nonnegative_int,
+                    positive_float)
 from data import folder_captions
 from text_encoder import TextEncoder
 
@@ -64,7 +64,6 @@ def finetune_defaults(preset, args):
     return defaults | ({"lr": preset["finetune"]["lora_lr"]} if args.lora_rank else {})
 
 
-
 def add_lora_from_args(module, args):
     """--lora_rank: LoRA adapters on `module`'s --lora_targets (the base stays frozen; adapters
     start at zero: step 0 is the base model). Returns the run's record of them, else None."""
@@ -73,8 +72,6 @@ def add_lora_from_args(module, args):
     alpha = args.lora_alpha or args.lora_rank
     add_lora(module, args.lora_targets, args.lora_rank, alpha)
     return {"rank": args.lora_rank, "alpha": alpha, "targets": args.lora_targets}
-
-
 
 
 def epochs_to_steps(args, items):

@@ -112,7 +112,6 @@ def released_help(root, missing):
             f"{repo} {name}`: the semantic compressor) and pass --pretrained without a folder.")
 
 
-
 def open_released(root=None, open_clip_text=False, compressor=False):
     """The released Würstchen v2 weights (method §8) or an export of ours, found by find_released
     (the semantic compressor required with `compressor`) and checked against the constants the

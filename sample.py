@@ -53,7 +53,7 @@ from common import (ArgumentParser, HelpFormatter, UsageError, check_output_dir,
                     nonnegative_float, nonnegative_int, pick_device, positive_float, positive_int,
                     probability, psnr, run_cli, save_captioned_grid)
 from data import load_image
-from decoders import STAGE_B_KINDS, load_decoder
+from decoders import load_decoder
 from diffusion import DEFAULT_STAGE_C_TIMESTEPS, add_noise, ddpm_sample, randn, timestep_grid
 from export import (check_exportable, check_new_folder, new_folder, repo_folders, write_compressor,
                     write_decoder, write_prior)
@@ -62,6 +62,7 @@ from images import inspect_image
 from pretrained import is_released_v1, open_released, open_released_v1
 from stage_a import StageA, load_stage_a
 from stage_b import SemanticCompressor, StageB
+from stage_b_paella import V1_LATENT_SPACE, Paella
 from stage_c import StageC, decode_stage_c, load_stage_c, sample_stage_c
 from toy import LOOKS, check_colors, classify_toy_image, toy_prompt_following, toy_prompts
 
@@ -97,7 +98,7 @@ class Pipeline:
 # checkpoints; steps_c 0 = the 29-step DEFAULT_STAGE_C_TIMESTEPS grid), and for the official v1
 # files the v1 notebook's: prior 60 DDPM steps on the linear grid, guidance 6, its negative prompt
 # (which guides Paella too). Stage B's steps, guidance and temperature default to its kind's
-# (stage_c.decode_stage_c): DiffNeXt 12 steps, no guidance; Paella 8 steps, w = 2, 1.0 -> 0.6.
+# (StageB.sample: DiffNeXt 12 steps, no guidance; Paella.sample: 8 steps, w = 2, 1.0 -> 0.6).
 CHAIN_DEFAULTS = {
     None: dict(steps_c=0, guidance_c=4.0, negative_prompt=""),
     "v1": dict(steps_c=60, guidance_c=6.0,
@@ -199,6 +200,14 @@ def round_size(width, height):
 # the chain
 
 
+def generators(seed, device):
+    """One generator of `seed`, or a list of one per image for a list of seeds (diffusion.randn):
+    image i then depends on seed[i] alone, not on the batch."""
+    if isinstance(seed, int):
+        return torch.Generator(device).manual_seed(seed)
+    return [torch.Generator(device).manual_seed(s) for s in seed]
+
+
 @torch.no_grad()
 def stage_b_and_a(pipe, y, prompts, negative_prompt, generator, progress, steps_b=None,
                   guidance_b=None, temperature_b=None):
@@ -223,8 +232,7 @@ def text_to_image(pipe, prompts, negative_prompt="", n=1, width=1024, height=102
     prompt too."""
     _, _, latent_hw, _ = round_size(width, height)
     prompts = [p for p in prompts for _ in range(n)]  # n images per prompt, next to each other
-    g = (torch.Generator(pipe.device).manual_seed(seed) if isinstance(seed, int) else
-         [torch.Generator(pipe.device).manual_seed(s) for s in seed])
+    g = generators(seed, pipe.device)
     with loaded(pipe, "text_encoder_c", "stage_c"):
         y = sample_stage_c(pipe.stage_c, pipe.text_encoder_c, prompts, latent_hw, steps_c,
                            guidance_c, negative_prompt, generator=g, progress=progress)
@@ -242,7 +250,7 @@ def image_variation(pipe, images, prompts=None, negative_prompt="", seed=0, step
     (Stage B's text: `prompts`, one per image, else empty)."""
     with loaded(pipe, "compressor"):
         y = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
-    g = torch.Generator(pipe.device).manual_seed(seed)
+    g = generators(seed, pipe.device)
     return stage_b_and_a(pipe, y, prompts or [""] * len(y), negative_prompt, g, progress, steps_b,
                          guidance_b, temperature_b)
 
@@ -256,11 +264,11 @@ def image_to_image(pipe, images, prompts, strength=0.6, negative_prompt="", seed
     0 = variation."""
     with loaded(pipe, "compressor"):
         y0 = to_stage_c_space(pipe.compressor(images.to(pipe.device)), pipe.latent_space)
-    g = torch.Generator(pipe.device).manual_seed(seed)
+    g = generators(seed, pipe.device)
     grid = timestep_grid(steps_c) if isinstance(steps_c, int) else list(steps_c)
     timesteps = [strength] + [t for t in grid if t < strength]  # the strength, then on the grid
     t0 = torch.full((len(y0),), strength, device=pipe.device)
-    y = add_noise(y0, t0, torch.randn(y0.shape, generator=g, device=pipe.device))
+    y = add_noise(y0, t0, randn(y0.shape, g, pipe.device))
     with loaded(pipe, "text_encoder_c", "stage_c"):
         cond = {"clip_text": pipe.text_encoder_c.encode(prompts)}
         uncond = {"clip_text": pipe.text_encoder_c.encode([negative_prompt] * len(prompts))}
@@ -335,13 +343,12 @@ def load_released_v1(root, device="cpu", dtype=None, open_clip_text=False, paell
     device, dtype = torch.device(device), dtype or sampling_dtype(device)
     released = open_released_v1(root, open_clip_text)
     paths, text_encoder = released["paths"], released["builders"]["text_encoder"]
-    token_decoder = STAGE_B_KINDS["paella"][0]
     builders = {"text_encoder_c": text_encoder, "text_encoder_b": text_encoder,
                 "stage_c": lambda: StageC.from_pretrained(paths["stage_c"]),
-                "stage_b": lambda: token_decoder.from_pretrained(paths["stage_b"], paella_cfg),
+                "stage_b": lambda: Paella.from_pretrained(paths["stage_b"], paella_cfg),
                 "stage_a": lambda: StageA.from_pretrained(paths["stage_a"]),
                 "compressor": lambda: SemanticCompressor.from_pretrained(paths["stage_b"])}
-    return Pipeline(latent_space={"scale": 1.0, "shift": 0.0}, device=device,
+    return Pipeline(latent_space=V1_LATENT_SPACE, device=device,
                     image_sizes={"c": 512, "b": 512}, dtype=dtype,
                     loaders=lazy_loaders(builders, device, dtype), release="v1")
 
@@ -566,8 +573,9 @@ def get_args(argv=None):
                    help="Stage B steps (default: its kind's, 12 DDPM steps for DiffNeXt, 8 for "
                    "Paella)")
     p.add_argument("--guidance_b", type=nonnegative_float, default=None,
-                   help="Stage B guidance scale (default: its kind's, DiffNeXt off as released "
-                   "(<= 1 = off), Paella w = 2 as v1)")
+                   help="Stage B guidance scale (default: its kind's). DiffNeXt: off as released, "
+                   "<= 1 = off; Paella (v1): w = 2, and w lerps logits_u to logits_c (0 = "
+                   "unconditional, 1 = conditional only)")
     p.add_argument("--temperature_b", type=positive_float, nargs=2, default=None,
                    metavar=("FIRST", "LAST"), help="a token Stage B's (Paella's) sampling "
                    "temperature, linear from FIRST to LAST over its steps (default: its kind's, "

@@ -27,8 +27,6 @@ def caption_of(record):
     return next((str(record[k]).strip() for k in CAPTION_KEYS if record.get(k) is not None), "")
 
 
-
-
 def expand_braces(pattern):
     """Bash-style braces: 'shards/{00000..00002}.tar' -> shards/00000.tar, 00001, 00002 (zero
     padding kept); '{a,b}.tar' -> a.tar, b.tar. Several braces expand left to right."""

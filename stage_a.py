@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, UsageError,
-                    add_common_args, ema_and_optimizer, ema_decay_at, eval_mode, get_lr,
+                    add_common_args, ema_and_optimizer, ema_decay_at, eval_mode, frozen, get_lr,
                     load_checkpoint, load_exact, load_weights_file, no_sync, nonnegative_float,
                     nonnegative_int, positive_int, preset_name, psnr, read_json,
                     recompute_batchnorm, run_cli, save_checkpoint, save_image_grid, set_lr,
@@ -245,7 +245,7 @@ def load_stage_a(path, device="cpu"):
     ckpt = load_checkpoint(path, "stage_a", mmap=True)
     model = StageA(StageAConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema"])
-    return model.to(device).eval().requires_grad_(False)
+    return frozen(model, device)
 
 
 class Discriminator(nn.Module):

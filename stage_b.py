@@ -29,8 +29,8 @@ from blocks import (LATENT_DIM_SCALE, RELEASED_LATENT_SPACE, AttnBlock, LayerNor
                     TimestepBlock, dome272_init, image_side_multiple, per_level, r_embedding,
                     unet_levels)
 from cache import cache_stage_a
-from common import (ArgumentParser, CheckpointError, HelpFormatter, NonFiniteGuard, Progress,
-                    UsageError, add_common_args, channels_last_convs, ema_and_optimizer,
+from common import (HOW_TO_MAKE, ArgumentParser, CheckpointError, HelpFormatter, NonFiniteGuard,
+                    Progress, UsageError, add_common_args, channels_last_convs, ema_and_optimizer,
                     ema_decay_at, eval_mode, frozen, get_lr, load_checkpoint, load_exact,
                     load_weights_file, no_sync, positive_int, preset_name, probability, psnr,
                     read_json, recompute_batchnorm, run_cli, save_checkpoint, save_image_grid,
@@ -226,12 +226,12 @@ class StageB(nn.Module):
 
     @torch.no_grad()
     def sample(self, stage_a, e, clip_text, negative_clip_text=None, steps=None,
-               guidance_scale=None, generator=None, progress=False, side=None, **_):
+               guidance_scale=None, generator=None, progress=False, side=None, temperature=None):
         """Stage B's part of sampling (method §7.5): e (B, 16, h, w) and text -> images (B, 3, H, W)
         in [0, 1]. DDPM from noise at the Stage A latent side int(10.67 h) or `side`, `steps`
         steps (default 12), conditioned on e and `clip_text`; CFG only when guidance_scale > 1
         (default off, as released), against zero e and `negative_clip_text` (as diffusers'
-        combined pipeline); Stage A decodes unquantised. Other kinds' options are ignored."""
+        combined pipeline); Stage A decodes unquantised. (A token Stage B's temperature: unused.)"""
         guidance_scale = guidance_scale or 0.0
         side = side or (int(e.shape[-2] * LATENT_DIM_SCALE), int(e.shape[-1] * LATENT_DIM_SCALE))
         noise = randn((len(e), self.cfg.c_in, *side), generator, e.device)
@@ -376,9 +376,8 @@ class CompressorAndStageB(nn.Module):
 
     def own_statistics(self, ema, images, rt):
         """Before a preview or save: the EMA compressor's BatchNorms get the statistics of its own
-        weights on `images` (batches of training images; common.recompute_batchnorm).
-        Not for a frozen compressor (the released one's statistics fix Stage C's space), nor
-        without an EMA (--ema_decay 0: the trained compressor's statistics are its own already)."""
+        weights on `images` (training images; common.recompute_batchnorm). Not for a frozen
+        compressor (its statistics fix Stage C's space), nor without an EMA (they are its own)."""
         if self.train_compressor and ema is not self:
             with rt.autocast():
                 recompute_batchnorm(ema.compressor, ema.compressor, images, device=rt.device)
@@ -400,8 +399,7 @@ def build_compressor(cfg, random_init, rt, logger):
     torchvision's ImageNet weights, as in the reference, unless random_init (--no_imagenet, or a
     resumed run)."""
     compressor = SemanticCompressor(cfg)
-    if cfg.backbone != "tiny" and not random_init and rt.master:
-        # rank 0 decides; DDP broadcasts its weights
+    if cfg.backbone != "tiny" and not random_init and rt.master:  # rank 0's; DDP broadcasts them
         if not load_imagenet_weights(compressor.backbone, cfg.backbone):
             logger.log(f"semantic compressor: ImageNet {cfg.backbone} weights unobtainable "
                        f"(offline?): random init")
@@ -418,32 +416,26 @@ def measure_latent_space(compressor, images):
 # -----------------------------------------------------------------------------
 # loading: a Stage B checkpoint, of either kind (decoders.py knows both)
 
-# A Stage B checkpoint says which kind of Stage B it holds ("kind"; none: DiffNeXt), written by
-STAGE_B_SCRIPTS = {"diffnext": "python stage_b.py --data DIR",
-                   "paella": "python stage_b_paella.py --data DIR"}
-
 
 def check_kind(ckpt, path, kinds):
     """A Stage B checkpoint's kind, 'diffnext' (v2) or 'paella' (v1); an error unless in `kinds`."""
     kind = ckpt.get("kind", "diffnext")
     if kind not in kinds:
-        raise CheckpointError(f"{path} holds a {kind} Stage B (written by "
-                              f"`{STAGE_B_SCRIPTS[kind]}`), but a {' or '.join(kinds)} Stage B was "
-                              f"expected here")
+        script = HOW_TO_MAKE.get("stage_b" if kind == "diffnext" else kind, "?")
+        raise CheckpointError(f"{path} holds a {kind} Stage B (written by `{script}`), but a "
+                              f"{' or '.join(kinds)} Stage B was expected here")
     return kind
 
 
 def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encoder"), kinds=None):
-    """Rebuild from a Stage B checkpoint alone what later stages need: the EMA Stage B and semantic
-    compressor (eval, frozen), the text encoder, and the latent-space constants. Returns a dict with
-    `parts`, 'latent_space', 'ckpt'. kinds: {kind: (model class, config class)} of the Stage B
-    kinds the caller can run (default DiffNeXt only; decoders.load_decoder takes both)."""
+    """Rebuild from a Stage B checkpoint alone what later stages need: the EMA Stage B, semantic
+    compressor and text encoder (frozen), the latent space. Returns {`parts`, 'latent_space',
+    'ckpt'}. kinds: {kind: (model, config class)}: DiffNeXt, or decoders.load_decoder's."""
     kinds = kinds or {"diffnext": (StageB, StageBConfig)}
     ckpt = load_checkpoint(path, "stage_b", mmap=True)
-    if "stage_b" in parts:
-        refuse_lora_checkpoint(ckpt, path, "decoder")
     out = {"latent_space": ckpt["latent_space"], "ckpt": ckpt}
     if "stage_b" in parts:
+        refuse_lora_checkpoint(ckpt, path, "decoder")
         model, config = kinds[check_kind(ckpt, path, kinds)]
         with torch.device("meta"):
             out["stage_b"] = model(config(**ckpt["model_config"]))
@@ -454,11 +446,32 @@ def load_stage_b(path, device="cpu", parts=("stage_b", "compressor", "text_encod
     if "text_encoder" in parts:
         out["text_encoder"] = TextEncoder.from_spec(ckpt["text_encoder"])
     for k in parts:
-        out[k] = out[k].to(device).eval().requires_grad_(False)
+        out[k] = frozen(out[k], device)
     return out
 
 # -----------------------------------------------------------------------------
 # training loop
+
+
+@torch.no_grad()
+def preview_reconstructions(ema, stage_a, text_encoder, images, captions, side, stage_a_psnr,
+                            path, args, rt, logger, **sampling):
+    """The path a user cares about, for a Stage B of either kind: held-out images -> the EMA
+    compressor -> Stage B sampling (`sampling`: its kind's settings) -> Stage A, with the same
+    noise at every preview. A grid at `path` (inputs on top, reconstructions below), the PSNR."""
+    g = torch.Generator(rt.device).manual_seed(args.seed)
+    with eval_mode(ema):  # also the trained model itself with --ema_decay 0: BatchNorm frozen
+        e = ema.compressor(images)
+        clip, empty = text_encoder.encode(captions), text_encoder.encode([""] * len(captions))
+        with rt.autocast():
+            recon = ema.stage_b.sample(stage_a, e, clip, empty, steps=args.steps_b, generator=g,
+                                       side=side, **sampling)
+    save_image_grid(torch.cat([images[:8], recon[:8]]), path, 8)
+    metrics = {"holdout_psnr": psnr(recon, images), "stage_a_psnr": stage_a_psnr}
+    logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB (image -> "
+               f"compressor -> {type(ema.stage_b).__name__}, {args.steps_b} steps -> Stage A; "
+               f"Stage A alone {stage_a_psnr:.2f} dB)")
+    return metrics
 
 
 def build_models(args, preset, released, ckpt, rt, logger):
@@ -480,7 +493,7 @@ def build_models(args, preset, released, ckpt, rt, logger):
                                       preset["compressor"], args.no_imagenet or ckpt is not None,
                                       rt, logger)
         text_encoder = build_text_encoder(args, preset["text_encoder"], ckpt, rt.device)  # frozen
-        # frozen Stage A (EMA weights) from its checkpoint alone: images -> latents / scale_factor
+        # Stage A, frozen (EMA weights), from its checkpoint: images -> latents / scale_factor
         stage_a, latent_space = load_stage_a(args.stage_a, rt.device), preset["latent_space"]
     if stage_a.cfg.c_latent != stage_b.cfg.c_in:
         raise UsageError(f"Stage A {args.stage_a} has {stage_a.cfg.c_latent} latent channels, "
@@ -544,24 +557,11 @@ def train(args):
     model = wrap_ddp(model, rt)  # under DDP, the compressor's BatchNorms see the global batch
     guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
-    @torch.no_grad()
     def preview():
-        """The path a user cares about, on the held-out images: image -> compressor -> Stage B
-        sampling -> Stage A decode (EMA); a grid (inputs on top, then reconstructions), the PSNR."""
-        g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
-        ema.eval()  # also the trained model itself with --ema_decay 0: BatchNorm statistics frozen
-        e, clip_text = ema.compressor(held_images), text_encoder.encode(held_captions)
-        with rt.autocast():
-            recon = ema.stage_b.sample(stage_a, e, clip_text, steps=args.steps_b, generator=g,
-                                       side=held_latents.shape[-2:])
         path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
-        save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)
-        metrics = {"holdout_psnr": psnr(recon, held_images), "stage_a_psnr": stage_a_psnr}
-        logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB (image -> "
-                   f"compressor -> Stage B, {args.steps_b} steps -> Stage A; Stage A alone "
-                   f"{stage_a_psnr:.2f} dB)")
-        model.train()
-        return metrics
+        return preview_reconstructions(ema, stage_a, text_encoder, held_images, held_captions,
+                                       held_latents.shape[-2:], stage_a_psnr, path, args, rt,
+                                       logger)
 
     def save(metrics, run_state):
         space = latent_space or measure_latent_space(ema.compressor, held_images)
@@ -577,6 +577,7 @@ def train(args):
         if lora:  # the adapters in diffusers' LoRA layout, for sample.py --lora
             save_lora(os.path.join(args.out_dir, LORA_FILE), ema.stage_b, "decoder",
                       f"the Stage B decoder {released['paths']['stage_b']} {asdict(cfg)}", lora)
+        return space
 
     progress = Progress(args, rt, logger, step, "stage B")
     if rt.master and released and step == 0:  # the released decoder, before fine-tuning
@@ -605,10 +606,9 @@ def train(args):
         progress.end_step(step, lambda: {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
                           guard.skipped, batches, save, preview,
                           lambda: raw_model.own_statistics(ema, image_batches(trainset), rt))
-    space = latent_space or measure_latent_space(ema.compressor, held_images)  # as saved
     progress.close(f"held-out reconstruction PSNR "
                    f"{progress.metrics.get('holdout_psnr', float('nan')):.2f} dB | latent space "
-                   f"{space} | checkpoint {ckpt_path}")
+                   f"{progress.saved} | checkpoint {ckpt_path}")
 
 # -----------------------------------------------------------------------------
 # CLI

@@ -38,14 +38,14 @@ from cache import cache_stage_a
 from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, UsageError,
                     add_common_args, channels_last_convs, ema_and_optimizer, ema_decay_at, get_lr,
                     load_exact, no_sync, nonnegative_float, positive_float, positive_int,
-                    preset_name, psnr, run_cli, save_checkpoint, save_image_grid, set_lr, start_run,
-                    update_ema, wrap_ddp)
+                    preset_name, psnr, run_cli, save_checkpoint, set_lr, start_run, update_ema,
+                    wrap_ddp)
 from data import check_data, holdout_batch, image_batches, open_data, resume_batches
 from diffusion import caption_dropout, drop_captions, sample_t, timestep_grid
 from pretrained import dome272_to_diffusers
 from stage_a import load_stage_a
 from stage_b import (CompressorAndStageB, CompressorConfig, add_stage_b_args, build_compressor,
-                     check_kind, measure_latent_space)
+                     check_kind, measure_latent_space, preview_reconstructions)
 from text_encoder import build_text_encoder
 
 # -----------------------------------------------------------------------------
@@ -457,24 +457,12 @@ def train(args):
     model = wrap_ddp(model, rt)  # under DDP, the compressor's BatchNorms see the global batch
     guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
-    @torch.no_grad()
     def preview():
-        """What a user cares about, on the held-out images: image -> compressor -> Paella -> Stage A
-        codebook (EMA); a grid (inputs on top, then reconstructions) and the PSNR."""
-        g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
-        clip, empty = (text_encoder.encode(held_captions),
-                       text_encoder.encode([""] * len(held_captions)))
-        with rt.autocast():
-            recon = ema.stage_b.sample(stage_a, ema.compressor(held_images), clip, empty,
-                                       args.steps_b, args.guidance_b, tuple(args.temperature_b),
-                                       generator=g, side=held_tokens.shape[-2:])
         path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
-        save_image_grid(torch.cat([held_images[:8], recon[:8]]), path, 8)
-        metrics = {"holdout_psnr": psnr(recon, held_images), "stage_a_psnr": stage_a_psnr}
-        logger.log(f"preview {path} | held-out PSNR {metrics['holdout_psnr']:.2f} dB "
-                   f"(image -> compressor -> Paella, {args.steps_b} steps -> Stage A codebook; "
-                   f"Stage A alone, quantised {stage_a_psnr:.2f} dB)")
-        return metrics
+        return preview_reconstructions(ema, stage_a, text_encoder, held_images, held_captions,
+                                       held_tokens.shape[-2:], stage_a_psnr, path, args, rt,
+                                       logger, guidance_scale=args.guidance_b,
+                                       temperature=tuple(args.temperature_b))
 
     def save(metrics, run_state):
         space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)
@@ -485,6 +473,7 @@ def train(args):
             "train_config": vars(args), "latent_space": space,
             "text_encoder": text_encoder.checkpoint_entry(), **run_state, "metrics": metrics,
             "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)}})
+        return space
 
     progress = Progress(args, rt, logger, step, "stage B (Paella)")
     model.train()
@@ -512,10 +501,9 @@ def train(args):
                                          "grad_norm": grad_norm.item()}, lr, guard.skipped,
                           batches, save, preview,
                           lambda: raw_model.own_statistics(ema, image_batches(trainset), rt))
-    space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)  # as saved
     progress.close(f"held-out reconstruction PSNR "
                    f"{progress.metrics.get('holdout_psnr', float('nan')):.2f} dB | "
-                   f"latent space {space} | checkpoint {ckpt_path}")
+                   f"latent space {progress.saved} | checkpoint {ckpt_path}")
 
 # -----------------------------------------------------------------------------
 # CLI

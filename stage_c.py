@@ -31,10 +31,10 @@ from blocks import (RESOLUTION_MULTIPLE, AttnBlock, LayerNorm2d, ResBlock, Times
 from cache import cache_stage_c
 from common import (ArgumentParser, HelpFormatter, NonFiniteGuard, Progress, UsageError,
                     add_common_args, channels_last_convs, ema_and_optimizer, ema_decay_at,
-                    free_memory, frozen, get_lr, load_checkpoint, load_exact, load_weights_file,
-                    no_sync, nonnegative_float, nonnegative_int, positive_int, preset_name,
-                    probability, read_json, run_cli, save_captioned_grid, save_checkpoint, set_lr,
-                    start_run, update_ema, wrap_ddp)
+                    eval_mode, free_memory, frozen, get_lr, load_checkpoint, load_exact,
+                    load_weights_file, no_sync, nonnegative_float, nonnegative_int, positive_int,
+                    preset_name, probability, read_json, run_cli, save_captioned_grid,
+                    save_checkpoint, set_lr, start_run, update_ema, wrap_ddp)
 from data import check_data, holdout_batch, open_data, resume_batches, sizes_of
 from decoders import load_decoder
 from diffusion import (DEFAULT_STAGE_C_TIMESTEPS, caption_dropout, ddpm_sample, diffusion_loss,
@@ -234,7 +234,7 @@ def load_stage_c(path, device="cpu"):
     with torch.device("meta"):
         model = StageC(StageCConfig(**ckpt["model_config"]))
     load_exact(model, ckpt["ema"], what=f"Stage C EMA weights of {path}")
-    return {"stage_c": model.to(device).eval().requires_grad_(False),
+    return {"stage_c": frozen(model, device),
             "latent_space": ckpt["latent_space"],
             "text_encoder": TextEncoder.from_spec(ckpt["text_encoder"]).to(device), "ckpt": ckpt}
 
@@ -318,10 +318,9 @@ def preview(ema, text_encoder, decoders, prompts, latent_hw, latent_space, args,
     g = torch.Generator(rt.device).manual_seed(args.seed)  # the same noise at every preview
     with torch.random.fork_rng(devices=[]):  # building a random text tower draws from it
         dec = decoders()
-    ema.eval()
 
-    def draw(prompts, hw):
-        with rt.autocast():
+    def draw(prompts, hw):  # the EMA in eval mode (with --ema_decay 0: the model being trained)
+        with eval_mode(ema), rt.autocast():
             y = sample_stage_c(ema, text_encoder, prompts, hw,
                                args.steps_c or DEFAULT_STAGE_C_TIMESTEPS, args.guidance_c,
                                generator=g)
@@ -402,11 +401,9 @@ def train(args):
     guard = NonFiniteGuard(rt, ckpt_path, args.max_nonfinite, raw_model)
 
     def show():  # the preview, at the step it is due
-        metrics = preview(ema, text_encoder, decoders, prompts, latent_hw, latent_space, args, rt,
-                          logger, os.path.join(args.out_dir, f"samples_{step:07d}.png"),
-                          other_sizes, toy_targets, look)
-        model.train()
-        return metrics
+        return preview(ema, text_encoder, decoders, prompts, latent_hw, latent_space, args, rt,
+                       logger, os.path.join(args.out_dir, f"samples_{step:07d}.png"), other_sizes,
+                       toy_targets, look)
 
     def save(metrics, run_state):
         save_checkpoint(ckpt_path, {

@@ -8,9 +8,9 @@ executed as __main__ (runpy) with that sys.argv, in a process of its own, its ex
 output (stdout and stderr) taken from that process. To pay Python's and torch's import once
 instead of once per command (~2.5 s each on 2 CPU cores), one driver process imports the scripts'
 modules, then forks a child per case (DRIVER below); test_driver_runs_commands_as_python_does
-checks that a child prints and exits exactly as `python script.py` does. The checkpoints the cases name are
-written by common.save_checkpoint with what the checks read (stage, step, train_config): every
-check runs before any model is built, which is what these tests guard."""
+checks that a child prints and exits exactly as `python script.py` does. The checkpoints the
+cases name are written by common.save_checkpoint with what the checks read (stage, step,
+train_config): every check runs before any model is built, which is what these tests guard."""
 import json
 import os
 import subprocess

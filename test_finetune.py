@@ -24,12 +24,12 @@ from common import load_checkpoint, run_cli
 from diffusion import diffusion_loss
 from finetune import LoRALinear, add_lora, merge_lora, read_lora, save_lora
 
-# fixtures; one_thread is autouse
-from test_pretrained import one_thread, ours, reference_pipelines  # noqa: F401
+from test_pretrained import ours, reference_pipelines  # noqa: F401  (fixtures)
 from test_stage_c import overfit
 from toy import write_toy_dataset
 
 PROMPT = "a red circle on a blue background"
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ import stage_b
 import stage_b_paella
 import stage_c
 from blocks import to_stage_b_space, to_stage_c_space
-from common import (NonFiniteGuard, Runtime, ema_decay_at, get_lr, update_ema,
-                    wrap_ddp)
+from common import NonFiniteGuard, Runtime, ema_decay_at, get_lr, update_ema, wrap_ddp
 from data import holdout_batch, open_data
 from diffusion import (add_noise, alpha_bar, caption_dropout, diffusion_loss, drop_captions,
                        p2_weight, sample_t)
@@ -46,13 +45,7 @@ from test_stage_c import env  # noqa: F401
 PROMPT = "a red circle on a blue background"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and steadier on a shared CPU (test_stage_c)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 # ---- the training math, each piece against its formula
 
@@ -391,15 +384,16 @@ def test_stage_c_loop_lr_ema_caption_dropout_checkpointing_guidance(env, tmp_pat
     assert len(checkpointed) == 3 * stage_c.PRESETS["tiny"]["model"].depth  # training passes only
     assert guidance and set(guidance) == {2.5}
 
+
 @pytest.mark.parametrize("stage", ["a", "b"])
 def test_without_ema_the_measurements_are_of_the_eval_mode_model(stage, toy, toy_run,  # noqa: F811
                                                                  tmp_path, monkeypatch):
     """--ema_decay 0: the trained model is its own EMA, in train mode between steps. Its
     checkpoint's scale_factor (Stage A) or latent space (Stage B) and held-out PSNR are those of the
     model as it is used after, in eval mode (BatchNorm's running statistics), and training goes on
-    in train mode. (They were measured in train mode, with the held-out batch's own statistics,
-    which moved the running ones: the latents' std came out 0.28 instead of 1 here; and under DDP
-    rank 0 alone entered BatchNorm's collective, so two ranks hung at the first checkpoint.)"""
+    in train mode. (Measured in train mode, with the held-out batch's own statistics, they would
+    move the running ones: the latents' std comes out 0.28 instead of 1 here; and under DDP rank 0
+    alone would enter BatchNorm's collective, and two ranks would hang at the first checkpoint.)"""
     module, model_class = (stage_a, StageA) if stage == "a" else (stage_b, CompressorAndStageB)
     modes, forward = [], model_class.forward  # Stage A's, or Stage B's compressor's
     monkeypatch.setattr(model_class, "forward", lambda self, *a: modes.append(

@@ -48,13 +48,7 @@ PROMPTS = ["A red fox in the snow!", "",
            " ".join(["word"] * 100)]  # padding + '!', empty, unicode / HTML, > 77 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: 1 thread is several times faster than 2 on a busy CPU (OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def randomize(model, seed):

@@ -199,7 +199,6 @@ def test_files_that_are_not_checkpoints_get_one_clear_line(chain, tmp_path):
         f"was expected"], res.stderr
 
 
-
 def test_flags_that_do_not_go_together_get_one_clear_line(chain, tmp_path):
     """A user's mistake raised as common.UsageError (a ValueError) prints its message alone, as
     checkpoint errors do (a traceback came first before)."""

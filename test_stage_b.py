@@ -117,7 +117,7 @@ def test_grn_matches_reference_with_zero_channels():
     gradients, including channels of exact zeros (GELU produces them; a plain sqrt gave NaN
     gradients there and NaN training)."""
     from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import (
-                                                                                      GlobalResponseNorm as RefGRN)
+        GlobalResponseNorm as RefGRN)
     torch.manual_seed(0)
     ours = blocks.GlobalResponseNorm(8)
     ours.gamma.data.normal_(), ours.beta.data.normal_()

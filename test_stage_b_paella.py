@@ -24,13 +24,7 @@ from stage_b_paella import PRESETS, Paella, PaellaConfig, corrupt, sample_tokens
 from test_stage_b import toy_run  # noqa: F401 (a fixture: 48 toy images of 64 px, a tiny Stage A)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and avoids thread hand-offs on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 # ---- the official layout (method §8.7), written out here from the method, not from our module
@@ -434,6 +428,19 @@ def _args(toy_run, out_dir, steps, *extra):
         "--device", "cpu", "--num_workers", "0", "--image_size", "64", "--batch_size", "4",
         "--num_holdout", "4", "--log_every", "1", "--sample_every", "2", "--steps_b", "3",
         "--max_steps", str(steps), "--save_every", str(steps), *extra])
+
+
+def test_without_ema_previews_run_the_model_in_eval_mode(toy_run, tmp_path, monkeypatch):  # noqa: F811
+    """--ema_decay 0: the model being trained is its own EMA. Its previews and the latent space
+    measured at a save run the compressor in eval mode (BatchNorm's running statistics: a preview
+    in train mode moved them, and under DDP rank 0 alone entered BatchNorm's collective), and
+    training goes on in train mode."""
+    modes, forward = [], stage_b.SemanticCompressor.forward
+    monkeypatch.setattr(stage_b.SemanticCompressor, "forward",
+                        lambda self, x: modes.append(self.training) or forward(self, x))
+    stage_b_paella.train(_args(toy_run, tmp_path, 2, "--ema_decay", "0", "--sample_every", "1"))
+    # step 1: training, preview; step 2: training, preview, the latent space at the save
+    assert modes == [True, False, True, False, False]
 
 
 def test_train_checkpoint_kind_and_exact_resume(toy_run, tmp_path):

@@ -26,15 +26,7 @@ from text_encoder import TextEncoder
 from toy import write_toy_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny (or run on 2x3 latents): one intra-op thread is as fast, and on a
-    shared CPU it avoids the per-op thread hand-offs that made this file ~5x slower with 2 threads
-    while other jobs were running."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 # ---- parity with diffusers (random weights, eval, fp32)
@@ -152,7 +144,7 @@ def test_resblock_skip_matches_diffusers():
     """The prior's ResBlock concatenates a skip before its grouped depthwise conv (weight
     (c, 2, 3, 3) for c_skip = c), as diffusers' ResBlock does; the prior itself passes none."""
     from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import (
-                                                                                      ResBlock as RefResBlock)
+        ResBlock as RefResBlock)
 
     ref = randomize(RefResBlock(8, c_skip=8)).eval()
     ours = ResBlock(8, c_skip=8).eval()
