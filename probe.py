@@ -1,0 +1,128 @@
+"""
+What Stage B's semantic latent knows, and what Stage B draws from it, on held-out toy images
+(docs/stage_b_layout.md). Two measurements, printed as one JSON line:
+
+- linear_probe: a classifier of the toy shape class fitted on the compressor's e (16x3x3 at
+  128 px) of training images, scored on held-out ones, beside the same probe on the pixels
+  averaged down to the latent's side. If e carries the shape and Stage B still draws blobs, the
+  decoder is the bottleneck; if e does not, the compressor is.
+- draw_from: each held-out image's Stage A latent noised to t0, then Stage B's DDPM from t0 to 0,
+  conditioned on e and the caption, decoded by Stage A. t0 = 1 is pure noise: the reconstruction
+  the chain relies on. The shape the pixel classifier reads back at each t0 says from which noise
+  level Stage B can no longer draw the outline from e alone.
+
+    python data.py toy light_test --look light --seed 1 --n 360     # a held-out toy set
+    python probe.py --stage_b out/stage_b/ckpt.pt --stage_a out/stage_a/ckpt.pt \\
+        --data light_test --look light --train light
+"""
+import json
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import ArgumentParser, UsageError, existing_folder, positive_int, psnr, run_cli
+from data import ImageFolder
+from decoders import load_decoder
+from diffusion import add_noise, ddpm_sample, randn, timestep_grid
+from stage_a import load_stage_a
+from toy import LOOKS, classify_toy_image
+
+
+def toy_images(folder, look, n=None, size=128):
+    """The first n images of a toy folder: (images (N, 3, S, S), captions, shape indices (N,)),
+    the shape read from the caption ("a teal wedge on a sky background" -> "wedge")."""
+    ds = ImageFolder(folder, size, verbose=False)
+    images, captions = zip(*[ds[i] for i in range(min(n or len(ds), len(ds)))])
+    words = list(LOOKS[look]["shapes"])
+    shapes = [next((words.index(w) for w in c.split() if w in words), None) for c in captions]
+    if None in shapes:
+        raise UsageError(f"{folder} is not a toy set of the {look!r} look (captions name "
+                         f"none of {words})")
+    return torch.stack(images), list(captions), torch.tensor(shapes)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, hidden=0, steps=500, seed=0):
+    """Held-out accuracy of a softmax classifier fitted on features train_x (N, ...) with class
+    indices train_y (N,): logistic regression on standardised features (hidden=0), or an MLP with
+    one hidden layer of that width (what a non-linear reader, such as Stage B, could get out).
+    Full-batch Adam, seeded: the accuracy is a function of the features."""
+    x, xt = train_x.flatten(1).float(), test_x.flatten(1).float()  # (N, D)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, xt = (x - mean) / std, (xt - mean) / std
+    n_classes = int(train_y.max()) + 1
+    torch.manual_seed(seed)
+    head = ([nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Linear(hidden, n_classes)] if hidden
+            else [nn.Linear(x.shape[1], n_classes)])
+    net = nn.Sequential(*head)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(net(x), train_y).backward()
+            opt.step()
+    with torch.no_grad():
+        return (net(xt).argmax(1) == test_y).float().mean().item()
+
+
+@torch.no_grad()
+def draw_from(stage_a, b, images, captions, t0, steps=12, seed=0):
+    """Stage B's reconstructions of `images` starting from their Stage A latents noised to t0
+    (1: from pure noise), on the default `steps`-step grid below t0; conditioned on e and the
+    captions."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = stage_a.encode(images)  # (N, 4, S/4, S/4)
+    noise = randn(x0.shape, g)
+    grid = timestep_grid(steps)
+    if t0 < 1:
+        x0 = add_noise(x0, torch.full((len(x0),), t0), noise)
+        grid = [t0] + [t for t in grid if t < t0 - 1e-6]
+    else:
+        x0 = noise
+    cond = {"effnet": b["compressor"](images), "clip_text": b["text_encoder"].encode(captions)}
+    latents = ddpm_sample(b["stage_b"], x0, grid, cond, generator=g)
+    return stage_a.decode(latents).float().clamp(0, 1)
+
+
+def read_back(images, truth, look):
+    """Colour and shape accuracy of the pixel classifier on `images` against `truth` (pairs)."""
+    found = [classify_toy_image(x, look) for x in images]
+    return {k: round(sum(f[i] == t[i] for f, t in zip(found, truth)) / len(truth), 3)
+            for i, k in enumerate(("colour", "shape"))}
+
+
+def main(args):
+    images, captions, shapes = toy_images(args.data, args.look, args.n)
+    train_x, _, train_y = toy_images(args.train, args.look, args.n_train)
+    b = load_decoder(args.stage_b)
+    stage_a = load_stage_a(args.stage_a)
+    out = {"stage_b": args.stage_b, "step": b["ckpt"]["step"], "images": len(images),
+           "stage_a_psnr": round(psnr(stage_a.decode(stage_a.encode(images)), images), 2)}
+    side = b["compressor"](images[:1]).shape[-1]
+    readers = {"e": b["compressor"], "pixels": lambda x: F.adaptive_avg_pool2d(x, side)}
+    with torch.no_grad():
+        for name, f in readers.items():
+            for hidden, reader in ((0, "linear"), (256, "mlp")):
+                out[f"probe {name} {reader}"] = round(
+                    linear_probe(f(train_x), train_y, f(images), shapes, hidden), 3)
+    truth = [classify_toy_image(x, args.look) for x in images]
+    for t0 in (1.0, 0.92, 0.83, 0.75, 0.67, 0.5):
+        recon = draw_from(stage_a, b, images, captions, t0, args.steps_b, args.seed)
+        out[f"t0={t0}"] = read_back(recon, truth, args.look)
+        out[f"t0={t0}"]["psnr"] = round(psnr(recon, images), 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage_b", required=True, help="a Stage B checkpoint")
+    p.add_argument("--stage_a", required=True, help="its Stage A checkpoint")
+    p.add_argument("--data", type=existing_folder, required=True, help="held-out toy images")
+    p.add_argument("--train", type=existing_folder, required=True,
+                   help="toy images the probe is fitted on (Stage B's training set will do)")
+    p.add_argument("--look", choices=list(LOOKS), default="light")
+    p.add_argument("--n", type=positive_int, default=None, help="held-out images (default: all)")
+    p.add_argument("--n_train", type=positive_int, default=1500)
+    p.add_argument("--steps_b", type=positive_int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    run_cli(main, p.parse_args())
