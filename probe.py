@@ -9,7 +9,8 @@ What Stage B's semantic latent knows, and what Stage B draws from it, on held-ou
 - draw_from: each held-out image's Stage A latent noised to t0, then Stage B's DDPM from t0 to 0,
   conditioned on e and the caption, decoded by Stage A. t0 = 1 is pure noise: the reconstruction
   the chain relies on. The shape the pixel classifier reads back at each t0 says from which noise
-  level Stage B can no longer draw the outline from e alone.
+  level Stage B can no longer draw the outline; at t0 = 1 once more with empty captions (the toy
+  captions name the shape, and Stage B reads them): what Stage B draws from e alone.
 
     python data.py toy light_test --look light --seed 1 --n 360     # a held-out toy set
     python probe.py --stage_b out/stage_b/ckpt.pt --stage_a out/stage_a/ckpt.pt \\
@@ -106,10 +107,11 @@ def main(args):
                 out[f"probe {name} {reader}"] = round(
                     linear_probe(f(train_x), train_y, f(images), shapes, hidden), 3)
     truth = [classify_toy_image(x, args.look) for x in images]
-    for t0 in (1.0, 0.92, 0.83, 0.75, 0.67, 0.5):
-        recon = draw_from(stage_a, b, images, captions, t0, args.steps_b, args.seed)
-        out[f"t0={t0}"] = read_back(recon, truth, args.look)
-        out[f"t0={t0}"]["psnr"] = round(psnr(recon, images), 2)
+    draws = {f"t0={t0}": (t0, captions) for t0 in (1.0, 0.92, 0.83, 0.75, 0.67, 0.5)}
+    draws["t0=1.0 empty captions"] = (1.0, [""] * len(images))  # e alone: captions name the shape
+    for key, (t0, text) in draws.items():
+        recon = draw_from(stage_a, b, images, text, t0, args.steps_b, args.seed)
+        out[key] = read_back(recon, truth, args.look) | {"psnr": round(psnr(recon, images), 2)}
     print(json.dumps(out))
 
 

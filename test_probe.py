@@ -57,6 +57,7 @@ def test_main_prints_the_probes_and_every_noise_level(chain, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["images"] == 4 and 0 <= result["probe e linear"] <= 1
     assert {f"t0={t}" for t in (1.0, 0.92, 0.83, 0.75, 0.67, 0.5)} <= set(result)
-    assert set(result["t0=0.5"]) == {"colour", "shape", "psnr"}
+    for key in ("t0=0.5", "t0=1.0 empty captions"):
+        assert set(result[key]) == {"colour", "shape", "psnr"}
     with pytest.raises(UsageError, match="is not a toy set of the 'light' look"):
         main(argparse.Namespace(**vars(args) | {"look": "light"}))
