@@ -122,7 +122,8 @@ def ddpm_step(x, eps, t, t_prev, generator=None):
 @torch.no_grad()
 def ddpm_sample(model, noise, timesteps, cond, uncond=None, guidance_scale=0.0, generator=None,
                 progress=False):
-    """Ancestral DDPM sampling from `noise` (x at t = 1) with an eps-predicting model (method §7).
+    """Ancestral DDPM sampling from `noise` (x at timesteps[0], t = 1 when sampling from scratch)
+    with an eps-predicting model (method §7).
 
     timesteps: an int (number of steps on the default grid) or a descending list ending at 0, e.g.
     DEFAULT_STAGE_C_TIMESTEPS. cond / uncond: keyword dicts for the model, e.g. {'effnet': ...}.

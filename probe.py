@@ -2,7 +2,7 @@
 What Stage B's semantic latent knows, and what Stage B draws from it, on held-out toy images
 (docs/stage_b_layout.md). Two measurements, printed as one JSON line:
 
-- linear_probe: a classifier of the toy shape class fitted on the compressor's e (16x3x3 at
+- probe_accuracy: a classifier of the toy shape class fitted on the compressor's e (16x3x3 at
   128 px) of training images, scored on held-out ones, beside the same probe on the pixels
   averaged down to the latent's side. If e carries the shape and Stage B still draws blobs, the
   decoder is the bottleneck; if e does not, the compressor is.
@@ -24,10 +24,13 @@ import torch.nn.functional as F
 
 from common import ArgumentParser, UsageError, existing_folder, positive_int, psnr, run_cli
 from data import ImageFolder
-from decoders import load_decoder
 from diffusion import add_noise, ddpm_sample, randn, timestep_grid
 from stage_a import load_stage_a
+from stage_b import load_stage_b
 from toy import LOOKS, classify_toy_image
+
+# t0 of the draws: points of the default 12-step grid, from pure noise down to half-way
+NOISE_LEVELS = (12 / 12, 11 / 12, 10 / 12, 9 / 12, 8 / 12, 6 / 12)
 
 
 def toy_images(folder, look, n=None, size=128):
@@ -43,21 +46,22 @@ def toy_images(folder, look, n=None, size=128):
     return torch.stack(images), list(captions), torch.tensor(shapes)
 
 
-def linear_probe(train_x, train_y, test_x, test_y, hidden=0, steps=500, seed=0):
+def probe_accuracy(train_x, train_y, test_x, test_y, hidden=0, steps=500, seed=0):
     """Held-out accuracy of a softmax classifier fitted on features train_x (N, ...) with class
     indices train_y (N,): logistic regression on standardised features (hidden=0), or an MLP with
     one hidden layer of that width (what a non-linear reader, such as Stage B, could get out).
     Full-batch Adam, seeded: the accuracy is a function of the features."""
     x, xt = train_x.flatten(1).float(), test_x.flatten(1).float()  # (N, D)
-    mean, std = x.mean(0), x.std(0) + 1e-6
+    mean, std = x.mean(0), x.std(0, correction=0) + 1e-6
     x, xt = (x - mean) / std, (xt - mean) / std
-    n_classes = int(train_y.max()) + 1
-    torch.manual_seed(seed)
-    head = ([nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Linear(hidden, n_classes)] if hidden
-            else [nn.Linear(x.shape[1], n_classes)])
-    net = nn.Sequential(*head)
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    with torch.random.fork_rng():  # the seeded init leaves the caller's random stream alone
+        torch.manual_seed(seed)
+        head = ([nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Linear(hidden, n_classes)] if hidden
+                else [nn.Linear(x.shape[1], n_classes)])
+        net = nn.Sequential(*head)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-3)
-    with torch.enable_grad():
+    with torch.enable_grad():  # callers measure under no_grad
         for _ in range(steps):
             opt.zero_grad()
             F.cross_entropy(net(x), train_y).backward()
@@ -69,19 +73,15 @@ def linear_probe(train_x, train_y, test_x, test_y, hidden=0, steps=500, seed=0):
 @torch.no_grad()
 def draw_from(stage_a, b, images, captions, t0, steps=12, seed=0):
     """Stage B's reconstructions of `images` starting from their Stage A latents noised to t0
-    (1: from pure noise), on the default `steps`-step grid below t0; conditioned on e and the
-    captions."""
+    (1: pure noise), then the default `steps`-step grid from t0 (rounded down to a point of the
+    grid) to 0; conditioned on e and the captions."""
     g = torch.Generator().manual_seed(seed)
     x0 = stage_a.encode(images)  # (N, 4, S/4, S/4)
     noise = randn(x0.shape, g)
-    grid = timestep_grid(steps)
-    if t0 < 1:
-        x0 = add_noise(x0, torch.full((len(x0),), t0), noise)
-        grid = [t0] + [t for t in grid if t < t0 - 1e-6]
-    else:
-        x0 = noise
+    grid = [t for t in timestep_grid(steps) if t <= t0 + 1e-6]  # descending, ends at 0
+    x_t0 = add_noise(x0, torch.full((len(x0),), grid[0]), noise) if grid[0] < 1 else noise
     cond = {"effnet": b["compressor"](images), "clip_text": b["text_encoder"].encode(captions)}
-    latents = ddpm_sample(b["stage_b"], x0, grid, cond, generator=g)
+    latents = ddpm_sample(b["stage_b"], x_t0, grid, cond, generator=g)
     return stage_a.decode(latents).float().clamp(0, 1)
 
 
@@ -95,20 +95,20 @@ def read_back(images, truth, look):
 def main(args):
     images, captions, shapes = toy_images(args.data, args.look, args.n)
     train_x, _, train_y = toy_images(args.train, args.look, args.n_train)
-    b = load_decoder(args.stage_b)
+    b = load_stage_b(args.stage_b)  # a diffusion Stage B (a token one has no noise levels)
     stage_a = load_stage_a(args.stage_a)
     out = {"stage_b": args.stage_b, "step": b["ckpt"]["step"], "images": len(images),
            "stage_a_psnr": round(psnr(stage_a.decode(stage_a.encode(images)), images), 2)}
     side = b["compressor"](images[:1]).shape[-1]
-    readers = {"e": b["compressor"], "pixels": lambda x: F.adaptive_avg_pool2d(x, side)}
+    features = {"e": b["compressor"], "pixels": lambda x: F.adaptive_avg_pool2d(x, side)}
     with torch.no_grad():
-        for name, f in readers.items():
-            for hidden, reader in ((0, "linear"), (256, "mlp")):
-                out[f"probe {name} {reader}"] = round(
-                    linear_probe(f(train_x), train_y, f(images), shapes, hidden), 3)
+        for name, f in features.items():
+            for hidden, kind in ((0, "linear"), (256, "mlp")):
+                out[f"probe {name} {kind}"] = round(
+                    probe_accuracy(f(train_x), train_y, f(images), shapes, hidden), 3)
     truth = [classify_toy_image(x, args.look) for x in images]
-    draws = {f"t0={t0}": (t0, captions) for t0 in (1.0, 0.92, 0.83, 0.75, 0.67, 0.5)}
-    draws["t0=1.0 empty captions"] = (1.0, [""] * len(images))  # e alone: captions name the shape
+    draws = {f"t0={t0:.2f}": (t0, captions) for t0 in NOISE_LEVELS}
+    draws["t0=1.00 empty captions"] = (1.0, [""] * len(images))  # e alone: captions name the shape
     for key, (t0, text) in draws.items():
         recon = draw_from(stage_a, b, images, text, t0, args.steps_b, args.seed)
         out[key] = read_back(recon, truth, args.look) | {"psnr": round(psnr(recon, images), 2)}

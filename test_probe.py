@@ -8,9 +8,9 @@ import torch
 
 from common import UsageError, psnr
 from conftest import write_random_chain
-from decoders import load_decoder
-from probe import draw_from, linear_probe, main, toy_images
+from probe import draw_from, main, probe_accuracy, toy_images
 from stage_a import load_stage_a
+from stage_b import load_stage_b
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,12 +25,13 @@ def features(n, seed, informative):
     return x, y
 
 
-def test_linear_probe_reads_a_class_that_the_features_hold_and_none_that_they_do_not():
+def test_the_probe_reads_a_class_that_the_features_hold_and_none_that_they_do_not():
     train, test = features(1500, 0, True), features(300, 1, True)
-    assert linear_probe(*train, *test) > 0.95
-    assert linear_probe(*train, *test, hidden=32) > 0.95
+    assert probe_accuracy(*train, *test) > 0.95
+    assert probe_accuracy(*train, *test, hidden=32) > 0.95
     train, test = features(1500, 0, False), features(300, 1, False)
-    assert linear_probe(*train, *test) < 0.5  # chance: 1/3
+    assert probe_accuracy(*train, *test) < 0.5  # chance: 1/3
+    assert probe_accuracy(*train, *test, hidden=32) < 0.5  # an MLP fits the training set, not this
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_draw_from_a_low_noise_level_keeps_the_image_and_from_pure_noise_does_no
     images, captions, shapes = toy_images(chain / "toy", "bold")
     assert images.shape == (4, 3, 128, 128) and shapes.tolist() == [
         ["circle", "square", "triangle"].index(c.split()[2]) for c in captions]
-    stage_a, b = load_stage_a(str(chain / "a.pt")), load_decoder(str(chain / "b.pt"))
+    stage_a, b = load_stage_a(str(chain / "a.pt")), load_stage_b(str(chain / "b.pt"))
     own = stage_a.decode(stage_a.encode(images)).clamp(0, 1)
     near = draw_from(stage_a, b, images, captions, t0=0.05, steps=12)
     far = draw_from(stage_a, b, images, captions, t0=1.0, steps=12)
@@ -56,8 +57,11 @@ def test_main_prints_the_probes_and_every_noise_level(chain, capsys):
     main(args)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["images"] == 4 and 0 <= result["probe e linear"] <= 1
-    assert {f"t0={t}" for t in (1.0, 0.92, 0.83, 0.75, 0.67, 0.5)} <= set(result)
-    for key in ("t0=0.5", "t0=1.0 empty captions"):
+    assert {f"t0={t}" for t in ("1.00", "0.92", "0.83", "0.75", "0.67", "0.50")} <= set(result)
+    for key in ("t0=0.50", "t0=1.00 empty captions"):
         assert set(result[key]) == {"colour", "shape", "psnr"}
+    assert result["t0=1.00 empty captions"]["psnr"] != result["t0=1.00"]["psnr"]  # text read
     with pytest.raises(UsageError, match="is not a toy set of the 'light' look"):
         main(argparse.Namespace(**vars(args) | {"look": "light"}))
+    with pytest.raises(UsageError, match="holds a paella Stage B"):  # no noise levels to draw from
+        main(argparse.Namespace(**vars(args) | {"stage_b": str(chain / "paella.pt")}))
