@@ -31,12 +31,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import (ArgumentParser, HelpFormatter, UsageError, check_output_dir, device_name,
-                    existing_folder, finite_float, load_checkpoint, nonnegative_float,
                     nonnegative_int, pick_device, positive_int, run_cli, setup_runtime)
-from finetune import lora_file
 from metrics import (CLIP_SCORE_MODEL, INCEPTION, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_model,
                      clip_score, fid, fid_metric, image_files, pick_preference, prompts_of)
-from sample import CHAIN_DEFAULTS, open_pipeline, round_size, sampling_dtype, text_to_image
+from sample import (CHAIN_DEFAULTS, add_chain_args, check_chain_args, open_pipeline,
+                    read_prompt_file, round_size, sampling_dtype, text_to_image)
 
 # -----------------------------------------------------------------------------
 # prompt sets
@@ -52,8 +51,7 @@ def read_prompt_set(path, n=None, seed=0):
     captions in the order of their ids, so that every machine draws the same. Returns (prompts,
     the COCO image file of each caption, or None for a text file)."""
     if not path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        prompts = read_prompt_file(path, "--prompts")
         return prompts[:n] if n else prompts, None
     with open(path, encoding="utf-8") as f:
         coco = json.load(f)
@@ -160,15 +158,11 @@ def check_settings(out_dir, settings, master):
 
 def check_sample_args(args):
     """What `sample` names, checked before any model is loaded (one-line UsageErrors): the prompt
-    set, our checkpoints of the stages used, the LoRA files, the output folder."""
+    set, the chain's files (sample.check_chain_args), the output folder."""
     if not os.path.isfile(args.prompts):
         raise UsageError(f"--prompts {args.prompts}: no such file (a text file, one prompt a line, "
                          f"or COCO's captions_val*.json)")
-    for k in "abc":  # ours: those given, else (without --pretrained) where training writes them
-        path = getattr(args, f"stage_{k}") or (args.pretrained is None and f"out/stage_{k}/ckpt.pt")
-        if path:
-            load_checkpoint(path, f"stage_{k}", mmap=True)
-    args.lora = [lora_file(path) for path in args.lora or []]
+    check_chain_args(args, "abc")
     check_output_dir(args.out_dir, "--out_dir")
 
 
@@ -279,34 +273,7 @@ def get_args(argv=None):
     s.add_argument("--paper_settings", action="store_true", help="the paper's evaluation "
                    "settings: Stage C 60 steps, Stage B 12, guidance 4, 1024 x 1024 (flags given "
                    "win; --width or --height alone: a square)")
-    s.add_argument("--steps_c", type=nonnegative_int, default=None, help="Stage C steps, 0 = the "
-                   "released 29-step grid (default: the chain's, as sample.py)")
-    s.add_argument("--guidance_c", type=nonnegative_float, default=None,
-                   help="Stage C guidance (default: the chain's, 4)")
-    s.add_argument("--steps_b", type=positive_int, default=None,
-                   help="Stage B steps (default: its kind's)")
-    s.add_argument("--guidance_b", type=nonnegative_float, default=None,
-                   help="Stage B guidance (default: its kind's)")
-    s.add_argument("--negative_prompt", default=None, help="(default: the chain's, none)")
-    s.add_argument("--width", type=positive_int, default=None,
-                   help="(default: the chain's training size)")
-    s.add_argument("--height", type=positive_int, default=None, help="(default: --width)")
-    for k in "abc":
-        s.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint "
-                       f"(default: out/stage_{k}/ckpt.pt; with --pretrained: replaces theirs)")
-    s.add_argument("--pretrained", type=existing_folder, nargs="?", const="", default=None,
-                   metavar="DIR", help="the released weights (from DIR, else the Hugging Face "
-                   "cache), as sample.py")
-    s.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text "
-                   "towers")
-    s.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file or folder merged "
-                   "in (repeatable), as sample.py")
-    s.add_argument("--lora_scale", type=finite_float, default=1.0,
-                   help="weight of the --lora updates")
-    s.add_argument("--device", default="auto", type=device_name,
-                   help="auto | cpu | cuda | mps (torchrun: each rank its GPU)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on GPUs that support it, else float32")
+    add_chain_args(s)  # as sample.py's
     f = sub.add_parser("fid", formatter_class=HelpFormatter,
                        help="FID@256 of generated images against reference images")
     f.add_argument("gen_dir")

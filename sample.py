@@ -385,19 +385,42 @@ def export(pipe, root, old_diffusers=False):
 # CLI
 
 
+def read_prompt_file(path, flag):
+    """The prompts of a text file, one per line (blank lines skipped); a missing or non-UTF-8
+    file is a one-line UsageError naming `flag`."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file (a text file, one prompt per line)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {path} is not UTF-8 text (one prompt per line)") from None
+
+
 def read_prompts(args):
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            raise UsageError(f"--prompts_file {args.prompts_file}: no such file (a text file, one "
-                             f"prompt per line)")
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip()]
-        except UnicodeDecodeError:
-            raise UsageError(f"--prompts_file {args.prompts_file} is not UTF-8 text (one prompt "
-                             f"per line)") from None
-    return prompts
+    files = read_prompt_file(args.prompts_file, "--prompts_file") if args.prompts_file else []
+    return list(args.prompt or []) + files
+
+
+def our_checkpoints(args, stages="abc"):
+    """{stage: path} of our checkpoints: with --pretrained those --stage_a/b/c give (each replaces
+    the released stage), else for the `stages` used the one given or where training writes it."""
+    given = {k: getattr(args, f"stage_{k}") for k in "abc"}
+    if args.pretrained is not None:
+        return {k: path for k, path in given.items() if path}
+    return {k: given[k] or f"out/stage_{k}/ckpt.pt" for k in stages}
+
+
+def check_chain_args(args, stages):
+    """What the chain flags name, before any model is loaded (one-line UsageErrors): our
+    checkpoints (missing, or another stage's), --open_clip without --pretrained, the LoRA files
+    (--lora: a folder is resolved to its file)."""
+    for k, path in our_checkpoints(args, stages).items():
+        load_checkpoint(path, f"stage_{k}", mmap=True)
+    if args.open_clip and args.pretrained is None:
+        raise UsageError("--open_clip picks the text towers of --pretrained weights: give "
+                         "--pretrained [DIR]")
+    args.lora = [lora_file(path) for path in args.lora or []]
 
 
 def stages_needed(args):
@@ -421,19 +444,10 @@ def check_args(args):
                       if os.path.isdir(path) else inspect_image(path)[0])
             if reason:
                 raise UsageError(f"--{flag} {path}: {reason}")
-    ours = {k: getattr(args, f"stage_{k}") for k in "abc"}  # with --pretrained: those given
-    if args.pretrained is None:  # the stages used, from where training writes them unless given
-        ours = {k: ours[k] or f"out/stage_{k}/ckpt.pt" for k in stages_needed(args)}
-    for k, path in ours.items():
-        if path:
-            load_checkpoint(path, f"stage_{k}", mmap=True)  # missing or another stage's: said now
-    if args.open_clip and args.pretrained is None:
-        raise UsageError("--open_clip picks the text towers of --pretrained weights: give "
-                         "--pretrained [DIR]")
+    check_chain_args(args, stages_needed(args))
     if args.eval_colors and not args.eval_toy:
         raise UsageError("--eval_colors picks prompts of --eval_toy: give --eval_toy [LOOK]")
     check_colors(args.eval_colors, args.eval_toy or "bold", "--eval_colors")
-    args.lora = [lora_file(path) for path in args.lora or []]
     if args.export:
         check_output_dir(args.export, "--export")
         check_new_folder(args.export)
@@ -460,10 +474,9 @@ def open_pipeline(args, device, dtype, stages="abc"):
     """Our checkpoints (--stage_a/b/c; only the `stages` needed), or with --pretrained the released
     weights or an export of ours, where --stage_a/b/c, when given, put ours instead; --lora merged
     in."""
-    ours = {k: getattr(args, f"stage_{k}") for k in "abc"}
+    ours = our_checkpoints(args)
     if args.pretrained is None:
-        pipe = load_pipeline(*(ours[k] or f"out/stage_{k}/ckpt.pt" for k in "abc"), device, stages,
-                             dtype)
+        pipe = load_pipeline(*ours.values(), device, stages, dtype)
     else:
         try:  # --pretrained "" = the Hugging Face cache
             pipe = load_released(args.pretrained or None, device, dtype, args.open_clip)
@@ -474,10 +487,9 @@ def open_pipeline(args, device, dtype, stages="abc"):
         print(f"{what} from {args.pretrained or 'the Hugging Face cache'} "
               f"({'open_clip' if args.open_clip else 'transformers'} text encoders), "
               f"{str(dtype).removeprefix('torch.')} on {device}, each stage loaded when needed"
-              + "".join(f"; Stage {k.upper()} from {path}" for k, path in ours.items() if path))
+              + "".join(f"; Stage {k.upper()} from {path}" for k, path in ours.items()))
         for stage, path in ours.items():  # ours instead of theirs: e.g. a fine-tuned Stage C
-            if path:
-                add_checkpoint(pipe, stage, path)
+            add_checkpoint(pipe, stage, path)
     apply_loras(pipe, args.lora or [], args.lora_scale)
     return pipe
 
@@ -547,17 +559,11 @@ def main(args):
           f"{time.time() - t0:.1f}s on {device}")
 
 
-def get_args(argv=None):
-    p = ArgumentParser(description="Sample images from Würstchen checkpoints or the "
-                       "released v1 / v2 weights (text -> C -> B -> A).",
-                       formatter_class=HelpFormatter)
-    p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
-    p.add_argument("--prompts_file", help="text file with one prompt per line")
+def add_chain_args(p):
+    """The flags that pick and run the chain, sample.py's and evaluate.py sample's: the checkpoints
+    or released weights, LoRA files, the sampler's settings, device and dtype."""
     p.add_argument("--negative_prompt", default=None, help="what guidance steers away from, in "
                    "Stage C and Stage B (default: none; the v1 files: the v1 notebook's)")
-    p.add_argument("--n", type=positive_int, default=1, help="images per prompt (per input image "
-                   "with --variation / --init_image)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--width", type=positive_int, default=None,
                    help="image width, rounded to 128-pixel steps (default: --height if given, else "
                    "the training size of the last stage used: C's, else B's, else A's)")
@@ -576,6 +582,43 @@ def get_args(argv=None):
                    help="Stage B guidance scale (default: its kind's). DiffNeXt: off as released, "
                    "<= 1 = off; Paella (v1): w = 2, and w lerps logits_u to logits_c (0 = "
                    "unconditional, 1 = conditional only)")
+    for k in "abc":
+        p.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint (default: "
+                       f"out/stage_{k}/ckpt.pt; with --pretrained: replaces that stage, e.g. a "
+                       "fine-tuned one)")
+    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file or its folder "
+                   "(pytorch_lora_weights.safetensors of a --lora_rank run, or one diffusers' "
+                   "load_lora_weights reads), merged into the models its keys name: the prior "
+                   "(Stage C) and its text encoder, or the decoder (Stage B); repeatable")
+    p.add_argument("--lora_scale", type=finite_float, default=1.0,
+                   help="weight of the --lora updates (1 = as trained)")
+    p.add_argument("--pretrained", type=existing_folder, nargs="?", const="", default=None,
+                   metavar="DIR", help="use the released Würstchen v2 weights instead of our "
+                   "checkpoints: from DIR (warp-ai/wuerstchen-prior and warp-ai/wuerstchen in "
+                   "DIR/wuerstchen-prior and DIR/wuerstchen, or an --export of ours), or without "
+                   "DIR from the Hugging Face cache; a DIR with the official v1 files "
+                   "(model_stage_b.pt ...) runs the v1 chain")
+    p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text "
+                   "towers (ViT-bigG-14 laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of "
+                   "the repositories' text_encoder/ folders")
+    p.add_argument("--device", default="auto", type=device_name,
+                   help="auto | cpu | cuda | cuda:N | mps (torchrun: each rank its GPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: bfloat16 on GPUs that support it, else float32; "
+                   "never float16, in which bf16-trained weights such as the released ones "
+                   "overflow); --pretrained also stores the weights in it")
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description="Sample images from Würstchen checkpoints or the "
+                       "released v1 / v2 weights (text -> C -> B -> A).",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
+    p.add_argument("--prompts_file", help="text file with one prompt per line")
+    p.add_argument("--n", type=positive_int, default=1, help="images per prompt (per input image "
+                   "with --variation / --init_image)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    add_chain_args(p)
     p.add_argument("--temperature_b", type=positive_float, nargs=2, default=None,
                    metavar=("FIRST", "LAST"), help="a token Stage B's (Paella's) sampling "
                    "temperature, linear from FIRST to LAST over its steps (default: its kind's, "
@@ -593,27 +636,8 @@ def get_args(argv=None):
                       "look: bold, the default, light, or bold_pink: bold and the colour pink)")
     p.add_argument("--eval_colors", nargs="+", default=None, help="--eval_toy: only the prompts of "
                    "these shape colours (e.g. pink: the word a fine-tune taught)")
-    for k in "abc":
-        p.add_argument(f"--stage_{k}", default=None, help=f"Stage {k.upper()} checkpoint (default: "
-                       f"out/stage_{k}/ckpt.pt; with --pretrained: replaces that stage, e.g. a "
-                       "fine-tuned one)")
-    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA file or its folder "
-                   "(pytorch_lora_weights.safetensors of a --lora_rank run, or one diffusers' "
-                   "load_lora_weights reads), merged into the models its keys name: the prior "
-                   "(Stage C) and its text encoder, or the decoder (Stage B); repeatable")
-    p.add_argument("--lora_scale", type=finite_float, default=1.0,
-                   help="weight of the --lora updates (1 = as trained)")
     p.add_argument("--out_dir", default="out/samples",
                    help="where the grid and the single images go")
-    p.add_argument("--pretrained", type=existing_folder, nargs="?", const="", default=None,
-                   metavar="DIR", help="use the released Würstchen v2 weights instead of our "
-                   "checkpoints: from DIR (warp-ai/wuerstchen-prior and warp-ai/wuerstchen in "
-                   "DIR/wuerstchen-prior and DIR/wuerstchen, or an --export of ours), or without "
-                   "DIR from the Hugging Face cache; a DIR with the official v1 files "
-                   "(model_stage_b.pt ...) runs the v1 chain")
-    p.add_argument("--open_clip", action="store_true", help="with --pretrained: the open_clip text "
-                   "towers (ViT-bigG-14 laion2b_s39b_b160k, ViT-H-14 laion2b_s32b_b79k) instead of "
-                   "the repositories' text_encoder/ folders")
     mode.add_argument("--export", metavar="DIR", help="write the models (our checkpoints, or "
                       "--pretrained's) in the released layout, DIR/wuerstchen-prior and "
                       "DIR/wuerstchen, for diffusers' Würstchen pipelines and --pretrained DIR; "
@@ -622,12 +646,6 @@ def get_args(argv=None):
                    "model_index.json for diffusers before 0.38 (models in the library "
                    "'wuerstchen', as released) instead of 0.38 and later "
                    "(diffusers.pipelines.deprecated); none loads in both")
-    p.add_argument("--device", default="auto", type=device_name,
-                   help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: bfloat16 on GPUs that support it, else float32; "
-                   "never float16, in which bf16-trained weights such as the released ones "
-                   "overflow); --pretrained also stores the weights in it")
     return p.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""Every bad flag and file gets one clear line before any work starts (docs/refusals.md): 79
+"""Every bad flag and file gets one clear line before any work starts (docs/refusals.md): 81
 mistakes a user makes with the command-line scripts (stage_a.py, stage_b.py, stage_b_paella.py,
 stage_c.py, sample.py, data.py, bench.py, evaluate.py), each exits with status 2 within seconds,
 printing one line `script.py: error: ...` that names the flag or file, and no traceback.
@@ -191,6 +191,12 @@ CASES = [
     ("evaluate_lora_not_safetensors", ["evaluate.py", "sample", "--prompts", "{root}/notes.txt",
                                        "--out_dir", "{root}/ev", *STAGES, "--lora",
                                        "{root}/notes.txt"], ["--lora", "notes.txt"]),
+    ("evaluate_prompts_not_utf8", ["evaluate.py", "sample", "--prompts", "{root}/latin1.txt",
+                                   "--out_dir", "{root}/ev", *STAGES], ["--prompts", "not UTF-8"]),
+    ("evaluate_open_clip_without_pretrained", ["evaluate.py", "sample", "--prompts",
+                                               "{root}/notes.txt", "--out_dir", "{root}/ev",
+                                               "--open_clip", *STAGES],
+     ["--open_clip", "--pretrained"]),
     ("evaluate_fid_no_images", ["evaluate.py", "fid", "{root}/empty", "{root}/toy"],
      ["no images in", "empty"]),
     ("evaluate_clip_batch_zero", ["evaluate.py", "clip", "{root}/toy", "--batch_size", "0"],
@@ -246,6 +252,7 @@ def root(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "notes.txt").write_text("not a model, not a list of shards\n")
     (root / "shards.txt").write_text("nowhere/00000.tar\n")
+    (root / "latin1.txt").write_bytes("a caf\xe9 on a table\n".encode("latin-1"))  # not UTF-8
     save_file({"w": torch.zeros(2)}, str(root / "weights.safetensors"))  # weights, not a LoRA
     for stage in "abc":
         save_checkpoint(str(root / f"{stage}.pt"), {"stage": f"stage_{stage}", "step": 2,
