@@ -27,7 +27,7 @@ from data import ImageFolder
 from diffusion import add_noise, ddpm_sample, randn, timestep_grid
 from stage_a import load_stage_a
 from stage_b import load_stage_b
-from toy import LOOKS, classify_toy_image
+from toy import LOOKS, classify_toy_image, toy_prompt_following
 
 # t0 of the draws: points of the default 12-step grid, from pure noise down to half-way
 NOISE_LEVELS = (12 / 12, 11 / 12, 10 / 12, 9 / 12, 8 / 12, 6 / 12)
@@ -71,25 +71,16 @@ def probe_accuracy(train_x, train_y, test_x, test_y, hidden=0, steps=500, seed=0
 
 
 @torch.no_grad()
-def draw_from(stage_a, b, images, captions, t0, steps=12, seed=0):
-    """Stage B's reconstructions of `images` starting from their Stage A latents noised to t0
-    (1: pure noise), then the default `steps`-step grid from t0 (rounded down to a point of the
-    grid) to 0; conditioned on e and the captions."""
+def draw_from(stage_a, stage_b, x0, e, clip_text, t0, steps=12, seed=0):
+    """Stage B's reconstructions from the Stage A latents x0 (N, 4, h, w) noised to t0 (1: pure
+    noise), then the default `steps`-step grid from t0 (rounded down to a point of the grid) to 0;
+    conditioned on the semantic latents e and the text embeddings `clip_text`."""
     g = torch.Generator().manual_seed(seed)
-    x0 = stage_a.encode(images)  # (N, 4, S/4, S/4)
     noise = randn(x0.shape, g)
     grid = [t for t in timestep_grid(steps) if t <= t0 + 1e-6]  # descending, ends at 0
     x_t0 = add_noise(x0, torch.full((len(x0),), grid[0]), noise) if grid[0] < 1 else noise
-    cond = {"effnet": b["compressor"](images), "clip_text": b["text_encoder"].encode(captions)}
-    latents = ddpm_sample(b["stage_b"], x_t0, grid, cond, generator=g)
+    latents = ddpm_sample(stage_b, x_t0, grid, {"effnet": e, "clip_text": clip_text}, generator=g)
     return stage_a.decode(latents).float().clamp(0, 1)
-
-
-def read_back(images, truth, look):
-    """Colour and shape accuracy of the pixel classifier on `images` against `truth` (pairs)."""
-    found = [classify_toy_image(x, look) for x in images]
-    return {k: round(sum(f[i] == t[i] for f, t in zip(found, truth)) / len(truth), 3)
-            for i, k in enumerate(("colour", "shape"))}
 
 
 def main(args):
@@ -97,21 +88,27 @@ def main(args):
     train_x, _, train_y = toy_images(args.train, args.look, args.n_train)
     b = load_stage_b(args.stage_b)  # a diffusion Stage B (a token one has no noise levels)
     stage_a = load_stage_a(args.stage_a)
-    out = {"stage_b": args.stage_b, "step": b["ckpt"]["step"], "images": len(images),
-           "stage_a_psnr": round(psnr(stage_a.decode(stage_a.encode(images)), images), 2)}
-    side = b["compressor"](images[:1]).shape[-1]
-    features = {"e": b["compressor"], "pixels": lambda x: F.adaptive_avg_pool2d(x, side)}
     with torch.no_grad():
-        for name, f in features.items():
+        x0, e = stage_a.encode(images), b["compressor"](images)  # (N, 4, S/4, S/4), (N, 16, h, w)
+        clip_text = b["text_encoder"].encode(captions)
+        no_text = b["text_encoder"].encode([""] * len(images))
+        out = {"stage_b": args.stage_b, "step": b["ckpt"]["step"], "images": len(images),
+               "stage_a_psnr": round(psnr(stage_a.decode(x0), images), 2)}
+        features = {"e": (b["compressor"](train_x), e),  # (train, held-out)
+                    "pixels": (F.adaptive_avg_pool2d(train_x, e.shape[-1]),
+                               F.adaptive_avg_pool2d(images, e.shape[-1]))}
+        for name, (train_f, test_f) in features.items():
             for hidden, kind in ((0, "linear"), (256, "mlp")):
                 out[f"probe {name} {kind}"] = round(
-                    probe_accuracy(f(train_x), train_y, f(images), shapes, hidden), 3)
+                    probe_accuracy(train_f, train_y, test_f, shapes, hidden), 3)
     truth = [classify_toy_image(x, args.look) for x in images]
-    draws = {f"t0={t0:.2f}": (t0, captions) for t0 in NOISE_LEVELS}
-    draws["t0=1.00 empty captions"] = (1.0, [""] * len(images))  # e alone: captions name the shape
+    draws = {f"t0={t0:.2f}": (t0, clip_text) for t0 in NOISE_LEVELS}
+    draws["t0=1.00 empty captions"] = (1.0, no_text)  # e alone: the captions name the shape
     for key, (t0, text) in draws.items():
-        recon = draw_from(stage_a, b, images, text, t0, args.steps_b, args.seed)
-        out[key] = read_back(recon, truth, args.look) | {"psnr": round(psnr(recon, images), 2)}
+        recon = draw_from(stage_a, b["stage_b"], x0, e, text, t0, args.steps_b, args.seed)
+        colour, shape = toy_prompt_following(recon, truth, args.look)
+        out[key] = {"colour": round(colour, 3), "shape": round(shape, 3),
+                    "psnr": round(psnr(recon, images), 2)}
     print(json.dumps(out))
 
 

@@ -44,9 +44,11 @@ def test_draw_from_a_low_noise_level_keeps_the_image_and_from_pure_noise_does_no
     assert images.shape == (4, 3, 128, 128) and shapes.tolist() == [
         ["circle", "square", "triangle"].index(c.split()[2]) for c in captions]
     stage_a, b = load_stage_a(str(chain / "a.pt")), load_stage_b(str(chain / "b.pt"))
-    own = stage_a.decode(stage_a.encode(images)).clamp(0, 1)
-    near = draw_from(stage_a, b, images, captions, t0=0.05, steps=12)
-    far = draw_from(stage_a, b, images, captions, t0=1.0, steps=12)
+    x0, e = stage_a.encode(images), b["compressor"](images)
+    text = b["text_encoder"].encode(captions)
+    own = stage_a.decode(x0).clamp(0, 1)
+    near = draw_from(stage_a, b["stage_b"], x0, e, text, t0=0.05, steps=12)
+    far = draw_from(stage_a, b["stage_b"], x0, e, text, t0=1.0, steps=12)
     assert psnr(near, own) > 30 > psnr(far, own)
 
 
