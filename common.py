@@ -790,7 +790,6 @@ class Progress:
                     if rt.master else None)
         self.t0, self.seen = time.time(), 0
         self.metrics = {}  # the last preview's, saved with every checkpoint
-        self.saved = None  # what the last save returned (e.g. the latent space it measured)
 
     def count(self, n):
         """n more training images on this rank (every rank sees as many)."""
@@ -819,7 +818,7 @@ class Progress:
         if keep:
             run_state = gather_run_state(self.rt, batches)  # every rank: RNG state, stream position
             if self.rt.master:
-                self.saved = save(self.metrics, run_state)
+                save(self.metrics, run_state)
 
     def close(self, done=None):
         """End of training: the bar closes, `done: ...` is logged, DDP's process group ends."""

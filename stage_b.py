@@ -577,7 +577,6 @@ def train(args):
         if lora:  # the adapters in diffusers' LoRA layout, for sample.py --lora
             save_lora(os.path.join(args.out_dir, LORA_FILE), ema.stage_b, "decoder",
                       f"the Stage B decoder {released['paths']['stage_b']} {asdict(cfg)}", lora)
-        return space
 
     progress = Progress(args, rt, logger, step, "stage B")
     if rt.master and released and step == 0:  # the released decoder, before fine-tuning
@@ -606,9 +605,10 @@ def train(args):
         progress.end_step(step, lambda: {"loss": loss.item(), "grad_norm": grad_norm.item()}, lr,
                           guard.skipped, batches, save, preview,
                           lambda: raw_model.own_statistics(ema, image_batches(trainset), rt))
+    space = latent_space or measure_latent_space(ema.compressor, held_images)  # as saved
     progress.close(f"held-out reconstruction PSNR "
                    f"{progress.metrics.get('holdout_psnr', float('nan')):.2f} dB | latent space "
-                   f"{progress.saved} | checkpoint {ckpt_path}")
+                   f"{space} | checkpoint {ckpt_path}")
 
 # -----------------------------------------------------------------------------
 # CLI

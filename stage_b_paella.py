@@ -473,7 +473,6 @@ def train(args):
             "train_config": vars(args), "latent_space": space,
             "text_encoder": text_encoder.checkpoint_entry(), **run_state, "metrics": metrics,
             "deps": {"stage_a": os.path.abspath(args.stage_a), "data": os.path.abspath(args.data)}})
-        return space
 
     progress = Progress(args, rt, logger, step, "stage B (Paella)")
     model.train()
@@ -501,9 +500,10 @@ def train(args):
                                          "grad_norm": grad_norm.item()}, lr, guard.skipped,
                           batches, save, preview,
                           lambda: raw_model.own_statistics(ema, image_batches(trainset), rt))
+    space = preset["latent_space"] or measure_latent_space(ema.compressor, held_images)  # as saved
     progress.close(f"held-out reconstruction PSNR "
                    f"{progress.metrics.get('holdout_psnr', float('nan')):.2f} dB | "
-                   f"latent space {progress.saved} | checkpoint {ckpt_path}")
+                   f"latent space {space} | checkpoint {ckpt_path}")
 
 # -----------------------------------------------------------------------------
 # CLI

@@ -392,6 +392,9 @@ def test_train_checkpoint_and_exact_resume(toy_run, tmp_path):
     assert ck_a["latent_space"]["scale"] > 0 and "state_dict" in ck_a["text_encoder"]
     assert ((tmp_path / "a" / "samples_0000002.png").exists()
             and "held-out PSNR" in (tmp_path / "a" / "log.txt").read_text())
+    stage_b.train(_args(toy_run, tmp_path / "a", 3, "--resume"))  # already done: no step, no save
+    done = (tmp_path / "a" / "log.txt").read_text().strip().splitlines()[-1]
+    assert f"latent space {ck_a['latent_space']} |" in done  # the checkpoint's, measured again
     # the checkpoint alone rebuilds Stage B, the compressor and the (random) text encoder
     built = stage_b.load_stage_b(str(tmp_path / "a" / "ckpt.pt"))
     e = built["compressor"](torch.rand(2, 3, 64, 64))

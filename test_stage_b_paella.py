@@ -439,8 +439,9 @@ def test_without_ema_previews_run_the_model_in_eval_mode(toy_run, tmp_path, monk
     monkeypatch.setattr(stage_b.SemanticCompressor, "forward",
                         lambda self, x: modes.append(self.training) or forward(self, x))
     stage_b_paella.train(_args(toy_run, tmp_path, 2, "--ema_decay", "0", "--sample_every", "1"))
-    # step 1: training, preview; step 2: training, preview, the latent space at the save
-    assert modes == [True, False, True, False, False]
+    # step 1: training, preview; step 2: training, preview, the latent space at the save; the
+    # latent space of the closing log line
+    assert modes == [True, False, True, False, False, False]
 
 
 def test_train_checkpoint_kind_and_exact_resume(toy_run, tmp_path):
