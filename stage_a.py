@@ -447,7 +447,6 @@ def train(args):
                     "grad_norm": grad_norm.item()} | (
                 {"g": g_loss.item(), "d": d_loss.item()} if use_gan else {})
         progress.end_step(step, metrics, lr, guard.skipped, batches, save, preview, prepare)
-    raw_model.eval()
     progress.close(f"held-out PSNR (EMA, unquantised) {holdout_psnr():.2f} dB (raw weights "
                    f"{holdout_psnr(raw_model):.2f} dB) | scale_factor {raw_model.cfg.scale_factor}"
                    f" | checkpoint {ckpt_path}" if rt.master else None)
