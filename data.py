@@ -64,6 +64,15 @@ def read_metadata(path):
     return {os.path.normpath(os.path.join(folder, r["file_name"])): caption_of(r) for r in rows}
 
 
+def walk_visible(root):
+    """os.walk's (folder, files) without hidden folders (.git, .ipynb_checkpoints) and hidden files
+    (such as macOS "._cat.jpg": metadata, not images): what ImageFolder reads and --data is
+    checked for."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        yield folder, [f for f in files if not f.startswith(".")]
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Every image under `root` (recursive, sorted) as (float (3, H, W) in [0, 1], caption). The
     caption is a same-stem .txt file's, else the image's row of a metadata.jsonl / metadata.csv,
@@ -79,10 +88,9 @@ class ImageFolder(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data: folder {root!r} does not exist: {hint}")
         candidates, texts, self.metadata = [], set(), {}
-        for folder, subfolders, files in os.walk(root):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # .git, .ipynb_*
-            for f in files:  # hidden files such as macOS "._cat.jpg" are metadata, not images
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+        for folder, files in walk_visible(root):
+            for f in files:
+                if f.lower().endswith(IMAGE_EXTENSIONS):
                     candidates.append(os.path.join(folder, f))
                 elif f.endswith(".txt"):
                     texts.add(os.path.join(folder, f))
@@ -187,7 +195,7 @@ def check_source(source, flag="--data"):
         return shards
     if not os.path.isdir(source):
         raise UsageError(f"{flag} {source} does not exist: {data_hint(source)}")
-    if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(source)
+    if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, files in walk_visible(source)
                for f in files):
         raise UsageError(f"{flag} {source} holds no images: {data_hint(source)}")
     return None

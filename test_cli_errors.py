@@ -1,4 +1,4 @@
-"""Every bad flag and file gets one clear line before any work starts (docs/refusals.md): 81
+"""Every bad flag and file gets one clear line before any work starts (docs/refusals.md): 82
 mistakes a user makes with the command-line scripts (stage_a.py, stage_b.py, stage_b_paella.py,
 stage_c.py, sample.py, data.py, bench.py, evaluate.py), each exits with status 2 within seconds,
 printing one line `script.py: error: ...` that names the flag or file, and no traceback.
@@ -13,6 +13,7 @@ cases name are written by common.save_checkpoint with what the checks read (stag
 train_config): every check runs before any model is built, which is what these tests guard."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,6 +40,8 @@ CASES = [
     ("a_missing_data", ["stage_a.py", "--data", "{root}/nope", *TINY], ["--data", "nope"]),
     ("a_data_without_images", ["stage_a.py", "--data", "{root}/empty", *TINY],
      ["--data", "empty holds no images"]),
+    ("a_data_only_hidden_images", ["stage_a.py", "--data", "{root}/hidden", *TINY],
+     ["--data", "hidden holds no images"]),  # macOS "._x.png" files are not images
     ("b_data_is_an_image", ["stage_b.py", "--data", "{root}/toy/00000.png", *TINY],
      ["--data", "00000.png is one image file"]),
     ("paella_data_lists_missing_shards", ["stage_b_paella.py", "--data", "{root}/shards.txt",
@@ -250,6 +253,8 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     write_toy_dataset(root / "toy", n=4, size=128)
     (root / "empty").mkdir()
+    (root / "hidden").mkdir()
+    shutil.copy(root / "toy" / "00000.png", root / "hidden" / "._00000.png")
     (root / "notes.txt").write_text("not a model, not a list of shards\n")
     (root / "shards.txt").write_text("nowhere/00000.tar\n")
     (root / "latin1.txt").write_bytes("a caf\xe9 on a table\n".encode("latin-1"))  # not UTF-8
