@@ -172,14 +172,13 @@ def write_prior(root, stage_c, text_encoder, image_size, old_diffusers=False):
     return folder
 
 
-def write_decoder(root, stage_b, stage_a, text_encoder, latent_space, image_size,
-                  old_diffusers=False, prior=None):
+def write_decoder(root, stage_b, stage_a, text_encoder, latent_space, image_size, old_diffusers,
+                  prior):
     """DIR/wuerstchen: the decoder (reading the released space for our `latent_space`), the
     VQGAN, their text tower, our training size, and the model card naming the prior's folder
-    (`prior`, default DIR/wuerstchen-prior), from which diffusers' combined pipeline and
-    AutoPipelineForText2Image load the prior with it."""
+    `prior` (where it will be once the export is complete), from which diffusers' combined
+    pipeline and AutoPipelineForText2Image load the prior with it."""
     folder = repo_folders(root)[1]
-    prior = prior or repo_folders(root)[0]
     write_repo(folder, "WuerstchenDecoderPipeline",
                {"decoder": (lambda model, path: save_stage_b(model, path, latent_space), stage_b),
                 "vqgan": (save_stage_a, stage_a)},
